@@ -1,0 +1,86 @@
+"""Frozen-dataclass architecture configs read from, and written back to, diffusers/transformers config.json.
+
+Every key of a config file is accounted for: a field of the dataclass; an option sdjax does not implement,
+accepted only at the value that makes it a no-op (else an error naming it); a setting that cannot change
+the forward pass (listed per model); or metadata starting with "_". Anything else is an error, so no
+option is silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+def _freeze(value: Any) -> Any:
+    """JSON lists -> tuples (recursively), so configs are hashable and compare equal after a round trip."""
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_thaw(v) for v in value]
+    return value
+
+
+def config_from_dict(
+    cls: type[C],
+    raw: dict[str, Any],
+    *,
+    what: str,
+    unsupported_defaults: dict[str, Any],
+    no_effect: frozenset[str] = frozenset(),
+) -> C:
+    """Builds `cls` from a config dict, refusing options that sdjax would otherwise silently ignore.
+
+    Args:
+      cls: a frozen dataclass whose fields are the supported options.
+      raw: the parsed config.json.
+      what: names the config in error messages (e.g. "unet/config.json").
+      unsupported_defaults: options sdjax does not implement, with the value at which they change nothing.
+      no_effect: keys that cannot change the forward pass (training-only or bookkeeping settings).
+    """
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key.startswith("_") or key in no_effect:
+            continue
+        if key in fields:
+            kwargs[key] = _freeze(value)
+        elif key in unsupported_defaults:
+            default = unsupported_defaults[key]
+            if _freeze(value) != _freeze(default):
+                raise ValueError(
+                    f"{what}: option {key}={value!r} is not supported by sdjax (only {default!r} is)"
+                )
+        else:
+            raise ValueError(f"{what}: unknown option {key!r}; sdjax cannot tell what it would change")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{what}: {err}") from err
+
+
+def config_to_dict(config: Any, unsupported_defaults: dict[str, Any], extra: dict[str, Any]) -> dict:
+    """The config as a JSON-ready dict: `extra` metadata, every field, and the no-op unsupported options."""
+    out = dict(extra)
+    out.update({k: _thaw(v) for k, v in dataclasses.asdict(config).items()})
+    for key, default in unsupported_defaults.items():
+        out.setdefault(key, _thaw(default))
+    return out
+
+
+def read_json(path: Path) -> dict:
+    """Parses a JSON file, with a one-line error naming the file when it is missing or malformed."""
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err

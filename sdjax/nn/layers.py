@@ -1,0 +1,289 @@
+"""Building blocks shared by the UNet and the VAE, NHWC throughout.
+
+Submodule names are the diffusers attribute names (`norm1`, `to_out.0`, `transformer_blocks.1`, ...), so a
+parameter path joined with "." is the PyTorch state-dict name (see `sdjax.convert.keymap`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sdjax.nn.attention import dot_product_attention
+
+_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    """The elementwise activation diffusers calls `name` (silu/swish, mish, gelu, relu)."""
+    if name not in _ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; sdjax supports {sorted(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]
+
+
+class GroupNorm(nn.Module):
+    """Group normalisation over the channel (last) axis; statistics in fp32 whatever the input dtype.
+
+    x (B, ..., C) is split into `num_groups` groups of C/num_groups channels; each group of each sample is
+    normalised over all its positions and channels, then scaled and shifted per channel.
+    """
+
+    num_groups: int
+    epsilon: float = 1e-5
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        channels = x.shape[-1]
+        if channels % self.num_groups:
+            raise ValueError(f"GroupNorm: {channels} channels do not split into {self.num_groups} groups")
+        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        x32 = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, channels // self.num_groups)
+        mean = x32.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(x32 - mean).mean(axis=(1, 3), keepdims=True)
+        y = ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+def layer_norm(epsilon: float, dtype, name: str) -> nn.LayerNorm:
+    """LayerNorm over the last axis with the two-pass variance PyTorch uses."""
+    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, use_fast_variance=False, name=name)
+
+
+def conv(features: int, kernel: int, name: str | None, dtype, stride: int = 1, padding: int | None = None) -> nn.Conv:
+    """A 2-D convolution on NHWC input with PyTorch's symmetric padding ((kernel-1)//2 by default)."""
+    pad = (kernel - 1) // 2 if padding is None else padding
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        dtype=dtype,
+        name=name,
+    )
+
+
+def timestep_embedding(
+    timesteps_B: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float, max_period: float = 10000.0
+) -> jax.Array:
+    """Sinusoidal embedding of diffusion timesteps, (B,) -> (B, dim) fp32.
+
+    Frequencies are max_period^(-i / (dim/2 - freq_shift)) for i < dim/2; the first half of the features is
+    sin, the second cos (swapped when `flip_sin_to_cos`), as diffusers' `get_timestep_embedding`.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    args_BF = timesteps_B.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    sin, cos = jnp.sin(args_BF), jnp.cos(args_BF)
+    emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    """MLP on the sinusoidal timestep features: linear_1 -> act -> linear_2."""
+
+    features: int
+    act_fn: str = "silu"
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.Dense(self.features, dtype=self.dtype, name="linear_1")(x)
+        x = activation(self.act_fn)(x)
+        return nn.Dense(self.features, dtype=self.dtype, name="linear_2")(x)
+
+
+class ResnetBlock2D(nn.Module):
+    """GroupNorm-act-conv twice, with the time embedding added in between and a (1x1) skip path.
+
+    (B, H, W, Cin), temb (B, T) or None -> (B, H, W, out_channels), divided by `output_scale_factor`.
+    """
+
+    out_channels: int
+    groups: int
+    eps: float
+    act_fn: str = "silu"
+    output_scale_factor: float = 1.0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BHWC: jax.Array, temb_BT: jax.Array | None) -> jax.Array:
+        act = activation(self.act_fn)
+        h = act(GroupNorm(self.groups, self.eps, self.dtype, name="norm1")(x_BHWC))
+        h = conv(self.out_channels, 3, "conv1", self.dtype)(h)
+        if temb_BT is not None:
+            t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(act(temb_BT))
+            h = h + t[:, None, None, :]
+        h = act(GroupNorm(self.groups, self.eps, self.dtype, name="norm2")(h))
+        h = conv(self.out_channels, 3, "conv2", self.dtype)(h)
+        if x_BHWC.shape[-1] != self.out_channels:
+            x_BHWC = conv(self.out_channels, 1, "conv_shortcut", self.dtype)(x_BHWC)
+        return (x_BHWC + h) / self.output_scale_factor
+
+
+class Downsample2D(nn.Module):
+    """Halves H and W with a stride-2 3x3 conv; `padding=0` pads only bottom/right (the VAE's layout)."""
+
+    channels: int
+    padding: int = 1
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        if self.padding == 0:
+            x_BHWC = jnp.pad(x_BHWC, ((0, 0), (0, 1), (0, 1), (0, 0)))
+        return conv(self.channels, 3, "conv", self.dtype, stride=2, padding=self.padding)(x_BHWC)
+
+
+class Upsample2D(nn.Module):
+    """Doubles H and W by nearest-neighbour repetition, then a 3x3 conv."""
+
+    channels: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        x_BHWC = jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2)
+        return conv(self.channels, 3, "conv", self.dtype)(x_BHWC)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of tokens (B, N, C) over a context (B, M, Dc), or over themselves.
+
+    Projections to_q/to_k/to_v (no bias) and to_out.0 (with bias), as diffusers' `Attention`.
+    """
+
+    heads: int
+    head_dim: int
+    upcast: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BNC: jax.Array, context_BMD: jax.Array | None = None) -> jax.Array:
+        context_BMD = x_BNC if context_BMD is None else context_BMD
+        inner = self.heads * self.head_dim
+        q = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x_BNC)
+        k = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context_BMD)
+        v = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context_BMD)
+        split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.head_dim)
+        out = dot_product_attention(split(q), split(k), split(v), upcast=self.upcast)
+        out = out.reshape(out.shape[0], out.shape[1], inner)
+        return nn.Dense(x_BNC.shape[-1], dtype=self.dtype, name="to_out.0")(out)
+
+
+class GEGLU(nn.Module):
+    """proj to 2 * features, split into (hidden, gate), return hidden * gelu(gate) (exact gelu)."""
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        hidden, gate = jnp.split(nn.Dense(2 * self.features, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+        return hidden * jax.nn.gelu(gate, approximate=False)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention (or cross-attention when `only_cross_attention`), cross-attention, GEGLU MLP."""
+
+    heads: int
+    head_dim: int
+    only_cross_attention: bool = False
+    upcast: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BNC: jax.Array, context_BMD: jax.Array) -> jax.Array:
+        attn = lambda name: CrossAttention(self.heads, self.head_dim, self.upcast, self.dtype, name=name)
+        h = layer_norm(1e-5, self.dtype, "norm1")(x_BNC)
+        x_BNC = x_BNC + attn("attn1")(h, context_BMD if self.only_cross_attention else None)
+        h = layer_norm(1e-5, self.dtype, "norm2")(x_BNC)
+        x_BNC = x_BNC + attn("attn2")(h, context_BMD)
+        h = layer_norm(1e-5, self.dtype, "norm3")(x_BNC)
+        return x_BNC + _FeedForward(self.dtype, name="ff")(h)
+
+
+class _FeedForward(nn.Module):
+    """diffusers' `FeedForward` with GEGLU, inner width 4 * C: parameters under net.0.proj and net.2."""
+
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BNC: jax.Array) -> jax.Array:
+        dim = x_BNC.shape[-1]
+        h = GEGLU(4 * dim, self.dtype, name="net.0")(x_BNC)
+        return nn.Dense(dim, dtype=self.dtype, name="net.2")(h)
+
+
+class Transformer2D(nn.Module):
+    """Spatial transformer: GroupNorm, proj_in, transformer blocks over the H*W tokens, proj_out, residual.
+
+    proj_in/proj_out are 1x1 convs, or linear layers when `use_linear_projection` (SD 2.x).
+    (B, H, W, C), context (B, M, Dc) -> (B, H, W, C).
+    """
+
+    heads: int
+    head_dim: int
+    num_layers: int = 1
+    groups: int = 32
+    use_linear_projection: bool = False
+    only_cross_attention: bool = False
+    upcast: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BHWC: jax.Array, context_BMD: jax.Array) -> jax.Array:
+        b, hgt, wid, c = x_BHWC.shape
+        inner = self.heads * self.head_dim
+        h = GroupNorm(self.groups, 1e-6, self.dtype, name="norm")(x_BHWC)
+        if self.use_linear_projection:
+            h = nn.Dense(inner, dtype=self.dtype, name="proj_in")(h.reshape(b, hgt * wid, c))
+        else:
+            h = conv(inner, 1, "proj_in", self.dtype)(h).reshape(b, hgt * wid, inner)
+        for i in range(self.num_layers):
+            h = BasicTransformerBlock(
+                self.heads,
+                self.head_dim,
+                self.only_cross_attention,
+                self.upcast,
+                self.dtype,
+                name=f"transformer_blocks.{i}",
+            )(h, context_BMD)
+        if self.use_linear_projection:
+            h = nn.Dense(c, dtype=self.dtype, name="proj_out")(h).reshape(b, hgt, wid, c)
+        else:
+            h = conv(c, 1, "proj_out", self.dtype)(h.reshape(b, hgt, wid, inner))
+        return h + x_BHWC
+
+
+class SpatialSelfAttention(nn.Module):
+    """The VAE's single-head self-attention over H*W positions with a GroupNorm in front and a residual.
+
+    Projections to_q/to_k/to_v/to_out.0 all carry biases, as diffusers' `Attention(..., bias=True)`.
+    """
+
+    groups: int
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        b, hgt, wid, c = x_BHWC.shape
+        h = GroupNorm(self.groups, self.eps, self.dtype, name="group_norm")(x_BHWC).reshape(b, hgt * wid, c)
+        q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(h)[:, :, None, :] for n in ("to_q", "to_k", "to_v"))
+        out = dot_product_attention(q, k, v).reshape(b, hgt * wid, c)
+        out = nn.Dense(c, dtype=self.dtype, name="to_out.0")(out)
+        return out.reshape(b, hgt, wid, c) + x_BHWC

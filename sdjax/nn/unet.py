@@ -1,0 +1,319 @@
+"""The Stable Diffusion UNet (diffusers' `UNet2DConditionModel`, the SD 1.x / 2.x / inpainting subset), NHWC."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sdjax.nn.config_utils import config_from_dict, config_to_dict
+from sdjax.nn.layers import (
+    Downsample2D,
+    GroupNorm,
+    ResnetBlock2D,
+    TimestepEmbedding,
+    Transformer2D,
+    Upsample2D,
+    activation,
+    conv,
+    timestep_embedding,
+)
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
+
+# diffusers options sdjax does not implement, at the values where they change nothing.
+UNET_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
+    "dropout": 0.0,
+    "reverse_transformer_layers_per_block": None,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "dual_cross_attention": False,
+    "class_embed_type": None,
+    "addition_embed_type": None,
+    "addition_time_embed_dim": None,
+    "num_class_embeds": None,
+    "resnet_time_scale_shift": "default",
+    "resnet_skip_time_act": False,
+    "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional",
+    "time_embedding_act_fn": None,
+    "timestep_post_act": None,
+    "time_cond_proj_dim": None,
+    "projection_class_embeddings_input_dim": None,
+    "attention_type": "default",
+    "class_embeddings_concat": False,
+    "cross_attention_norm": None,
+    "addition_embed_type_num_heads": 64,
+}
+
+
+def _per_block(value, n: int, name: str) -> tuple:
+    """An int/bool option broadcast to one value per block, or a per-block tuple checked for length n."""
+    if isinstance(value, tuple):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries for {n} blocks")
+        return value
+    return (value,) * n
+
+
+@dataclasses.dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of a `UNet2DConditionModel`; field names and defaults are diffusers'.
+
+    As in diffusers, `attention_head_dim` is the number of heads per block unless `num_attention_heads` is
+    given (a historical misnaming kept for checkpoint compatibility); the head width is channels / heads.
+    `mid_block_only_cross_attention` is accepted but, as in diffusers, has no effect on
+    UNetMidBlock2DCrossAttn.
+    """
+
+    sample_size: int | None = None
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    mid_block_type: str = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    only_cross_attention: bool | tuple[bool, ...] = False
+    mid_block_only_cross_attention: bool | None = None
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple[int, ...] = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int | tuple[int, ...] = 1280
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    attention_head_dim: int | tuple[int, ...] = 8
+    num_attention_heads: int | tuple[int, ...] | None = None
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    time_embedding_dim: int | None = None
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        if len(self.down_block_types) != n or len(self.up_block_types) != n:
+            raise ValueError(
+                f"down_block_types ({len(self.down_block_types)}), up_block_types "
+                f"({len(self.up_block_types)}) and block_out_channels ({n}) must have the same length"
+            )
+        for kind, names, known in (
+            ("down", self.down_block_types, DOWN_BLOCK_TYPES),
+            ("up", self.up_block_types, UP_BLOCK_TYPES),
+            ("mid", (self.mid_block_type,), MID_BLOCK_TYPES),
+        ):
+            for name in names:
+                if name not in known:
+                    raise ValueError(f"unknown {kind} block type {name!r}; sdjax supports {list(known)}")
+        if self.act_fn:
+            activation(self.act_fn)
+        layers = _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
+        if any(not isinstance(x, int) for x in layers):
+            raise ValueError("nested transformer_layers_per_block (per-layer lists) is not supported")
+
+    @classmethod
+    def from_dict(cls, raw: dict, what: str = "unet/config.json") -> UNetConfig:
+        return config_from_dict(cls, raw, what=what, unsupported_defaults=UNET_UNSUPPORTED_DEFAULTS)
+
+    def to_dict(self) -> dict:
+        meta = {"_class_name": "UNet2DConditionModel", "_diffusers_version": "0.42.1"}
+        return config_to_dict(self, UNET_UNSUPPORTED_DEFAULTS, meta)
+
+    # Per-block settings, as diffusers resolves them.
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_out_channels)
+
+    def heads(self) -> tuple[int, ...]:
+        heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
+        return _per_block(heads, self.num_blocks, "attention_head_dim")
+
+    def layers(self) -> tuple[int, ...]:
+        return _per_block(self.layers_per_block, self.num_blocks, "layers_per_block")
+
+    def transformer_layers(self) -> tuple[int, ...]:
+        return _per_block(self.transformer_layers_per_block, self.num_blocks, "transformer_layers_per_block")
+
+    def only_cross(self) -> tuple[bool, ...]:
+        return _per_block(self.only_cross_attention, self.num_blocks, "only_cross_attention")
+
+    def context_dims(self) -> tuple[int, ...]:
+        return _per_block(self.cross_attention_dim, self.num_blocks, "cross_attention_dim")
+
+    @property
+    def time_embed_dim(self) -> int:
+        return self.time_embedding_dim or 4 * self.block_out_channels[0]
+
+
+class _UNetBlock(nn.Module):
+    """One down or up block: resnets (each followed by a spatial transformer when `heads` is set), then an
+    optional down/up sampler. Up blocks concatenate a skip activation before each resnet."""
+
+    out_channels: int
+    num_layers: int
+    heads: int | None
+    transformer_layers: int
+    only_cross_attention: bool
+    config: UNetConfig
+    sampler: str | None  # "down", "up" or None
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h, temb, context, skips=None):
+        cfg = self.config
+        outputs = []
+        for j in range(self.num_layers):
+            if skips is not None:
+                h = jnp.concatenate([h, skips.pop()], axis=-1)
+            h = ResnetBlock2D(
+                self.out_channels,
+                cfg.norm_num_groups,
+                cfg.norm_eps,
+                cfg.act_fn,
+                dtype=self.dtype,
+                name=f"resnets.{j}",
+            )(h, temb)
+            if self.heads is not None:
+                h = Transformer2D(
+                    self.heads,
+                    self.out_channels // self.heads,
+                    self.transformer_layers,
+                    cfg.norm_num_groups,
+                    cfg.use_linear_projection,
+                    self.only_cross_attention,
+                    cfg.upcast_attention,
+                    self.dtype,
+                    name=f"attentions.{j}",
+                )(h, context)
+            outputs.append(h)
+        if self.sampler == "down":
+            h = Downsample2D(self.out_channels, cfg.downsample_padding, self.dtype, name="downsamplers.0")(h)
+            outputs.append(h)
+        elif self.sampler == "up":
+            h = Upsample2D(self.out_channels, self.dtype, name="upsamplers.0")(h)
+        return h, outputs
+
+
+class _MidBlock(nn.Module):
+    """resnets.0 -> attentions.0 -> resnets.1 at the lowest resolution (UNetMidBlock2DCrossAttn)."""
+
+    config: UNetConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h, temb, context):
+        cfg = self.config
+        channels = cfg.block_out_channels[-1]
+        heads = cfg.heads()[-1]
+        resnet = lambda name: ResnetBlock2D(
+            channels,
+            cfg.norm_num_groups,
+            cfg.norm_eps,
+            cfg.act_fn,
+            cfg.mid_block_scale_factor,
+            self.dtype,
+            name=name,
+        )
+        h = resnet("resnets.0")(h, temb)
+        h = Transformer2D(
+            heads,
+            channels // heads,
+            cfg.transformer_layers()[-1],
+            cfg.norm_num_groups,
+            cfg.use_linear_projection,
+            False,
+            cfg.upcast_attention,
+            self.dtype,
+            name="attentions.0",
+        )(h, context)
+        return resnet("resnets.1")(h, temb)
+
+
+class UNet2DConditionModel(nn.Module):
+    """Noise/velocity predictor eps(x_t, t, context).
+
+    __call__(sample (B, H, W, in_channels), timesteps (B,) or scalar, context (B, L, cross_attention_dim))
+    -> (B, H, W, out_channels). H and W must be divisible by 2^(number of blocks - 1).
+    """
+
+    config: UNetConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, sample_BHWC: jax.Array, timesteps_B: jax.Array, context_BLD: jax.Array) -> jax.Array:
+        cfg = self.config
+        n = cfg.num_blocks
+        factor = 2 ** (n - 1)
+        if sample_BHWC.shape[1] % factor or sample_BHWC.shape[2] % factor:
+            raise ValueError(
+                f"UNet input {sample_BHWC.shape[1]}x{sample_BHWC.shape[2]} latents must be divisible by {factor}"
+            )
+        batch = sample_BHWC.shape[0]
+        timesteps_B = jnp.broadcast_to(jnp.asarray(timesteps_B), (batch,))
+        t_emb = timestep_embedding(timesteps_B, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        temb = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, self.dtype, name="time_embedding")(
+            t_emb.astype(self.dtype)
+        )
+        context_BLD = context_BLD.astype(self.dtype)
+        h = sample_BHWC.astype(self.dtype)
+        if cfg.center_input_sample:
+            h = 2 * h - 1.0
+        h = conv(cfg.block_out_channels[0], cfg.conv_in_kernel, "conv_in", self.dtype)(h)
+
+        heads, layers, t_layers = cfg.heads(), cfg.layers(), cfg.transformer_layers()
+        only_cross = cfg.only_cross()
+        skips = [h]
+        for i, block_type in enumerate(cfg.down_block_types):
+            h, outs = _UNetBlock(
+                cfg.block_out_channels[i],
+                layers[i],
+                heads[i] if block_type == "CrossAttnDownBlock2D" else None,
+                t_layers[i],
+                only_cross[i],
+                cfg,
+                "down" if i < n - 1 else None,
+                self.dtype,
+                name=f"down_blocks.{i}",
+            )(h, temb, context_BLD)
+            skips.extend(outs)
+
+        h = _MidBlock(cfg, self.dtype, name="mid_block")(h, temb, context_BLD)
+
+        for i, block_type in enumerate(cfg.up_block_types):
+            r = n - 1 - i  # the down level this up block mirrors
+            h, _ = _UNetBlock(
+                cfg.block_out_channels[r],
+                layers[r] + 1,
+                heads[r] if block_type == "CrossAttnUpBlock2D" else None,
+                t_layers[r],
+                only_cross[r],
+                cfg,
+                "up" if i < n - 1 else None,
+                self.dtype,
+                name=f"up_blocks.{i}",
+            )(h, temb, context_BLD, skips)
+
+        h = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, self.dtype, name="conv_norm_out")(h)
+        h = activation(cfg.act_fn)(h)
+        return conv(cfg.out_channels, cfg.conv_out_kernel, "conv_out", self.dtype)(h)
+
+    def dummy_inputs(self, height: int = 8, width: int = 8) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Zero inputs of the right shapes for `init`/`eval_shape` (batch 1, 77 context tokens)."""
+        cfg = self.config
+        ctx_dim = cfg.context_dims()[0]
+        factor = 2 ** (cfg.num_blocks - 1)
+        h, w = max(height, factor), max(width, factor)
+        return (
+            jnp.zeros((1, h, w, cfg.in_channels), self.dtype),
+            jnp.zeros((1,), jnp.float32),
+            jnp.zeros((1, 77, ctx_dim), self.dtype),
+        )

@@ -1,0 +1,179 @@
+"""The Stable Diffusion VAE (diffusers' `AutoencoderKL`), NHWC.
+
+encode: image (B, H, W, 3) in [-1, 1] -> (mean, logvar), each (B, H/f, W/f, latent_channels)
+decode: z (B, H/f, W/f, latent_channels), already divided by `scaling_factor` -> image (B, H, W, 3)
+with f = 2^(number of blocks - 1) (8 for SD).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from sdjax.nn.config_utils import config_from_dict, config_to_dict
+from sdjax.nn.layers import Downsample2D, GroupNorm, ResnetBlock2D, SpatialSelfAttention, Upsample2D, activation, conv
+
+VAE_UNSUPPORTED_DEFAULTS: dict[str, Any] = {}
+_VAE_EPS = 1e-6  # diffusers' Encoder/Decoder fix every norm epsilon of the VAE at 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """Architecture of an `AutoencoderKL`; field names and defaults are diffusers'.
+
+    `scaling_factor`/`shift_factor`/`latents_mean`/`latents_std` describe how latents are normalised for
+    the UNet; `force_upcast` says the VAE overflows in fp16 and should run in fp32 (both used by the
+    pipeline, not by the module).
+    """
+
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple[str, ...] = ("DownEncoderBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",)
+    block_out_channels: tuple[int, ...] = (64,)
+    layers_per_block: int = 1
+    act_fn: str = "silu"
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int = 32
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    latents_mean: tuple[float, ...] | None = None
+    latents_std: tuple[float, ...] | None = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    def __post_init__(self):
+        n = len(self.block_out_channels)
+        for kind, names, known in (
+            ("down", self.down_block_types, "DownEncoderBlock2D"),
+            ("up", self.up_block_types, "UpDecoderBlock2D"),
+        ):
+            if len(names) != n:
+                raise ValueError(f"{kind}_block_types has {len(names)} entries for {n} block_out_channels")
+            for name in names:
+                if name != known:
+                    raise ValueError(f"unknown VAE {kind} block type {name!r}; sdjax supports [{known!r}]")
+        activation(self.act_fn)
+
+    @classmethod
+    def from_dict(cls, raw: dict, what: str = "vae/config.json") -> VAEConfig:
+        return config_from_dict(cls, raw, what=what, unsupported_defaults=VAE_UNSUPPORTED_DEFAULTS)
+
+    def to_dict(self) -> dict:
+        meta = {"_class_name": "AutoencoderKL", "_diffusers_version": "0.42.1"}
+        return config_to_dict(self, VAE_UNSUPPORTED_DEFAULTS, meta)
+
+    @property
+    def downscale(self) -> int:
+        """Pixels per latent along each side (8 for SD)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+
+class _MidBlock(nn.Module):
+    """resnets.0 -> (attentions.0) -> resnets.1, without time conditioning."""
+
+    config: VAEConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h):
+        cfg = self.config
+        channels = cfg.block_out_channels[-1]
+        resnet = lambda name: ResnetBlock2D(
+            channels, cfg.norm_num_groups, _VAE_EPS, cfg.act_fn, dtype=self.dtype, name=name
+        )
+        h = resnet("resnets.0")(h, None)
+        if cfg.mid_block_add_attention:
+            h = SpatialSelfAttention(cfg.norm_num_groups, _VAE_EPS, self.dtype, name="attentions.0")(h)
+        return resnet("resnets.1")(h, None)
+
+
+class _Encoder(nn.Module):
+    config: VAEConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BHWC):
+        cfg = self.config
+        n = len(cfg.block_out_channels)
+        h = conv(cfg.block_out_channels[0], 3, "conv_in", self.dtype)(x_BHWC.astype(self.dtype))
+        for i, channels in enumerate(cfg.block_out_channels):
+            block = f"down_blocks.{i}"
+            for j in range(cfg.layers_per_block):
+                h = ResnetBlock2D(
+                    channels, cfg.norm_num_groups, _VAE_EPS, cfg.act_fn, dtype=self.dtype, name=f"{block}.resnets.{j}"
+                )(h, None)
+            if i < n - 1:
+                h = Downsample2D(channels, 0, self.dtype, name=f"{block}.downsamplers.0")(h)
+        h = _MidBlock(cfg, self.dtype, name="mid_block")(h)
+        h = activation(cfg.act_fn)(GroupNorm(cfg.norm_num_groups, _VAE_EPS, self.dtype, name="conv_norm_out")(h))
+        return conv(2 * cfg.latent_channels, 3, "conv_out", self.dtype)(h)
+
+
+class _Decoder(nn.Module):
+    config: VAEConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z_BHWC):
+        cfg = self.config
+        n = len(cfg.block_out_channels)
+        h = conv(cfg.block_out_channels[-1], 3, "conv_in", self.dtype)(z_BHWC.astype(self.dtype))
+        h = _MidBlock(cfg, self.dtype, name="mid_block")(h)
+        for i, channels in enumerate(reversed(cfg.block_out_channels)):
+            block = f"up_blocks.{i}"
+            for j in range(cfg.layers_per_block + 1):
+                h = ResnetBlock2D(
+                    channels, cfg.norm_num_groups, _VAE_EPS, cfg.act_fn, dtype=self.dtype, name=f"{block}.resnets.{j}"
+                )(h, None)
+            if i < n - 1:
+                h = Upsample2D(channels, self.dtype, name=f"{block}.upsamplers.0")(h)
+        h = activation(cfg.act_fn)(GroupNorm(cfg.norm_num_groups, _VAE_EPS, self.dtype, name="conv_norm_out")(h))
+        return conv(cfg.out_channels, 3, "conv_out", self.dtype)(h)
+
+
+class AutoencoderKL(nn.Module):
+    """KL-regularised autoencoder. Methods: `encode` (-> mean, logvar) and `decode`; see the module doc."""
+
+    config: VAEConfig
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        cfg = self.config
+        self.encoder = _Encoder(cfg, self.dtype)
+        self.decoder = _Decoder(cfg, self.dtype)
+        if cfg.use_quant_conv:
+            self.quant_conv = conv(2 * cfg.latent_channels, 1, None, self.dtype)
+        if cfg.use_post_quant_conv:
+            self.post_quant_conv = conv(cfg.latent_channels, 1, None, self.dtype)
+
+    def encode(self, x_BHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Image in [-1, 1] -> posterior mean and log-variance (clamped to [-30, 20] as diffusers)."""
+        moments = self.encoder(x_BHWC)
+        if self.config.use_quant_conv:
+            moments = self.quant_conv(moments)
+        mean, logvar = jnp.split(moments, 2, axis=-1)
+        return mean, jnp.clip(logvar, -30.0, 20.0)
+
+    def decode(self, z_BHWC: jax.Array) -> jax.Array:
+        """Latents (already divided by the scaling factor) -> image, nominally in [-1, 1] (not clipped)."""
+        z_BHWC = z_BHWC.astype(self.dtype)
+        if self.config.use_post_quant_conv:
+            z_BHWC = self.post_quant_conv(z_BHWC)
+        return self.decoder(z_BHWC)
+
+    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        """Reconstruction from the posterior mean (used to create every parameter at init)."""
+        mean, _ = self.encode(x_BHWC)
+        return self.decode(mean)
+
+    def dummy_inputs(self) -> tuple[jax.Array]:
+        f = self.config.downscale
+        return (jnp.zeros((1, f, f, self.config.in_channels), self.dtype),)

@@ -1,0 +1,98 @@
+"""PyTorch reference models (diffusers/transformers) with random weights, saved as diffusers folders.
+
+Every parameter is drawn at random, norm scales and biases included (no parameter may hide at 1 or 0),
+with weights scaled by 1/sqrt(fan_in) so activations stay O(1) through deep stacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1] / "sdjax" / "data" / "models"
+SD15 = DATA / "stable-diffusion-v1-5"
+SD21 = DATA / "stable-diffusion-2-1"
+
+
+@torch.no_grad()
+def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Fills every parameter of `model` with seeded random values (in place) and returns it in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in sorted(model.named_parameters()):
+        if p.ndim == 1 and ("norm" in name and name.endswith("weight")):
+            p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+        elif p.ndim == 1:
+            p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+        elif "embedding" in name:
+            p.copy_(0.5 * torch.randn(p.shape, generator=gen))
+        else:
+            fan_in = int(np.prod(p.shape[1:]))
+            p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+    return model.eval()
+
+
+def build_unet(config: dict, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    return randomize_(UNet2DConditionModel(**_clean(config)), seed)
+
+
+def build_vae(config: dict, seed: int = 1):
+    from diffusers import AutoencoderKL
+
+    return randomize_(AutoencoderKL(**_clean(config)), seed)
+
+
+def build_text_encoder(config: dict, seed: int = 2):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return randomize_(CLIPTextModel(CLIPTextConfig(**_clean(config))), seed)
+
+
+def _clean(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def save_folder(
+    root: Path,
+    unet,
+    vae,
+    text_encoder,
+    tokenizer_from: Path = SD15,
+    scheduler_from: Path = SD15,
+) -> Path:
+    """Saves the three torch models as a diffusers folder with the tokenizer/scheduler of a real model."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(root / "unet")
+    vae.save_pretrained(root / "vae")
+    text_encoder.save_pretrained(root / "text_encoder")
+    for folder, src in (("tokenizer", tokenizer_from), ("scheduler", scheduler_from)):
+        if (root / folder).exists():
+            shutil.rmtree(root / folder)
+        shutil.copytree(src / folder, root / folder)
+    index = json.loads((SD15 / "model_index.json").read_text())
+    (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    return root
+
+
+def rel_l2(a, b) -> float:
+    """||a - b|| / ||b|| in float64."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def nchw(x_nhwc) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x_nhwc).transpose(0, 3, 1, 2)))
+
+
+def nhwc(x_nchw: torch.Tensor) -> np.ndarray:
+    return x_nchw.detach().numpy().transpose(0, 2, 3, 1)
