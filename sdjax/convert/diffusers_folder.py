@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from sdjax.convert.keymap import Entry, build_keymap, params_to_torch, torch_to_params
@@ -74,9 +73,11 @@ def weight_files(directory: Path, stem: str, variant: str | None = None) -> list
         single = directory / (f"{stem}.{v}.safetensors" if v else f"{stem}.safetensors")
         if single.is_file():
             return [single]
-        index_names = [f"{stem}.safetensors.index.{v}.json", f"{stem}.{v}.safetensors.index.json"] if v else [
-            f"{stem}.safetensors.index.json"
-        ]
+        index_names = (
+            [f"{stem}.safetensors.index.{v}.json", f"{stem}.{v}.safetensors.index.json"]
+            if v
+            else [f"{stem}.safetensors.index.json"]
+        )
         for name in index_names:
             index = directory / name
             if index.is_file():
@@ -160,4 +161,3 @@ def save_component(root: Path, spec: ComponentSpec, module, params, dtype=None) 
         config["torch_dtype"] = next(iter(tensors.values())).dtype.name
     save_safetensors(directory / f"{spec.stem}.safetensors", tensors, {"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-

@@ -79,7 +79,8 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
                 f"{self.path}: truncated file: its header promises {needed} bytes of tensor data but only "
                 f"{data_len} are present; download or copy it again"
             )
-        self._map = np.memmap(self.path, np.uint8, "r") if self._entries and data_len else None
+        # A plain ndarray view of the map (memmap subclasses mishandle 0-d reshapes); it keeps the map open.
+        self._map = np.asarray(np.memmap(self.path, np.uint8, "r")) if self._entries and data_len else None
 
     def __getitem__(self, name: str) -> np.ndarray:
         dtype, shape, begin, end = self._entries[name]
@@ -105,7 +106,7 @@ def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
     offset = 0
     arrays = []
     for name in sorted(tensors):
-        array = np.ascontiguousarray(tensors[name])
+        array = np.array(tensors[name], order="C", copy=None)  # (ascontiguousarray would make 0-d 1-d)
         if array.dtype not in _NAMES:
             raise ValueError(f"cannot store {name!r} of dtype {array.dtype} in safetensors")
         header[name] = {

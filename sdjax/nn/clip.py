@@ -118,7 +118,10 @@ class CLIPTextModel(nn.Module):
             raise ValueError(f"{length} tokens exceed the text encoder's {cfg.max_position_embeddings} positions")
         token = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, name="embeddings.token_embedding")
         position = nn.Embed(
-            cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype, name="embeddings.position_embedding"
+            cfg.max_position_embeddings,
+            cfg.hidden_size,
+            dtype=self.dtype,
+            name="embeddings.position_embedding",
         )
         h = token(input_ids_BL) + position(jnp.arange(length))[None]
         hidden_states = [h]

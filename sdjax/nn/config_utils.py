@@ -56,9 +56,7 @@ def config_from_dict(
         elif key in unsupported_defaults:
             default = unsupported_defaults[key]
             if _freeze(value) != _freeze(default):
-                raise ValueError(
-                    f"{what}: option {key}={value!r} is not supported by sdjax (only {default!r} is)"
-                )
+                raise ValueError(f"{what}: option {key}={value!r} is not supported by sdjax (only {default!r} is)")
         else:
             raise ValueError(f"{what}: unknown option {key!r}; sdjax cannot tell what it would change")
     try:

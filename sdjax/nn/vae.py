@@ -15,7 +15,15 @@ import jax
 import jax.numpy as jnp
 
 from sdjax.nn.config_utils import config_from_dict, config_to_dict
-from sdjax.nn.layers import Downsample2D, GroupNorm, ResnetBlock2D, SpatialSelfAttention, Upsample2D, activation, conv
+from sdjax.nn.layers import (
+    Downsample2D,
+    GroupNorm,
+    ResnetBlock2D,
+    SpatialSelfAttention,
+    Upsample2D,
+    activation,
+    conv,
+)
 
 VAE_UNSUPPORTED_DEFAULTS: dict[str, Any] = {}
 _VAE_EPS = 1e-6  # diffusers' Encoder/Decoder fix every norm epsilon of the VAE at 1e-6
@@ -108,7 +116,12 @@ class _Encoder(nn.Module):
             block = f"down_blocks.{i}"
             for j in range(cfg.layers_per_block):
                 h = ResnetBlock2D(
-                    channels, cfg.norm_num_groups, _VAE_EPS, cfg.act_fn, dtype=self.dtype, name=f"{block}.resnets.{j}"
+                    channels,
+                    cfg.norm_num_groups,
+                    _VAE_EPS,
+                    cfg.act_fn,
+                    dtype=self.dtype,
+                    name=f"{block}.resnets.{j}",
                 )(h, None)
             if i < n - 1:
                 h = Downsample2D(channels, 0, self.dtype, name=f"{block}.downsamplers.0")(h)
@@ -131,7 +144,12 @@ class _Decoder(nn.Module):
             block = f"up_blocks.{i}"
             for j in range(cfg.layers_per_block + 1):
                 h = ResnetBlock2D(
-                    channels, cfg.norm_num_groups, _VAE_EPS, cfg.act_fn, dtype=self.dtype, name=f"{block}.resnets.{j}"
+                    channels,
+                    cfg.norm_num_groups,
+                    _VAE_EPS,
+                    cfg.act_fn,
+                    dtype=self.dtype,
+                    name=f"{block}.resnets.{j}",
                 )(h, None)
             if i < n - 1:
                 h = Upsample2D(channels, self.dtype, name=f"{block}.upsamplers.0")(h)

@@ -1,0 +1,91 @@
+"""The exact SD 1.5 and SD 2.1 architectures (shipped configs, random weights) against diffusers/transformers.
+
+Slow (minutes, ~15 GB of RAM): run with `make test-slow` or `pytest -m slow -s`. Prints the parity errors,
+the load time and the peak RSS of loading the UNet alone in a fresh process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import torch
+from reference import SD15, SD21, build_text_encoder, build_unet, build_vae, nchw, nhwc, rel_l2, save_folder
+
+import sdjax
+
+pytestmark = pytest.mark.slow
+
+_LOAD_UNET = """
+import json, resource, sys, time
+from pathlib import Path
+import jax.numpy as jnp
+from sdjax.convert.diffusers_folder import UNET, load_component
+start = time.perf_counter()
+module, params = load_component(Path(sys.argv[1]), UNET, jnp.float32)
+seconds = time.perf_counter() - start
+nbytes = sum(x.nbytes for x in __import__("jax").tree.leaves(params))
+print(json.dumps({"seconds": seconds, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "param_bytes": nbytes}))
+"""
+
+
+def _config(model, component):
+    return json.loads((model / component / "config.json").read_text())
+
+
+@pytest.mark.parametrize("model", [SD15, SD21], ids=["sd15", "sd21"])
+def test_full_size_parity(model, tmp_path):
+    unet = build_unet(_config(model, "unet"))
+    vae = build_vae(_config(model, "vae"))
+    text = build_text_encoder(_config(model, "text_encoder"))
+    folder = save_folder(tmp_path / model.name, unet, vae, text, tokenizer_from=model, scheduler_from=model)
+
+    probe = subprocess.run([sys.executable, "-c", _LOAD_UNET, str(folder)], capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr
+    unet_load = json.loads(probe.stdout)
+
+    start = time.perf_counter()
+    pipe = sdjax.load_pipeline(folder)
+    load_seconds = time.perf_counter() - start
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 49406, (2, 77))
+    ids[:, 0], ids[:, 12:] = 49406, 49407
+    ours_text = jax.jit(pipe.text_encoder.apply)({"params": pipe.params["text_encoder"]}, ids)
+    with torch.no_grad():
+        ref_text = text(torch.from_numpy(ids), output_hidden_states=True)
+    errors = {
+        "text last": rel_l2(ours_text[0], ref_text.last_hidden_state),
+        "text penultimate": rel_l2(ours_text.hidden_states[-2], ref_text.hidden_states[-2]),
+    }
+
+    x = rng.standard_normal((2, 32, 32, 4)).astype(np.float32)
+    t = np.array([999.0, 1.0], np.float32)
+    ctx = ref_text.last_hidden_state.numpy()
+    ours = jax.jit(pipe.unet.apply)({"params": pipe.params["unet"]}, x, t, ctx)
+    with torch.no_grad():
+        errors["unet"] = rel_l2(ours, nhwc(unet(nchw(x), torch.from_numpy(t), torch.from_numpy(ctx)).sample))
+
+    img = rng.uniform(-1, 1, (1, 128, 128, 3)).astype(np.float32)
+    mean, _ = jax.jit(lambda p, x: pipe.vae.apply({"params": p}, x, method="encode"))(pipe.params["vae"], img)
+    z = rng.standard_normal((1, 16, 16, 4)).astype(np.float32)
+    image = jax.jit(lambda p, z: pipe.vae.apply({"params": p}, z, method="decode"))(pipe.params["vae"], z)
+    with torch.no_grad():
+        errors["vae encode"] = rel_l2(mean, nhwc(vae.encode(nchw(img)).latent_dist.mean))
+        errors["vae decode"] = rel_l2(image, nhwc(vae.decode(nchw(z)).sample))
+
+    gib = 2**30
+    print(
+        f"\n{model.name}: "
+        + ", ".join(f"{k} {v:.2e}" for k, v in errors.items())
+        + f"; load_pipeline {load_seconds:.1f} s; UNet alone: load {unet_load['seconds']:.1f} s, "
+        f"peak RSS {unet_load['peak_rss'] / gib:.2f} GiB for {unet_load['param_bytes'] / gib:.2f} GiB of params"
+    )
+    assert max(errors.values()) <= 1e-5
+    assert unet_load["peak_rss"] <= 2.2 * unet_load["param_bytes"]
