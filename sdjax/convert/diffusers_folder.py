@@ -58,6 +58,9 @@ class ShardedTensors(Mapping[str, np.ndarray]):
     def __getitem__(self, key: str) -> np.ndarray:
         return self._where[key][key]
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._where[key].shape(key)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 

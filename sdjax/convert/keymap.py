@@ -62,6 +62,12 @@ def build_keymap(abstract_params: Mapping, prefix: str = "") -> dict[str, Entry]
     return entries
 
 
+def _shape_of(tensors: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
+    """A tensor's shape without reading it, when the mapping can tell (`SafetensorsFile.shape`)."""
+    shape = getattr(tensors, "shape", None)
+    return tuple(shape(key)) if callable(shape) else tuple(tensors[key].shape)
+
+
 def _listing(keys, limit: int = 8) -> str:
     keys = sorted(keys)
     more = f", ... and {len(keys) - limit} more" if len(keys) > limit else ""
@@ -102,9 +108,9 @@ def torch_to_params(
             unexpected.append(key)
     missing = [k for k in keymap if k not in source]
     wrong = [
-        f"{k} {tuple(tensors[source[k]].shape)} (expected {keymap[k].torch_shape})"
+        f"{k} {_shape_of(tensors, source[k])} (expected {keymap[k].torch_shape})"
         for k in keymap
-        if k in source and tuple(tensors[source[k]].shape) != keymap[k].torch_shape
+        if k in source and _shape_of(tensors, source[k]) != keymap[k].torch_shape
     ]
     problems = []
     if missing:

@@ -1,8 +1,9 @@
-"""Reading and writing .safetensors files with numpy alone: memory-mapped, bf16 included, checked.
+"""Reading and writing .safetensors files with numpy alone: tensor by tensor, bf16 included, checked.
 
 Layout: an 8-byte little-endian header size N, N bytes of JSON
 ({name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}), then the tensor bytes.
-Reading maps the file and hands out views, so a tensor is copied only when it is transformed.
+Reading parses the header once and reads each tensor on demand, so a model is converted one tensor at
+a time.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class SafetensorsError(ValueError):
 
 
 class SafetensorsFile(Mapping[str, np.ndarray]):
-    """A read-only mapping name -> memory-mapped numpy view of one .safetensors file."""
+    """A read-only mapping name -> numpy array (read on access) over one .safetensors file."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -79,15 +80,19 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
                 f"{self.path}: truncated file: its header promises {needed} bytes of tensor data but only "
                 f"{data_len} are present; download or copy it again"
             )
-        # A plain ndarray view of the map (memmap subclasses mishandle 0-d reshapes); it keeps the map open.
-        self._map = np.asarray(np.memmap(self.path, np.uint8, "r")) if self._entries and data_len else None
 
     def __getitem__(self, name: str) -> np.ndarray:
+        """A fresh array holding the tensor, read from the file on each access (unlike a memory map, no
+        file pages stay resident, so loading a model needs little more RAM than its parameters)."""
         dtype, shape, begin, end = self._entries[name]
-        if begin == end:
-            return np.zeros(shape, dtype)
-        raw = self._map[self._start + begin : self._start + end]
-        return raw.view(dtype).reshape(shape)
+        array = np.empty(shape, dtype)
+        if end > begin:
+            with open(self.path, "rb") as f:
+                f.seek(self._start + begin)
+                got = f.readinto(memoryview(array.reshape(-1).view(np.uint8)))
+            if got != end - begin:
+                raise SafetensorsError(f"{self.path}: truncated while reading {name!r}; download or copy it again")
+        return array
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
