@@ -269,3 +269,16 @@ def test_half_precision_load(case):
         out = jax.jit(half.unet.apply)({"params": half.params["unet"]}, x, t, ctx)
         assert out.dtype == dtype
         assert rel_l2(np.asarray(out, np.float32), ref) < 0.05
+
+
+def test_unet_sizes_not_divisible_by_the_downsampling(case):
+    """Latent sizes like 65 (520 px) upsample to each skip's size, as diffusers' forward_upsample_size."""
+    name, unet, _, _, _, pipe = case
+    if name != "sd2_inpaint":
+        pytest.skip("one config (three levels) is enough")
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((1, 9, 11, unet.config.in_channels)).astype(np.float32)
+    t = np.array([400.0], np.float32)
+    ctx = rng.standard_normal((1, 77, unet.config.cross_attention_dim)).astype(np.float32)
+    ours = jax.jit(pipe.unet.apply)({"params": pipe.params["unet"]}, x, t, ctx)
+    assert rel_l2(ours, torch_unet(unet, x, t, ctx)) <= TOL

@@ -153,15 +153,25 @@ class Downsample2D(nn.Module):
 
 
 class Upsample2D(nn.Module):
-    """Doubles H and W by nearest-neighbour repetition, then a 3x3 conv."""
+    """Doubles H and W by nearest-neighbour repetition (or resizes to `size`), then a 3x3 conv."""
 
     channels: int
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
-        x_BHWC = jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2)
+    def __call__(self, x_BHWC: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
+        h, w = x_BHWC.shape[1:3]
+        if size is None or tuple(size) == (2 * h, 2 * w):
+            x_BHWC = jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2)
+        else:
+            x_BHWC = x_BHWC[:, _nearest_indices(h, size[0])][:, :, _nearest_indices(w, size[1])]
         return conv(self.channels, 3, "conv", self.dtype)(x_BHWC)
+
+
+def _nearest_indices(src: int, dst: int) -> np.ndarray:
+    """Source index of each output position of PyTorch's nearest interpolation from `src` to `dst`."""
+    scale = np.float32(src) / np.float32(dst)
+    return np.minimum(np.floor(np.arange(dst, dtype=np.float32) * scale).astype(np.int64), src - 1)
 
 
 class CrossAttention(nn.Module):

@@ -199,7 +199,9 @@ class _UNetBlock(nn.Module):
             h = Downsample2D(self.out_channels, cfg.downsample_padding, self.dtype, name="downsamplers.0")(h)
             outputs.append(h)
         elif self.sampler == "up":
-            h = Upsample2D(self.out_channels, self.dtype, name="upsamplers.0")(h)
+            # Sizes that are not multiples of 2^(blocks-1) (e.g. 520 px) upsample to the next skip's size.
+            size = skips[-1].shape[1:3] if skips else None
+            h = Upsample2D(self.out_channels, self.dtype, name="upsamplers.0")(h, size)
         return h, outputs
 
 
@@ -242,7 +244,8 @@ class UNet2DConditionModel(nn.Module):
     """Noise/velocity predictor eps(x_t, t, context).
 
     __call__(sample (B, H, W, in_channels), timesteps (B,) or scalar, context (B, L, cross_attention_dim))
-    -> (B, H, W, out_channels). H and W must be divisible by 2^(number of blocks - 1).
+    -> (B, H, W, out_channels). H and W need not be divisible by 2^(blocks - 1): as diffusers, upsampling then
+    resizes to each skip connection's size.
     """
 
     config: UNetConfig
@@ -252,11 +255,6 @@ class UNet2DConditionModel(nn.Module):
     def __call__(self, sample_BHWC: jax.Array, timesteps_B: jax.Array, context_BLD: jax.Array) -> jax.Array:
         cfg = self.config
         n = cfg.num_blocks
-        factor = 2 ** (n - 1)
-        if sample_BHWC.shape[1] % factor or sample_BHWC.shape[2] % factor:
-            raise ValueError(
-                f"UNet input {sample_BHWC.shape[1]}x{sample_BHWC.shape[2]} latents must be divisible by {factor}"
-            )
         batch = sample_BHWC.shape[0]
         timesteps_B = jnp.broadcast_to(jnp.asarray(timesteps_B), (batch,))
         t_emb = timestep_embedding(timesteps_B, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
