@@ -1,0 +1,131 @@
+"""PLMS, the linear multistep part of PNDM (Liu et al. 2022), as diffusers' PNDMScheduler(skip_prk_steps=True).
+
+diffusers makes n + 1 model calls for n >= 2 steps: the second call re-evaluates the first step with the
+average of two model outputs (a Heun-like warm-up), then 2nd-, 3rd- and 4th-order Adams-Bashforth
+combinations of past model outputs follow. The combination is chosen by the number of calls since the
+start, so an img2img run that starts later in the schedule warms up the same way, as in diffusers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import final
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax.schedulers._base import Scheduler
+from sdjax.schedulers._common import NoiseSchedule, alphas_cumprod, spaced_timesteps
+from sdjax.schedulers.ddim import discrete_add_noise
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class PNDM(Scheduler):
+    """diffusers' PNDMScheduler with skip_prk_steps=True (PRK warm-up steps are not implemented)."""
+
+    schedule: NoiseSchedule = NoiseSchedule()
+    set_alpha_to_one: bool = False
+
+    diffusers_class = "PNDMScheduler"
+    diffusers_defaults = types.MappingProxyType(
+        {
+            "num_train_timesteps": 1000,
+            "beta_start": 0.0001,
+            "beta_end": 0.02,
+            "beta_schedule": "linear",
+            "trained_betas": None,
+            "skip_prk_steps": False,
+            "set_alpha_to_one": False,
+            "prediction_type": "epsilon",
+            "timestep_spacing": "leading",
+            "steps_offset": 0,
+        }
+    )
+    supported_values = types.MappingProxyType({"skip_prk_steps": True})
+    prediction_types = ("epsilon", "v_prediction")
+
+    @property
+    def stochastic(self) -> bool:
+        return False
+
+    def tables(self, num_steps: int) -> dict[str, np.ndarray]:
+        """Per call: timesteps and the coefficients of x_prev = x_coef * x + out_coef * (combined output).
+
+        "x_coef"/"out_coef" step from t to t - T // n (the final alpha below 0); "x_coef_redo"/"out_coef_redo"
+        from t + T // n to t (the second call re-does the first step). Computed in float64 from diffusers'
+        float32 alphas_cumprod, v_prediction folded in (diffusers converts v to epsilon with the sample first;
+        doing that in float32 loses digits at high noise).
+        """
+        ratio = self.schedule.num_train_timesteps // num_steps
+        ac = alphas_cumprod(self.schedule)
+        final_alpha = np.float32(1.0) if self.set_alpha_to_one else ac[0]
+        ascending = spaced_timesteps(self.schedule, num_steps)[::-1].astype(np.int64)
+        timesteps = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1]
+        prev = timesteps - ratio
+        alpha_t = ac[timesteps]
+        alpha_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], final_alpha)
+        alpha_up = ac[np.minimum(timesteps + ratio, len(ac) - 1)]
+        x_coef, out_coef = self._coefficients(alpha_t, alpha_prev)
+        x_coef_redo, out_coef_redo = self._coefficients(alpha_up, alpha_t)
+        return {
+            "timesteps": timesteps,
+            "alpha_t": alpha_t,
+            "x_coef": x_coef,
+            "out_coef": out_coef,
+            "x_coef_redo": x_coef_redo,
+            "out_coef_redo": out_coef_redo,
+        }
+
+    def _coefficients(self, alpha_prod_t, alpha_prod_t_prev) -> tuple[np.ndarray, np.ndarray]:
+        """float64 (x_coef, out_coef) of formula (9) of the PNDM paper, from alpha_bar at t and t_prev."""
+        a_t, a_prev = alpha_prod_t.astype(np.float64), alpha_prod_t_prev.astype(np.float64)
+        b_t, b_prev = 1 - a_t, 1 - a_prev
+        denom = a_t * b_prev**0.5 + (a_t * b_t * a_prev) ** 0.5
+        x_coef, eps_coef = (a_prev / a_t) ** 0.5, -(a_prev - a_t) / denom
+        if self.schedule.prediction_type == "v_prediction":  # eps = sqrt(a_t) * v + sqrt(b_t) * x
+            return x_coef + eps_coef * b_t**0.5, eps_coef * a_t**0.5
+        return x_coef, eps_coef
+
+    def init_history(self, sample_shape):
+        return {"ets": jnp.zeros((4, *sample_shape), jnp.float32), "cur_sample": jnp.zeros(sample_shape, jnp.float32)}
+
+    def init_noise_sigma(self, state):
+        return jnp.float32(1.0)
+
+    def scale_model_input(self, state, sample):
+        return sample
+
+    def add_noise(self, state, original, noise):
+        return discrete_add_noise(state, original, noise)
+
+    def step(self, state, model_output, sample, noise=None):
+        model_output = model_output.astype(jnp.float32)
+        ets, cur_sample = state.history["ets"], state.history["cur_sample"]
+        pushed = jnp.concatenate([ets[1:], model_output[None]])  # the 4 most recent outputs, newest last
+        tables, i = state.tables, state.index
+        coefs = (tables["x_coef"][i], tables["out_coef"][i])
+
+        # each branch: (ets, cur_sample, combined output, sample stepped from, its coefficients)
+        def first(_):
+            return pushed, sample, model_output, sample, coefs
+
+        def redo_first(_):  # the second call: average, and step again from the first call's sample
+            redo = (tables["x_coef_redo"][i], tables["out_coef_redo"][i])
+            return ets, cur_sample, (model_output + ets[-1]) / 2, cur_sample, redo
+
+        def adams_bashforth(combine):
+            return lambda _: (pushed, cur_sample, combine(pushed), sample, coefs)
+
+        branches = [
+            first,
+            redo_first,
+            adams_bashforth(lambda e: (3 * e[-1] - e[-2]) / 2),
+            adams_bashforth(lambda e: (23 * e[-1] - 16 * e[-2] + 5 * e[-3]) / 12),
+            adams_bashforth(lambda e: (1 / 24) * (55 * e[-1] - 59 * e[-2] + 37 * e[-3] - 9 * e[-4])),
+        ]
+        which = jnp.where(state.counter < 2, state.counter, jnp.minimum(state.counter, 4))
+        ets, cur_sample, output, from_sample, (x_coef, out_coef) = jax.lax.switch(which, branches, None)
+        return x_coef * from_sample + out_coef * output, state.advance(ets=ets, cur_sample=cur_sample)
