@@ -21,6 +21,31 @@ SD15 = DATA / "stable-diffusion-v1-5"
 SD21 = DATA / "stable-diffusion-2-1"
 
 
+# Tiny random models of the SD architecture, shared by the test files (the same shapes reuse compiled ops).
+TINY_UNET = dict(
+    block_out_channels=[32, 64],
+    layers_per_block=1,
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+    attention_head_dim=4,
+    cross_attention_dim=32,
+    norm_num_groups=8,
+    sample_size=8,
+)
+# The smaller SD 1.x structure of the checkpoint-format tests (single file, LoRA, textual inversion).
+SMALL_UNET = dict(TINY_UNET, block_out_channels=[16, 32], attention_head_dim=2)
+SMALL_VAE = dict(
+    block_out_channels=[8, 16],
+    layers_per_block=1,
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    norm_num_groups=4,
+    latent_channels=4,
+    sample_size=32,
+)
+SMALL_CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, eos_token_id=2)
+
+
 @torch.no_grad()
 def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Fills every parameter of `model` with seeded random values (in place) and returns it in eval mode."""

@@ -10,22 +10,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from reference import build_text_encoder, build_unet, build_vae, rel_l2, save_folder
+from reference import TINY_UNET, build_text_encoder, build_unet, build_vae, rel_l2, save_folder
 
 import sdjax
 from sdjax.convert.keymap import ConversionError
 from sdjax.convert.safetensors_io import SafetensorsError, SafetensorsFile, save_safetensors
 
-UNET = dict(
-    block_out_channels=[32, 64],
-    layers_per_block=1,
-    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-    attention_head_dim=4,
-    cross_attention_dim=32,
-    norm_num_groups=8,
-    sample_size=8,
-)
 VAE = dict(
     block_out_channels=[16, 32],
     layers_per_block=1,
@@ -38,7 +28,7 @@ CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_atten
 
 @pytest.fixture(scope="module")
 def models():
-    return build_unet(UNET), build_vae(VAE), build_text_encoder(CLIP)
+    return build_unet(TINY_UNET), build_vae(VAE), build_text_encoder(CLIP)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,450 @@
+"""LoRA files for the UNet and the text encoder: kohya-ss/A1111 and diffusers/PEFT formats, merged or not.
+
+A LoRA adds a low-rank update to linear and conv weights: in PyTorch layout
+W' = W + scale * s_m * up_m @ down_m, with per module m a rank r_m, `down` (r, in[, kh, kw]) and `up`
+(out, r[, 1, 1]), and s_m = alpha_m / r_m (alpha_m / sqrt(r_m) for PEFT's rsLoRA).
+
+- kohya-ss / A1111: `lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha` (0-d; missing means
+  alpha = rank), `lora_te_<module>...` for the text encoder. `<module>` is the diffusers module path with
+  "." replaced by "_"; it is matched against the model's own module names (and, for the UNet, their
+  original LDM names), never split on "_".
+- diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<module>...` (with or
+  without `text_model.`). No alpha is stored (alpha = rank) unless the safetensors header holds
+  `lora_adapter_metadata` (PEFT's LoraConfig: lora_alpha, alpha_pattern, use_rslora).
+
+Two ways to use a LoRA. `merge_lora` / `load_lora` return new parameters with the update folded in. Or
+keep the pipeline's parameters and pass `adapters` (arrays, from `lora_adapter`) and `scales` to a compiled
+program that calls `apply_adapters` inside: changing a scale, or swapping in another LoRA of the same
+shapes, then reuses the compiled program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax.convert import ldm_keys
+from sdjax.convert.single_file import read_checkpoint
+
+if TYPE_CHECKING:
+    from sdjax.pipeline import StableDiffusionPipeline
+
+COMPONENTS = ("unet", "text_encoder")
+_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
+_KOHYA_SDXL_PREFIXES = ("lora_te1_", "lora_te2_")
+_KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
+_PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".alpha": "alpha"}
+_PEFT_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder"}
+# Network types sdjax does not implement, recognised by a key fragment.
+_UNSUPPORTED = {
+    "hada_w1": "LoHa (LyCORIS)",
+    "lokr_w1": "LoKr (LyCORIS)",
+    "lora_mid": "LoCon with a CP-decomposed mid weight (LyCORIS)",
+    "dora_scale": "DoRA",
+    "lora_magnitude_vector": "DoRA",
+    "lora_embedding_A": "embedding LoRA",
+    "lora_B.bias": "LoRA with bias",
+    "processor.to_q_lora": "the pre-PEFT diffusers attention-processor format",
+}
+
+
+class LoraError(ValueError):
+    """A LoRA file that cannot be applied: unknown format, unsupported network type, or a mismatch with the
+    model (unknown module, wrong shapes), with a one-line message naming it."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoraModule:
+    """One module's update in PyTorch layout: down (r, in) or (r, in, kh, kw), up (out, r) or (out, r, 1, 1);
+    `alpha` None means alpha = rank."""
+
+    down: np.ndarray
+    up: np.ndarray
+    alpha: float | None = None
+    rslora: bool = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+    @property
+    def multiplier(self) -> float:
+        """alpha / rank (alpha / sqrt(rank) for rsLoRA), the factor in front of up @ down."""
+        alpha = self.rank if self.alpha is None else self.alpha
+        return alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoraFile:
+    """A parsed LoRA file: per component ("unet", "text_encoder"), the module name as written in the file
+    (kohya: "down_blocks_0_..._to_q"; PEFT: "down_blocks.0....to_q") -> its update."""
+
+    path: Path
+    format: str  # "kohya" | "peft"
+    modules: Mapping[str, Mapping[str, LoraModule]]
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+
+def _split_key(key: str, suffixes: Mapping[str, str]) -> tuple[str, str] | None:
+    for suffix, role in suffixes.items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)], role
+    return None
+
+
+def _peft_config(metadata: Mapping[str, str], path: Path) -> dict[str, dict[str, Any]]:
+    """Per component, PEFT's LoraConfig fields from the `lora_adapter_metadata` header entry (or {})."""
+    raw = metadata.get("lora_adapter_metadata")
+    if not raw:
+        return {}
+    try:
+        flat = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise LoraError(f"{path}: unreadable lora_adapter_metadata ({err})") from None
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        part, _, field = key.partition(".")
+        out.setdefault(part, {})[field] = value
+    return out
+
+
+def _peft_alpha(name: str, config: Mapping[str, Any]) -> float | None:
+    """alpha of module `name` under a PEFT LoraConfig: the first matching alpha_pattern, else lora_alpha."""
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        for candidate in (name, "text_model." + name):
+            if re.match(rf"(.*\.)?({pattern})$", candidate):
+                return float(alpha)
+    alpha = config.get("lora_alpha")
+    return None if alpha is None else float(alpha)
+
+
+def _group(tensors: Mapping[str, np.ndarray], path: Path, fmt: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """component -> module name -> {"down", "up", "alpha"} arrays, from the file's keys."""
+    grouped: dict[str, dict[str, dict[str, Any]]] = {}
+    suffixes = _KOHYA_SUFFIXES if fmt == "kohya" else _PEFT_SUFFIXES
+    for key in tensors:
+        split = _split_key(key, suffixes)
+        if split is None:
+            raise LoraError(f"{path}: unexpected key {key} in a {fmt} LoRA file")
+        name, role = split
+        if fmt == "kohya":
+            prefix = next((p for p in _KOHYA_PREFIXES if name.startswith(p)), None)
+            if prefix is None:
+                raise LoraError(f"{path}: key {key} belongs to neither the UNet nor the text encoder")
+            part, name = _KOHYA_PREFIXES[prefix], name[len(prefix) :]
+        else:
+            name = name.removeprefix("base_model.model.")
+            prefix = next((p for p in _PEFT_PREFIXES if name.startswith(p)), None)
+            part, name = (_PEFT_PREFIXES[prefix], name[len(prefix) :]) if prefix else ("unet", name)
+            if part == "text_encoder":
+                name = name.removeprefix("text_model.")
+        grouped.setdefault(part, {}).setdefault(name, {})[role] = tensors[key]
+    return grouped
+
+
+def read_lora(path: str | Path) -> LoraFile:
+    """Reads a kohya-ss/A1111 or diffusers/PEFT LoRA file (`.safetensors`; `.pt` through torch's safe loader).
+
+    Raises `LoraError` (one line) for SDXL LoRAs, LyCORIS LoHa/LoKr, DoRA, unknown keys, a module with a
+    down but no up weight (or the reverse), or ranks that disagree.
+    """
+    path = Path(path).expanduser()
+    tensors = read_checkpoint(path)
+    keys = list(tensors)
+    if not keys:
+        raise LoraError(f"{path} holds no tensors")
+    for fragment, kind in _UNSUPPORTED.items():
+        if any(fragment in k for k in keys):
+            raise LoraError(f"{path} is a {kind} file, which sdjax does not support")
+    if any(k.startswith(_KOHYA_SDXL_PREFIXES) for k in keys):
+        raise LoraError(f"{path} is an SDXL LoRA (lora_te1_/lora_te2_ keys); sdjax applies SD 1.x and 2.x LoRAs")
+    if any(k.startswith(tuple(_KOHYA_PREFIXES)) for k in keys):
+        fmt = "kohya"
+    elif any(".lora_A." in k or ".lora_B." in k for k in keys):
+        fmt = "peft"
+    else:
+        raise LoraError(f"{path} is not a LoRA file (no lora_down/lora_up or lora_A/lora_B keys; e.g. {keys[0]})")
+    peft = _peft_config(getattr(tensors, "metadata", {}), path) if fmt == "peft" else {}
+    for part, config in peft.items():
+        if config.get("use_dora"):
+            raise LoraError(f"{path} is a DoRA file ({part}.use_dora), which sdjax does not support")
+    modules: dict[str, dict[str, LoraModule]] = {}
+    for part, by_name in _group(tensors, path, fmt).items():
+        for name, roles in by_name.items():
+            if "down" not in roles or "up" not in roles:
+                missing = "up" if "down" in roles else "down"
+                raise LoraError(f"{path}: module {name} has no {missing} weight")
+            down, up = np.asarray(roles["down"], np.float32), np.asarray(roles["up"], np.float32)
+            if down.ndim not in (2, 4) or up.ndim not in (2, 4) or up.shape[1] != down.shape[0]:
+                raise LoraError(f"{path}: module {name} has down {down.shape} and up {up.shape} of different ranks")
+            if "alpha" in roles:
+                alpha = float(np.asarray(roles["alpha"], np.float64).reshape(()))
+            elif fmt == "peft":
+                alpha = _peft_alpha(name, peft.get(part, {}))
+            else:
+                alpha = None
+            rslora = bool(peft.get(part, {}).get("use_rslora", False))
+            modules.setdefault(part, {})[name] = LoraModule(down, up, alpha, rslora)
+    return LoraFile(path, fmt, modules)
+
+
+# ---------------------------------------------------------------------------------------------- matching
+
+
+def _kernels(params: Mapping) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """module path -> kernel shape, for every linear (in, out) and conv (kh, kw, in, out) weight."""
+    out = {}
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        path = tuple(k.key for k in key_path)
+        if path[-1] == "kernel" and len(leaf.shape) in (2, 4):
+            out[path[:-1]] = tuple(leaf.shape)
+    return out
+
+
+def _lookup(pipe: StableDiffusionPipeline, part: str, kernels, fmt: str) -> dict[str, tuple[str, ...]]:
+    """File module name -> module path. kohya: "." -> "_" of the diffusers name (text encoder with and
+    without "text_model_"; UNet also by its LDM name). Ambiguous names are left out."""
+    names: dict[str, set[tuple[str, ...]]] = {}
+
+    def add(name: str, path: tuple[str, ...]) -> None:
+        names.setdefault(name.replace(".", "_") if fmt == "kohya" else name, set()).add(path)
+
+    for path in kernels:
+        dotted = ".".join(path)
+        add(dotted, path)
+        if part == "text_encoder" and fmt == "kohya":
+            add("text_model." + dotted, path)
+    if part == "unet" and fmt == "kohya":
+        rules = ldm_keys.unet_rules(pipe.unet.config)
+        by_dotted = {".".join(p): p for p in kernels}
+        for entry in ldm_keys.build_entries(rules, [d + ".weight" for d in by_dotted], ""):
+            add(entry.ldm_key.removesuffix(".weight"), by_dotted[entry.diffusers_keys[0].removesuffix(".weight")])
+    return {name: next(iter(paths)) for name, paths in names.items() if len(paths) == 1}
+
+
+def _fit(module: LoraModule, kernel_shape: tuple[int, ...], name: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) in sdjax layout with A @ B (contracting the rank) = up @ down laid out like the kernel:
+    A (in, r) and B (r, out) for a linear kernel (in, out); A (kh, kw, in, r) for a conv kernel."""
+    r = module.rank
+    if len(kernel_shape) == 2:
+        fan_in, out, kh, kw = kernel_shape[0], kernel_shape[1], 1, 1
+    else:
+        kh, kw, fan_in, out = kernel_shape
+    down, up = module.down, module.up
+    pointwise = ((r, fan_in), (r, fan_in, 1, 1)) if kh == kw == 1 else ()
+    fits = (down.shape == (r, fan_in, kh, kw) or down.shape in pointwise) and up.shape in ((out, r), (out, r, 1, 1))
+    if not fits:
+        torch_shape = (out, fan_in) if len(kernel_shape) == 2 else (out, fan_in, kh, kw)
+        raise LoraError(
+            f"{path}: LoRA for {name} (down {down.shape}, up {up.shape}) does not fit the model's weight "
+            f"{torch_shape}; is it made for another model (SD 1.x vs 2.x)?"
+        )
+    b = up.reshape(out, r).T
+    if len(kernel_shape) == 2:
+        return down.reshape(r, fan_in).T, b
+    return down.reshape(r, fan_in, kh, kw).transpose(2, 3, 1, 0), b
+
+
+def lora_adapter(pipe: StableDiffusionPipeline, lora: LoraFile | str | Path) -> dict:
+    """The LoRA as an adapter pytree for this pipeline, every module matched and shape-checked.
+
+    Returns {"unet": {path: {"A", "B", "multiplier"}}, "text_encoder": {...}} with `path` the module's
+    parameter path joined with "/" (e.g. "down_blocks.0/attentions.0/transformer_blocks.0/attn1/to_q"),
+    A and B float32 as described in `_fit`, and `multiplier` = alpha / rank as a float32 scalar array,
+    so that LoRAs of the same shapes are interchangeable inside a compiled program.
+    """
+    lora = lora if isinstance(lora, LoraFile) else read_lora(lora)
+    adapter: dict[str, dict[str, dict[str, jax.Array]]] = {}
+    for part, modules in lora.modules.items():
+        kernels = _kernels(pipe.params[part])
+        lookup = _lookup(pipe, part, kernels, lora.format)
+        unknown = [name for name in modules if name not in lookup]
+        if unknown:
+            listing = ", ".join(sorted(unknown)[:3]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 3 else "")
+            raise LoraError(f"{lora.path}: {part} has no module named {listing}")
+        entries = {}
+        for name, module in modules.items():
+            path = lookup[name]
+            a, b = _fit(module, kernels[path], name, lora.path)
+            key = "/".join(path)
+            if key in entries:
+                raise LoraError(f"{lora.path}: two LoRA entries for {part} module {'.'.join(path)}")
+            entries[key] = {
+                "A": jnp.asarray(a, jnp.float32),
+                "B": jnp.asarray(b, jnp.float32),
+                "multiplier": jnp.asarray(module.multiplier, jnp.float32),
+            }
+        adapter[part] = entries
+    return adapter
+
+
+# ---------------------------------------------------------------------------------------------- applying
+
+
+def _replace(tree: Mapping, path: tuple[str, ...], value) -> dict:
+    """A copy of nested dict `tree` with the leaf at `path` replaced (only the dicts along the path copied)."""
+    out = dict(tree)
+    out[path[0]] = value if len(path) == 1 else _replace(tree[path[0]], path[1:], value)
+    return out
+
+
+def _get(tree: Mapping, path: tuple[str, ...]):
+    for name in path:
+        tree = tree[name]
+    return tree
+
+
+def _part_scales(scales, part: str, count: int) -> jax.Array:
+    values = scales[part] if isinstance(scales, Mapping) else scales
+    values = jnp.asarray(values, jnp.float32).reshape(-1)
+    if values.shape[0] != count:
+        raise ValueError(f"{count} adapters but {values.shape[0]} {part} scales")
+    return values
+
+
+def apply_adapters(params: Mapping, adapters: Sequence[Mapping], scales) -> dict:
+    """params with W' = W + sum_i scales_i * multiplier * A_i @ B_i for every adapted kernel (pure, jittable).
+
+    Args:
+      params: {"unet": ..., "text_encoder": ..., ...} as `StableDiffusionPipeline.params`.
+      adapters: n adapter pytrees from `lora_adapter` (arrays: a jitted caller can swap them freely as
+        long as the shapes stay the same).
+      scales: n weights, an array (n,) for both components, or {"unet": (n,), "text_encoder": (n,)}.
+    The update is computed in float32 and the result cast back to each kernel's dtype.
+    """
+    deltas: dict[tuple[str, ...], jax.Array] = {}
+    for part in COMPONENTS:
+        if not any(part in adapter for adapter in adapters):
+            continue
+        weights = _part_scales(scales, part, len(adapters))
+        for i, adapter in enumerate(adapters):
+            for key, m in adapter.get(part, {}).items():
+                path = (part, *key.split("/"), "kernel")
+                delta = jnp.tensordot(m["A"], m["B"], axes=1) * (m["multiplier"] * weights[i])
+                deltas[path] = deltas[path] + delta if path in deltas else delta
+    out = dict(params)
+    for path, delta in deltas.items():
+        kernel = _get(params, path)
+        out = _replace(out, path, (kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
+    return out
+
+
+def merge_lora(params: Mapping, adapter: Mapping, scale: float | Mapping[str, float] = 1.0) -> dict:
+    """New params with one adapter folded in at `scale` (a float, or {"unet": s, "text_encoder": s})."""
+    scales = {p: [scale[p]] for p in COMPONENTS} if isinstance(scale, Mapping) else [scale]
+    return apply_adapters(params, [adapter], scales)
+
+
+def load_lora(
+    pipe: StableDiffusionPipeline, path: str | Path, scale: float | Mapping[str, float] = 1.0
+) -> StableDiffusionPipeline:
+    """A new pipeline with the LoRA file at `path` merged into the UNet and text-encoder weights."""
+    return dataclasses.replace(pipe, params=merge_lora(pipe.params, lora_adapter(pipe, path), scale))
+
+
+# ---------------------------------------------------------------------------------------------- CLI helpers
+
+_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)((?::[^:>]*)*)>")
+LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraTag:
+    """An A1111 `<lora:name:te_weight:unet_weight>` prompt tag (one weight sets both; none means 1)."""
+
+    name: str
+    text_encoder: float = 1.0
+    unet: float = 1.0
+
+    @property
+    def scale(self) -> dict[str, float]:
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+
+def parse_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
+    """Removes A1111 LoRA tags from a prompt -> (prompt without them, the tags in order).
+
+    Accepted forms: `<lora:name>`, `<lora:name:0.8>` (both components), `<lora:name:0.5:1.0>` (text
+    encoder, then UNet) and named `te=`/`unet=` weights, e.g. `<lora:name:unet=0.7>`; `<lyco:...>` alike.
+    """
+    tags = []
+    for match in _TAG.finditer(prompt):
+        name = match.group(1).strip()
+        fields = [f.strip() for f in match.group(2).split(":")[1:]]
+        weights: dict[str, float] = {}
+        positional = []
+        for field in fields:
+            key, eq, value = field.partition("=")
+            try:
+                if eq:
+                    if key not in ("te", "unet"):
+                        raise ValueError
+                    weights[key] = float(value)
+                else:
+                    positional.append(float(field))
+            except ValueError:
+                raise ValueError(f"bad LoRA weight {field!r} in {match.group(0)}") from None
+        te = weights.get("te", positional[0] if positional else 1.0)
+        unet = weights.get("unet", positional[1] if len(positional) > 1 else te if positional else 1.0)
+        tags.append(LoraTag(name, te, unet))
+    cleaned = re.sub(r"[ \t]{2,}", " ", _TAG.sub("", prompt)).strip()
+    return cleaned, tags
+
+
+def find_lora(name: str, lora_dir: str | Path) -> Path:
+    """The file of a `<lora:name>` tag: `name` plus a LoRA suffix, under `lora_dir` or any sub-folder
+    (A1111 searches recursively); `name` may include a sub-folder. One-line error if none or several."""
+    root = Path(lora_dir).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"LoRA folder {root} does not exist")
+    found = sorted(p for p in root.rglob("*") if p.suffix in LORA_SUFFIXES and p.is_file() and _matches(p, root, name))
+    if not found:
+        raise FileNotFoundError(f"no LoRA named {name!r} in {root} (looked for {', '.join(LORA_SUFFIXES)} files)")
+    safetensors = [p for p in found if p.suffix == ".safetensors"]
+    found = safetensors or found
+    if len(found) > 1:
+        raise ValueError(f"LoRA name {name!r} is ambiguous in {root}: {', '.join(str(p) for p in found)}")
+    return found[0]
+
+
+def _matches(path: Path, root: Path, name: str) -> bool:
+    relative = path.relative_to(root).with_suffix("").as_posix()
+    return relative == name or path.stem == name
+
+
+def parse_lora_arg(arg: str) -> tuple[Path, float]:
+    """`--lora FILE[:SCALE]` -> (path, scale); without a numeric `:SCALE` suffix the scale is 1."""
+    head, sep, tail = arg.rpartition(":")
+    if sep and head:
+        try:
+            return Path(head).expanduser(), float(tail)
+        except ValueError:
+            pass
+    return Path(arg).expanduser(), 1.0
+
+
+__all__ = [
+    "LoraError",
+    "LoraFile",
+    "LoraModule",
+    "LoraTag",
+    "apply_adapters",
+    "find_lora",
+    "load_lora",
+    "lora_adapter",
+    "merge_lora",
+    "parse_lora_arg",
+    "parse_lora_tags",
+    "read_lora",
+]
