@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install install-test test test-slow lint format clean
+.PHONY: install install-test sample test test-slow lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ $(VENV)/.test: pyproject.toml | $(BIN)/python
 install: $(VENV)/.runtime
 
 install-test: $(VENV)/.test
+
+# make sample MODEL=path/to/model PROMPT="a photo of an astronaut riding a horse" [ARGS="--steps 20 -n 2"]
+PROMPT ?= a photo of an astronaut riding a horse
+sample: install
+	@test -n "$(MODEL)" || { echo "make sample: set MODEL=PATH (a diffusers folder or a single-file .safetensors checkpoint)" >&2; exit 2; }
+	$(BIN)/python sample.py "$(PROMPT)" --model "$(MODEL)" --out outputs $(ARGS)
 
 lint: install-test
 	$(BIN)/ruff check .

@@ -50,3 +50,12 @@ def enable_compilation_cache(directory: str | os.PathLike | None = "default") ->
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return path
+
+
+def enable_default_cache() -> Path | None:
+    """The library's default: `enable_compilation_cache("default")` unless JAX's cache directory has been
+    configured already (by the user, or by an earlier call); returns the directory in use."""
+    configured = jax.config.jax_compilation_cache_dir
+    if configured:
+        return Path(configured) if jax.config.jax_enable_compilation_cache else None
+    return enable_compilation_cache("default")

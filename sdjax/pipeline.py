@@ -10,20 +10,12 @@ from typing import Any
 import jax.numpy as jnp
 
 from sdjax.convert.diffusers_folder import TEXT_ENCODER, UNET, VAE, load_component, save_component
+from sdjax.convert.textual_inversion import restore_multi_vector
 from sdjax.nn.clip import CLIPTextModel
-from sdjax.nn.config_utils import read_json
+from sdjax.nn.config_utils import read_json, resolve_dtype
 from sdjax.nn.unet import UNet2DConditionModel
 from sdjax.nn.vae import AutoencoderKL
 from sdjax.tokenizer import CLIPTokenizer
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def _resolve_dtype(dtype) -> jnp.dtype:
-    name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
-    if name not in _DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; choose one of {list(_DTYPES)}")
-    return jnp.dtype(_DTYPES[name])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +41,105 @@ class StableDiffusionPipeline:
         """Pixels per latent along each side (8 for SD)."""
         return self.vae.config.downscale
 
+    def generate(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        *,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        scheduler=None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int = 0,
+        latents=None,
+        image=None,
+        strength: float = 0.8,
+        mask_image=None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        max_steps: int | None = None,
+        micro_batch_size: int = 1,
+    ):
+        """Text-to-image, img2img (`image`) or inpainting (`image` + `mask_image`) -> uint8 (B, H, W, 3).
+
+        One compiled program runs text encoding, the whole sampling loop and the VAE decode. Prompts, seed,
+        guidance, guidance_rescale, strength and the step count (up to `max_steps`, by default the next
+        multiple of 50) are traced: changing them does not recompile.
+
+        Args:
+          prompt, negative_prompt: a string or a list; A1111 emphasis `(word:1.3)`, `(word)`, `[word]` and
+            `BREAK`; prompts over 75 tokens are encoded as several 77-token windows (sdjax.prompts).
+          scheduler: a name from `sdjax.schedulers.NAMES` (e.g. "euler_a", "dpmpp_2m_karras"), a Scheduler,
+            or None for the model's own scheduler config.
+          height, width: pixels, multiples of the VAE factor (8); default: the init image's size, else the
+            model's sample size.
+          num_images_per_prompt: images per prompt; B = len(prompts) * num_images_per_prompt.
+          seed: image k of the call uses seed + k (A1111's convention), whatever the batch size.
+          latents: optional (B, H/8, W/8, 4) NHWC standard-normal noise: the initial latents before scaling by
+            the scheduler's initial sigma (txt2img), or the noise added to the init image's latents.
+          image, mask_image: paths, PIL images or uint8 arrays; the mask is white where to repaint. 9-channel
+            inpainting UNets work as diffusers' StableDiffusionInpaintPipeline; regular UNets blend the
+            latents with the re-noised init image after every step (diffusers' behaviour for them).
+          strength: img2img/inpaint denoising strength in [0, 1].
+          guidance_rescale, clip_skip: as diffusers (clip_skip=1 is A1111's "Clip skip: 2").
+          micro_batch_size: images per UNet call. 1 (default) makes each image bit-identical whatever the
+            batch size; larger groups are faster on GPUs/TPUs and change images only by float rounding.
+        """
+        from sdjax.generate import generate
+
+        return generate(
+            self,
+            prompt,
+            negative_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            scheduler=scheduler,
+            height=height,
+            width=width,
+            num_images_per_prompt=num_images_per_prompt,
+            seed=seed,
+            latents=latents,
+            image=image,
+            strength=strength,
+            mask_image=mask_image,
+            guidance_rescale=guidance_rescale,
+            clip_skip=clip_skip,
+            max_steps=max_steps,
+            micro_batch_size=micro_batch_size,
+        )
+
+    def with_vae(self, vae: str | Path) -> StableDiffusionPipeline:
+        """A new pipeline with the VAE read from an LDM-layout `.safetensors` file or a diffusers VAE folder."""
+        from sdjax.convert.single_file import replace_vae
+
+        return replace_vae(self, vae)
+
+    def load_lora(self, path: str | Path, scale: float | dict[str, float] = 1.0) -> StableDiffusionPipeline:
+        """A new pipeline with a LoRA merged into the UNet and text-encoder weights (this one is unchanged).
+
+        Formats: kohya-ss/A1111 (`lora_unet_*`, `lora_te_*`) and diffusers/PEFT (`unet.*.lora_A/B`), linear
+        and conv layers. `scale` is one float or {"unet": s, "text_encoder": s}. Parameters are traced, so
+        generating with another LoRA or scale does not recompile.
+        """
+        from sdjax.convert.lora import load_lora
+
+        return load_lora(self, path, scale)
+
+    def load_textual_inversion(self, path: str | Path, token: str | None = None) -> StableDiffusionPipeline:
+        """A new pipeline that knows a textual-inversion embedding (A1111 `.pt`/`.safetensors` or diffusers
+        `learned_embeds`) under `token` (default: the file's own trigger word, else its file name)."""
+        from sdjax.convert.textual_inversion import load_textual_inversion
+
+        return load_textual_inversion(self, path, token)
+
+    def save_single_file(self, path: str | Path, dtype=None) -> Path:
+        """Writes one `.safetensors` checkpoint in the original CompVis/Stability layout (A1111, ComfyUI)."""
+        from sdjax.convert.single_file import save_single_file
+
+        return save_single_file(self, path, dtype)
+
     def save_pretrained(self, directory: str | Path, dtype=None) -> Path:
         """Writes a diffusers-format folder that diffusers/transformers `from_pretrained` load.
 
@@ -56,7 +147,7 @@ class StableDiffusionPipeline:
         """
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        store = None if dtype is None else _resolve_dtype(dtype)
+        store = None if dtype is None else resolve_dtype(dtype)
         for spec, module in ((UNET, self.unet), (VAE, self.vae), (TEXT_ENCODER, self.text_encoder)):
             save_component(out, spec, module, self.params[spec.folder], store)
         self.tokenizer.save(out / "tokenizer")
@@ -78,41 +169,68 @@ class StableDiffusionPipeline:
         return out
 
 
-def load_pipeline(path: str | Path | None = None, dtype=jnp.float32, variant: str | None = None):
-    """Loads a diffusers-format Stable Diffusion folder (SD 1.x, 2.x, inpainting) without torch.
+def load_pipeline(
+    path: str | Path | None = None,
+    dtype=jnp.float32,
+    variant: str | None = None,
+    *,
+    config: str | Path | None = None,
+    prediction_type: str | None = None,
+    vae: str | Path | None = None,
+) -> StableDiffusionPipeline:
+    """Loads a Stable Diffusion model (SD 1.x, 2.x, inpainting) without torch.
 
     Args:
-      path: the folder holding `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
-        `scheduler/`.
+      path: a diffusers-format folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
+        `scheduler/`), or a single-file checkpoint in the original CompVis/Stability layout (`.safetensors`;
+        `.ckpt`/`.pt` only through torch's weights-only loader).
       dtype: parameter and compute dtype: float32 (parity mode), bfloat16 or float16.
-      variant: weight-file variant to read (e.g. "fp16"); by default the plain files, else fp16 ones.
+      variant: weight-file variant to read from a folder (e.g. "fp16"); by default the plain files.
+      config: single files only: a diffusers-format folder (configs, tokenizer, scheduler; no weights
+        needed) that decides the architecture; default: the standard SD 1.x/2.x one detected from the file.
+      prediction_type: "epsilon", "v_prediction" or "sample", replacing the scheduler config's. Single
+        files cannot show it: the default is diffusers' (epsilon, except v_prediction for 768px SD 2.x).
+      vae: a VAE replacing the model's: an LDM-layout `.safetensors` file (e.g.
+        vae-ft-mse-840000-ema-pruned) or a diffusers VAE folder.
     """
     if path is None:
         raise ValueError("no model path given: pass the path of a diffusers-format Stable Diffusion folder")
     root = Path(path).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"model path {root} does not exist")
-    if not root.is_dir():
-        raise ValueError(f"{root} is a file; load_pipeline expects a diffusers-format folder")
+    if root.is_file():
+        from sdjax.convert.single_file import load_single_file
+
+        return load_single_file(root, config=config, dtype=dtype, prediction_type=prediction_type, vae=vae)
+    if config is not None:
+        raise ValueError("config= is for single-file checkpoints; a diffusers folder carries its own configs")
     if not (root / "model_index.json").is_file():
         raise FileNotFoundError(f"{root} is not a diffusers model folder (no model_index.json)")
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     modules, params = {}, {}
     for spec in (UNET, VAE, TEXT_ENCODER):
         modules[spec.folder], params[spec.folder] = load_component(root, spec, dtype, variant)
     for folder in ("tokenizer", "scheduler"):
         if not (root / folder).is_dir():
             raise FileNotFoundError(f"{root} has no '{folder}/' component folder")
-    return StableDiffusionPipeline(
+    scheduler_config = read_json(root / "scheduler" / "scheduler_config.json")
+    if prediction_type is not None:
+        from sdjax.convert.single_file import PREDICTION_TYPES
+
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
+        scheduler_config = {**scheduler_config, "prediction_type": prediction_type}
+    pipe = StableDiffusionPipeline(
         unet=modules["unet"],
         vae=modules["vae"],
         text_encoder=modules["text_encoder"],
-        tokenizer=CLIPTokenizer.from_folder(root / "tokenizer"),
-        scheduler_config=read_json(root / "scheduler" / "scheduler_config.json"),
+        tokenizer=restore_multi_vector(CLIPTokenizer.from_folder(root / "tokenizer")),
+        scheduler_config=scheduler_config,
         params=params,
         dtype=dtype,
         source=root,
     )
+    return pipe if vae is None else pipe.with_vae(vae)
 
 
 __all__ = ["StableDiffusionPipeline", "load_pipeline"]

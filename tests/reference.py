@@ -16,6 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from sdjax.convert.safetensors_io import save_safetensors  # noqa: E402
+
 DATA = Path(__file__).resolve().parents[1] / "sdjax" / "data" / "models"
 SD15 = DATA / "stable-diffusion-v1-5"
 SD21 = DATA / "stable-diffusion-2-1"
@@ -32,6 +34,16 @@ TINY_UNET = dict(
     norm_num_groups=8,
     sample_size=8,
 )
+# The VAE with SD's 8x downscale (4 levels) and a CLIP text encoder, for whole pipelines.
+TINY_VAE = dict(
+    block_out_channels=[8, 8, 16, 16],
+    layers_per_block=1,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    norm_num_groups=4,
+    sample_size=64,
+)
+TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, eos_token_id=2)
 # The smaller SD 1.x structure of the checkpoint-format tests (single file, LoRA, textual inversion).
 SMALL_UNET = dict(TINY_UNET, block_out_channels=[16, 32], attention_head_dim=2)
 SMALL_VAE = dict(
@@ -121,3 +133,34 @@ def nchw(x_nhwc) -> torch.Tensor:
 
 def nhwc(x_nchw: torch.Tensor) -> np.ndarray:
     return x_nchw.detach().numpy().transpose(0, 2, 3, 1)
+
+
+def lora_targets(torch_model) -> dict[str, tuple[int, ...]]:
+    """Module name -> weight shape of every linear/conv layer a LoCon-style kohya LoRA trains."""
+    out = {}
+    for name, m in torch_model.named_modules():
+        if isinstance(m, torch.nn.Linear | torch.nn.Conv2d) and name not in ("conv_in", "conv_out"):
+            if not name.startswith("time_embedding"):
+                out[name] = tuple(m.weight.shape)
+    return out
+
+
+def kohya_lora_file(path: Path, torch_models: dict, seed: int, alpha=lambda rng, name: 2.0, names=None) -> Path:
+    """A kohya LoRA over every linear and conv layer: rank 4, rank 2 for 3x3 convs (as LoCon files), up
+    weights non-zero. `alpha(rng, name)` gives each module's alpha (None: no alpha key, so alpha = rank)."""
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for prefix, part in (("lora_unet_", "unet"), ("lora_te_text_model_", "text_encoder")):
+        for name, shape in lora_targets(torch_models[part]).items():
+            rank = 2 if len(shape) == 4 and shape[2] == 3 else 4
+            fan_in = int(np.prod(shape[1:]))
+            key = prefix + (names or {}).get(name, name).replace(".", "_")
+            down_shape = (rank,) + shape[1:]
+            up_shape = (shape[0], rank) + ((1, 1) if len(shape) == 4 else ())
+            tensors[key + ".lora_down.weight"] = rng.standard_normal(down_shape, dtype=np.float32) / fan_in**0.5
+            tensors[key + ".lora_up.weight"] = 0.2 * rng.standard_normal(up_shape, dtype=np.float32)
+            value = alpha(rng, name)
+            if value is not None:
+                tensors[key + ".alpha"] = np.array(value, np.float16)  # real files often store fp16 alphas
+    save_safetensors(path, tensors)
+    return path

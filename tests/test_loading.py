@@ -65,6 +65,22 @@ def test_missing_path_and_not_a_model_folder(tmp_path):
     assert "model_index.json" in one_line_error(info)
 
 
+def test_folder_options(folder, models):
+    """prediction_type replaces the scheduler's; vae= takes a diffusers VAE folder; config= is for files."""
+    pipe = sdjax.load_pipeline(folder, prediction_type="v_prediction", vae=folder / "vae")
+    assert pipe.scheduler_config["prediction_type"] == "v_prediction"
+    plain = sdjax.load_pipeline(folder)
+    assert plain.scheduler_config.get("prediction_type", "epsilon") == "epsilon"
+    for ours, theirs in zip(jax.tree.leaves(pipe.params["vae"]), jax.tree.leaves(plain.params["vae"]), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    with pytest.raises(ValueError) as info:
+        sdjax.load_pipeline(folder, prediction_type="eps")
+    assert "prediction_type must be one of" in one_line_error(info)
+    with pytest.raises(ValueError) as info:
+        sdjax.load_pipeline(folder, config=folder)
+    assert "single-file" in one_line_error(info)
+
+
 def test_truncated_safetensors(copy):
     weights = copy / "unet" / "diffusion_pytorch_model.safetensors"
     data = weights.read_bytes()

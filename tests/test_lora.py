@@ -23,6 +23,8 @@ from reference import (
     build_text_encoder,
     build_unet,
     build_vae,
+    kohya_lora_file,
+    lora_targets,
     nchw,
     nhwc,
     rel_l2,
@@ -87,40 +89,9 @@ def _diffusers_outputs(model, path: Path, scale: float):
     return unet, text
 
 
-def _targets(torch_model) -> dict[str, tuple[int, ...]]:
-    """Module name -> weight shape of every linear/conv layer a LoCon-style kohya LoRA trains."""
-    out = {}
-    for name, m in torch_model.named_modules():
-        if isinstance(m, torch.nn.Linear | torch.nn.Conv2d) and name not in ("conv_in", "conv_out"):
-            if not name.startswith("time_embedding"):
-                out[name] = tuple(m.weight.shape)
-    return out
-
-
-def _kohya_file(path: Path, model, seed: int, alpha=lambda rng, name: 2.0, names=None) -> Path:
-    """A kohya LoRA over every linear and conv layer: rank 4, rank 2 for 3x3 convs (as LoCon files), up
-    weights non-zero. `alpha(rng, name)` gives each module's alpha (None: no alpha key, so alpha = rank)."""
-    rng = np.random.default_rng(seed)
-    tensors = {}
-    for prefix, part in (("lora_unet_", "unet"), ("lora_te_text_model_", "text_encoder")):
-        for name, shape in _targets(model["torch"][part]).items():
-            rank = 2 if len(shape) == 4 and shape[2] == 3 else 4
-            fan_in = int(np.prod(shape[1:]))
-            key = prefix + (names or {}).get(name, name).replace(".", "_")
-            down_shape = (rank,) + shape[1:]
-            up_shape = (shape[0], rank) + ((1, 1) if len(shape) == 4 else ())
-            tensors[key + ".lora_down.weight"] = rng.standard_normal(down_shape, dtype=np.float32) / fan_in**0.5
-            tensors[key + ".lora_up.weight"] = 0.2 * rng.standard_normal(up_shape, dtype=np.float32)
-            value = alpha(rng, name)
-            if value is not None:
-                tensors[key + ".alpha"] = np.array(value, np.float16)  # real files often store fp16 alphas
-    save_safetensors(path, tensors)
-    return path
-
-
 @pytest.fixture(scope="module")
 def kohya(model):
-    return _kohya_file(model["root"] / "kohya.safetensors", model, seed=1)
+    return kohya_lora_file(model["root"] / "kohya.safetensors", model["torch"], seed=1)
 
 
 def _peft_file(folder: Path, model, metadata: bool, text_model_prefix: bool) -> Path:
@@ -186,7 +157,7 @@ def _jitted_forward(pipe):
 def test_kohya_matches_diffusers_merged_and_unmerged_without_recompiling(model, kohya):
     pipe, i = model["pipe"], model["inputs"]
     theirs = _diffusers_outputs(model, kohya, SCALE)
-    merged = L.load_lora(pipe, kohya, SCALE)
+    merged = pipe.load_lora(kohya, SCALE)
     _check(model, _sdjax_outputs(merged.params, merged, i), theirs, "kohya merged")
     assert merged.params is not pipe.params and jax.tree.leaves(pipe.params)[0] is not None  # pipe unchanged
 
@@ -199,7 +170,9 @@ def test_kohya_matches_diffusers_merged_and_unmerged_without_recompiling(model, 
     # Another scale, then another LoRA of the same shapes: the same compiled program.
     off = forward(pipe.params, [adapter], np.array([0.0], np.float32), *args)
     assert rel_l2(off[0], model["base"][0]) <= TOL and rel_l2(off[1], model["base"][1]) <= TOL
-    other_file = _kohya_file(model["root"] / "kohya_other.safetensors", model, seed=2, alpha=lambda r, n: 3.0)
+    other_file = kohya_lora_file(
+        model["root"] / "kohya_other.safetensors", model["torch"], seed=2, alpha=lambda r, n: 3.0
+    )
     other = L.lora_adapter(pipe, other_file)
     swapped = forward(pipe.params, [other], np.array([1.0], np.float32), *args)
     expected = _sdjax_outputs(L.load_lora(pipe, other_file).params, pipe, i)
@@ -252,9 +225,9 @@ def _assert_merged(pipe, params, expected):
 
 def test_per_module_alpha_against_numpy(model):
     """kohya alphas differ per module (and some are missing: alpha = rank); merged = the direct formula."""
-    path = _kohya_file(
+    path = kohya_lora_file(
         model["root"] / "alphas.safetensors",
-        model,
+        model["torch"],
         seed=3,
         alpha=lambda rng, name: None if "ff" in name else float(rng.choice([0.5, 1.0, 4.0, 8.0])),
     )
@@ -265,7 +238,7 @@ def test_per_module_alpha_against_numpy(model):
 
 def test_several_loras_at_once(model, kohya):
     pipe = model["pipe"]
-    other = _kohya_file(model["root"] / "second.safetensors", model, seed=4, alpha=lambda r, n: 1.0)
+    other = kohya_lora_file(model["root"] / "second.safetensors", model["torch"], seed=4, alpha=lambda r, n: 1.0)
     scales = {"unet": np.array([0.7, -0.3], np.float32), "text_encoder": np.array([0.2, 1.0], np.float32)}
     adapters = [L.lora_adapter(pipe, kohya), L.lora_adapter(pipe, other)]
     both = L.apply_adapters(pipe.params, adapters, scales)
@@ -281,11 +254,11 @@ def test_ldm_named_kohya_file(model, kohya, tmp_path):
     pipe = model["pipe"]
     rules = ldm_keys.unet_rules(pipe.unet.config)
     names = {}
-    for name in _targets(model["torch"]["unet"]):
+    for name in lora_targets(model["torch"]["unet"]):
         (entry,) = ldm_keys.build_entries(rules, [name + ".weight"], "")
         names[name] = entry.ldm_key.removesuffix(".weight")
     assert names["down_blocks.0.attentions.0.proj_in"] == "input_blocks.1.1.proj_in"
-    ldm_file = _kohya_file(tmp_path / "ldm.safetensors", model, seed=1, names=names)
+    ldm_file = kohya_lora_file(tmp_path / "ldm.safetensors", model["torch"], seed=1, names=names)
     a, b = L.load_lora(pipe, kohya).params, L.load_lora(pipe, ldm_file).params
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         assert np.array_equal(x, y)

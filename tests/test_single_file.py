@@ -231,12 +231,12 @@ def test_outputs_match_diffusers_conversion(case, converted):
 
 
 def test_export_then_reload_is_identical(case, tmp_path):
-    out = sf.save_single_file(case.pipe, tmp_path / "export.safetensors")
+    out = case.pipe.save_single_file(tmp_path / "export.safetensors")
     exported = SafetensorsFile(out)
     assert set(exported) == set(case.tensors)  # every parameter written back under its original name, no junk
     for key, value in case.tensors.items():
         np.testing.assert_array_equal(exported[key], value, err_msg=key)
-    again = sf.load_single_file(out, config=case.config)
+    again = sdjax.load_pipeline(out, config=case.config)
     for ours, theirs in zip(jax.tree.leaves(again.params), jax.tree.leaves(case.pipe.params), strict=True):
         assert np.array_equal(ours, theirs)
     assert again.unet.config == case.pipe.unet.config
@@ -386,13 +386,13 @@ def test_external_vae(case, tmp_path):
     z = np.random.default_rng(2).standard_normal((1, 8, 8, 4)).astype(np.float32)
     decode = lambda pipe: pipe.vae.apply({"params": pipe.params["vae"]}, z, method="decode")
 
-    swapped = sf.replace_vae(case.pipe, vae_file)
+    swapped = case.pipe.with_vae(vae_file)
     with torch.no_grad():
         assert rel_l2(decode(swapped), nhwc(ref.decode(nchw(z)).sample)) <= TOL
     assert swapped.params["unet"] is case.pipe.params["unet"]
     assert swapped.params["vae"] is not case.pipe.params["vae"]  # the original pipeline is unchanged
 
-    from_folder = sf.load_single_file(case.path, config=case.config, vae=tmp_path / "vae_folder")
+    from_folder = sdjax.load_pipeline(case.path, config=case.config, vae=tmp_path / "vae_folder")
     with torch.no_grad():
         assert rel_l2(decode(from_folder), nhwc(other.decode(nchw(z)).sample)) <= TOL
 

@@ -71,7 +71,7 @@ def setup(tmp_path_factory):
 def _with_all(pipe, files, tokens=None):
     """The pipeline with the three embeddings, trigger words from the file names / key unless given."""
     for name in ("diffusers", "a1111_pt", "a1111_safetensors"):
-        pipe = ti.load_textual_inversion(pipe, files[name], (tokens or {}).get(name))
+        pipe = pipe.load_textual_inversion(files[name], (tokens or {}).get(name))
     return pipe
 
 

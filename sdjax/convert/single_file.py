@@ -36,7 +36,7 @@ from sdjax.convert.diffusers_folder import TEXT_ENCODER, UNET, VAE, keymap_for, 
 from sdjax.convert.keymap import ConversionError, params_to_torch, torch_to_params
 from sdjax.convert.safetensors_io import SafetensorsFile, save_safetensors
 from sdjax.nn.clip import CLIPTextConfig, CLIPTextModel
-from sdjax.nn.config_utils import read_json
+from sdjax.nn.config_utils import read_json, resolve_dtype
 from sdjax.nn.unet import UNet2DConditionModel, UNetConfig
 from sdjax.nn.vae import AutoencoderKL, VAEConfig
 from sdjax.tokenizer import CLIPTokenizer
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
 
 SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-_DTYPES = ("float32", "bfloat16", "float16")
 
 # (model type, prediction_type or None) -> (shipped config folder, overrides of its UNet config).
 _DEFAULT_CONFIGS: dict[tuple[str, str | None], tuple[str, dict[str, Any]]] = {
@@ -451,13 +450,6 @@ def replace_vae(pipe: StableDiffusionPipeline, source: str | Path) -> StableDiff
 # ---------------------------------------------------------------------------------------------- load / save
 
 
-def _resolve_dtype(dtype) -> jnp.dtype:
-    name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
-    if name not in _DTYPES:
-        raise ValueError(f"unsupported dtype {name!r}; choose one of {list(_DTYPES)}")
-    return jnp.dtype(name)
-
-
 def load_single_file(
     path: str | Path,
     *,
@@ -483,7 +475,7 @@ def load_single_file(
     from sdjax.pipeline import StableDiffusionPipeline
 
     path = Path(path).expanduser()
-    dtype = _resolve_dtype(dtype)
+    dtype = resolve_dtype(dtype)
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
     tensors = read_checkpoint(path)
@@ -562,7 +554,7 @@ def save_single_file(pipe: StableDiffusionPipeline, path: str | Path, dtype=None
     """Writes the pipeline as one `.safetensors` file in the original layout (the key map run backwards),
     in `dtype` (default: the pipeline's). `load_single_file` reads it back to identical parameters."""
     path = Path(path).expanduser()
-    store = None if dtype is None else _resolve_dtype(dtype)
+    store = None if dtype is None else resolve_dtype(dtype)
     save_safetensors(path, to_single_file_tensors(pipe, store), {"format": "pt"})
     return path
 

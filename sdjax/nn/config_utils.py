@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any, TypeVar
 
+import jax.numpy as jnp
+
 C = TypeVar("C")
 
 
@@ -82,3 +84,14 @@ def read_json(path: Path) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype) -> jnp.dtype:
+    """A parameter/compute dtype given by name or as a dtype; one of COMPUTE_DTYPES, else ValueError."""
+    name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"unsupported dtype {name!r}; choose one of {list(COMPUTE_DTYPES)}")
+    return jnp.dtype(name)

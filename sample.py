@@ -1,0 +1,256 @@
+"""sdjax command line: prompts in, PNG files out.
+
+    python sample.py "a photo of an astronaut riding a horse" --model PATH [options]
+    python sample.py --prompts-file prompts.txt --model PATH -n 4 --out outputs/
+
+Each image is written as OUT/{index:05d}-{seed}.png with A1111's `parameters` text chunk; a batch of
+several images also gets a grid. Image k of a run uses seed + k; a single prompt's images are numbered
+after the highest index already in OUT. With --prompts-file (one prompt per line; blank lines and lines
+starting with # are skipped) image k is prompt k, the prompts run in batches of -n, and a rerun skips the
+images already written, so a killed job resumes where it stopped and ends with exactly the same files.
+Errors print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+PROG = "sample.py"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from sdjax.schedulers import NAMES
+
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p.add_argument("prompt", nargs="?", help="the prompt (A1111 emphasis, BREAK and <lora:name:w> tags allowed)")
+    p.add_argument("--model", required=True, help="a diffusers-format folder or a single-file .safetensors")
+    p.add_argument("--config", default=None, help="single files: a diffusers folder deciding the architecture")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None)
+    p.add_argument("--vae", default=None, help="a VAE file (LDM .safetensors) or diffusers VAE folder to use")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]", help="merge a LoRA (repeatable)")
+    p.add_argument("--lora-dir", default=None, help="folder searched for the prompts' <lora:name:w> tags")
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE", help="textual inversion (repeatable)")
+    p.add_argument("--negative-prompt", default="", help="negative prompt for every image")
+    p.add_argument("--steps", type=int, default=30, help="inference steps (default 30)")
+    p.add_argument("--scheduler", default=None, help=f"one of {', '.join(NAMES)} (default: the model's own)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0, help="diffusers' guidance_rescale (default 0)")
+    p.add_argument("--clip-skip", type=int, default=None, help="diffusers' clip_skip (1 = A1111 'Clip skip: 2')")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
+    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
+    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
+    p.add_argument("-n", "--batch-size", type=int, default=1, help="images per batch (default 1)")
+    p.add_argument("--micro-batch", type=int, default=1, help="images per UNet call (default 1: batch-invariant)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--init-image", default=None, help="img2img / inpainting start image")
+    p.add_argument("--strength", type=float, default=0.8, help="img2img denoising strength in [0, 1]")
+    p.add_argument("--mask", default=None, help="inpainting mask (white = repaint), the init image's size")
+    p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+    p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+    p.add_argument("--cache-dir", default="default", help="persistent XLA compilation cache, or 'off'")
+    p.add_argument("--no-progress", action="store_true", help="no progress messages on stderr")
+    p.add_argument(
+        "--no-step-counter",
+        action="store_true",
+        help="no per-step counter on a terminal (the counter is a host callback, which keeps the program out "
+        "of the persistent compilation cache)",
+    )
+    args = p.parse_args(argv)
+    if (args.prompt is None) == (args.prompts_file is None):
+        p.error("give either a prompt or --prompts-file")
+    if args.batch_size < 1:
+        p.error("--batch-size must be >= 1")
+    if args.mask and not args.init_image:
+        p.error("--mask needs --init-image")
+    return args
+
+
+def read_prompts(path: str) -> list[str]:
+    """Non-empty lines of a prompts file that do not start with '#'."""
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"prompts file {file} does not exist")
+    prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise ValueError(f"prompts file {file} holds no prompt")
+    return prompts
+
+
+class Progress:
+    """One-line status messages on stderr (a terminal shows the step counter updating in place)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+
+    def say(self, message: str) -> None:
+        if self.enabled:
+            print(message, file=sys.stderr, flush=True)
+
+    def step(self, done: int, total: int) -> None:
+        if self.enabled and self.tty:
+            end = "\n" if done >= total else ""
+            print(f"\r  step {done}/{total}", end=end, file=sys.stderr, flush=True)
+
+
+def load_model(args, progress: Progress):
+    """The pipeline of --model with --vae, --embedding and --lora applied."""
+    import sdjax
+    from sdjax.convert.lora import parse_lora_arg
+
+    started = time.perf_counter()
+    progress.say(f"loading {args.model} ({args.dtype})")
+    pipe = sdjax.load_pipeline(
+        args.model, dtype=args.dtype, config=args.config, prediction_type=args.prediction_type, vae=args.vae
+    )
+    for path in args.embedding:
+        pipe = pipe.load_textual_inversion(path)
+    for arg in args.lora:
+        path, scale = parse_lora_arg(arg)
+        pipe = pipe.load_lora(path, scale)
+    progress.say(f"loaded in {time.perf_counter() - started:.1f} s")
+    return pipe
+
+
+def output_paths(out: Path, seeds: list[int], resume: bool) -> list[Path]:
+    """OUT/{index:05d}-{seed}.png. With `resume` (--prompts-file) index k is prompt k, so a rerun finds the
+    images already drawn; otherwise numbering continues after the highest index in OUT (as A1111)."""
+    first = 0
+    if not resume:
+        taken = [int(p.name[:5]) for p in out.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")]
+        first = max(taken, default=-1) + 1
+    return [out / f"{first + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import numpy as np
+
+    from sdjax import images as image_io
+    from sdjax.compile_cache import enable_compilation_cache
+    from sdjax.convert.lora import find_lora, parse_lora_tags
+    from sdjax.generate import compile_generate, prepare
+    from sdjax.prompts import tokenize_prompts
+
+    progress = Progress(not args.no_progress)
+    enable_compilation_cache(args.cache_dir)
+    started = time.perf_counter()
+    if args.prompts_file:
+        prompts = read_prompts(args.prompts_file)
+    else:
+        prompts = [args.prompt] * args.batch_size
+    tagged = [parse_lora_tags(p) for p in prompts]  # (prompt without <lora:...> tags, tags)
+    if any(tags for _, tags in tagged) and not args.lora_dir:
+        raise ValueError("the prompt has <lora:name:weight> tags: pass --lora-dir DIR (the folder of LoRA files)")
+    base = load_model(args, progress)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".[0-9][0-9][0-9][0-9][0-9]-*.png.tmp"):  # left by a killed run mid-write
+        stale.unlink()
+    seeds = [args.seed + i for i in range(len(prompts))]
+    paths = output_paths(out, seeds, resume=bool(args.prompts_file))
+    todo = [i for i, path in enumerate(paths) if not path.exists()]
+    if len(todo) < len(paths):
+        progress.say(f"{len(paths) - len(todo)} of {len(paths)} images already in {out}: skipping them")
+    if not todo:
+        return 0
+
+    model_name = Path(args.model).resolve().name
+    sampler = args.scheduler or base.scheduler_config.get("_class_name", "default")
+    batch = min(args.batch_size, len(todo))
+    window = base.text_encoder.config.max_position_embeddings
+    windows = tokenize_prompts(base.tokenizer, [tagged[i][0] for i in todo], args.negative_prompt)[0].shape[1] // window
+    step_counter = progress.step if progress.tty and not args.no_step_counter else None
+    compiled = None
+    merged = {(): base}  # LoRA tag set -> pipeline with those LoRAs merged (parameters only: no recompile)
+    for chunk in batches(todo, batch, key=lambda i: tagged[i][1]):
+        tags = tuple(tagged[chunk[0]][1])
+        if tags not in merged:
+            pipe = base
+            for tag in tags:
+                pipe = pipe.load_lora(find_lora(tag.name, args.lora_dir), tag.scale)
+            merged = {(): base, tags: pipe}
+        pipe = merged[tags]
+        plan, inputs = prepare(
+            pipe,
+            [tagged[i][0] for i in chunk],
+            args.negative_prompt,
+            num_inference_steps=args.steps,
+            guidance_scale=args.guidance,
+            scheduler=args.scheduler,
+            height=args.height,
+            width=args.width,
+            seed=[seeds[i] for i in chunk],
+            image=args.init_image,
+            strength=args.strength,
+            mask_image=args.mask,
+            guidance_rescale=args.guidance_rescale,
+            clip_skip=args.clip_skip,
+            micro_batch_size=args.micro_batch,
+            pad_to=batch,  # a short last batch runs in the same program, drawing only its own images
+            min_windows=windows,  # every prompt as long as the longest: one program for the whole job
+        )
+        if compiled is None or compiled.plan != plan:
+            tick = time.perf_counter()
+            progress.say(f"compiling ({plan.batch} x {plan.width}x{plan.height}, {plan.mode})")
+            compiled = compile_generate(pipe, plan, inputs, on_step=step_counter)
+            progress.say(f"compiled in {time.perf_counter() - tick:.1f} s")
+        tick = time.perf_counter()
+        progress.say(f"sampling images {paths[chunk[0]].name} .. {paths[chunk[-1]].name}")
+        result = np.asarray(compiled(pipe.params, inputs))
+        progress.say(f"sampled {len(chunk)} image(s) in {time.perf_counter() - tick:.1f} s")
+        for row, i in enumerate(chunk):
+            extra = {}
+            if args.init_image:
+                extra["Denoising strength"] = args.strength
+            if args.clip_skip:
+                extra["Clip skip"] = args.clip_skip + 1
+            text = image_io.a1111_parameters(
+                prompts[i],
+                args.negative_prompt,
+                steps=args.steps,
+                sampler=sampler,
+                guidance=args.guidance,
+                seed=seeds[i],
+                width=plan.width,
+                height=plan.height,
+                model=model_name,
+                extra=extra,
+            )
+            image_io.save_png(paths[i], result[row], text)
+        if len(chunk) > 1 and not args.prompts_file:
+            image_io.save_png(out / f"grid-{paths[chunk[0]].stem}.png", image_io.grid(result[: len(chunk)]))
+    progress.say(f"wrote {len(todo)} image(s) to {out} in {time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def batches(items: list[int], size: int, key) -> list[list[int]]:
+    """Consecutive runs of `items` with equal key(item), cut into batches of at most `size`."""
+    out: list[list[int]] = []
+    for item in items:
+        if out and len(out[-1]) < size and key(out[-1][0]) == key(item):
+            out[-1].append(item)
+        else:
+            out.append([item])
+    return out
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """main() with every expected failure reduced to one line on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except (ValueError, OSError) as err:  # bad input: missing/corrupt files, bad sizes, unknown names
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

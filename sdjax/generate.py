@@ -1,0 +1,455 @@
+"""The compiled text-to-image / img2img / inpainting program: text encoding, the whole denoising loop and
+the VAE decode in one `jax.jit`.
+
+Static (one compile per value): the modules, the scheduler, batch size, micro-batch size, image size, the
+number of 77-token prompt windows, `max_steps`, the mode, clip skip, and whether initial noise is given. Traced (no
+recompile): prompts (token ids and emphasis weights), seeds, guidance scale, guidance rescale, step
+count, strength, the init image and mask, and every parameter array.
+
+Randomness: image k of a call draws everything (initial noise, VAE posterior samples, stochastic sampler
+noise) from `jax.random.key(seeds[k])` alone, so it does not depend on the batch it is part of.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from sdjax.compile_cache import enable_default_cache
+from sdjax.prompts import encode_prompt_windows
+from sdjax.schedulers import loop
+from sdjax.schedulers._base import Scheduler
+
+MODES = ("txt2img", "img2img", "inpaint")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The compile-time shape of a generation call."""
+
+    scheduler: Scheduler
+    batch: int
+    height: int  # pixels
+    width: int
+    windows: int  # 77-token prompt windows
+    max_steps: int
+    mode: str = "txt2img"
+    clip_skip: int | None = None
+    noise_given: bool = False
+    micro_batch: int = 1  # images per UNet call; 1 makes every image independent of the batch, bit for bit
+    on_step: Callable[[int, int], None] | None = None  # host progress callback (calls done, total)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; expected one of {MODES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """The traced inputs of one call (a pytree).
+
+    ids, weights: (B, 2, windows*77) token ids / emphasis weights of each image's [negative, positive]
+      prompt (`sdjax.prompts.tokenize_prompts`, regrouped per image).
+    seeds: int32 (B,), one per image.
+    guidance, guidance_rescale, strength: f32[]; num_steps: i32[].
+    count: i32[] in [1, B]: images to draw (rows from `count` on are padding, left 0).
+    noise: (B, h, w, C) standard normal initial latents (used when `plan.noise_given`), else None.
+    image: (B, H, W, 3) init image in [-1, 1] (img2img, inpaint), else None.
+    mask: (B, H, W, 1) 0/1, 1 = repaint (inpaint), else None.
+    """
+
+    ids: jax.Array
+    weights: jax.Array
+    seeds: jax.Array
+    guidance: jax.Array
+    guidance_rescale: jax.Array
+    num_steps: jax.Array
+    strength: jax.Array
+    count: jax.Array
+    noise: jax.Array | None = None
+    image: jax.Array | None = None
+    mask: jax.Array | None = None
+
+
+jax.tree_util.register_dataclass(
+    Inputs,
+    data_fields=[f.name for f in dataclasses.fields(Inputs)],
+    meta_fields=[],
+)
+
+
+def _image_keys(seeds_B):
+    """Per image: (initial-noise key, sampler key, VAE key), all derived from that image's seed only."""
+    keys = jax.vmap(jax.random.key)(seeds_B.astype(jnp.uint32))
+    return tuple(jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(3))
+
+
+def _per_image_normal(keys_B, shape, dtype=jnp.float32):
+    return jax.vmap(lambda k: jax.random.normal(k, shape, dtype))(keys_B)
+
+
+def rescale_guidance(cfg_BHWC, text_BHWC, rescale):
+    """diffusers' `rescale_noise_cfg` (Lin et al. 2023, section 3.4): blend the guided prediction with a
+    copy rescaled to the conditional prediction's per-sample standard deviation (unbiased std)."""
+    axes = tuple(range(1, cfg_BHWC.ndim))
+    std_text = jnp.std(text_BHWC, axis=axes, keepdims=True, ddof=1)
+    std_cfg = jnp.std(cfg_BHWC, axis=axes, keepdims=True, ddof=1)
+    return rescale * (cfg_BHWC * (std_text / std_cfg)) + (1 - rescale) * cfg_BHWC
+
+
+def _guided_model(unet, unet_params, context_2BLD, extra_2BHWC):
+    """model_fn for the loop: one UNet call on [uncond; cond], then classifier-free guidance.
+
+    With guidance <= 1 the result is the conditional prediction, as diffusers (which then skips the
+    unconditional half); with guidance_rescale == 0 it is plain CFG, bit for bit.
+    """
+
+    def model_fn(x_BHWC, t, guidance, rescale):
+        x2 = jnp.concatenate([x_BHWC, x_BHWC], axis=0)
+        if extra_2BHWC is not None:
+            x2 = jnp.concatenate([x2, extra_2BHWC.astype(x2.dtype)], axis=-1)
+        out = unet.apply({"params": unet_params}, x2, t, context_2BLD)
+        uncond, text = jnp.split(out, 2, axis=0)
+        cfg = uncond + guidance.astype(out.dtype) * (text - uncond)
+        cfg = jnp.where(rescale > 0, rescale_guidance(cfg, text, rescale.astype(out.dtype)), cfg)
+        return jnp.where(guidance > 1, cfg, text)
+
+    return model_fn
+
+
+def _encode_latents(vae, vae_params, image_BHWC, keys_B, scaling_factor):
+    """VAE posterior sample (mean + std * eps, eps from each image's key) times the scaling factor."""
+    mean, logvar = vae.apply({"params": vae_params}, image_BHWC, method="encode")
+    eps = _per_image_normal(keys_B, mean.shape[1:], jnp.float32)
+    sample = mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * eps
+    return sample * scaling_factor
+
+
+def _decode(vae, vae_params, latents_BHWC, scaling_factor):
+    """Latents -> uint8 images (B, H, W, 3); a float16 VAE that overflows is re-run in float32."""
+
+    def decode(params, module):
+        image = module.apply({"params": params}, (latents_BHWC / scaling_factor).astype(module.dtype), method="decode")
+        return image.astype(jnp.float32)
+
+    image = decode(vae_params, vae)
+    if vae.dtype == jnp.float16:
+        vae32 = vae.clone(dtype=jnp.float32)
+        params32 = jax.tree.map(lambda p: p.astype(jnp.float32), vae_params)
+        image = jax.lax.cond(jnp.all(jnp.isfinite(image)), lambda: image, lambda: decode(params32, vae32))
+    return jnp.round(jnp.clip(image / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
+
+
+@functools.partial(jax.jit, static_argnames=("unet", "vae", "text_encoder", "plan"))
+def run(params: dict[str, Any], inputs: Inputs, *, unet, vae, text_encoder, plan: Plan) -> jax.Array:
+    """One generation call -> uint8 images (B, H, W, 3). See the module docstring for what is traced.
+
+    The batch runs as a loop over groups of `plan.micro_batch` images (the last group padded with copies
+    of the last image): every compiled operation sees the same shapes whatever B is, so an image is
+    bit-identical in any batch (XLA:CPU reductions round differently for different batch sizes), and
+    memory stays that of one group. Only the first `inputs.count` images are drawn (the trip count is
+    traced); the rows after them are 0, so a short last batch runs in the same program at its own cost.
+    """
+    m = plan.micro_batch
+    groups = -(-plan.batch // m)
+    per_image = {"ids": inputs.ids, "weights": inputs.weights, "seeds": inputs.seeds}
+    for name in ("noise", "image", "mask"):
+        if getattr(inputs, name) is not None:
+            per_image[name] = getattr(inputs, name)
+
+    def padded(x):
+        pad = groups * m - x.shape[0]
+        return jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
+
+    per_image = jax.tree.map(padded, per_image)
+
+    def one_group(g, images):
+        group = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, g * m, m), per_image)
+        drawn = _generate_group(params, group, inputs, unet=unet, vae=vae, text_encoder=text_encoder, plan=plan)
+        return jax.lax.dynamic_update_slice_in_dim(images, drawn, g * m, axis=0)
+
+    images = jnp.zeros((groups * m, plan.height, plan.width, 3), jnp.uint8)
+    images = jax.lax.fori_loop(0, (inputs.count + m - 1) // m, one_group, images)
+    return images[: plan.batch]
+
+
+def _generate_group(params, group: dict[str, jax.Array], inputs: Inputs, *, unet, vae, text_encoder, plan: Plan):
+    """Text encoding, the denoising loop and the decode for one group of images -> uint8 (m, H, W, 3).
+
+    `group` holds the per-image inputs of the group (ids, weights, seeds, noise, image, mask; leading axis
+    m); the scalars (guidance, rescale, steps, strength) come from `inputs`.
+    """
+    sf = vae.config.scaling_factor
+    factor = vae.config.downscale
+    latent_shape = (plan.height // factor, plan.width // factor, unet.config.out_channels)
+    noise_keys, sampler_keys, vae_keys = _image_keys(group["seeds"])
+    dtype = unet.dtype
+
+    te = params["text_encoder"]
+    ids, weights = group["ids"], group["weights"]
+    negative = encode_prompt_windows(text_encoder, te, ids[:, 0], weights[:, 0])
+    positive = encode_prompt_windows(text_encoder, te, ids[:, 1], weights[:, 1], clip_skip=plan.clip_skip)
+    context = jnp.concatenate([negative, positive], axis=0).astype(dtype)
+
+    noise = group["noise"] if plan.noise_given else _per_image_normal(noise_keys, latent_shape)
+    noise = noise.astype(jnp.float32)
+    num_steps = inputs.num_steps
+    scheduler = plan.scheduler
+
+    extra = None
+    post_step = None
+    init_sample = None
+    start_step = jnp.zeros((), jnp.int32)
+    if plan.mode != "txt2img":
+        image_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(vae_keys)
+        image_latents = _encode_latents(vae, params["vae"], group["image"].astype(vae.dtype), image_keys, sf)
+        start_step = loop.img2img_start_step(num_steps, inputs.strength)
+        state0 = scheduler.init(num_steps, noise.shape, max_steps=plan.max_steps, start_step=start_step)
+        noised = scheduler.add_noise(state0, image_latents, noise)
+        init_sample = noised
+        if plan.mode == "inpaint":
+            # diffusers' StableDiffusionInpaintPipeline: strength 1 starts from pure noise.
+            full = inputs.strength >= 1.0
+            init_sample = jnp.where(full, noise * scheduler.init_noise_sigma(state0), noised)
+            mask = group["mask"].astype(jnp.float32)
+            mask_lat = mask[:, ::factor, ::factor, :]  # nearest-neighbour downsampling, as F.interpolate
+            if unet.config.in_channels == 2 * latent_shape[-1] + 1:
+                masked = group["image"] * (mask < 0.5)
+                masked_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(vae_keys)
+                masked_latents = _encode_latents(vae, params["vae"], masked.astype(vae.dtype), masked_keys, sf)
+                extra = jnp.concatenate([mask_lat, masked_latents], axis=-1)
+                extra = jnp.concatenate([extra, extra], axis=0)
+            else:
+
+                def post_step(x, state):
+                    # Regular UNets: keep the unmasked region on the image's own noisy trajectory.
+                    last = state.index >= state.num_calls
+                    proper = jnp.where(last, image_latents, scheduler.add_noise(state, image_latents, noise))
+                    return (1 - mask_lat) * proper + mask_lat * x
+
+    model_fn = _guided_model(unet, params["unet"], context, extra)
+    latents = loop.sample(
+        scheduler,
+        model_fn,
+        noise,
+        sampler_keys,
+        num_steps,
+        (inputs.guidance, inputs.guidance_rescale),
+        max_steps=plan.max_steps,
+        start_step=start_step,
+        init_sample=init_sample,
+        post_step=post_step,
+        on_call=plan.on_step,
+        model_dtype=dtype,
+    )
+    return _decode(vae, params["vae"], latents, sf)
+
+
+def _as_list(value, name: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list | tuple) and value and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise TypeError(f"{name} must be a string or a non-empty list of strings")
+
+
+def default_max_steps(num_steps: int) -> int:
+    """The padded table length for a step count: the next multiple of 50, so 1..50 steps share a program."""
+    return 50 * max(1, -(-num_steps // 50))
+
+
+def prepare(
+    pipe,
+    prompt,
+    negative_prompt=None,
+    *,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 7.5,
+    scheduler=None,
+    height: int | None = None,
+    width: int | None = None,
+    num_images_per_prompt: int = 1,
+    seed: int | Sequence[int] = 0,
+    latents=None,
+    image=None,
+    strength: float = 0.8,
+    mask_image=None,
+    guidance_rescale: float = 0.0,
+    clip_skip: int | None = None,
+    max_steps: int | None = None,
+    micro_batch_size: int = 1,
+    pad_to: int | None = None,
+    min_windows: int = 1,
+) -> tuple[Plan, Inputs]:
+    """Validates a `generate` call and turns it into (static plan, traced inputs); see `generate`.
+
+    `pad_to` >= B pads the per-image inputs to that many rows, drawn as nothing (`Inputs.count` = B): a
+    short last batch of a job then reuses the full batch's compiled program without drawing extra images.
+    `min_windows` pads the prompts to at least that many 77-token windows (a job whose prompts have
+    different lengths then compiles once).
+    """
+    import numpy as np
+
+    from sdjax import images as image_io
+    from sdjax import schedulers
+    from sdjax.prompts import tokenize_prompts
+
+    prompts = _as_list(prompt, "prompt")
+    if negative_prompt is None:
+        negatives = [""] * len(prompts)
+    else:
+        negatives = _as_list(negative_prompt, "negative_prompt")
+        if len(negatives) == 1:
+            negatives = negatives * len(prompts)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+    if int(num_images_per_prompt) < 1:
+        raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
+    n = int(num_images_per_prompt)
+    prompts = [p for p in prompts for _ in range(n)]
+    negatives = [p for p in negatives for _ in range(n)]
+    batch = len(prompts)
+
+    steps = int(num_inference_steps)
+    if steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
+    max_steps = default_max_steps(steps) if max_steps is None else int(max_steps)
+    if steps > max_steps:
+        raise ValueError(f"num_inference_steps={steps} is above max_steps={max_steps}")
+    if isinstance(scheduler, str):
+        sched = schedulers.from_name(scheduler, pipe.scheduler_config)
+    elif scheduler is None:
+        sched = schedulers.from_diffusers_config(pipe.scheduler_config)
+    else:
+        sched = scheduler
+    if not 0.0 <= float(strength) <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+
+    factor = pipe.vae_scale_factor
+    init = None
+    if image is not None:
+        init = image_io.open_image(image, "init image")
+        if height is None and width is None:
+            width, height = (init.width // factor) * factor, (init.height // factor) * factor
+    elif mask_image is not None:
+        raise ValueError("mask_image needs an init image (image=...)")
+    sample = (pipe.unet.config.sample_size or 64) * factor
+    height = sample if height is None else int(height)
+    width = sample if width is None else int(width)
+    if height <= 0 or width <= 0 or height % factor or width % factor:
+        raise ValueError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
+
+    mode = "txt2img"
+    image_arr = mask_arr = None
+    if init is not None:
+        mode = "img2img"
+        image_arr = np.broadcast_to(image_io.image_to_array(init, height, width), (batch, height, width, 3))
+        kept = min(int(steps * float(strength)), steps)
+        if mask_image is None and kept < 1:
+            raise ValueError(f"strength {strength} leaves no denoising step out of {steps}; raise it")
+    if mask_image is not None:
+        mode = "inpaint"
+        mask_img = image_io.open_image(mask_image, "mask")
+        if mask_img.size != init.size:
+            got, want = f"{mask_img.width}x{mask_img.height}", f"{init.width}x{init.height}"
+            raise ValueError(f"mask is {got} but the init image is {want}")
+        mask_arr = np.broadcast_to(image_io.mask_to_array(mask_img, height, width), (batch, height, width, 1))
+        if int(steps * float(strength)) < 1:
+            raise ValueError(f"strength {strength} leaves no denoising step out of {steps}; raise it")
+    elif pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
+        raise ValueError(
+            f"this UNet takes {pipe.unet.config.in_channels} input channels (an inpainting model): "
+            "pass image and mask_image"
+        )
+
+    micro_batch = int(micro_batch_size)
+    if micro_batch < 1:
+        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+
+    latent_shape = (batch, height // factor, width // factor, pipe.vae.config.latent_channels)
+    noise = None
+    if latents is not None:
+        noise = np.asarray(latents, np.float32)
+        if noise.shape != latent_shape:
+            raise ValueError(f"latents must have shape {latent_shape} (NHWC), got {noise.shape}")
+
+    ids, weights = tokenize_prompts(pipe.tokenizer, prompts, negatives, min_windows=min_windows)
+    windows = ids.shape[1] // pipe.text_encoder.config.max_position_embeddings
+    ids, weights = (x.reshape(2, batch, -1).swapaxes(0, 1) for x in (ids, weights))
+    if isinstance(seed, int | np.integer):
+        seeds = np.arange(batch, dtype=np.int64) + int(seed)
+    else:
+        seeds = np.asarray(seed, np.int64)
+        if seeds.shape != (batch,):
+            raise ValueError(f"{len(seeds)} seeds for {batch} images")
+    seeds = seeds % 2**32
+    count = batch
+    if pad_to is not None and int(pad_to) > batch:
+        pad = int(pad_to) - batch
+        seeds = np.concatenate([seeds, np.repeat(seeds[-1:], pad)])
+        ids, weights = (np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) for x in (ids, weights))
+        if noise is not None:
+            noise = np.concatenate([noise, np.repeat(noise[-1:], pad, axis=0)])
+        if image_arr is not None:
+            image_arr = np.broadcast_to(image_arr[:1], (int(pad_to), *image_arr.shape[1:]))
+        if mask_arr is not None:
+            mask_arr = np.broadcast_to(mask_arr[:1], (int(pad_to), *mask_arr.shape[1:]))
+        batch = int(pad_to)
+    micro_batch = min(micro_batch, batch)
+    plan = Plan(
+        scheduler=sched,
+        batch=batch,
+        height=height,
+        width=width,
+        windows=windows,
+        max_steps=max_steps,
+        mode=mode,
+        clip_skip=None if clip_skip is None else int(clip_skip),
+        noise_given=noise is not None,
+        micro_batch=micro_batch,
+    )
+    inputs = Inputs(
+        ids=jnp.asarray(ids),
+        weights=jnp.asarray(weights),
+        seeds=jnp.asarray(seeds.astype(np.uint32)),
+        guidance=jnp.float32(guidance_scale),
+        guidance_rescale=jnp.float32(guidance_rescale),
+        num_steps=jnp.int32(steps),
+        strength=jnp.float32(strength),
+        count=jnp.int32(count),
+        noise=None if noise is None else jnp.asarray(noise),
+        image=None if image_arr is None else jnp.asarray(image_arr),
+        mask=None if mask_arr is None else jnp.asarray(mask_arr),
+    )
+    return plan, inputs
+
+
+@dataclasses.dataclass(frozen=True)
+class Compiled:
+    """A generation program compiled ahead of time for one plan: call it with (params, inputs)."""
+
+    plan: Plan
+    executable: Any
+
+    def __call__(self, params, inputs: Inputs) -> jax.Array:
+        return self.executable(params, inputs)
+
+
+def compile_generate(pipe, plan: Plan, inputs: Inputs, on_step=None) -> Compiled:
+    """Compiles `run` for `plan` now (so that compile time can be reported apart from sampling time)."""
+    plan = dataclasses.replace(plan, on_step=on_step)
+    lowered = run.lower(pipe.params, inputs, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, plan=plan)
+    return Compiled(dataclasses.replace(plan, on_step=None), lowered.compile())
+
+
+def generate(pipe, prompt, negative_prompt=None, **kwargs):
+    """Prompts in, uint8 images (B, H, W, 3) out; see `StableDiffusionPipeline.generate`."""
+    enable_default_cache()
+    plan, inputs = prepare(pipe, prompt, negative_prompt, **kwargs)
+    images = run(pipe.params, inputs, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, plan=plan)
+    return jax.device_get(images)

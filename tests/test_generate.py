@@ -1,0 +1,335 @@
+"""End-to-end parity of `pipe.generate` with diffusers' Stable Diffusion pipelines on a tiny random model.
+
+Same folder, prompts, negative prompts and initial noise on both sides; images must differ by at most 3 and
+on average at most 0.25 per uint8 channel. The VAE's posterior std is made negligible (quant_conv bias
+of the log-variance at -100, clamped to -30 -> std 3e-7), so that img2img/inpainting do not depend on
+the two frameworks' different VAE sampling noise.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from reference import (
+    SD15,
+    SD21,
+    TINY_CLIP,
+    TINY_UNET,
+    TINY_VAE,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    nchw,
+    save_folder,
+)
+
+import sdjax
+from sdjax import schedulers
+
+PROMPTS = ["a photo of an astronaut riding a horse", "a red apple on a wooden table"]
+NEGATIVES = ["blurry", ""]
+DETERMINISTIC = ["ddim", "pndm", "lms", "lms_karras", "euler", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
+
+_DIFFUSERS_OPTIONS = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "lms": ("LMSDiscreteScheduler", {"use_karras_sigmas": False}),
+    "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def diffusers_scheduler(name: str, config: dict):
+    import diffusers
+
+    cls_name, options = _DIFFUSERS_OPTIONS[name]
+    return getattr(diffusers, cls_name).from_config(config, **options)
+
+
+def _tokenizer(folder):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(folder / "tokenizer")
+
+
+def _quiet_vae(vae):
+    with torch.no_grad():
+        vae.quant_conv.bias[vae.config.latent_channels :] = -100.0
+    return vae
+
+
+@pytest.fixture(scope="module")
+def torch_models():
+    return build_unet(TINY_UNET), _quiet_vae(build_vae(TINY_VAE)), build_text_encoder(TINY_CLIP)
+
+
+@pytest.fixture(scope="module", params=["epsilon", "v_prediction"])
+def model(request, torch_models, tmp_path_factory):
+    """(folder, torch unet, vae, text encoder, sdjax pipeline) with an SD 1.5 (epsilon) or SD 2.1 (v) scheduler."""
+    unet, vae, text = torch_models
+    source = SD15 if request.param == "epsilon" else SD21
+    folder = save_folder(tmp_path_factory.mktemp(request.param), unet, vae, text, scheduler_from=source)
+    return folder, unet, vae, text, sdjax.load_pipeline(folder)
+
+
+def noise_for(pipe, batch, seed=0, size=64):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((batch, size // 8, size // 8, 4)).astype(np.float32)
+
+
+def to_uint8(images01):
+    return (np.asarray(images01) * 255).round().astype(np.uint8)
+
+
+def assert_close_images(ours, theirs):
+    diff = np.abs(ours.astype(np.int32) - theirs.astype(np.int32))
+    assert ours.shape == theirs.shape
+    assert diff.max() <= 3 and diff.mean() <= 0.25, (diff.max(), diff.mean())
+
+
+def run_diffusers(pipeline_cls, folder, unet, vae, text, scheduler, **kwargs):
+    pipe = pipeline_cls(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=_tokenizer(folder),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return to_uint8(pipe(output_type="np", **kwargs).images)
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_txt2img_matches_diffusers(model, name):
+    from diffusers import StableDiffusionPipeline
+
+    folder, unet, vae, text, pipe = model
+    noise = noise_for(pipe, 2)
+    steps = 7
+    ours = pipe.generate(PROMPTS, NEGATIVES, num_inference_steps=steps, scheduler=name, latents=noise)
+    theirs = run_diffusers(
+        StableDiffusionPipeline,
+        folder,
+        unet,
+        vae,
+        text,
+        diffusers_scheduler(name, pipe.scheduler_config),
+        prompt=PROMPTS,
+        negative_prompt=NEGATIVES,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        latents=nchw(noise),
+    )
+    assert_close_images(ours, theirs)
+
+
+def test_model_scheduler_guidance_rescale_and_clip_skip(model, monkeypatch):
+    """The model's own scheduler (PNDM / DDIM), guidance_rescale and clip_skip as diffusers."""
+    from diffusers import StableDiffusionPipeline
+
+    folder, unet, vae, text, pipe = model
+    # diffusers' clip_skip reads text_encoder.text_model.final_layer_norm, a transformers 4 path; give it
+    # the transformers 5 layer (not a submodule: torch would recurse on a module that contains itself).
+    monkeypatch.setattr(text, "text_model", SimpleNamespace(final_layer_norm=text.final_layer_norm), raising=False)
+    noise = noise_for(pipe, 2, seed=1)
+    kwargs = dict(num_inference_steps=6, guidance_rescale=0.7, clip_skip=1)
+    ours = pipe.generate(PROMPTS, NEGATIVES, latents=noise, **kwargs)
+    scheduler = schedulers_from_config(pipe.scheduler_config)
+    theirs = run_diffusers(
+        StableDiffusionPipeline,
+        folder,
+        unet,
+        vae,
+        text,
+        scheduler,
+        prompt=PROMPTS,
+        negative_prompt=NEGATIVES,
+        latents=nchw(noise),
+        guidance_scale=7.5,
+        **kwargs,
+    )
+    assert_close_images(ours, theirs)
+
+
+def schedulers_from_config(config):
+    import diffusers
+
+    return getattr(diffusers, config["_class_name"]).from_config(config)
+
+
+def _init_image(size=64, seed=0):
+    rng = np.random.default_rng(seed)
+    base = np.linspace(0, 255, size, dtype=np.float32)
+    img = np.stack([base[None, :].repeat(size, 0), base[:, None].repeat(size, 1), np.full((size, size), 90.0)], -1)
+    img = img + rng.normal(0, 20, img.shape)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def _mask(size=64):
+    mask = np.zeros((size, size), np.uint8)
+    mask[16:48, 8:40] = 255
+    return Image.fromarray(mask)
+
+
+@pytest.mark.parametrize("name", ["ddim", "euler"])
+def test_img2img_matches_diffusers(model, name, monkeypatch):
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    folder, unet, vae, text, pipe = model
+    noise = noise_for(pipe, 1, seed=2)
+    monkeypatch.setattr(img2img, "randn_tensor", lambda *a, **k: nchw(noise))
+    image = _init_image()
+    kwargs = dict(num_inference_steps=10, strength=0.6)
+    ours = pipe.generate(PROMPTS[0], scheduler=name, image=image, latents=noise, **kwargs)
+    theirs = run_diffusers(
+        StableDiffusionImg2ImgPipeline,
+        folder,
+        unet,
+        vae,
+        text,
+        diffusers_scheduler(name, pipe.scheduler_config),
+        prompt=PROMPTS[0],
+        image=image,
+        guidance_scale=7.5,
+        **kwargs,
+    )
+    assert_close_images(ours, theirs)
+
+
+@pytest.fixture(scope="module")
+def inpaint_model(torch_models, tmp_path_factory):
+    _, vae, text = torch_models
+    unet = build_unet({**TINY_UNET, "in_channels": 9})
+    folder = save_folder(tmp_path_factory.mktemp("inpaint"), unet, vae, text)
+    return folder, unet, vae, text, sdjax.load_pipeline(folder)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+@pytest.mark.parametrize("channels", [9, 4])
+def test_inpainting_matches_diffusers(model, inpaint_model, channels, strength, monkeypatch):
+    """9-channel inpainting UNets, and latent blending for regular ones, as StableDiffusionInpaintPipeline."""
+    import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint
+    from diffusers import StableDiffusionInpaintPipeline
+
+    folder, unet, vae, text, pipe = inpaint_model if channels == 9 else model
+    noise = noise_for(pipe, 1, seed=3)
+    monkeypatch.setattr(inpaint, "randn_tensor", lambda *a, **k: nchw(noise))
+    image, mask = _init_image(seed=4), _mask()
+    kwargs = dict(num_inference_steps=8, strength=strength)
+    ours = pipe.generate(PROMPTS[1], scheduler="ddim", image=image, mask_image=mask, latents=noise, **kwargs)
+    theirs = run_diffusers(
+        StableDiffusionInpaintPipeline,
+        folder,
+        unet,
+        vae,
+        text,
+        diffusers_scheduler("ddim", pipe.scheduler_config),
+        prompt=PROMPTS[1],
+        image=image,
+        mask_image=mask,
+        guidance_scale=7.5,
+        **kwargs,
+    )
+    assert_close_images(ours, theirs)
+
+
+def test_image_depends_on_its_seed_only(model):
+    """Image k of a call with seed s equals the single image of seed s + k (stochastic sampler included)."""
+    _, _, _, _, pipe = model
+    batch = pipe.generate("a red cube", num_images_per_prompt=4, seed=10, num_inference_steps=5, scheduler="euler_a")
+    for k in (0, 3):
+        single = pipe.generate("a red cube", seed=10 + k, num_inference_steps=5, scheduler="euler_a")
+        np.testing.assert_array_equal(batch[k], single[0])
+    assert not np.array_equal(batch[0], batch[1])
+
+
+def test_no_recompile_for_traced_inputs(model):
+    """Prompts, negative prompts, seed, guidance, rescale, strength and steps below the maximum are traced."""
+    from sdjax.generate import run
+
+    _, _, _, _, pipe = model
+    before = run._cache_size()
+    pipe.generate("a cat", num_inference_steps=4, scheduler="dpmpp_2m", seed=1, guidance_scale=3.0)
+    after_first = run._cache_size()
+    pipe.generate("a dog on the moon", "ugly", num_inference_steps=9, scheduler="dpmpp_2m", seed=7, guidance_scale=9.0)
+    pipe.generate("(a:1.2) bird", num_inference_steps=50, scheduler="dpmpp_2m", guidance_rescale=0.3)
+    assert after_first == before + 1
+    assert run._cache_size() == after_first
+
+
+def test_prompt_changes_the_image(model):
+    _, _, _, _, pipe = model
+    a = pipe.generate("a red apple", num_inference_steps=4, seed=3)
+    b = pipe.generate("a blue car", num_inference_steps=4, seed=3)
+    assert np.abs(a.astype(int) - b.astype(int)).mean() > 1.0
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(height=60), "multiples of 8"),
+        (dict(scheduler="euler_x"), "unknown scheduler 'euler_x'; choose one of ddim"),
+        (dict(strength=1.5, image=np.zeros((64, 64, 3), np.uint8)), "strength must be in [0, 1]"),
+        (dict(image="/nonexistent.png"), "init image file /nonexistent.png does not exist"),
+        (dict(mask_image=np.zeros((64, 64), np.uint8)), "mask_image needs an init image"),
+        (
+            dict(image=np.zeros((64, 64, 3), np.uint8), mask_image=np.zeros((32, 64), np.uint8)),
+            "mask is 64x32 but the init image is 64x64",
+        ),
+        (dict(latents=np.zeros((1, 4, 8, 8), np.float32)), "latents must have shape (1, 8, 8, 4) (NHWC)"),
+    ],
+)
+def test_bad_arguments(model, kwargs, message):
+    _, _, _, _, pipe = model
+    with pytest.raises((ValueError, FileNotFoundError)) as info:
+        pipe.generate("x", num_inference_steps=2, **kwargs)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_scheduler_names_are_documented():
+    readme = (SD15.parents[3] / "README.md").read_text()
+    for name in schedulers.NAMES:
+        assert f"`{name}`" in readme
+    assert json.loads((SD21 / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
+
+
+def test_float16_vae_overflow_is_decoded_in_float32(model):
+    """The SD VAE's known fp16 overflow, provoked by a huge decoder conv_in: the program re-decodes in fp32."""
+    import jax
+    import jax.numpy as jnp
+
+    from sdjax.generate import _decode
+
+    folder = model[0]
+    pipe16 = sdjax.load_pipeline(folder, dtype="float16")
+    params = jax.tree.map(lambda p: p, pipe16.params["vae"])
+    conv_in = params["decoder"]["conv_in"]
+    params["decoder"] = {**params["decoder"], "conv_in": {**conv_in, "kernel": conv_in["kernel"] * 2e4}}
+    latents = noise_for(pipe16, 2, seed=5)
+    sf = pipe16.vae.config.scaling_factor
+    raw16 = pipe16.vae.apply({"params": params}, (latents / sf).astype(jnp.float16), method="decode")
+    assert not np.isfinite(np.asarray(raw16, np.float32)).all()  # the overflow really happens in fp16
+
+    images = np.asarray(jax.jit(_decode, static_argnums=(0, 3))(pipe16.vae, params, latents, sf))
+    vae32 = pipe16.vae.clone(dtype=jnp.float32)
+    params32 = jax.tree.map(lambda p: p.astype(jnp.float32), params)
+    expected = np.asarray(_decode(vae32, params32, jnp.asarray(latents), sf))
+    np.testing.assert_array_equal(images, expected)
+    assert images.std() > 5  # a real image, not a flat one
