@@ -14,6 +14,7 @@ Errors print one line on stderr and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mask", default=None, help="inpainting mask (white = repaint), the init image's size")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
     p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. data=8 or data=2,fsdp=4 (default: every device)")
+    p.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0")
+    p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, default=None, help="multi-host: this process's index")
     p.add_argument("--cache-dir", default="default", help="persistent XLA compilation cache, or 'off'")
     p.add_argument("--no-progress", action="store_true", help="no progress messages on stderr")
     p.add_argument(
@@ -128,15 +133,19 @@ def output_paths(out: Path, seeds: list[int], resume: bool) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import jax
     import numpy as np
 
     from sdjax import images as image_io
+    from sdjax import sharding
     from sdjax.compile_cache import enable_compilation_cache
     from sdjax.convert.lora import find_lora, parse_lora_tags
-    from sdjax.generate import compile_generate, prepare
+    from sdjax.generate import compile_generate, place_inputs, place_params, prepare
     from sdjax.prompts import tokenize_prompts
 
-    progress = Progress(not args.no_progress)
+    multi = sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    host, hosts = jax.process_index(), jax.process_count()
+    progress = Progress(not args.no_progress and host == 0)
     enable_compilation_cache(args.cache_dir)
     started = time.perf_counter()
     if args.prompts_file:
@@ -146,7 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     tagged = [parse_lora_tags(p) for p in prompts]  # (prompt without <lora:...> tags, tags)
     if any(tags for _, tags in tagged) and not args.lora_dir:
         raise ValueError("the prompt has <lora:name:weight> tags: pass --lora-dir DIR (the folder of LoRA files)")
+    if multi and len({tuple(tags) for _, tags in tagged}) > 1:
+        raise ValueError("multi-host runs need the same <lora:...> tags in every prompt (the weights are shared)")
+    mesh = sharding.make_mesh(args.mesh) if args.mesh or jax.device_count() > 1 else None
     base = load_model(args, progress)
+    if mesh is not None:
+        base = base.on_mesh(mesh)
+        progress.say(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {hosts} process(es)")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -154,22 +169,31 @@ def main(argv: list[str] | None = None) -> int:
         stale.unlink()
     seeds = [args.seed + i for i in range(len(prompts))]
     paths = output_paths(out, seeds, resume=bool(args.prompts_file))
-    todo = [i for i, path in enumerate(paths) if not path.exists()]
-    if len(todo) < len(paths):
-        progress.say(f"{len(paths) - len(todo)} of {len(paths)} images already in {out}: skipping them")
-    if not todo:
-        return 0
+    if multi and not args.prompts_file:  # every host numbers from the same first index
+        first = int(_host_max(int(paths[0].name[:5])))
+        paths = [out / f"{first + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
+    own = sharding.host_share(range(len(prompts)))  # this host's images: every hosts-th one
+    todo = [i for i in own if not paths[i].exists()]
+    if len(todo) < len(own):
+        progress.say(f"{len(own) - len(todo)} of {len(own)} images already in {out}: skipping them")
 
     model_name = Path(args.model).resolve().name
     sampler = args.scheduler or base.scheduler_config.get("_class_name", "default")
-    batch = min(args.batch_size, len(todo))
+    rows = -(-args.batch_size // hosts)  # this host's rows per batch
+    rows = min(rows, len(todo)) if not multi else rows
     window = base.text_encoder.config.max_position_embeddings
-    windows = tokenize_prompts(base.tokenizer, [tagged[i][0] for i in todo], args.negative_prompt)[0].shape[1] // window
+    windows = tokenize_prompts(base.tokenizer, [p for p, _ in tagged], args.negative_prompt)[0].shape[1] // window
     step_counter = progress.step if progress.tty and not args.no_step_counter else None
+    chunks = batches(todo, max(rows, 1), key=lambda i: tagged[i][1])
+    steps = int(_host_max(len(chunks))) if multi else len(chunks)
+    if steps == 0:
+        return 0
     compiled = None
     merged = {(): base}  # LoRA tag set -> pipeline with those LoRAs merged (parameters only: no recompile)
-    for chunk in batches(todo, batch, key=lambda i: tagged[i][1]):
-        tags = tuple(tagged[chunk[0]][1])
+    for step in range(steps):
+        chunk = chunks[step] if step < len(chunks) else []  # a host out of work still joins the collective
+        rows_prompts = [tagged[i][0] for i in chunk] or [tagged[0][0]]
+        tags = tuple(tagged[chunk[0] if chunk else 0][1])
         if tags not in merged:
             pipe = base
             for tag in tags:
@@ -178,32 +202,39 @@ def main(argv: list[str] | None = None) -> int:
         pipe = merged[tags]
         plan, inputs = prepare(
             pipe,
-            [tagged[i][0] for i in chunk],
+            rows_prompts,
             args.negative_prompt,
             num_inference_steps=args.steps,
             guidance_scale=args.guidance,
             scheduler=args.scheduler,
             height=args.height,
             width=args.width,
-            seed=[seeds[i] for i in chunk],
+            seed=[seeds[i] for i in chunk] or [seeds[0]],
             image=args.init_image,
             strength=args.strength,
             mask_image=args.mask,
             guidance_rescale=args.guidance_rescale,
             clip_skip=args.clip_skip,
             micro_batch_size=args.micro_batch,
-            pad_to=batch,  # a short last batch runs in the same program, drawing only its own images
+            pad_to=rows,  # a short last batch runs in the same program, drawing only its own images
             min_windows=windows,  # every prompt as long as the longest: one program for the whole job
+            mesh=mesh,
         )
+        if not chunk:
+            inputs = dataclasses.replace(inputs, valid=np.zeros_like(inputs.valid))
+        params = place_params(pipe.params, mesh)
+        inputs = place_inputs(inputs, mesh)
         if compiled is None or compiled.plan != plan:
             tick = time.perf_counter()
             progress.say(f"compiling ({plan.batch} x {plan.width}x{plan.height}, {plan.mode})")
-            compiled = compile_generate(pipe, plan, inputs, on_step=step_counter)
+            compiled = compile_generate(pipe, plan, inputs, on_step=step_counter, params=params)
             progress.say(f"compiled in {time.perf_counter() - tick:.1f} s")
         tick = time.perf_counter()
-        progress.say(f"sampling images {paths[chunk[0]].name} .. {paths[chunk[-1]].name}")
-        result = np.asarray(compiled(pipe.params, inputs))
-        progress.say(f"sampled {len(chunk)} image(s) in {time.perf_counter() - tick:.1f} s")
+        if chunk:
+            progress.say(f"sampling images {paths[chunk[0]].name} .. {paths[chunk[-1]].name}")
+        images = compiled(params, inputs)
+        result = np.asarray(images) if mesh is None else sharding.local_rows(images)
+        progress.say(f"sampled batch {step + 1}/{steps} in {time.perf_counter() - tick:.1f} s")
         for row, i in enumerate(chunk):
             extra = {}
             if args.init_image:
@@ -223,10 +254,18 @@ def main(argv: list[str] | None = None) -> int:
                 extra=extra,
             )
             image_io.save_png(paths[i], result[row], text)
-        if len(chunk) > 1 and not args.prompts_file:
+        if len(chunk) > 1 and not args.prompts_file and not multi:
             image_io.save_png(out / f"grid-{paths[chunk[0]].stem}.png", image_io.grid(result[: len(chunk)]))
     progress.say(f"wrote {len(todo)} image(s) to {out} in {time.perf_counter() - started:.1f} s")
     return 0
+
+
+def _host_max(value: int) -> int:
+    """The largest `value` over all processes."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.process_allgather(np.asarray([value])).max())
 
 
 def batches(items: list[int], size: int, key) -> list[list[int]]:

@@ -19,18 +19,20 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
 
 from sdjax.compile_cache import enable_default_cache
 from sdjax.prompts import encode_prompt_windows
 from sdjax.schedulers import loop
 from sdjax.schedulers._base import Scheduler
+from sdjax.sharding import BATCH_AXES, global_batch, local_rows, make_mesh, shard_params
 
 MODES = ("txt2img", "img2img", "inpaint")
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """The compile-time shape of a generation call."""
+    """The compile-time shape of a generation call. `batch` is the global number of rows (all processes)."""
 
     scheduler: Scheduler
     batch: int
@@ -42,6 +44,7 @@ class Plan:
     clip_skip: int | None = None
     noise_given: bool = False
     micro_batch: int = 1  # images per UNet call; 1 makes every image independent of the batch, bit for bit
+    mesh: Mesh | None = None  # the batch is split over its ("data", "fsdp") devices; None: one device
     on_step: Callable[[int, int], None] | None = None  # host progress callback (calls done, total)
 
     def __post_init__(self):
@@ -55,9 +58,10 @@ class Inputs:
 
     ids, weights: (B, 2, windows*77) token ids / emphasis weights of each image's [negative, positive]
       prompt (`sdjax.prompts.tokenize_prompts`, regrouped per image).
-    seeds: int32 (B,), one per image.
+    seeds: uint32 (B,), one per image.
+    valid: bool (B,): rows to draw; the others are padding (their images are left 0, at no cost when a
+      whole group of `plan.micro_batch` rows is padding).
     guidance, guidance_rescale, strength: f32[]; num_steps: i32[].
-    count: i32[] in [1, B]: images to draw (rows from `count` on are padding, left 0).
     noise: (B, h, w, C) standard normal initial latents (used when `plan.noise_given`), else None.
     image: (B, H, W, 3) init image in [-1, 1] (img2img, inpaint), else None.
     mask: (B, H, W, 1) 0/1, 1 = repaint (inpaint), else None.
@@ -70,7 +74,7 @@ class Inputs:
     guidance_rescale: jax.Array
     num_steps: jax.Array
     strength: jax.Array
-    count: jax.Array
+    valid: jax.Array
     noise: jax.Array | None = None
     image: jax.Array | None = None
     mask: jax.Array | None = None
@@ -81,6 +85,8 @@ jax.tree_util.register_dataclass(
     data_fields=[f.name for f in dataclasses.fields(Inputs)],
     meta_fields=[],
 )
+_PER_IMAGE = ("ids", "weights", "seeds", "valid", "noise", "image", "mask")
+_SHARED = ("guidance", "guidance_rescale", "num_steps", "strength")
 
 
 def _image_keys(seeds_B):
@@ -149,40 +155,64 @@ def _decode(vae, vae_params, latents_BHWC, scaling_factor):
 def run(params: dict[str, Any], inputs: Inputs, *, unet, vae, text_encoder, plan: Plan) -> jax.Array:
     """One generation call -> uint8 images (B, H, W, 3). See the module docstring for what is traced.
 
-    The batch runs as a loop over groups of `plan.micro_batch` images (the last group padded with copies
-    of the last image): every compiled operation sees the same shapes whatever B is, so an image is
-    bit-identical in any batch (XLA:CPU reductions round differently for different batch sizes), and
-    memory stays that of one group. Only the first `inputs.count` images are drawn (the trip count is
-    traced); the rows after them are 0, so a short last batch runs in the same program at its own cost.
+    With a mesh, the rows are split over its devices (`shard_map`); every device runs the same per-device
+    program as a single device would, on its own rows, with the parameters gathered whole (FSDP-sharded
+    parameters are all-gathered on entry). An image is therefore bit-identical on 1 device and on N.
+    """
+    per_image = {k: getattr(inputs, k) for k in _PER_IMAGE if getattr(inputs, k) is not None}
+    shared = {k: getattr(inputs, k) for k in _SHARED}
+    draw = functools.partial(_draw_rows, unet=unet, vae=vae, text_encoder=text_encoder, plan=plan)
+    if plan.mesh is None:
+        return draw(params, per_image, shared)
+    batch = PartitionSpec(BATCH_AXES)
+    # No collectives inside: each device draws its own rows (check_vma off: the skipped-group branch returns
+    # a constant, which the varying-axes check would reject).
+    per_device = jax.shard_map(
+        draw, mesh=plan.mesh, in_specs=(PartitionSpec(), batch, PartitionSpec()), out_specs=batch, check_vma=False
+    )
+    return per_device(params, per_image, shared)
+
+
+def _draw_rows(params, per_image: dict[str, jax.Array], shared: dict[str, jax.Array], *, unet, vae, text_encoder, plan):
+    """The rows of one device -> uint8 (rows, H, W, 3), in groups of `plan.micro_batch` images.
+
+    The last group is padded with copies of the last row: every compiled operation sees the same shapes
+    whatever the number of rows, so an image is bit-identical in any batch (XLA:CPU reductions round
+    differently for different batch sizes), and memory stays that of one group. A group without a valid
+    row is skipped (`lax.cond`); invalid rows of a drawn group are returned as 0.
     """
     m = plan.micro_batch
-    groups = -(-plan.batch // m)
-    per_image = {"ids": inputs.ids, "weights": inputs.weights, "seeds": inputs.seeds}
-    for name in ("noise", "image", "mask"):
-        if getattr(inputs, name) is not None:
-            per_image[name] = getattr(inputs, name)
+    rows = per_image["seeds"].shape[0]
+    groups = -(-rows // m)
 
     def padded(x):
         pad = groups * m - x.shape[0]
         return jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
 
     per_image = jax.tree.map(padded, per_image)
+    blank = jnp.zeros((m, plan.height, plan.width, 3), jnp.uint8)
 
     def one_group(g, images):
         group = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, g * m, m), per_image)
-        drawn = _generate_group(params, group, inputs, unet=unet, vae=vae, text_encoder=text_encoder, plan=plan)
+
+        def draw():
+            drawn = _generate_group(params, group, shared, unet=unet, vae=vae, text_encoder=text_encoder, plan=plan)
+            return jnp.where(group["valid"][:, None, None, None], drawn, 0)
+
+        drawn = jax.lax.cond(jnp.any(group["valid"]), draw, lambda: blank)
         return jax.lax.dynamic_update_slice_in_dim(images, drawn, g * m, axis=0)
 
     images = jnp.zeros((groups * m, plan.height, plan.width, 3), jnp.uint8)
-    images = jax.lax.fori_loop(0, (inputs.count + m - 1) // m, one_group, images)
-    return images[: plan.batch]
+    return jax.lax.fori_loop(0, groups, one_group, images)[:rows]
 
 
-def _generate_group(params, group: dict[str, jax.Array], inputs: Inputs, *, unet, vae, text_encoder, plan: Plan):
+def _generate_group(
+    params, group: dict[str, jax.Array], shared: dict[str, jax.Array], *, unet, vae, text_encoder, plan
+):
     """Text encoding, the denoising loop and the decode for one group of images -> uint8 (m, H, W, 3).
 
     `group` holds the per-image inputs of the group (ids, weights, seeds, noise, image, mask; leading axis
-    m); the scalars (guidance, rescale, steps, strength) come from `inputs`.
+    m); `shared` the scalars (guidance, guidance_rescale, num_steps, strength).
     """
     sf = vae.config.scaling_factor
     factor = vae.config.downscale
@@ -198,7 +228,7 @@ def _generate_group(params, group: dict[str, jax.Array], inputs: Inputs, *, unet
 
     noise = group["noise"] if plan.noise_given else _per_image_normal(noise_keys, latent_shape)
     noise = noise.astype(jnp.float32)
-    num_steps = inputs.num_steps
+    num_steps = shared["num_steps"]
     scheduler = plan.scheduler
 
     extra = None
@@ -208,13 +238,13 @@ def _generate_group(params, group: dict[str, jax.Array], inputs: Inputs, *, unet
     if plan.mode != "txt2img":
         image_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(vae_keys)
         image_latents = _encode_latents(vae, params["vae"], group["image"].astype(vae.dtype), image_keys, sf)
-        start_step = loop.img2img_start_step(num_steps, inputs.strength)
+        start_step = loop.img2img_start_step(num_steps, shared["strength"])
         state0 = scheduler.init(num_steps, noise.shape, max_steps=plan.max_steps, start_step=start_step)
         noised = scheduler.add_noise(state0, image_latents, noise)
         init_sample = noised
         if plan.mode == "inpaint":
             # diffusers' StableDiffusionInpaintPipeline: strength 1 starts from pure noise.
-            full = inputs.strength >= 1.0
+            full = shared["strength"] >= 1.0
             init_sample = jnp.where(full, noise * scheduler.init_noise_sigma(state0), noised)
             mask = group["mask"].astype(jnp.float32)
             mask_lat = mask[:, ::factor, ::factor, :]  # nearest-neighbour downsampling, as F.interpolate
@@ -239,7 +269,7 @@ def _generate_group(params, group: dict[str, jax.Array], inputs: Inputs, *, unet
         noise,
         sampler_keys,
         num_steps,
-        (inputs.guidance, inputs.guidance_rescale),
+        (shared["guidance"], shared["guidance_rescale"]),
         max_steps=plan.max_steps,
         start_step=start_step,
         init_sample=init_sample,
@@ -285,11 +315,15 @@ def prepare(
     micro_batch_size: int = 1,
     pad_to: int | None = None,
     min_windows: int = 1,
+    mesh: Mesh | None = None,
 ) -> tuple[Plan, Inputs]:
-    """Validates a `generate` call and turns it into (static plan, traced inputs); see `generate`.
+    """Validates a `generate` call and turns it into (static plan, this process's inputs as numpy arrays:
+    `place_inputs` makes them global); see `generate`.
 
-    `pad_to` >= B pads the per-image inputs to that many rows, drawn as nothing (`Inputs.count` = B): a
-    short last batch of a job then reuses the full batch's compiled program without drawing extra images.
+    `pad_to` >= B pads the per-image inputs to that many rows, not drawn (`Inputs.valid`): a short last
+    batch of a job then reuses the full batch's compiled program without drawing extra images. With a
+    `mesh`, the rows are padded to a multiple of this process's devices, and `plan.batch` counts the rows
+    of all processes (each passes the same number).
     `min_windows` pads the prompts to at least that many 77-token windows (a job whose prompts have
     different lengths then compiles once).
     """
@@ -377,6 +411,10 @@ def prepare(
         noise = np.asarray(latents, np.float32)
         if noise.shape != latent_shape:
             raise ValueError(f"latents must have shape {latent_shape} (NHWC), got {noise.shape}")
+    if image_arr is not None:
+        image_arr = np.array(image_arr)
+    if mask_arr is not None:
+        mask_arr = np.array(mask_arr)
 
     ids, weights = tokenize_prompts(pipe.tokenizer, prompts, negatives, min_windows=min_windows)
     windows = ids.shape[1] // pipe.text_encoder.config.max_position_embeddings
@@ -388,22 +426,22 @@ def prepare(
         if seeds.shape != (batch,):
             raise ValueError(f"{len(seeds)} seeds for {batch} images")
     seeds = seeds % 2**32
-    count = batch
-    if pad_to is not None and int(pad_to) > batch:
-        pad = int(pad_to) - batch
-        seeds = np.concatenate([seeds, np.repeat(seeds[-1:], pad)])
-        ids, weights = (np.concatenate([x, np.repeat(x[-1:], pad, axis=0)]) for x in (ids, weights))
-        if noise is not None:
-            noise = np.concatenate([noise, np.repeat(noise[-1:], pad, axis=0)])
-        if image_arr is not None:
-            image_arr = np.broadcast_to(image_arr[:1], (int(pad_to), *image_arr.shape[1:]))
-        if mask_arr is not None:
-            mask_arr = np.broadcast_to(mask_arr[:1], (int(pad_to), *mask_arr.shape[1:]))
-        batch = int(pad_to)
-    micro_batch = min(micro_batch, batch)
+    valid = np.ones(batch, bool)
+    rows = max(batch, int(pad_to or 0))
+    if mesh is not None:  # every device of this process gets the same number of rows
+        devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+        rows = -(-rows // devices) * devices
+    if rows > batch:
+        pad = rows - batch
+
+        def padded(x):
+            return None if x is None else np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+
+        seeds, ids, weights, noise, image_arr, mask_arr = map(padded, (seeds, ids, weights, noise, image_arr, mask_arr))
+        valid = np.concatenate([valid, np.zeros(pad, bool)])
     plan = Plan(
         scheduler=sched,
-        batch=batch,
+        batch=rows * (1 if mesh is None else jax.process_count()),
         height=height,
         width=width,
         windows=windows,
@@ -411,27 +449,48 @@ def prepare(
         mode=mode,
         clip_skip=None if clip_skip is None else int(clip_skip),
         noise_given=noise is not None,
-        micro_batch=micro_batch,
+        micro_batch=min(micro_batch, rows),
+        mesh=mesh,
     )
     inputs = Inputs(
-        ids=jnp.asarray(ids),
-        weights=jnp.asarray(weights),
-        seeds=jnp.asarray(seeds.astype(np.uint32)),
-        guidance=jnp.float32(guidance_scale),
-        guidance_rescale=jnp.float32(guidance_rescale),
-        num_steps=jnp.int32(steps),
-        strength=jnp.float32(strength),
-        count=jnp.int32(count),
-        noise=None if noise is None else jnp.asarray(noise),
-        image=None if image_arr is None else jnp.asarray(image_arr),
-        mask=None if mask_arr is None else jnp.asarray(mask_arr),
+        ids=ids,
+        weights=weights,
+        seeds=seeds.astype(np.uint32),
+        guidance=np.float32(guidance_scale),
+        guidance_rescale=np.float32(guidance_rescale),
+        num_steps=np.int32(steps),
+        strength=np.float32(strength),
+        valid=valid,
+        noise=noise,
+        image=image_arr,
+        mask=mask_arr,
     )
     return plan, inputs
 
 
+def place_inputs(inputs: Inputs, mesh: Mesh | None) -> Inputs:
+    """Host inputs -> device arrays: per-image rows as global arrays split over the mesh's batch axes (this
+    process's rows at its place in the global batch), scalars as they are."""
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, inputs)
+    fields = {k: getattr(inputs, k) for k in _PER_IMAGE if getattr(inputs, k) is not None}
+    return dataclasses.replace(inputs, **global_batch(fields, mesh))
+
+
+def place_params(params, mesh: Mesh | None):
+    """Parameters on the mesh by `sdjax.sharding`'s rules (replicated, FSDP-split when the mesh has an fsdp
+    axis); arrays already placed so are not copied again."""
+    return params if mesh is None else shard_params(params, mesh)
+
+
+def default_mesh() -> Mesh | None:
+    """Every device on the "data" axis, or None on a single device."""
+    return make_mesh() if jax.device_count() > 1 else None
+
+
 @dataclasses.dataclass(frozen=True)
 class Compiled:
-    """A generation program compiled ahead of time for one plan: call it with (params, inputs)."""
+    """A generation program compiled ahead of time for one plan: call it with (params, placed inputs)."""
 
     plan: Plan
     executable: Any
@@ -440,16 +499,26 @@ class Compiled:
         return self.executable(params, inputs)
 
 
-def compile_generate(pipe, plan: Plan, inputs: Inputs, on_step=None) -> Compiled:
-    """Compiles `run` for `plan` now (so that compile time can be reported apart from sampling time)."""
+def compile_generate(pipe, plan: Plan, inputs: Inputs, on_step=None, params=None) -> Compiled:
+    """Compiles `run` for `plan` now (so that compile time can be reported apart from sampling time).
+    `inputs` are placed ones (`place_inputs`); `params` default to the pipeline's."""
     plan = dataclasses.replace(plan, on_step=on_step)
-    lowered = run.lower(pipe.params, inputs, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, plan=plan)
+    params = pipe.params if params is None else params
+    lowered = run.lower(params, inputs, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, plan=plan)
     return Compiled(dataclasses.replace(plan, on_step=None), lowered.compile())
 
 
-def generate(pipe, prompt, negative_prompt=None, **kwargs):
-    """Prompts in, uint8 images (B, H, W, 3) out; see `StableDiffusionPipeline.generate`."""
+def generate(pipe, prompt, negative_prompt=None, *, mesh: Mesh | str | None = "all", **kwargs):
+    """Prompts in, uint8 images (B, H, W, 3) out; see `StableDiffusionPipeline.generate`. `mesh`: "all"
+    (every device on "data"; none on a single device), a spec such as "data=2,fsdp=4", a Mesh, or None."""
     enable_default_cache()
-    plan, inputs = prepare(pipe, prompt, negative_prompt, **kwargs)
-    images = run(pipe.params, inputs, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, plan=plan)
-    return jax.device_get(images)
+    if mesh == "all":
+        mesh = default_mesh()
+    elif isinstance(mesh, str):
+        mesh = make_mesh(mesh)
+    plan, inputs = prepare(pipe, prompt, negative_prompt, mesh=mesh, **kwargs)
+    drawn = int(inputs.valid.sum())
+    params = place_params(pipe.params, mesh)
+    placed = place_inputs(inputs, mesh)
+    images = run(params, placed, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, plan=plan)
+    return (jax.device_get(images) if mesh is None else local_rows(images))[:drawn]

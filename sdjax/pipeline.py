@@ -61,6 +61,7 @@ class StableDiffusionPipeline:
         clip_skip: int | None = None,
         max_steps: int | None = None,
         micro_batch_size: int = 1,
+        mesh="all",
     ):
         """Text-to-image, img2img (`image`) or inpainting (`image` + `mask_image`) -> uint8 (B, H, W, 3).
 
@@ -86,6 +87,10 @@ class StableDiffusionPipeline:
           guidance_rescale, clip_skip: as diffusers (clip_skip=1 is A1111's "Clip skip: 2").
           micro_batch_size: images per UNet call. 1 (default) makes each image bit-identical whatever the
             batch size; larger groups are faster on GPUs/TPUs and change images only by float rounding.
+          mesh: "all" (default: the batch split over every device; plain on a single device), a spec such
+            as "data=2,fsdp=4", a `jax.sharding.Mesh`, or None (one device). Images are bit-identical
+            whatever the mesh. Place the parameters once with `pipe.on_mesh(mesh)` to avoid copying them on
+            every call.
         """
         from sdjax.generate import generate
 
@@ -108,7 +113,16 @@ class StableDiffusionPipeline:
             clip_skip=clip_skip,
             max_steps=max_steps,
             micro_batch_size=micro_batch_size,
+            mesh=mesh,
         )
+
+    def on_mesh(self, mesh) -> StableDiffusionPipeline:
+        """A new pipeline whose parameters live on `mesh` (a Mesh or a spec such as "data=8" or
+        "data=2,fsdp=4"): replicated, or split over "fsdp" by `sdjax.sharding.DEFAULT_RULES`."""
+        from sdjax import sharding
+
+        mesh = sharding.make_mesh(mesh) if isinstance(mesh, str) else mesh
+        return dataclasses.replace(self, params=sharding.shard_params(self.params, mesh))
 
     def with_vae(self, vae: str | Path) -> StableDiffusionPipeline:
         """A new pipeline with the VAE read from an LDM-layout `.safetensors` file or a diffusers VAE folder."""

@@ -68,7 +68,7 @@ def sample(
       post_step: `post_step(sample, state) -> sample`, applied after every step (e.g. inpainting's
         re-noised known region); `state` is the scheduler state after the step.
       on_call: host callback `on_call(calls_done, calls_total)` after every model call (progress display);
-        runs through `jax.debug.callback`, in order.
+        runs through `jax.debug.callback` (once per device under shard_map).
       model_dtype: dtype of the model input (default: noise's dtype). Scheduler arithmetic is float32.
       return_trajectory: also return f32[C, B, H, W, C] with the sample after each model call (C = calls of
         the max_steps schedule; rows past the calls made are 0).
@@ -105,7 +105,8 @@ def sample(
         if trajectory is not None:
             trajectory = trajectory.at[i].set(x)
         if on_call is not None:
-            jax.debug.callback(lambda done, total: on_call(int(done), int(total)), i + 1, calls, ordered=True)
+            # Unordered: ordered effects are refused under shard_map; the loop is sequential anyway.
+            jax.debug.callback(lambda done, total: on_call(int(done), int(total)), i + 1, calls)
         return x, state, trajectory
 
     x, state, trajectory = jax.lax.fori_loop(0, calls, body, (x, state, trajectory))
