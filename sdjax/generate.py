@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from sdjax.compile_cache import enable_default_cache
+from sdjax.convert.lora import apply_adapters, lora_adapter
 from sdjax.prompts import encode_prompt_windows
 from sdjax.schedulers import loop
 from sdjax.schedulers._base import Scheduler
@@ -65,6 +66,9 @@ class Inputs:
     noise: (B, h, w, C) standard normal initial latents (used when `plan.noise_given`), else None.
     image: (B, H, W, 3) init image in [-1, 1] (img2img, inpaint), else None.
     mask: (B, H, W, 1) 0/1, 1 = repaint (inpaint), else None.
+    adapters, adapter_scales: unmerged LoRAs (`sdjax.convert.lora.lora_adapter` pytrees) and their scales
+      {"unet": (n,), "text_encoder": (n,)}, applied inside the program (another LoRA of the same shapes or
+      another scale does not recompile), else None.
     """
 
     ids: jax.Array
@@ -78,6 +82,8 @@ class Inputs:
     noise: jax.Array | None = None
     image: jax.Array | None = None
     mask: jax.Array | None = None
+    adapters: tuple | None = None
+    adapter_scales: dict[str, jax.Array] | None = None
 
 
 jax.tree_util.register_dataclass(
@@ -159,6 +165,8 @@ def run(params: dict[str, Any], inputs: Inputs, *, unet, vae, text_encoder, plan
     program as a single device would, on its own rows, with the parameters gathered whole (FSDP-sharded
     parameters are all-gathered on entry). An image is therefore bit-identical on 1 device and on N.
     """
+    if inputs.adapters:
+        params = apply_adapters(params, inputs.adapters, inputs.adapter_scales)
     per_image = {k: getattr(inputs, k) for k in _PER_IMAGE if getattr(inputs, k) is not None}
     shared = {k: getattr(inputs, k) for k in _SHARED}
     draw = functools.partial(_draw_rows, unet=unet, vae=vae, text_encoder=text_encoder, plan=plan)
@@ -316,6 +324,7 @@ def prepare(
     pad_to: int | None = None,
     min_windows: int = 1,
     mesh: Mesh | None = None,
+    loras=None,
 ) -> tuple[Plan, Inputs]:
     """Validates a `generate` call and turns it into (static plan, this process's inputs as numpy arrays:
     `place_inputs` makes them global); see `generate`.
@@ -452,7 +461,10 @@ def prepare(
         micro_batch=min(micro_batch, rows),
         mesh=mesh,
     )
+    adapters, adapter_scales = _adapters(pipe, loras)
     inputs = Inputs(
+        adapters=adapters,
+        adapter_scales=adapter_scales,
         ids=ids,
         weights=weights,
         seeds=seeds.astype(np.uint32),
@@ -466,6 +478,25 @@ def prepare(
         mask=mask_arr,
     )
     return plan, inputs
+
+
+def _adapters(pipe, loras):
+    """[(LoRA file or `lora_adapter` pytree, scale), ...] -> (adapters, {"unet": (n,), "text_encoder": (n,)});
+    a scale is a float or {"unet": a, "text_encoder": b}."""
+    import numpy as np
+
+    if not loras:
+        return None, None
+    adapters, scales = [], {"unet": [], "text_encoder": []}
+    for entry in loras:
+        if not isinstance(entry, tuple | list) or len(entry) != 2:
+            raise ValueError("loras must be a list of (LoRA file or adapter, scale) pairs")
+        source, scale = entry
+        adapters.append(source if isinstance(source, dict) else lora_adapter(pipe, source))
+        for part in scales:
+            scales[part].append(float(scale[part] if isinstance(scale, dict) else scale))
+    adapters = tuple(jax.tree.map(np.asarray, a) for a in adapters)
+    return adapters, {part: np.asarray(values, np.float32) for part, values in scales.items()}
 
 
 def place_inputs(inputs: Inputs, mesh: Mesh | None) -> Inputs:

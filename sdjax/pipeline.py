@@ -62,6 +62,7 @@ class StableDiffusionPipeline:
         max_steps: int | None = None,
         micro_batch_size: int = 1,
         mesh="all",
+        loras=None,
     ):
         """Text-to-image, img2img (`image`) or inpainting (`image` + `mask_image`) -> uint8 (B, H, W, 3).
 
@@ -91,6 +92,9 @@ class StableDiffusionPipeline:
             as "data=2,fsdp=4", a `jax.sharding.Mesh`, or None (one device). Images are bit-identical
             whatever the mesh. Place the parameters once with `pipe.on_mesh(mesh)` to avoid copying them on
             every call.
+          loras: unmerged LoRAs applied inside the compiled program, [(file or adapter, scale), ...]; a scale
+            is a float or {"unet": a, "text_encoder": b}. Other scales, or other LoRAs of the same shapes,
+            do not recompile. (`load_lora` merges instead, which does not recompile either.)
         """
         from sdjax.generate import generate
 
@@ -114,6 +118,7 @@ class StableDiffusionPipeline:
             max_steps=max_steps,
             micro_batch_size=micro_batch_size,
             mesh=mesh,
+            loras=loras,
         )
 
     def on_mesh(self, mesh) -> StableDiffusionPipeline:

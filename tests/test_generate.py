@@ -333,3 +333,24 @@ def test_float16_vae_overflow_is_decoded_in_float32(model):
     expected = np.asarray(_decode(vae32, params32, jnp.asarray(latents), sf))
     np.testing.assert_array_equal(images, expected)
     assert images.std() > 5  # a real image, not a flat one
+
+
+def test_unmerged_loras_match_merged_and_do_not_recompile(model, tmp_path):
+    """`loras=[(file, scale)]` applies adapters inside the program: the images of `load_lora` (merged), and
+    no recompile for another scale or another LoRA file of the same shapes."""
+    from reference import kohya_lora_file
+
+    from sdjax.generate import run
+
+    folder, unet, vae, text, pipe = model
+    models = {"unet": unet, "vae": vae, "text_encoder": text}
+    first = kohya_lora_file(tmp_path / "a.safetensors", models, seed=1)
+    second = kohya_lora_file(tmp_path / "b.safetensors", models, seed=2)
+    kwargs = dict(num_inference_steps=4, seed=3)
+    merged = pipe.load_lora(first, 0.6).generate("a red apple", **kwargs)
+    unmerged = pipe.generate("a red apple", loras=[(first, 0.6)], **kwargs)
+    assert np.abs(merged.astype(int) - unmerged.astype(int)).max() <= 1
+    assert np.abs(merged.astype(int) - pipe.generate("a red apple", **kwargs).astype(int)).mean() > 0.5
+    compiled = run._cache_size()
+    pipe.generate("a red apple", loras=[(second, {"unet": 0.3, "text_encoder": 1.0})], **kwargs)
+    assert run._cache_size() == compiled
