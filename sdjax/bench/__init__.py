@@ -1,0 +1,1 @@
+"""Benchmark sdjax against PyTorch diffusers: `python -m sdjax.bench --help`."""

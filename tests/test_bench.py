@@ -1,0 +1,46 @@
+"""The benchmark command runs end to end on the tiny architecture (numbers are printed, never asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from sdjax.bench.models import random_pipeline
+
+
+def test_bench_tiny_against_torch(tmp_path):
+    env = {**os.environ, "SDJAX_BENCH_DIR": str(tmp_path / "models")}
+    argv = [sys.executable, "-m", "sdjax.bench", "--arch", "tiny", "--height", "64", "--width", "64", "--steps", "3"]
+    argv += [
+        "--against",
+        "torch",
+        "--repeats",
+        "1",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--plot",
+        str(tmp_path / "r.png"),
+    ]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    print(done.stdout)
+    report = json.loads((tmp_path / "r.json").read_text())
+    for side in ("jax", "torch"):
+        assert {"text_s", "unet_step_s", "vae_decode_s", "image_s", "peak_rss"} <= set(report[side])
+    assert report["floor"]["unet_flops"] > 0 and report["floor"]["gemm_flops_per_s"] > 0
+    assert report["pixel_difference"]["max"] <= 3  # the same weights and latents give the same image
+    assert "unet_step_s" in done.stdout and Image.open(tmp_path / "r.png").size == (720, 360)
+    assert (tmp_path / "models" / "tiny" / "model_index.json").is_file()  # cached for the next run
+
+
+def test_random_weights_have_the_real_shapes():
+    pipe = random_pipeline("tiny")
+    kernel = pipe.params["unet"]["conv_in"]["kernel"]
+    assert kernel.shape == (3, 3, 4, 32) and 0.05 < np.std(kernel) < 0.5
+    scale = pipe.params["unet"]["conv_norm_out"]["scale"]
+    assert abs(float(np.mean(scale)) - 1.0) < 0.2 and float(np.std(scale)) > 0.05
