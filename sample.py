@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
     p.add_argument("-n", "--batch-size", type=int, default=1, help="images per batch (default 1)")
     p.add_argument("--micro-batch", type=int, default=1, help="images per UNet call (default 1: batch-invariant)")
+    p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (bounded memory for large images)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--init-image", default=None, help="img2img / inpainting start image")
     p.add_argument("--strength", type=float, default=0.8, help="img2img denoising strength in [0, 1]")
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             guidance_rescale=args.guidance_rescale,
             clip_skip=args.clip_skip,
             micro_batch_size=args.micro_batch,
+            vae_tiling=args.vae_tiling,
             pad_to=rows,  # a short last batch runs in the same program, drawing only its own images
             min_windows=windows,  # every prompt as long as the longest: one program for the whole job
             mesh=mesh,

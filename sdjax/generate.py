@@ -23,10 +23,12 @@ from jax.sharding import Mesh, PartitionSpec
 
 from sdjax.compile_cache import enable_default_cache
 from sdjax.convert.lora import apply_adapters, lora_adapter
+from sdjax.nn.vae import decode_tiled
 from sdjax.prompts import encode_prompt_windows
 from sdjax.schedulers import loop
 from sdjax.schedulers._base import Scheduler
 from sdjax.sharding import BATCH_AXES, global_batch, local_rows, make_mesh, shard_params
+from sdjax.xla_options import compiler_options
 
 MODES = ("txt2img", "img2img", "inpaint")
 
@@ -45,6 +47,7 @@ class Plan:
     clip_skip: int | None = None
     noise_given: bool = False
     micro_batch: int = 1  # images per UNet call; 1 makes every image independent of the batch, bit for bit
+    vae_tiling: bool = False  # decode in overlapping tiles (diffusers' enable_tiling): bounded memory
     mesh: Mesh | None = None  # the batch is split over its ("data", "fsdp") devices; None: one device
     on_step: Callable[[int, int], None] | None = None  # host progress callback (calls done, total)
 
@@ -142,12 +145,15 @@ def _encode_latents(vae, vae_params, image_BHWC, keys_B, scaling_factor):
     return sample * scaling_factor
 
 
-def _decode(vae, vae_params, latents_BHWC, scaling_factor):
-    """Latents -> uint8 images (B, H, W, 3); a float16 VAE that overflows is re-run in float32."""
+def _decode(vae, vae_params, latents_BHWC, scaling_factor, tiled: bool = False):
+    """Latents -> uint8 images (B, H, W, 3); a float16 VAE that overflows is re-run in float32. `tiled`
+    decodes in overlapping tiles as diffusers' `enable_tiling` (`sdjax.nn.vae.decode_tiled`)."""
 
     def decode(params, module):
-        image = module.apply({"params": params}, (latents_BHWC / scaling_factor).astype(module.dtype), method="decode")
-        return image.astype(jnp.float32)
+        z = (latents_BHWC / scaling_factor).astype(module.dtype)
+        if tiled:
+            return decode_tiled(module, params, z).astype(jnp.float32)
+        return module.apply({"params": params}, z, method="decode").astype(jnp.float32)
 
     image = decode(vae_params, vae)
     if vae.dtype == jnp.float16:
@@ -157,8 +163,7 @@ def _decode(vae, vae_params, latents_BHWC, scaling_factor):
     return jnp.round(jnp.clip(image / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
 
 
-@functools.partial(jax.jit, static_argnames=("unet", "vae", "text_encoder", "plan"))
-def run(params: dict[str, Any], inputs: Inputs, *, unet, vae, text_encoder, plan: Plan) -> jax.Array:
+def _run(params: dict[str, Any], inputs: Inputs, *, unet, vae, text_encoder, plan: Plan) -> jax.Array:
     """One generation call -> uint8 images (B, H, W, 3). See the module docstring for what is traced.
 
     With a mesh, the rows are split over its devices (`shard_map`); every device runs the same per-device
@@ -179,6 +184,14 @@ def run(params: dict[str, Any], inputs: Inputs, *, unet, vae, text_encoder, plan
         draw, mesh=plan.mesh, in_specs=(PartitionSpec(), batch, PartitionSpec()), out_specs=batch, check_vma=False
     )
     return per_device(params, per_image, shared)
+
+
+@functools.cache
+def program(backend: str | None = None):
+    """`_run` jitted for a backend (default: JAX's default) with its compiler options
+    (`sdjax.xla_options`); static: unet, vae, text_encoder, plan."""
+    options = compiler_options(backend)
+    return jax.jit(_run, static_argnames=("unet", "vae", "text_encoder", "plan"), compiler_options=options)
 
 
 def _draw_rows(params, per_image: dict[str, jax.Array], shared: dict[str, jax.Array], *, unet, vae, text_encoder, plan):
@@ -285,7 +298,7 @@ def _generate_group(
         on_call=plan.on_step,
         model_dtype=dtype,
     )
-    return _decode(vae, params["vae"], latents, sf)
+    return _decode(vae, params["vae"], latents, sf, tiled=plan.vae_tiling)
 
 
 def _as_list(value, name: str) -> list[str]:
@@ -325,6 +338,7 @@ def prepare(
     min_windows: int = 1,
     mesh: Mesh | None = None,
     loras=None,
+    vae_tiling: bool = False,
 ) -> tuple[Plan, Inputs]:
     """Validates a `generate` call and turns it into (static plan, this process's inputs as numpy arrays:
     `place_inputs` makes them global); see `generate`.
@@ -459,6 +473,7 @@ def prepare(
         clip_skip=None if clip_skip is None else int(clip_skip),
         noise_given=noise is not None,
         micro_batch=min(micro_batch, rows),
+        vae_tiling=bool(vae_tiling),
         mesh=mesh,
     )
     adapters, adapter_scales = _adapters(pipe, loras)
@@ -531,11 +546,11 @@ class Compiled:
 
 
 def compile_generate(pipe, plan: Plan, inputs: Inputs, on_step=None, params=None) -> Compiled:
-    """Compiles `run` for `plan` now (so that compile time can be reported apart from sampling time).
+    """Compiles the program for `plan` now (so that compile time can be reported apart from sampling time).
     `inputs` are placed ones (`place_inputs`); `params` default to the pipeline's."""
     plan = dataclasses.replace(plan, on_step=on_step)
     params = pipe.params if params is None else params
-    lowered = run.lower(params, inputs, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, plan=plan)
+    lowered = program().lower(params, inputs, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, plan=plan)
     return Compiled(dataclasses.replace(plan, on_step=None), lowered.compile())
 
 
@@ -551,5 +566,5 @@ def generate(pipe, prompt, negative_prompt=None, *, mesh: Mesh | str | None = "a
     drawn = int(inputs.valid.sum())
     params = place_params(pipe.params, mesh)
     placed = place_inputs(inputs, mesh)
-    images = run(params, placed, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, plan=plan)
+    images = program()(params, placed, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, plan=plan)
     return (jax.device_get(images) if mesh is None else local_rows(images))[:drawn]

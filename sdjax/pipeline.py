@@ -63,6 +63,7 @@ class StableDiffusionPipeline:
         micro_batch_size: int = 1,
         mesh="all",
         loras=None,
+        vae_tiling: bool = False,
     ):
         """Text-to-image, img2img (`image`) or inpainting (`image` + `mask_image`) -> uint8 (B, H, W, 3).
 
@@ -95,6 +96,8 @@ class StableDiffusionPipeline:
           loras: unmerged LoRAs applied inside the compiled program, [(file or adapter, scale), ...]; a scale
             is a float or {"unet": a, "text_encoder": b}. Other scales, or other LoRAs of the same shapes,
             do not recompile. (`load_lora` merges instead, which does not recompile either.)
+          vae_tiling: decode the latents in overlapping 512-pixel tiles, as diffusers' `enable_vae_tiling`:
+            bounded memory for large images (SD 1.5 at 1024x1024 and above).
         """
         from sdjax.generate import generate
 
@@ -119,6 +122,7 @@ class StableDiffusionPipeline:
             micro_batch_size=micro_batch_size,
             mesh=mesh,
             loras=loras,
+            vae_tiling=vae_tiling,
         )
 
     def on_mesh(self, mesh) -> StableDiffusionPipeline:

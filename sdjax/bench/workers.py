@@ -60,11 +60,12 @@ def _timed(fn, inner: int) -> float:
 
 def gemm_rate(dtype: str, n: int = 2048) -> float:
     """FLOP/s of an n x n x n matrix multiply in `dtype` through XLA on the default device."""
-    import jax
     import jax.numpy as jnp
 
+    from sdjax import xla_options
+
     a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a, b: a @ b)
+    f = xla_options.jit(lambda a, b: a @ b)
     f(a, a).block_until_ready()
     seconds = _timed(lambda: f(a, a).block_until_ready(), 5)
     return 2 * n**3 / seconds
@@ -75,6 +76,7 @@ def run_jax(job: Job) -> dict:
     import jax.numpy as jnp
 
     import sdjax
+    from sdjax import xla_options
     from sdjax.compile_cache import enable_compilation_cache
     from sdjax.generate import compile_generate, place_inputs, prepare
     from sdjax.prompts import encode_prompt_windows, tokenize_prompts
@@ -88,7 +90,7 @@ def run_jax(job: Job) -> dict:
     noise = latents(job)
 
     ids, weights = tokenize_prompts(pipe.tokenizer, [PROMPT] * job.batch, [NEGATIVE] * job.batch)
-    text = jax.jit(lambda p, i, w: encode_prompt_windows(pipe.text_encoder, p, i, w))
+    text = xla_options.jit(lambda p, i, w: encode_prompt_windows(pipe.text_encoder, p, i, w))
     out["text_compile_s"], compiled_text = _compile(text, pipe.params["text_encoder"], ids, weights)
     context = compiled_text(pipe.params["text_encoder"], ids, weights)
     out["text_s"] = _timed(
@@ -97,7 +99,7 @@ def run_jax(job: Job) -> dict:
 
     x = jnp.asarray(np.concatenate([noise, noise]), pipe.dtype)
     t = jnp.full((2 * job.batch,), 500.0, jnp.float32)
-    step = jax.jit(lambda p, x, t, c: pipe.unet.apply({"params": p}, x, t, c))
+    step = xla_options.jit(lambda p, x, t, c: pipe.unet.apply({"params": p}, x, t, c))
     out["unet_compile_s"], compiled_step = _compile(step, pipe.params["unet"], x, t, context.astype(pipe.dtype))
     cost = compiled_step.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -107,7 +109,7 @@ def run_jax(job: Job) -> dict:
 
     sf = pipe.vae.config.scaling_factor
     z = jnp.asarray(noise / sf, pipe.dtype)
-    decode = jax.jit(lambda p, z: pipe.vae.apply({"params": p}, z, method="decode"))
+    decode = xla_options.jit(lambda p, z: pipe.vae.apply({"params": p}, z, method="decode"))
     out["vae_compile_s"], compiled_decode = _compile(decode, pipe.params["vae"], z)
     out["vae_decode_s"] = _timed(lambda: compiled_decode(pipe.params["vae"], z).block_until_ready(), job.inner)
 

@@ -62,17 +62,44 @@ def layer_norm(epsilon: float, dtype, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=epsilon, dtype=dtype, use_fast_variance=False, name=name)
 
 
-def conv(features: int, kernel: int, name: str | None, dtype, stride: int = 1, padding: int | None = None) -> nn.Conv:
+# 3x3 convolutions on feature maps of at most this many positions run as one matrix product over the nine
+# shifted copies of the input (im2col). XLA:CPU's convolution reaches ~60 GFLOP/s on SD's 8x8 maps and
+# ~150 on 16x16 against ~230 for the product; on 32x32 and larger maps the convolution is faster.
+IM2COL_MAX_POSITIONS = 256
+
+
+class Conv2d(nn.Module):
+    """A 2-D convolution on NHWC input with PyTorch's symmetric padding; params `kernel` (HWIO) and `bias`."""
+
+    features: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x_BHWC.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x_BHWC, kernel, bias = (a.astype(self.dtype) for a in (x_BHWC, kernel, bias))
+        b, h, w, c = x_BHWC.shape
+        if k == 3 and self.stride == 1 and self.padding == 1 and h * w <= IM2COL_MAX_POSITIONS:
+            padded = jnp.pad(x_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0)))
+            patches = jnp.concatenate([padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], axis=-1)
+            y = (patches.reshape(b * h * w, 9 * c) @ kernel.reshape(9 * c, self.features)).reshape(b, h, w, -1)
+        else:
+            pad = ((self.padding, self.padding), (self.padding, self.padding))
+            y = jax.lax.conv_general_dilated(
+                x_BHWC, kernel, (self.stride, self.stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+        return y + bias
+
+
+def conv(features: int, kernel: int, name: str | None, dtype, stride: int = 1, padding: int | None = None) -> Conv2d:
     """A 2-D convolution on NHWC input with PyTorch's symmetric padding ((kernel-1)//2 by default)."""
     pad = (kernel - 1) // 2 if padding is None else padding
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((pad, pad), (pad, pad)),
-        dtype=dtype,
-        name=name,
-    )
+    return Conv2d(features, kernel, stride=stride, padding=pad, dtype=dtype, name=name)
 
 
 def timestep_embedding(

@@ -195,3 +195,51 @@ class AutoencoderKL(nn.Module):
     def dummy_inputs(self) -> tuple[jax.Array]:
         f = self.config.downscale
         return (jnp.zeros((1, f, f, self.config.in_channels), self.dtype),)
+
+
+def decode_tiled(vae: AutoencoderKL, params, z_BHWC: jax.Array, overlap: float = 0.25) -> jax.Array:
+    """`vae.decode` in overlapping tiles, exactly as diffusers' `AutoencoderKL.tiled_decode` (enable_tiling):
+    bounded memory for large images.
+
+    Tiles are `sample_size / 2**(levels-1)` latents wide (64 for SD: 512 pixels), start every
+    `tile * (1 - overlap)` latents, and each tile's first `sample_size * overlap` pixel rows/columns are
+    blended linearly with the tile above / to the left; each tile keeps `sample_size * (1 - overlap)`
+    pixels. Latents no larger than one tile are decoded whole (as diffusers does).
+    z_BHWC: latents already divided by the scaling factor; returns (B, H*f, W*f, 3) in [-1, 1].
+    """
+    cfg = vae.config
+    tile = int(cfg.sample_size / 2 ** (len(cfg.block_out_channels) - 1))
+    if z_BHWC.shape[1] <= tile and z_BHWC.shape[2] <= tile:
+        return vae.apply({"params": params}, z_BHWC, method="decode")
+    stride = int(tile * (1 - overlap))
+    blend = int(cfg.sample_size * overlap)
+    keep = cfg.sample_size - blend
+    decode = jax.jit(lambda z: vae.apply({"params": params}, z, method="decode"))  # one program per tile shape
+    rows = [
+        [decode(z_BHWC[:, i : i + tile, j : j + tile]) for j in range(0, z_BHWC.shape[2], stride)]
+        for i in range(0, z_BHWC.shape[1], stride)
+    ]
+    out_rows = []
+    for i, row in enumerate(rows):
+        kept = []
+        for j, current in enumerate(row):
+            if i > 0:
+                current = _blend(rows[i - 1][j], current, blend, axis=1)
+            if j > 0:
+                current = _blend(row[j - 1], current, blend, axis=2)
+            row[j] = current  # the blended tile is what the next one to the right blends with (as diffusers)
+            kept.append(current[:, :keep, :keep])
+        out_rows.append(jnp.concatenate(kept, axis=2))
+    return jnp.concatenate(out_rows, axis=1)
+
+
+def _blend(before: jax.Array, current: jax.Array, extent: int, axis: int) -> jax.Array:
+    """The first `extent` rows (axis 1) or columns (axis 2) of `current` faded in from the last ones of
+    `before`: weight k / extent on current, 1 - k / extent on before."""
+    extent = min(before.shape[axis], current.shape[axis], extent)
+    shape = [1, 1, 1, 1]
+    shape[axis] = extent
+    w = (jnp.arange(extent, dtype=jnp.float32) / extent).reshape(shape).astype(current.dtype)
+    head = jax.lax.slice_in_dim(before, before.shape[axis] - extent, before.shape[axis], axis=axis)
+    mixed = head * (1 - w) + jax.lax.slice_in_dim(current, 0, extent, axis=axis) * w
+    return jnp.concatenate([mixed, jax.lax.slice_in_dim(current, extent, current.shape[axis], axis=axis)], axis=axis)
