@@ -34,11 +34,12 @@ lint: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two workers (one per core), tests grouped (xdist_group) where they share costly module fixtures.
 test: lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 2 --dist loadgroup
 
 test-slow: install-test
-	$(BIN)/pytest -q -m slow -s
+	SDJAX_TEST_XLA_OPT=full $(BIN)/pytest -q -m slow -s
 
 format: install-test
 	$(BIN)/ruff format .

@@ -116,7 +116,28 @@ def run_diffusers(pipeline_cls, folder, unet, vae, text, scheduler, **kwargs):
         return to_uint8(pipe(output_type="np", **kwargs).images)
 
 
-@pytest.mark.parametrize("name", DETERMINISTIC)
+# Every scheduler runs once in the default suite (with one of the two prediction types, both covered); the
+# rest of the matrix is `slow` (make test-slow).
+_TXT2IMG_DEFAULT = {
+    "epsilon": ("ddim", "lms", "euler", "dpmpp_2m_karras", "unipc"),
+    "v_prediction": ("pndm", "lms_karras", "heun", "dpmpp_2m"),
+}
+EPSILON = pytest.mark.parametrize("model", ["epsilon"], indirect=True)
+V_PREDICTION = pytest.mark.parametrize("model", ["v_prediction"], indirect=True)
+
+
+def _matrix(names_by_type, *more):
+    """(prediction type, *values) cases, those not in `names_by_type` marked slow."""
+    cases = []
+    for prediction in ("epsilon", "v_prediction"):
+        for values in more[0] if more else ():
+            values = values if isinstance(values, tuple) else (values,)
+            fast = values in names_by_type.get(prediction, ()) or values[0] in names_by_type.get(prediction, ())
+            cases.append(pytest.param(prediction, *values, marks=() if fast else pytest.mark.slow))
+    return cases
+
+
+@pytest.mark.parametrize("model,name", _matrix(_TXT2IMG_DEFAULT, DETERMINISTIC), indirect=["model"])
 def test_txt2img_matches_diffusers(model, name):
     from diffusers import StableDiffusionPipeline
 
@@ -188,7 +209,9 @@ def _mask(size=64):
     return Image.fromarray(mask)
 
 
-@pytest.mark.parametrize("name", ["ddim", "euler"])
+@pytest.mark.parametrize(
+    "model,name", _matrix({"epsilon": ("euler",), "v_prediction": ("ddim",)}, ["ddim", "euler"]), indirect=["model"]
+)
 def test_img2img_matches_diffusers(model, name, monkeypatch):
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img
     from diffusers import StableDiffusionImg2ImgPipeline
@@ -222,8 +245,11 @@ def inpaint_model(torch_models, tmp_path_factory):
     return folder, unet, vae, text, sdjax.load_pipeline(folder)
 
 
-@pytest.mark.parametrize("strength", [1.0, 0.7])
-@pytest.mark.parametrize("channels", [9, 4])
+@pytest.mark.parametrize(
+    "model,channels,strength",
+    _matrix({"epsilon": ((9, 1.0), (4, 0.7)), "v_prediction": ((9, 0.7),)}, [(9, 1.0), (9, 0.7), (4, 1.0), (4, 0.7)]),
+    indirect=["model"],
+)
 def test_inpainting_matches_diffusers(model, inpaint_model, channels, strength, monkeypatch):
     """9-channel inpainting UNets, and latent blending for regular ones, as StableDiffusionInpaintPipeline."""
     import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint
@@ -251,6 +277,7 @@ def test_inpainting_matches_diffusers(model, inpaint_model, channels, strength, 
     assert_close_images(ours, theirs)
 
 
+@EPSILON
 def test_image_depends_on_its_seed_only(model):
     """Image k of a call with seed s equals the single image of seed s + k (stochastic sampler included)."""
     _, _, _, _, pipe = model
@@ -261,6 +288,7 @@ def test_image_depends_on_its_seed_only(model):
     assert not np.array_equal(batch[0], batch[1])
 
 
+@V_PREDICTION
 def test_no_recompile_for_traced_inputs(model):
     """Prompts, negative prompts, seed, guidance, rescale, strength and steps below the maximum are traced."""
     from sdjax.generate import program
@@ -277,6 +305,7 @@ def test_no_recompile_for_traced_inputs(model):
     assert run._cache_size() == after_first
 
 
+@V_PREDICTION
 def test_prompt_changes_the_image(model):
     _, _, _, _, pipe = model
     a = pipe.generate("a red apple", num_inference_steps=4, seed=3)
@@ -299,6 +328,7 @@ def test_prompt_changes_the_image(model):
         (dict(latents=np.zeros((1, 4, 8, 8), np.float32)), "latents must have shape (1, 8, 8, 4) (NHWC)"),
     ],
 )
+@EPSILON
 def test_bad_arguments(model, kwargs, message):
     _, _, _, _, pipe = model
     with pytest.raises((ValueError, FileNotFoundError)) as info:
@@ -313,6 +343,7 @@ def test_scheduler_names_are_documented():
     assert json.loads((SD21 / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
 
 
+@EPSILON
 def test_float16_vae_overflow_is_decoded_in_float32(model):
     """The SD VAE's known fp16 overflow, provoked by a huge decoder conv_in: the program re-decodes in fp32."""
     import jax
@@ -338,6 +369,7 @@ def test_float16_vae_overflow_is_decoded_in_float32(model):
     assert images.std() > 5  # a real image, not a flat one
 
 
+@EPSILON
 def test_unmerged_loras_match_merged_and_do_not_recompile(model, tmp_path):
     """`loras=[(file, scale)]` applies adapters inside the program: the images of `load_lora` (merged), and
     no recompile for another scale or another LoRA file of the same shapes."""
@@ -361,6 +393,7 @@ def test_unmerged_loras_match_merged_and_do_not_recompile(model, tmp_path):
     assert run._cache_size() == compiled
 
 
+@EPSILON
 def test_vae_tiling_matches_diffusers(model):
     """`decode_tiled` (and `vae_tiling=True`) as diffusers' tiled_decode: 8-latent tiles of this VAE, a
     20x28 latent grid with partial edge tiles."""

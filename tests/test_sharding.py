@@ -20,6 +20,9 @@ from reference import TINY_CLIP, TINY_UNET, TINY_VAE, build_text_encoder, build_
 import sdjax
 from sdjax import sharding
 
+pytestmark = pytest.mark.xdist_group(name="sharding")  # its module fixtures are built once, on one worker
+
+
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (1, 3, 8)
 PROMPTS = ["a red apple", "a (blue:1.2) car", "a green tree", "a yellow boat"]
@@ -41,7 +44,8 @@ def folder(tmp_path_factory):
 
 
 def _subprocess_env(devices: int) -> dict[str, str]:
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONPATH": str(ROOT)}
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
+    return {**os.environ, "XLA_FLAGS": flags, "PYTHONPATH": str(ROOT)}
 
 
 _EIGHT_DEVICES = """

@@ -8,12 +8,14 @@ A folder holds `model_index.json` and one sub-folder per component: `unet/` and 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from sdjax.convert.keymap import Entry, build_keymap, params_to_torch, torch_to_params
@@ -105,7 +107,14 @@ def abstract_params(module) -> dict:
 
 
 def keymap_for(spec: ComponentSpec, module) -> dict[str, Entry]:
-    return build_keymap(abstract_params(module))
+    """The PyTorch-name -> parameter-path map of `module` (read-only: shared by every caller), remembered
+    per architecture because building it traces the model (seconds for a real UNet)."""
+    return _keymap_of(type(module), module.config, jnp.dtype(module.dtype))
+
+
+@functools.lru_cache(maxsize=32)
+def _keymap_of(module_cls, config, dtype) -> dict[str, Entry]:
+    return build_keymap(abstract_params(module_cls(config, dtype=dtype)))
 
 
 def _aliases(spec: ComponentSpec, keymap: Mapping[str, Entry], tensors: Mapping) -> dict[str, str]:

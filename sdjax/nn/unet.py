@@ -154,6 +154,25 @@ class UNetConfig:
         return self.time_embedding_dim or 4 * self.block_out_channels[0]
 
 
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_all": jax.checkpoint_policies.checkpoint_dots,
+}
+
+
+def rematted(cls, policy: str | None):
+    """`cls` (a resnet or transformer block) under gradient checkpointing with a named policy, or unchanged
+    for None/"none". Parameter names are unchanged; only what the backward pass keeps differs:
+    "full" recomputes the whole block, "dots" keeps matrix products without batch dimensions (weights x
+    activations), "dots_all" keeps every matrix product."""
+    if policy in (None, "none"):
+        return cls
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; choose one of none, {', '.join(REMAT_POLICIES)}")
+    return nn.remat(cls, policy=REMAT_POLICIES[policy])
+
+
 class _UNetBlock(nn.Module):
     """One down or up block: resnets (each followed by a spatial transformer when `heads` is set), then an
     optional down/up sampler. Up blocks concatenate a skip activation before each resnet."""
@@ -166,6 +185,7 @@ class _UNetBlock(nn.Module):
     config: UNetConfig
     sampler: str | None  # "down", "up" or None
     dtype: jnp.dtype = jnp.float32
+    remat: str | None = None
 
     @nn.compact
     def __call__(self, h, temb, context, skips=None):
@@ -174,7 +194,7 @@ class _UNetBlock(nn.Module):
         for j in range(self.num_layers):
             if skips is not None:
                 h = jnp.concatenate([h, skips.pop()], axis=-1)
-            h = ResnetBlock2D(
+            h = rematted(ResnetBlock2D, self.remat)(
                 self.out_channels,
                 cfg.norm_num_groups,
                 cfg.norm_eps,
@@ -183,7 +203,7 @@ class _UNetBlock(nn.Module):
                 name=f"resnets.{j}",
             )(h, temb)
             if self.heads is not None:
-                h = Transformer2D(
+                h = rematted(Transformer2D, self.remat)(
                     self.heads,
                     self.out_channels // self.heads,
                     self.transformer_layers,
@@ -210,13 +230,14 @@ class _MidBlock(nn.Module):
 
     config: UNetConfig
     dtype: jnp.dtype = jnp.float32
+    remat: str | None = None
 
     @nn.compact
     def __call__(self, h, temb, context):
         cfg = self.config
         channels = cfg.block_out_channels[-1]
         heads = cfg.heads()[-1]
-        resnet = lambda name: ResnetBlock2D(
+        resnet = lambda name: rematted(ResnetBlock2D, self.remat)(
             channels,
             cfg.norm_num_groups,
             cfg.norm_eps,
@@ -226,7 +247,7 @@ class _MidBlock(nn.Module):
             name=name,
         )
         h = resnet("resnets.0")(h, temb)
-        h = Transformer2D(
+        h = rematted(Transformer2D, self.remat)(
             heads,
             channels // heads,
             cfg.transformer_layers()[-1],
@@ -246,10 +267,14 @@ class UNet2DConditionModel(nn.Module):
     __call__(sample (B, H, W, in_channels), timesteps (B,) or scalar, context (B, L, cross_attention_dim))
     -> (B, H, W, out_channels). H and W need not be divisible by 2^(blocks - 1): as diffusers, upsampling then
     resizes to each skip connection's size.
+
+    `remat` (training): gradient checkpointing of every resnet and transformer block with a policy of
+    `REMAT_POLICIES` ("full", "dots", "dots_all"), or None. It changes memory and time, not the numbers.
     """
 
     config: UNetConfig
     dtype: jnp.dtype = jnp.float32
+    remat: str | None = None
 
     @nn.compact
     def __call__(self, sample_BHWC: jax.Array, timesteps_B: jax.Array, context_BLD: jax.Array) -> jax.Array:
@@ -280,11 +305,12 @@ class UNet2DConditionModel(nn.Module):
                 cfg,
                 "down" if i < n - 1 else None,
                 self.dtype,
+                self.remat,
                 name=f"down_blocks.{i}",
             )(h, temb, context_BLD)
             skips.extend(outs)
 
-        h = _MidBlock(cfg, self.dtype, name="mid_block")(h, temb, context_BLD)
+        h = _MidBlock(cfg, self.dtype, self.remat, name="mid_block")(h, temb, context_BLD)
 
         for i, block_type in enumerate(cfg.up_block_types):
             r = n - 1 - i  # the down level this up block mirrors
@@ -297,6 +323,7 @@ class UNet2DConditionModel(nn.Module):
                 cfg,
                 "up" if i < n - 1 else None,
                 self.dtype,
+                self.remat,
                 name=f"up_blocks.{i}",
             )(h, temb, context_BLD, skips)
 

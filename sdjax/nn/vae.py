@@ -214,11 +214,22 @@ def decode_tiled(vae: AutoencoderKL, params, z_BHWC: jax.Array, overlap: float =
     stride = int(tile * (1 - overlap))
     blend = int(cfg.sample_size * overlap)
     keep = cfg.sample_size - blend
-    decode = jax.jit(lambda z: vae.apply({"params": params}, z, method="decode"))  # one program per tile shape
-    rows = [
-        [decode(z_BHWC[:, i : i + tile, j : j + tile]) for j in range(0, z_BHWC.shape[2], stride)]
-        for i in range(0, z_BHWC.shape[1], stride)
-    ]
+    decode = lambda z: vae.apply({"params": params}, z, method="decode")
+    starts_i, starts_j = range(0, z_BHWC.shape[1], stride), range(0, z_BHWC.shape[2], stride)
+    tiles = {(i, j): z_BHWC[:, i : i + tile, j : j + tile] for i in starts_i for j in starts_j}
+    # Tiles of one shape are decoded by one loop (`lax.map`): a program holds one decoder per tile shape
+    # (at most four: whole, right edge, bottom edge, corner), not one per tile.
+    by_shape: dict[tuple[int, ...], list[tuple[int, int]]] = {}
+    for key, z in tiles.items():
+        by_shape.setdefault(z.shape, []).append(key)
+    decoded = {}
+    for keys in by_shape.values():
+        if len(keys) == 1:
+            decoded[keys[0]] = decode(tiles[keys[0]])
+            continue
+        stacked = jax.lax.map(decode, jnp.stack([tiles[k] for k in keys]))
+        decoded.update({k: stacked[n] for n, k in enumerate(keys)})
+    rows = [[decoded[(i, j)] for j in starts_j] for i in starts_i]
     out_rows = []
     for i, row in enumerate(rows):
         kept = []

@@ -1,0 +1,48 @@
+"""Stage 2 of the bundled demo model: a UNet of 5.8M parameters and a CLIP text encoder of 3.4M (the real
+CLIP tokenizer), both from scratch, on the latents of stage 1's VAE; epsilon prediction, 10% caption
+dropout for classifier-free guidance, EMA. The exported folder (fp16) is sdjax/data/demo.
+
+    python -m train --config configs/emoji_unet.py --data data/emoji --model runs/emoji-vae/final \
+        --output runs/emoji-unet
+"""
+
+from train.config import TrainConfig, variant_of
+
+
+def get_config(variant: str | None = None) -> TrainConfig:
+    config = TrainConfig(
+        mode="full",
+        model="runs/emoji-vae/final",
+        architecture="configs/emoji_demo/architecture",
+        scratch=("unet", "text_encoder"),
+        train_text_encoder=True,
+        cache_latents=True,
+        resolution=64,
+        batch_size=64,
+        steps=6000,
+        learning_rate=5e-4,
+        lr_schedule="cosine",
+        warmup_steps=200,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        ema_decay=0.999,
+        caption_dropout=0.1,
+        checkpoint_every=500,
+        log_every=10,
+        sample_every=1000,
+        sample_prompts=("an emoji of red heart", "an emoji of grinning face", "an emoji of red apple"),
+        sample_steps=20,
+        export_dtype="float16",
+        seed=0,
+    )
+    return variant_of(
+        config,
+        variant,
+        "emoji_unet",
+        model=config.model,
+        steps=20,
+        batch_size=8,
+        checkpoint_every=10,
+        log_every=1,
+        sample_every=0,
+    )

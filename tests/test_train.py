@@ -1,0 +1,552 @@
+"""python -m train on tiny models: the loss falls, 8 devices and 2 processes give the 1-device numbers, a
+killed run resumes bit for bit, and every mode's export loads in sdjax and in diffusers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from reference import rel_l2
+
+import sdjax
+from sdjax.convert.safetensors_io import SafetensorsFile
+from train.__main__ import parse
+from train.config import TrainConfig
+from train.data import DataError, scan_folder
+from train.loop import run
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = {"red": (230, 30, 30), "green": (30, 190, 60), "blue": (40, 60, 230), "yellow": (240, 210, 20)}
+
+
+# The smallest model of the SD architecture that exercises every part of training: a one-level UNet (a
+# cross-attention down block, the mid block, a cross-attention up block), a two-level VAE (8x8 latents of
+# 16x16 images) and a one-layer CLIP text encoder with the real tokenizer. Compile time (what dominates
+# these tests) grows with the number of layers, not their width.
+MICRO = {
+    "unet": dict(
+        block_out_channels=[32],
+        layers_per_block=1,
+        down_block_types=["CrossAttnDownBlock2D"],
+        up_block_types=["CrossAttnUpBlock2D"],
+        attention_head_dim=4,
+        cross_attention_dim=32,
+        norm_num_groups=8,
+        sample_size=8,
+    ),
+    "vae": dict(
+        block_out_channels=[8, 16],
+        layers_per_block=1,
+        down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2,
+        norm_num_groups=4,
+        sample_size=16,
+    ),
+    "text_encoder": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4),
+}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The MICRO model with random weights (norm scales and biases too), as a diffusers folder."""
+    import jax
+
+    from sdjax.bench.models import DATA, _random_like
+    from sdjax.convert.diffusers_folder import MODEL_COMPONENTS, abstract_params
+    from sdjax.nn.config_utils import read_json
+    from sdjax.pipeline import StableDiffusionPipeline
+    from sdjax.tokenizer import CLIPTokenizer
+
+    sd15 = DATA / "stable-diffusion-v1-5"
+    modules, params = {}, {}
+    for i, spec in enumerate(MODEL_COMPONENTS):
+        raw = dict(MICRO[spec.folder], **({"vocab_size": 49408} if spec.folder == "text_encoder" else {}))
+        module = spec.module_cls(spec.config_cls.from_dict(raw))
+        modules[spec.folder] = module
+        params[spec.folder] = jax.tree.map(jax.numpy.asarray, _random_like(abstract_params(module), seed=i))
+    pipe = StableDiffusionPipeline(
+        **modules,
+        tokenizer=CLIPTokenizer.from_folder(sd15 / "tokenizer"),
+        scheduler_config=read_json(sd15 / "scheduler" / "scheduler_config.json"),
+        params=params,
+        dtype=jax.numpy.dtype("float32"),
+    )
+    return pipe.save_pretrained(tmp_path_factory.mktemp("train") / "base")
+
+
+def make_squares(folder: Path, sidecars: bool = False) -> Path:
+    """Four 72x80 images of coloured squares on white, captioned 'a <colour> square'."""
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i, (name, rgb) in enumerate(COLOURS.items()):
+        pixels = np.full((72, 80, 3), 255, np.uint8)
+        pixels[16 + 4 * i : 56, 20:60] = rgb
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        if sidecars:
+            (folder / f"{i}.txt").write_text(f"a {name} square\n")
+        records.append({"file_name": f"{i}.png", "text": f"a {name} square"})
+    if not sidecars:
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def squares(tmp_path_factory):
+    return make_squares(tmp_path_factory.mktemp("squares"))
+
+
+def losses(output: Path) -> np.ndarray:
+    return np.array([json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()])
+
+
+def weights(path: Path) -> dict[str, np.ndarray]:
+    f = SafetensorsFile(path)
+    return {k: np.array(f[k]) for k in f}
+
+
+def cli(*args: str, devices: int | None = None, env: dict | None = None, **popen) -> list[str] | subprocess.Popen:
+    environment = {**os.environ, **(env or {})}
+    if devices:
+        environment["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    command = [sys.executable, "-m", "train", *args]
+    return subprocess.Popen(command, cwd=ROOT, env=environment, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    _, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
+COMMON = ("--resolution", "16", "--progress", "false", "--log-every", "1", "--sample-prompts", "")
+
+
+def run_args(config: str, base: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """The command line of a run of configs/CONFIG.py's tiny variant on `base` and `data`, into `out`."""
+    return [
+        "--config",
+        f"configs/{config}.py:tiny",
+        "--model",
+        str(base),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        *COMMON,
+        *extra,
+    ]
+
+
+FULL = pytest.mark.xdist_group(name="train_full")  # tests sharing a module fixture run on one worker
+EIGHT = pytest.mark.xdist_group(name="train_eight")
+
+
+# ---------------------------------------------------------------------------------------------- config + data
+
+
+def test_command_line_overrides_a_config_file_and_refuses_unknown_keys():
+    config = parse(
+        [
+            "--config",
+            "configs/sd15_lora.py:tiny",
+            "--learning-rate",
+            "3e-4",
+            "--lora-rank",
+            "8",
+            "--random-flip",
+            "false",
+            "--sample-prompts",
+            "a cat,a dog",
+        ]
+    )
+    assert (config.mode, config.learning_rate, config.lora_rank) == ("lora", 3e-4, 8)
+    assert config.random_flip is False and config.sample_prompts == ("a cat", "a dog")
+    assert config.model == "random:tiny"
+    with pytest.raises(ValueError, match="unknown option --learning-rat"):
+        parse(["--learning-rat", "1"])
+    with pytest.raises(ValueError, match="mode must be one of"):
+        parse(["--mode", "bogus"])
+    for name in ("sd15_full", "sd15_lora", "sd15_dreambooth", "sd15_textual_inversion"):
+        assert parse(["--config", f"configs/{name}.py"]).resolution == 512
+        assert parse(["--config", f"configs/{name}.py:tiny"]).model == "random:tiny"
+
+
+def test_data_folders_bad_images_and_missing_captions(tmp_path):
+    meta = scan_folder(make_squares(tmp_path / "meta"))
+    side = scan_folder(make_squares(tmp_path / "side", sidecars=True))
+    assert [e.caption for e in meta] == [e.caption for e in side] == [f"a {c} square" for c in COLOURS]
+    (tmp_path / "side" / "2.txt").unlink()
+    with pytest.raises(DataError, match=r"no caption for .*2\.png"):
+        scan_folder(tmp_path / "side")
+    assert len(scan_folder(tmp_path / "side", skip_bad=True)) == 3
+    (tmp_path / "meta" / "1.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"cannot read image .*1\.png"):
+        scan_folder(tmp_path / "meta")
+    assert [e.path.name for e in scan_folder(tmp_path / "meta", skip_bad=True)] == ["0.png", "2.png", "3.png"]
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, base, squares, capsys):
+    from train.__main__ import main
+
+    out = str(tmp_path / "o")
+    cases = [
+        (["--data", str(tmp_path / "missing"), "--output", out, "--model", str(base)], "does not exist"),
+        (["--data", str(squares), "--output", out, "--model", str(tmp_path / "nope")], "does not exist"),
+        (["--steps", "many"], "takes a int"),
+        (
+            ["--data", str(squares), "--output", out, "--model", str(base), "--mode", "textual_inversion"],
+            "placeholder token",
+        ),
+        (["--data", str(squares), "--output", out, "--model", str(base), "--mode", "dreambooth"], "--class-prompt"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and message in lines[0], lines
+    proc = subprocess.run([sys.executable, "-m", "train", "--bogus", "1"], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "python -m train: error: unknown option --bogus; see `python -m train --help` for the config keys"
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- full fine-tune
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, base, squares):
+    """60 steps of the tiny full fine-tune config on 4 images (EMA on), in this process."""
+    out = tmp_path_factory.mktemp("full") / "run"
+    config = parse(
+        run_args(
+            "sd15_full",
+            base,
+            squares,
+            out,
+            "--steps",
+            "60",
+            "--checkpoint-every",
+            "30",
+            "--sample-prompts",
+            "a red square",
+            "--sample-steps",
+            "3",
+        )
+    )
+    run(config)
+    return out
+
+
+@FULL
+def test_overfitting_four_images_halves_the_loss(full_run):
+    values = losses(full_run)
+    assert len(values) == 60
+    first, last = values[:10].mean(), values[-10:].mean()
+    print(f"loss: first 10 steps {first:.4f}, last 10 {last:.4f}")
+    assert last <= 0.5 * first, (first, last)
+    assert (full_run / "loss.png").is_file()
+    assert sorted(p.name for p in (full_run / "checkpoints").iterdir() if p.name.isdigit()) == ["30", "60"]
+    assert (full_run / "samples" / "step-000060-0.png").is_file()
+
+
+@FULL
+def test_full_export_loads_in_diffusers_and_sdjax(full_run, base):
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    final = full_run / "final"
+    ours = sdjax.load_pipeline(final)
+    theirs = UNet2DConditionModel.from_pretrained(final / "unet").eval()
+    x = np.random.default_rng(0).standard_normal((1, 8, 8, 4)).astype(np.float32)
+    ctx = np.random.default_rng(1).standard_normal((1, 77, 32)).astype(np.float32)  # MICRO's context width
+    mine = np.asarray(ours.unet.apply({"params": ours.params["unet"]}, x, np.array([500.0]), ctx))
+    with torch.no_grad():
+        ref = theirs(torch.from_numpy(x.transpose(0, 3, 1, 2)), 500, torch.from_numpy(ctx)).sample.numpy()
+    assert rel_l2(mine, ref.transpose(0, 2, 3, 1)) <= 1e-5
+    before = sdjax.load_pipeline(base).params["unet"]["conv_in"]["kernel"]
+    assert not np.allclose(ours.params["unet"]["conv_in"]["kernel"], before)
+
+
+# ---------------------------------------------------------------------------------------------- 8 devices, 2 hosts
+
+
+def _run_args(base, data, out, *extra):
+    return run_args(
+        "sd15_full",
+        base,
+        data,
+        out,
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "--grad-accum",
+        "2",
+        "--ema-decay",
+        "0",
+        "--checkpoint-every",
+        "4",
+        *extra,
+    )
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory, base, squares):
+    out = tmp_path_factory.mktemp("eight") / "run"
+    finish(cli(*_run_args(base, squares, out, "--mesh", "data=2,fsdp=4"), devices=8))
+    return out
+
+
+@EIGHT
+def test_eight_devices_with_fsdp_match_one_device(tmp_path, base, squares, eight_devices):
+    one = tmp_path / "one"
+    run(parse(list(_run_args(base, squares, one))))
+    a, b = losses(one), losses(eight_devices)
+    print("losses, 1 device:", a, "8 devices:", b)
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+    mine, theirs = (
+        weights(one / "final/unet/diffusion_pytorch_model.safetensors"),
+        weights(eight_devices / "final/unet/diffusion_pytorch_model.safetensors"),
+    )
+    worst = max(rel_l2(theirs[k], mine[k]) for k in mine)
+    print(f"largest relative parameter difference: {worst:.2e}")
+    assert worst <= 1e-5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@EIGHT
+def test_two_processes_match_one_process_with_eight_devices(tmp_path, base, squares, eight_devices):
+    out = tmp_path / "two"
+    port = _free_port()
+    procs = [
+        cli(
+            *_run_args(
+                base,
+                squares,
+                out,
+                "--mesh",
+                "data=2,fsdp=4",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ),
+            devices=4,
+        )
+        for i in range(2)
+    ]
+    for proc in procs:
+        finish(proc)
+    np.testing.assert_allclose(losses(out), losses(eight_devices), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- kill and resume
+
+_SLOW_FINALIZE = """
+import asyncio, os, runpy, sys
+from orbax.checkpoint._src.path import atomicity
+original = atomicity.AtomicRenameTemporaryPath.finalize
+async def slow_finalize(self):
+    if self.get_final().name == os.environ["SLOW_STEP"]:
+        await asyncio.sleep(120)
+    return await original(self)
+atomicity.AtomicRenameTemporaryPath.finalize = slow_finalize
+sys.argv = ["train", *sys.argv[1:]]
+runpy.run_module("train", run_name="__main__")
+"""
+
+
+def _kill_args(base, squares, out):
+    return run_args("sd15_full", base, squares, out, "--steps", "8", "--checkpoint-every", "2", "--random-flip", "true")
+
+
+def _wait_for(condition, proc, timeout=300.0):
+    t0 = time.time()
+    while not condition():
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        assert time.time() - t0 < timeout
+        time.sleep(0.05)
+
+
+def test_killed_runs_resume_bit_identical(tmp_path, base, squares):
+    """A run SIGKILLed at a random step, restarted, SIGKILLed again while a checkpoint is being written,
+    and restarted again ends with exactly the parameters and losses of an uninterrupted run."""
+    reference = tmp_path / "uninterrupted"
+    run(parse(list(_kill_args(base, squares, reference))))  # in-process; its compiled step is cached for the rest
+
+    out = tmp_path / "killed"
+    stop_at = random.Random().randint(2, 5)
+    print(f"SIGKILL after step {stop_at}")
+    proc = cli(*_kill_args(base, squares, out))
+    metrics = out / "metrics.jsonl"
+    _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= stop_at, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "final").exists()
+
+    # restarted, and killed while checkpoint 6 is written (its files exist, the commit rename has not happened)
+    script = tmp_path / "slow_finalize.py"
+    script.write_text(_SLOW_FINALIZE)
+    env = {**os.environ, "SLOW_STEP": "6", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *_kill_args(base, squares, out)],
+        cwd=ROOT,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _wait_for(lambda: any((out / "checkpoints").glob("6.*")), proc)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "checkpoints" / "6").exists()
+    finish(cli(*_kill_args(base, squares, out)))
+
+    want = weights(reference / "final/unet/diffusion_pytorch_model.safetensors")
+    got = weights(out / "final/unet/diffusion_pytorch_model.safetensors")
+    assert want.keys() == got.keys()
+    assert all(np.array_equal(want[k], got[k]) for k in want)
+    np.testing.assert_array_equal(losses(out), losses(reference))
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory, base, squares):
+    out = tmp_path_factory.mktemp("lora") / "run"
+    run(
+        parse(
+            run_args(
+                "sd15_lora",
+                base,
+                squares,
+                out,
+                "--steps",
+                "12",
+                "--lora-text-encoder",
+                "true",
+                "--lora-alpha",
+                "8",
+                "--checkpoint-every",
+                "12",
+            )
+        )
+    )
+    return out
+
+
+def test_lora_export_matches_diffusers(lora_run, base):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    final = lora_run / "final"
+    pipe = sdjax.load_pipeline(base)
+    trained = pipe.load_lora(final / "pytorch_lora_weights.safetensors")
+    kohya = pipe.load_lora(final / "pytorch_lora_weights_kohya.safetensors")
+    ref = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    ref.load_lora_weights(final)
+    ref.fuse_lora(lora_scale=1.0)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    ids = pipe.tokenizer(["a red square", "a blue square"])
+    with torch.no_grad():
+        ctx_ref = ref.text_encoder(torch.from_numpy(ids.astype(np.int64)))[0]
+        unet_ref = (
+            ref.unet(torch.from_numpy(x.transpose(0, 3, 1, 2)), 300, ctx_ref).sample.numpy().transpose(0, 2, 3, 1)
+        )
+    for variant in (trained, kohya):
+        ctx = variant.text_encoder.apply({"params": variant.params["text_encoder"]}, ids)[0]
+        assert rel_l2(ctx, ctx_ref.numpy()) <= 1e-5
+        out = variant.unet.apply({"params": variant.params["unet"]}, x, np.array([300.0, 300.0]), ctx_ref.numpy())
+        assert rel_l2(out, unet_ref) <= 1e-5
+    before = pipe.unet.apply({"params": pipe.params["unet"]}, x, np.array([300.0, 300.0]), ctx_ref.numpy())
+    assert rel_l2(before, unet_ref) > 1e-3  # the LoRA did change the UNet
+
+
+# ---------------------------------------------------------------------------------------------- DreamBooth, TI
+
+
+def _image(pipe, prompt):
+    return pipe.generate(prompt, num_inference_steps=4, seed=3, height=16, width=16, mesh=None)[0].astype(np.int32)
+
+
+def test_dreambooth_output_loads_and_changes_the_images(tmp_path, base, squares):
+    out = tmp_path / "db"
+    run(parse(run_args("sd15_dreambooth", base, squares, out, "--steps", "6")))
+    assert len(list((out / "class_images").glob("*.png"))) == 4
+    prompt = "a photo of sks square"
+    before, after = _image(sdjax.load_pipeline(base), prompt), _image(sdjax.load_pipeline(out / "final"), prompt)
+    print("mean |after - before|:", np.abs(after - before).mean())
+    assert np.abs(after - before).mean() > 1.0
+
+
+def test_textual_inversion_output_loads_and_changes_the_images(tmp_path, base, squares):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "ti"
+    run(
+        parse(
+            run_args(
+                "sd15_textual_inversion",
+                base,
+                squares,
+                out,
+                "--steps",
+                "15",
+                "--initializer-token",
+                "square",
+                "--placeholder-token",
+                "<sq>",
+                "--instance-prompt",
+                "a photo of a <sq>",
+            )
+        )
+    )
+    embeds = out / "final" / "learned_embeds.safetensors"
+    learned = weights(embeds)["<sq>"]
+    pipe = sdjax.load_pipeline(base)
+    start = np.asarray(pipe.params["text_encoder"]["embeddings.token_embedding"]["embedding"])[
+        pipe.tokenizer.encode_plain("square")[0]
+    ]
+    assert learned.shape == (1, 32) and not np.allclose(learned[0], start)
+    with_ti = pipe.load_textual_inversion(embeds)
+    initial = pipe.load_textual_inversion(_embedding_file(tmp_path / "init.safetensors", "<sq>", start[None]))
+    prompt = "a photo of a <sq>"
+    assert np.abs(_image(with_ti, prompt) - _image(initial, prompt)).mean() > 1.0
+    ref = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, requires_safety_checker=False)
+    ref.load_textual_inversion(embeds)
+    ids = ref.tokenizer(prompt, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        theirs = ref.text_encoder(ids)[0].numpy()
+    ours = with_ti.text_encoder.apply({"params": with_ti.params["text_encoder"]}, with_ti.tokenizer([prompt]))[0]
+    assert rel_l2(ours, theirs) <= 1e-5
+
+
+def _embedding_file(path: Path, token: str, vectors: np.ndarray) -> Path:
+    from sdjax.convert.safetensors_io import save_safetensors
+
+    save_safetensors(path, {token: np.asarray(vectors, np.float32)})
+    return path
+
+
+def test_config_defaults_are_sane():
+    config = TrainConfig()
+    assert config.mode == "full" and config.dtype == "float32" and config.remat == "none"

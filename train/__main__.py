@@ -1,0 +1,79 @@
+"""python -m train: fine-tune (or train from scratch) a Stable Diffusion model with sdjax.
+
+    python -m train --model PATH --data DIR --output DIR [--config configs/NAME.py[:tiny]]
+        [--mode full|lora|dreambooth|textual_inversion|vae] [--steps N] [--batch-size B]
+        [--learning-rate LR] [--resolution R] [--mesh data=2,fsdp=4] [--checkpoint-every K] [--seed S]
+        [--any-config-key VALUE ...]
+
+Every field of train.config.TrainConfig is an option (underscores or dashes). Running the same command
+again resumes from the latest checkpoint in OUTPUT. Errors print one line on stderr and exit with 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from train.config import FIELDS, TrainConfig, from_args, load_config_file
+
+
+def _usage() -> str:
+    fields = "\n".join(f"  --{name.replace('_', '-')} (default {f.default!r})" for name, f in FIELDS.items())
+    return __doc__ + "\nOptions:\n  --config FILE[:VARIANT]\n" + fields + "\n"
+
+
+def parse(argv: list[str]) -> TrainConfig:
+    """argv -> TrainConfig: the --config file's config (or the defaults) with every --key value on top."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(_usage())
+        raise SystemExit(0)
+    pairs, config_spec = [], None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}; options are --key value (see --help)")
+        name, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ValueError(f"--{name} needs a value")
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        if name == "config":
+            config_spec = value
+        else:
+            pairs.append((name, value))
+    config = load_config_file(config_spec) if config_spec else TrainConfig()
+    return from_args(config, pairs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger("train")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        config = parse(argv)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"python -m train: error: {err}", file=sys.stderr)
+        return 2
+    from sdjax import sharding
+
+    try:
+        sharding.initialize_distributed(config.coordinator, config.num_processes, config.process_id)
+        from train.loop import run
+
+        final = run(config)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"python -m train: error: {str(err).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(f"done: {final}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,270 @@
+"""What a run trains: the model it starts from, the trainable part of the parameters per mode, and how the
+trainable and frozen parts are put back together for a forward pass.
+
+Trainable pytrees per mode:
+  full / dreambooth   {"unet": ...} (+ {"text_encoder": ...} with train_text_encoder)
+  lora (or dreambooth with lora)  {"lora": {"unet": {path: {"A", "B"}}, "text_encoder": {...}}}
+  textual_inversion   {"embeddings": (num_vectors, D)}: the new token rows only
+  vae                 {"vae": ...}
+Everything else is frozen. LoRA factors use `sdjax.convert.lora`'s layout (A (in, r) or (kh, kw, in, r),
+B (r, out)), so the adapter applies through `apply_adapters` and exports to PEFT/kohya files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import sdjax
+from sdjax.convert.lora import apply_adapters
+from sdjax.convert.textual_inversion import add_embedding
+from sdjax.pipeline import StableDiffusionPipeline
+from sdjax.schedulers import from_diffusers_config
+from sdjax.schedulers._common import NoiseSchedule
+from train.config import TrainConfig
+
+TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+class SetupError(ValueError):
+    """A run that cannot start as configured (one line)."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Setup:
+    """The static side of a run: modules (with the compute dtype), tokenizer, noise schedule, LoRA
+    multiplier, textual-inversion token ids. Hashable by identity, so it can be a static jit argument."""
+
+    config: TrainConfig
+    pipe: StableDiffusionPipeline  # float32 parameters: the starting point (frozen parts live here)
+    unet: Any  # the modules in the compute dtype
+    vae: Any
+    text_encoder: Any
+    schedule: NoiseSchedule
+    token_ids: tuple[int, ...] = ()  # textual inversion: ids of the new tokens
+    lora_multiplier: float = 1.0
+
+    @property
+    def prediction_type(self) -> str:
+        return self.schedule.prediction_type
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.pipe.vae.config.scaling_factor)
+
+    @property
+    def latent_size(self) -> int:
+        return self.config.resolution // self.pipe.vae_scale_factor
+
+
+def _fresh_components(folder: Path, components, seed: int) -> tuple[dict, dict]:
+    """(modules, params) for `components`, from the configs in `folder`, with the modules' own
+    initialisers (Flax defaults: LeCun-normal kernels, zero biases, unit norm scales) keyed by `seed`."""
+    from sdjax.convert.diffusers_folder import MODEL_COMPONENTS
+    from sdjax.nn.config_utils import read_json
+
+    modules, params = {}, {}
+    for i, spec in enumerate(MODEL_COMPONENTS):
+        if spec.folder not in components:
+            continue
+        raw = read_json(folder / spec.folder / "config.json")
+        module = spec.module_cls(spec.config_cls.from_dict(raw, what=f"{folder / spec.folder}/config.json"))
+        key = jax.random.fold_in(jax.random.key(seed), i)
+        params[spec.folder] = jax.jit(module.init)(key, *module.dummy_inputs())["params"]
+        modules[spec.folder] = module
+    return modules, params
+
+
+def _architecture_pipeline(folder: Path, seed: int) -> StableDiffusionPipeline:
+    from sdjax.nn.config_utils import read_json
+    from sdjax.tokenizer import CLIPTokenizer
+
+    for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (folder / part).is_dir():
+            raise SetupError(f"architecture folder {folder} has no {part}/ (a diffusers folder of configs is needed)")
+    modules, params = _fresh_components(folder, ("unet", "vae", "text_encoder"), seed)
+    return StableDiffusionPipeline(
+        unet=modules["unet"],
+        vae=modules["vae"],
+        text_encoder=modules["text_encoder"],
+        tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
+        scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
+        params=params,
+        dtype=jnp.dtype(jnp.float32),
+        source=folder,
+    )
+
+
+def load_start(config: TrainConfig) -> StableDiffusionPipeline:
+    """The float32 pipeline a run starts from: `--model` (a path, or random:ARCH for random weights of a
+    shipped architecture such as random:tiny), with the `scratch` components freshly initialised from the
+    architecture folder; every component is fresh when there is no model."""
+    if config.model is None:
+        if config.architecture is None:
+            raise SetupError("no model given: pass --model PATH (a diffusers folder or a single-file checkpoint)")
+        return _architecture_pipeline(Path(config.architecture).expanduser(), config.seed)
+    if config.model.startswith("random:"):
+        from sdjax.bench.models import random_pipeline
+
+        pipe = random_pipeline(config.model.removeprefix("random:"), seed=config.seed)
+    else:
+        pipe = sdjax.load_pipeline(Path(config.model).expanduser())
+    if not config.scratch:
+        return pipe
+    folder = Path(config.architecture).expanduser() if config.architecture else pipe.source
+    if folder is None:
+        raise SetupError("scratch components need --architecture DIR (a diffusers folder of configs)")
+    modules, params = _fresh_components(folder, config.scratch, config.seed)
+    return dataclasses.replace(pipe, **modules, params={**pipe.params, **params})
+
+
+def make_setup(config: TrainConfig, pipe: StableDiffusionPipeline) -> Setup:
+    """Adds the textual-inversion tokens when needed and builds the compute-dtype modules."""
+    dtype = jnp.dtype(config.dtype)
+    token_ids: tuple[int, ...] = ()
+    if config.mode == "textual_inversion":
+        pipe, token_ids = _add_placeholder(config, pipe)
+    schedule = from_diffusers_config(pipe.scheduler_config).schedule
+    multiplier = config.lora_alpha / config.lora_rank
+    remat = None if config.remat == "none" else config.remat
+    return Setup(
+        config=config,
+        pipe=pipe,
+        unet=pipe.unet.clone(dtype=dtype, remat=remat),
+        vae=pipe.vae.clone(dtype=dtype),
+        text_encoder=pipe.text_encoder.clone(dtype=dtype),
+        schedule=schedule,
+        token_ids=token_ids,
+        lora_multiplier=multiplier,
+    )
+
+
+def _add_placeholder(config: TrainConfig, pipe: StableDiffusionPipeline):
+    """The pipeline with `num_vectors` new tokens for the placeholder, initialised from the initializer
+    token's embedding (or the mean embedding), as diffusers' textual_inversion.py."""
+    tokenizer, te = pipe.tokenizer, pipe.params["text_encoder"]
+    table = np.asarray(te["embeddings.token_embedding"]["embedding"], np.float32)
+    if config.initializer_token:
+        ids = tokenizer.encode_plain(config.initializer_token)
+        if len(ids) != 1:
+            raise SetupError(
+                f"initializer_token {config.initializer_token!r} is {len(ids)} tokens; choose a single-token word"
+            )
+        row = table[ids[0]]
+    else:
+        row = table.mean(axis=0)
+    vectors = np.repeat(row[None], config.num_vectors, axis=0)
+    try:
+        tokenizer, text_encoder, te = add_embedding(tokenizer, pipe.text_encoder, te, config.placeholder_token, vectors)
+    except ValueError as err:
+        raise SetupError(str(err)) from None
+    rows = table.shape[0]
+    pipe = dataclasses.replace(
+        pipe, tokenizer=tokenizer, text_encoder=text_encoder, params={**pipe.params, "text_encoder": te}
+    )
+    return pipe, tuple(range(rows, rows + config.num_vectors))
+
+
+# ------------------------------------------------------------------------------------------ trainable
+
+
+def _lora_targets(params, targets: tuple[str, ...]) -> list[tuple[str, ...]]:
+    """Module paths (kernel owners) whose last name is one of `targets`, e.g. ("...", "attn1", "to_q")."""
+    found = []
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        path = tuple(k.key for k in key_path)
+        if path[-1] == "kernel" and len(path) >= 2 and path[-2] in targets and leaf.ndim in (2, 4):
+            found.append(path[:-1])
+    return found
+
+
+def init_lora(setup: Setup, key: jax.Array) -> dict:
+    """LoRA factors for every target module: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PEFT's kaiming
+    uniform with a = sqrt(5)), B = 0, so training starts from the unchanged model."""
+    cfg = setup.config
+    parts = {"unet": cfg.lora_targets}
+    if cfg.lora_text_encoder:
+        parts["text_encoder"] = TEXT_LORA_TARGETS
+    out: dict[str, dict] = {}
+    for p, (part, targets) in enumerate(parts.items()):
+        params = setup.pipe.params[part]
+        paths = _lora_targets(params, targets)
+        if not paths:
+            raise SetupError(f"no {part} module matches lora_targets {targets}")
+        entries = {}
+        for i, path in enumerate(paths):
+            kernel = params
+            for name in (*path, "kernel"):
+                kernel = kernel[name]
+            shape = kernel.shape
+            fan_in = int(np.prod(shape[:-1]))
+            a_shape = (*shape[:-1], cfg.lora_rank)
+            k = jax.random.fold_in(jax.random.fold_in(key, p), i)
+            bound = 1.0 / np.sqrt(fan_in)
+            entries["/".join(path)] = {
+                "A": jax.random.uniform(k, a_shape, jnp.float32, -bound, bound),
+                "B": jnp.zeros((cfg.lora_rank, shape[-1]), jnp.float32),
+            }
+        out[part] = entries
+    return out
+
+
+def split_params(setup: Setup, key: jax.Array) -> tuple[dict, dict]:
+    """(trainable, frozen) float32 pytrees for the run's mode; frozen holds only what the loss reads."""
+    cfg = setup.config
+    params = setup.pipe.params
+    need_vae = not cfg.cache_latents
+    frozen: dict[str, Any] = {}
+    if cfg.mode == "vae":
+        return {"vae": params["vae"]}, {}
+    if need_vae:
+        frozen["vae"] = params["vae"]
+    if cfg.uses_lora:
+        frozen["unet"] = params["unet"]
+        frozen["text_encoder"] = params["text_encoder"]
+        return {"lora": init_lora(setup, key)}, frozen
+    if cfg.mode == "textual_inversion":
+        frozen["unet"] = params["unet"]
+        frozen["text_encoder"] = params["text_encoder"]
+        table = params["text_encoder"]["embeddings.token_embedding"]["embedding"]
+        return {"embeddings": jnp.asarray(table[setup.token_ids[0] : setup.token_ids[-1] + 1])}, frozen
+    trainable = {"unet": params["unet"]}
+    if cfg.train_text_encoder:
+        trainable["text_encoder"] = params["text_encoder"]
+    else:
+        frozen["text_encoder"] = params["text_encoder"]
+    return trainable, frozen
+
+
+def assemble(setup: Setup, trainable: dict, frozen: dict) -> dict:
+    """The model parameters a forward pass uses: frozen parts with the trainable part put in (LoRA merged,
+    new embedding rows appended)."""
+    params = {**frozen}
+    if "lora" in trainable:
+        adapter = {
+            part: {k: {**m, "multiplier": jnp.float32(setup.lora_multiplier)} for k, m in modules.items()}
+            for part, modules in trainable["lora"].items()
+        }
+        return apply_adapters(params, [adapter], jnp.ones((1,), jnp.float32))
+    if "embeddings" in trainable:
+        te = params["text_encoder"]
+        table = te["embeddings.token_embedding"]["embedding"]
+        rows = table.shape[0] - len(setup.token_ids)
+        grown = jnp.concatenate([table[:rows], trainable["embeddings"].astype(table.dtype)], axis=0)
+        params["text_encoder"] = {**te, "embeddings.token_embedding": {"embedding": grown}}
+        return params
+    params.update(trainable)
+    return params
+
+
+def trained_pipeline(setup: Setup, trainable: dict) -> StableDiffusionPipeline:
+    """The float32 pipeline with the trained parameters in place (LoRA merged), for samples and export."""
+    frozen = {part: setup.pipe.params[part] for part in ("unet", "vae", "text_encoder")}
+    params = assemble(setup, jax.device_get(trainable), frozen)
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+    return dataclasses.replace(setup.pipe, params=params)

@@ -1,0 +1,102 @@
+"""Training losses: the diffusion (noise-prediction) loss of the UNet and the VAE's reconstruction + KL loss.
+
+A micro-batch is a dict of per-row arrays (leading axis b): "ids" (b, 77) token ids, "pixels" (b, R, R, 3)
+in [-1, 1] or "moments" (b, h, w, 2C) cached VAE posteriors, "row" int32 (b,) a row id unique within the
+run (it keys the row's randomness), "weight" float32 (b,) the row's loss weight (1 for instance images,
+prior_loss_weight for DreamBooth class images, 0 for padding) and "count" (b,) 1 for the rows the loss is
+averaged over (instance images). Losses come back as (sum of weight * row loss, sum of count), so that
+micro-batches and devices add up to the exact mean over the whole update.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from sdjax.schedulers._common import alphas_cumprod
+
+
+def _row_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
+    return jax.vmap(lambda r: jax.random.fold_in(key, r))(rows)
+
+
+def _split(keys_B: jax.Array, n: int) -> tuple[jax.Array, ...]:
+    return tuple(jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys_B) for i in range(n))
+
+
+def _normal(keys_B, shape) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys_B)
+
+
+def latents_of(setup, params, batch, keys_B) -> jax.Array:
+    """Scaled VAE posterior samples (b, h, w, C) float32 of the micro-batch's images (or cached moments)."""
+    if "moments" in batch:
+        mean, logvar = jnp.split(batch["moments"].astype(jnp.float32), 2, axis=-1)
+    else:
+        mean, logvar = setup.vae.apply({"params": params["vae"]}, batch["pixels"], method="encode")
+        mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
+    eps = _normal(keys_B, mean.shape[1:])
+    return jax.lax.stop_gradient((mean + jnp.exp(0.5 * logvar) * eps) * setup.scaling_factor)
+
+
+def snr_weights(alpha_bar_B: jax.Array, gamma: float, prediction_type: str) -> jax.Array:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) as diffusers' training scripts: min(SNR, gamma) / SNR
+    for epsilon, / (SNR + 1) for v-prediction, unnormalised for sample prediction."""
+    snr = alpha_bar_B / (1.0 - alpha_bar_B)
+    clipped = jnp.minimum(snr, gamma)
+    if prediction_type == "epsilon":
+        return clipped / snr
+    if prediction_type == "v_prediction":
+        return clipped / (snr + 1.0)
+    return clipped
+
+
+def diffusion_loss(setup, params, batch, key) -> tuple[jax.Array, jax.Array]:
+    """Noise-prediction loss of one micro-batch: (sum of weight * per-row MSE, sum of count).
+
+    Per row (randomness from `key` folded with the row id): a posterior sample of the image's latents x0,
+    noise eps (plus `noise_offset` * per-channel noise), a uniform timestep t in [0, T), x_t =
+    sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; the UNet's prediction at (x_t, t, text) is compared with eps
+    (epsilon models), v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (v_prediction) or x0 (sample), in
+    float32, optionally min-SNR weighted.
+    """
+    cfg = setup.config
+    keys = _row_keys(key, batch["row"])
+    latent_keys, noise_keys, offset_keys, time_keys = _split(keys, 4)
+    x0 = latents_of(setup, params, batch, latent_keys)
+    noise = _normal(noise_keys, x0.shape[1:])
+    if cfg.noise_offset:
+        noise = noise + cfg.noise_offset * _normal(offset_keys, (1, 1, x0.shape[-1]))
+    train_steps = setup.schedule.num_train_timesteps
+    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, train_steps))(time_keys)
+    abar = jnp.asarray(alphas_cumprod(setup.schedule))[t]
+    a = abar[:, None, None, None]
+    noisy = jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
+    context = setup.text_encoder.apply({"params": params["text_encoder"]}, batch["ids"])[0]
+    pred = setup.unet.apply({"params": params["unet"]}, noisy, t, context).astype(jnp.float32)
+    if setup.prediction_type == "epsilon":
+        target = noise
+    elif setup.prediction_type == "v_prediction":
+        target = jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * x0
+    else:
+        target = x0
+    per_row = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
+    if cfg.min_snr_gamma:
+        per_row = per_row * snr_weights(abar, cfg.min_snr_gamma, setup.prediction_type)
+    return jnp.sum(per_row * batch["weight"]), jnp.sum(batch["count"])
+
+
+def vae_loss(setup, params, batch, key) -> tuple[jax.Array, jax.Array]:
+    """VAE loss of one micro-batch: per row, the pixel MSE of the reconstruction from a posterior sample
+    plus kl_weight * KL(q(z|x) || N(0, I)) (summed over latent elements, as diffusers' `kl()`)."""
+    cfg = setup.config
+    keys = _row_keys(key, batch["row"])
+    x = batch["pixels"]
+    mean, logvar = setup.vae.apply({"params": params["vae"]}, x, method="encode")
+    mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
+    z = mean + jnp.exp(0.5 * logvar) * _normal(keys, mean.shape[1:])
+    recon = setup.vae.apply({"params": params["vae"]}, z, method="decode").astype(jnp.float32)
+    mse = jnp.mean(jnp.square(recon - x.astype(jnp.float32)), axis=(1, 2, 3))
+    kl = 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))
+    per_row = mse + cfg.kl_weight * kl
+    return jnp.sum(per_row * batch["weight"]), jnp.sum(batch["count"])
