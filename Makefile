@@ -24,22 +24,23 @@ install: $(VENV)/.runtime
 
 install-test: $(VENV)/.test
 
-# make sample MODEL=path/to/model PROMPT="a photo of an astronaut riding a horse" [ARGS="--steps 20 -n 2"]
-PROMPT ?= a photo of an astronaut riding a horse
+# make sample [PROMPT="an emoji of red apple"] [MODEL=path/to/model] [ARGS="--steps 20 -n 2"]
+# Without MODEL: the bundled 64x64 emoji demo model.
+PROMPT ?= an emoji of red apple
 sample: install
-	@test -n "$(MODEL)" || { echo "make sample: set MODEL=PATH (a diffusers folder or a single-file .safetensors checkpoint)" >&2; exit 2; }
-	$(BIN)/python sample.py "$(PROMPT)" --model "$(MODEL)" --out outputs $(ARGS)
+	$(BIN)/python sample.py "$(PROMPT)" $(if $(MODEL),--model "$(MODEL)") --out outputs $(ARGS)
 
 lint: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# Two workers (one per core), tests grouped (xdist_group) where they share costly module fixtures.
+# One pytest process per test file, two at a time (one per core), heaviest files first; a summary table
+# of seconds per file at the end. One file: $(BIN)/pytest tests/test_x.py
 test: lint
-	$(BIN)/pytest -q -n 2 --dist loadgroup
+	$(BIN)/python tests/run_suite.py --jobs 2 -- --durations=5
 
 test-slow: install-test
-	SDJAX_TEST_XLA_OPT=full $(BIN)/pytest -q -m slow -s
+	SDJAX_TEST_XLA_OPT=full $(BIN)/python tests/run_suite.py --jobs 1 -- -m slow -s --durations=0
 
 format: install-test
 	$(BIN)/ruff format .

@@ -1,5 +1,6 @@
 """sdjax command line: prompts in, PNG files out.
 
+    python sample.py "an emoji of red apple"                  # the bundled 64x64 demo model
     python sample.py "a photo of an astronaut riding a horse" --model PATH [options]
     python sample.py --prompts-file prompts.txt --model PATH -n 4 --out outputs/
 
@@ -27,7 +28,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("prompt", nargs="?", help="the prompt (A1111 emphasis, BREAK and <lora:name:w> tags allowed)")
-    p.add_argument("--model", required=True, help="a diffusers-format folder or a single-file .safetensors")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="a diffusers-format folder or a single-file .safetensors (default: the bundled 64x64 emoji demo model)",
+    )
     p.add_argument("--config", default=None, help="single files: a diffusers folder deciding the architecture")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None)
     p.add_argument("--vae", default=None, help="a VAE file (LDM .safetensors) or diffusers VAE folder to use")
@@ -109,7 +114,7 @@ def load_model(args, progress: Progress):
     from sdjax.convert.lora import parse_lora_arg
 
     started = time.perf_counter()
-    progress.say(f"loading {args.model} ({args.dtype})")
+    progress.say(f"loading {args.model or 'the bundled demo model'} ({args.dtype})")
     pipe = sdjax.load_pipeline(
         args.model, dtype=args.dtype, config=args.config, prediction_type=args.prediction_type, vae=args.vae
     )
@@ -178,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(todo) < len(own):
         progress.say(f"{len(own) - len(todo)} of {len(own)} images already in {out}: skipping them")
 
-    model_name = Path(args.model).resolve().name
+    model_name = Path(args.model).resolve().name if args.model else "sdjax-demo"
     sampler = args.scheduler or base.scheduler_config.get("_class_name", "default")
     rows = -(-args.batch_size // hosts)  # this host's rows per batch
     rows = min(rows, len(todo)) if not multi else rows

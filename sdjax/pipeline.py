@@ -17,6 +17,9 @@ from sdjax.nn.unet import UNet2DConditionModel
 from sdjax.nn.vae import AutoencoderKL
 from sdjax.tokenizer import CLIPTokenizer
 
+# The bundled demo model (64x64 emoji, trained by sdjax's own train/; see the README): the default model.
+DEMO_MODEL = Path(__file__).resolve().parent / "data" / "demo"
+
 
 @dataclasses.dataclass(frozen=True)
 class StableDiffusionPipeline:
@@ -204,7 +207,8 @@ def load_pipeline(
     """Loads a Stable Diffusion model (SD 1.x, 2.x, inpainting) without torch.
 
     Args:
-      path: a diffusers-format folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
+      path: by default the bundled demo model (`DEMO_MODEL`: 64x64 emoji, "an emoji of red apple"); else a
+        diffusers-format folder (`model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
         `scheduler/`), or a single-file checkpoint in the original CompVis/Stability layout (`.safetensors`;
         `.ckpt`/`.pt` only through torch's weights-only loader).
       dtype: parameter and compute dtype: float32 (parity mode), bfloat16 or float16.
@@ -217,7 +221,12 @@ def load_pipeline(
         vae-ft-mse-840000-ema-pruned) or a diffusers VAE folder.
     """
     if path is None:
-        raise ValueError("no model path given: pass the path of a diffusers-format Stable Diffusion folder")
+        if not (DEMO_MODEL / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"the bundled demo model is missing from {DEMO_MODEL}: reinstall sdjax, or pass the path of a "
+                "Stable Diffusion model"
+            )
+        path = DEMO_MODEL
     root = Path(path).expanduser()
     if not root.exists():
         raise FileNotFoundError(f"model path {root} does not exist")

@@ -1,6 +1,6 @@
 """The emoji data set of the bundled demo model: every emoji of Noto Color Emoji, 64x64 RGB on white.
 
-    python -m train.emoji_data --out data/emoji [--size 64] [--font PATH]
+    python -m train.emoji_data --out data/emoji [--size 64] [--font PATH] [--thumbnails F.npz]
 
 Each emoji the font draws as one glyph (ZWJ sequences and skin tones included) is rendered at the font's
 native 109 px, composited on white, centred on a square canvas and resized to --size (Lanczos). Captions
@@ -108,11 +108,28 @@ def build(out: Path, size: int = 64, font_path: Path = FONT) -> int:
     return len(records)
 
 
+def write_thumbnails(data_dir: Path, out: Path, size: int = 32) -> int:
+    """Writes every image of the data set at `size` x `size` (box filter) with its caption to one .npz:
+    `images` uint8 (N, size, size, 3), `captions` str (N,). The demo model's retrieval test compares
+    generated images against these. Returns N."""
+    records = [json.loads(line) for line in (data_dir / "metadata.jsonl").read_text().splitlines() if line]
+    images = np.stack(
+        [
+            np.asarray(Image.open(data_dir / r["file_name"]).convert("RGB").resize((size, size), Image.BOX))
+            for r in records
+        ]
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(out, images=images, captions=np.array([r["text"] for r in records]))
+    return len(records)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.emoji_data", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--font", default=str(FONT), help=f"the Noto Color Emoji font (default {FONT})")
+    p.add_argument("--thumbnails", help="also write the images at 32x32 with their captions to this .npz")
     args = p.parse_args(argv)
     try:
         count = build(Path(args.out), args.size, Path(args.font))
@@ -120,6 +137,9 @@ def main(argv=None) -> int:
         print(f"python -m train.emoji_data: error: {err}", file=sys.stderr)
         return 2
     print(f"{count} emoji written to {args.out}", file=sys.stderr)
+    if args.thumbnails:
+        write_thumbnails(Path(args.out), Path(args.thumbnails))
+        print(f"32x32 thumbnails written to {args.thumbnails}", file=sys.stderr)
     return 0
 
 

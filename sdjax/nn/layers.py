@@ -6,6 +6,7 @@ parameter path joined with "." is the PyTorch state-dict name (see `sdjax.conver
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -68,6 +69,56 @@ def layer_norm(epsilon: float, dtype, name: str) -> nn.LayerNorm:
 IM2COL_MAX_POSITIONS = 256
 
 
+def _conv_nhwc(x_BHWC, kernel_HWIO, stride: int, padding: int) -> jax.Array:
+    pad = ((padding, padding), (padding, padding))
+    return jax.lax.conv_general_dilated(
+        x_BHWC, kernel_HWIO, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x_BHWC: jax.Array, kernel_HWIO: jax.Array, stride: int, padding: int) -> jax.Array:
+    """A 2-D convolution (NHWC, HWIO, symmetric padding) whose gradients are matrix products.
+
+    XLA:CPU computes the kernel gradient of a convolution about 10x slower than the forward pass, and both
+    gradients another 5-10x slower inside a loop (`lax.scan`, as in gradient accumulation): 3 s instead of
+    0.04 s for one 64x64x32 layer at batch 16. Here the kernel gradient is one product per kernel tap
+    (strided window of the input against the output gradient) and the input gradient a convolution with
+    the flipped kernel (stride 1) or a sum of per-tap products (stride 2): 0.17 s, in a loop or not, equal
+    to XLA's gradients up to float rounding.
+    """
+    return _conv_nhwc(x_BHWC, kernel_HWIO, stride, padding)
+
+
+def _conv2d_fwd(x_BHWC, kernel_HWIO, stride, padding):
+    return _conv_nhwc(x_BHWC, kernel_HWIO, stride, padding), (x_BHWC, kernel_HWIO)
+
+
+def _conv2d_bwd(stride, padding, residuals, dy_BHWO):
+    x_BHWC, kernel = residuals
+    k = kernel.shape[0]
+    h_out, w_out = dy_BHWO.shape[1:3]
+    padded = jnp.pad(x_BHWC, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    rows = lambda i: slice(i, i + stride * (h_out - 1) + 1, stride)
+    cols = lambda j: slice(j, j + stride * (w_out - 1) + 1, stride)
+    taps = [[jnp.einsum("bhwc,bhwo->co", padded[:, rows(i), cols(j)], dy_BHWO) for j in range(k)] for i in range(k)]
+    d_kernel = jnp.stack([jnp.stack(row) for row in taps]).astype(kernel.dtype)
+    if stride == 1:
+        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+        dx = _conv_nhwc(dy_BHWO, flipped.astype(dy_BHWO.dtype), 1, k - 1 - padding)
+    else:
+        d_padded = jnp.zeros(padded.shape, dy_BHWO.dtype)
+        for i in range(k):
+            for j in range(k):
+                tap = jnp.einsum("bhwo,co->bhwc", dy_BHWO, kernel[i, j].astype(dy_BHWO.dtype))
+                d_padded = d_padded.at[:, rows(i), cols(j)].add(tap)
+        dx = d_padded[:, padding : padding + x_BHWC.shape[1], padding : padding + x_BHWC.shape[2]]
+    return dx.astype(x_BHWC.dtype), d_kernel
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
 class Conv2d(nn.Module):
     """A 2-D convolution on NHWC input with PyTorch's symmetric padding; params `kernel` (HWIO) and `bias`."""
 
@@ -89,10 +140,7 @@ class Conv2d(nn.Module):
             patches = jnp.concatenate([padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], axis=-1)
             y = (patches.reshape(b * h * w, 9 * c) @ kernel.reshape(9 * c, self.features)).reshape(b, h, w, -1)
         else:
-            pad = ((self.padding, self.padding), (self.padding, self.padding))
-            y = jax.lax.conv_general_dilated(
-                x_BHWC, kernel, (self.stride, self.stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
-            )
+            y = conv2d(x_BHWC, kernel, self.stride, self.padding)
         return y + bias
 
 
