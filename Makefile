@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install install-test sample test test-slow lint format clean
+.PHONY: install install-test sample demo-model test test-slow lint format clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,16 @@ install-test: $(VENV)/.test
 PROMPT ?= an emoji of red apple
 sample: install
 	$(BIN)/python sample.py "$(PROMPT)" $(if $(MODEL),--model "$(MODEL)") --out outputs $(ARGS)
+
+# Rebuilds the bundled demo model (sdjax/data/demo) from scratch on this machine's CPU, about 1.5 hours:
+# the emoji data set (needs Debian's fonts-noto-color-emoji), the VAE, then the UNet and text encoder.
+demo-model: install-test
+	$(BIN)/pip install -q -e '.[train]'
+	$(BIN)/python -m train.emoji_data --out data/emoji --thumbnails tests/data/emoji_32.npz
+	$(BIN)/python -m train --config configs/emoji_vae.py --data data/emoji --output runs/emoji-vae
+	$(BIN)/python -m train --config configs/emoji_unet.py --data data/emoji --model runs/emoji-vae/final --output runs/emoji-unet
+	rm -rf sdjax/data/demo && cp -r runs/emoji-unet/final sdjax/data/demo
+	$(BIN)/python -m train.contact_sheet --data data/emoji --out docs/demo_contact_sheet.png
 
 lint: install-test
 	$(BIN)/ruff check .

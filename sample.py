@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 PROG = "sample.py"
+SIZE_HELP = "pixels, a multiple of the VAE factor (8; the demo model: 4); default: the model's size"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,8 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="diffusers' guidance_rescale (default 0)")
     p.add_argument("--clip-skip", type=int, default=None, help="diffusers' clip_skip (1 = A1111 'Clip skip: 2')")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
-    p.add_argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
-    p.add_argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's size)")
+    p.add_argument("--height", type=int, default=None, help=SIZE_HELP)
+    p.add_argument("--width", type=int, default=None, help=SIZE_HELP)
     p.add_argument("-n", "--batch-size", type=int, default=1, help="images per batch (default 1)")
     p.add_argument("--micro-batch", type=int, default=1, help="images per UNet call (default 1: batch-invariant)")
     p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (bounded memory for large images)")

@@ -1,6 +1,7 @@
 """Stage 2 of the bundled demo model: a UNet of 3.2M parameters and a CLIP text encoder of 3.4M (the real
-CLIP tokenizer), both from scratch, on the latents of stage 1's VAE; epsilon prediction, 10% caption
-dropout for classifier-free guidance, EMA. The exported folder (fp16) is sdjax/data/demo.
+CLIP tokenizer), both from scratch, on the latents of stage 1's VAE; epsilon prediction with min-SNR-5
+weighting and offset noise 0.05 (white backgrounds), 10% caption dropout for classifier-free guidance, EMA.
+The exported folder (fp16) is sdjax/data/demo.
 
     python -m train --config configs/emoji_unet.py --data data/emoji --model runs/emoji-vae/final \
         --output runs/emoji-unet
@@ -19,7 +20,7 @@ def get_config(variant: str | None = None) -> TrainConfig:
         cache_latents=True,
         resolution=64,
         batch_size=32,
-        steps=2800,
+        steps=4000,
         learning_rate=6e-4,
         lr_schedule="cosine",
         warmup_steps=100,
@@ -27,6 +28,8 @@ def get_config(variant: str | None = None) -> TrainConfig:
         max_grad_norm=1.0,
         ema_decay=0.995,
         caption_dropout=0.1,
+        min_snr_gamma=5.0,
+        noise_offset=0.05,
         checkpoint_every=500,
         log_every=10,
         sample_every=1000,

@@ -3,7 +3,8 @@
     python -m train.contact_sheet --data data/emoji --out docs/demo_contact_sheet.png \
         [--model sdjax/data/demo] [--captions "an emoji of red apple" ...] [--steps 30] [--seed 0] [--scale 2]
 
-Without --captions, 16 captions of the data set chosen by --seed. The sheet has pairs (generated, training)
+Without --captions, the 16 of DEFAULT_CAPTIONS (well-known emoji; --count N draws N at random from the
+data set instead, by --seed). The sheet has pairs (generated, training)
 in a grid of 4 pairs per row, each pair labelled with its caption (the part after "an emoji of ").
 """
 
@@ -17,6 +18,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+DEFAULT_CAPTIONS = tuple(
+    f"an emoji of {name}"
+    for name in (
+        "red apple", "grinning face", "red heart", "blue heart", "rocket", "pile of poo", "sun", "crescent moon",
+        "fire", "pizza", "dog face", "thumbs up", "rainbow", "Christmas tree", "ghost", "banana",
+    )
+)  # fmt: skip
 PAIRS_PER_ROW = 4
 LABEL_HEIGHT = 14
 
@@ -50,8 +58,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="the training data folder (metadata.jsonl)")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--model", default=None, help="model folder (default: the bundled demo model)")
-    p.add_argument("--captions", nargs="*", default=None, help="training captions (default: 16 chosen by --seed)")
-    p.add_argument("--count", type=int, default=16, help="captions to choose when --captions is not given")
+    p.add_argument("--captions", nargs="*", default=None, help="training captions (default: DEFAULT_CAPTIONS)")
+    p.add_argument("--count", type=int, default=0, help="draw this many captions at random instead")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--seed", type=int, default=0)
@@ -62,14 +70,15 @@ def main(argv=None) -> int:
 
         records = _records(Path(args.data))
         by_caption = {r["text"]: r for r in records}
-        if args.captions:
-            missing = [c for c in args.captions if c not in by_caption]
-            if missing:
-                raise ValueError(f"captions not in {args.data}: {missing}")
-            chosen = [by_caption[c] for c in args.captions]
-        else:
+        if args.count:
             picks = np.random.default_rng(args.seed).choice(len(records), args.count, replace=False)
             chosen = [records[i] for i in sorted(picks.tolist())]
+        else:
+            captions = args.captions or DEFAULT_CAPTIONS
+            missing = [c for c in captions if c not in by_caption]
+            if missing:
+                raise ValueError(f"captions not in {args.data}: {missing}")
+            chosen = [by_caption[c] for c in captions]
         pipe = sdjax.load_pipeline(args.model)
         prompts = [r["text"] for r in chosen]
         images = np.asarray(

@@ -1,0 +1,128 @@
+"""The bundled demo model (sdjax/data/demo, trained by train/ on the emoji data set): what it draws.
+
+Fixed seeds and settings (those of `make sample`): the six coloured hearts come out in their colour, a
+generated emoji's nearest training image is often the captioned one, and different prompts differ. The
+32x32 training thumbnails are tests/data/emoji_32.npz (`python -m train.emoji_data --thumbnails`).
+"""
+
+from __future__ import annotations
+
+import colorsys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sdjax
+from sdjax.pipeline import DEMO_MODEL
+
+pytestmark = pytest.mark.xdist_group(name="demo")
+
+THUMBNAILS = Path(__file__).parent / "data" / "emoji_32.npz"
+COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")
+# Hue bins in degrees, [start, end): red wraps around 0.
+HUE_BINS = {"red": (340, 15), "orange": (15, 42), "yellow": (42, 70), "green": (70, 170), "blue": (170, 255)}
+HUE_BINS["purple"] = (255, 340)
+STEPS = 30
+RETRIEVAL_CAPTIONS = 20
+# The shipped model (4,000 UNet steps at batch 32, ~80 min) is undertrained: its x0 predictions from
+# t <= 500 are the right emoji, but sampling from pure noise gives coloured blobs (hearts 1/6, retrieval
+# 1/20 on 2026-12-02). strict: these start failing (XPASS) once a better-trained model makes them pass.
+UNDERTRAINED = pytest.mark.xfail(strict=True, reason="the bundled demo model is undertrained (issue 9)")
+
+
+def dominant_colour(image_HW3: np.ndarray) -> str | None:
+    """The hue bin holding most of the saturated, non-white pixels of a uint8 RGB image (None if none)."""
+    rgb = image_HW3.reshape(-1, 3).astype(np.float64) / 255.0
+    hsv = np.array([colorsys.rgb_to_hsv(*p) for p in rgb])
+    keep = (hsv[:, 1] > 0.35) & (hsv[:, 2] > 0.25)
+    if not keep.any():
+        return None
+    hue = hsv[keep, 0] * 360.0
+    counts = {}
+    for name, (lo, hi) in HUE_BINS.items():
+        inside = (hue >= lo) & (hue < hi) if lo < hi else (hue >= lo) | (hue < hi)
+        counts[name] = int(inside.sum())
+    return max(counts, key=counts.get)
+
+
+def thumbnail(image_HW3: np.ndarray) -> np.ndarray:
+    """64x64 -> 32x32 by 2x2 box averaging, as the shipped thumbnails (PIL BOX) are made."""
+    h, w, _ = image_HW3.shape
+    return image_HW3.astype(np.float32).reshape(h // 2, 2, w // 2, 2, 3).mean((1, 3))
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return sdjax.load_pipeline()
+
+
+@pytest.fixture(scope="module")
+def training_set():
+    data = np.load(THUMBNAILS)
+    return data["images"].astype(np.float32), [str(c) for c in data["captions"]]
+
+
+def test_bundled_model_is_small_and_default():
+    size = sum(f.stat().st_size for f in DEMO_MODEL.rglob("*") if f.is_file())
+    assert size <= 25 * 2**20, f"the demo model is {size / 2**20:.1f} MB"
+    assert (DEMO_MODEL / "tokenizer" / "vocab.json").is_file()
+
+
+def test_training_thumbnails_hearts_have_their_colour(training_set):
+    """The hue rule itself, on the training images of the six hearts."""
+    images, captions = training_set
+    for colour in COLOURS:
+        index = captions.index(f"an emoji of {colour} heart")
+        big = np.repeat(np.repeat(images[index], 2, 0), 2, 1).astype(np.uint8)
+        assert dominant_colour(big) == colour
+
+
+@UNDERTRAINED
+def test_hearts_have_the_named_colour(pipe):
+    prompts = [f"an emoji of {colour} heart" for colour in COLOURS]
+    images = pipe.generate(prompts, num_inference_steps=STEPS, seed=0)
+    found = [dominant_colour(image) for image in np.asarray(images)]
+    hits = sum(f == c for f, c in zip(found, COLOURS, strict=True))
+    print(f"\nhearts: asked {COLOURS}, drew {found}: {hits}/6")
+    assert hits >= 5, f"dominant colours {found} for {COLOURS}"
+
+
+@UNDERTRAINED
+def test_generated_emoji_retrieve_their_training_image(pipe, training_set):
+    images, captions = training_set
+    rng = np.random.default_rng(2026)
+    chosen = sorted(rng.choice(len(captions), RETRIEVAL_CAPTIONS, replace=False).tolist())
+    generated = np.asarray(pipe.generate([captions[i] for i in chosen], num_inference_steps=STEPS, seed=0))
+    flat = images.reshape(len(images), -1)
+    ranks = []
+    for index, image in zip(chosen, generated, strict=True):
+        distances = ((flat - thumbnail(image).reshape(1, -1)) ** 2).sum(1)
+        ranks.append(int((distances < distances[index]).sum()))
+    hits = sum(rank < 5 for rank in ranks)
+    print(f"\nretrieval: rank of the captioned emoji among {len(captions)}: {ranks}; top-5 in {hits}/20")
+    assert hits >= 0.3 * RETRIEVAL_CAPTIONS, f"captioned emoji ranks {ranks}"
+
+
+def test_different_prompts_differ_for_the_same_seed(pipe):
+    prompts = ["an emoji of red apple", "an emoji of grinning face", "an emoji of rocket"]
+    images = np.asarray(pipe.generate(prompts, num_inference_steps=STEPS, seed=7)).astype(np.int16)
+    for a in range(3):
+        for b in range(a + 1, 3):
+            difference = np.abs(images[a] - images[b]).mean()
+            assert difference > 8.0, f"{prompts[a]!r} and {prompts[b]!r} differ by only {difference:.1f} levels"
+
+
+def test_sample_cli_uses_the_bundled_model_by_default(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sample_cli_demo", Path(__file__).parents[1] / "sample.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    code = cli.cli(["an emoji of red apple", "--steps", "8", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    from PIL import Image
+
+    with Image.open(tmp_path / "00000-0.png") as image:
+        assert image.size == (64, 64)
+        assert "Model: sdjax-demo" in image.text["parameters"]
