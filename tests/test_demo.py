@@ -16,8 +16,6 @@ import pytest
 import sdjax
 from sdjax.pipeline import DEMO_MODEL
 
-pytestmark = pytest.mark.xdist_group(name="demo")
-
 THUMBNAILS = Path(__file__).parent / "data" / "emoji_32.npz"
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")
 # Hue bins in degrees, [start, end): red wraps around 0.
