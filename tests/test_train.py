@@ -550,3 +550,27 @@ def _embedding_file(path: Path, token: str, vectors: np.ndarray) -> Path:
 def test_config_defaults_are_sane():
     config = TrainConfig()
     assert config.mode == "full" and config.dtype == "float32" and config.remat == "none"
+
+
+def test_timestep_bias_draws_the_chosen_timesteps_as_often_as_asked():
+    import jax
+
+    from train.objective import sample_timesteps, timestep_weights
+
+    assert timestep_weights(TrainConfig(), 1000) is None
+    keys = jax.random.split(jax.random.key(0), 20000)
+    later = TrainConfig(timestep_bias_strategy="later", timestep_bias_multiplier=3.0, timestep_bias_portion=0.25)
+    t = np.asarray(sample_timesteps(later, 1000, keys))
+    assert t.min() >= 0 and t.max() <= 999
+    # the last 250 timesteps weigh 3 x 250 against 750: half of the draws
+    assert abs((t >= 750).mean() - 0.5) < 0.02
+    earlier = later.replace(timestep_bias_strategy="earlier")
+    assert abs((np.asarray(sample_timesteps(earlier, 1000, keys)) < 250).mean() - 0.5) < 0.02
+    ranged = later.replace(timestep_bias_strategy="range", timestep_bias_begin=100, timestep_bias_end=200)
+    # 100 timesteps x 3 against 900: a quarter
+    t = np.asarray(sample_timesteps(ranged, 1000, keys))
+    assert abs(((t >= 100) & (t < 200)).mean() - 0.25) < 0.02
+    with pytest.raises(ValueError, match="beyond the model's 1000"):
+        timestep_weights(ranged.replace(timestep_bias_end=1200), 1000)
+    with pytest.raises(ValueError, match="timestep_bias_strategy must be one of"):
+        TrainConfig(timestep_bias_strategy="late")

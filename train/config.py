@@ -21,6 +21,7 @@ LR_SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots", "dots_all")
 COMPONENTS = ("unet", "vae", "text_encoder")
+TIMESTEP_BIAS = ("none", "earlier", "later", "range")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,13 @@ class TrainConfig:
     # objective
     noise_offset: float = 0.0
     min_snr_gamma: float = 0.0  # 0 disables min-SNR weighting (Hang et al. 2023); 5 is the usual value
+    # timestep sampling as diffusers' SDXL scripts: "later" draws the noisiest `portion` of the timesteps
+    # `multiplier` times as often, "earlier" the least noisy, "range" those in [begin, end)
+    timestep_bias_strategy: str = "none"
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
+    timestep_bias_begin: int = 0
+    timestep_bias_end: int = 1000
     train_text_encoder: bool = False  # full / dreambooth: train the text encoder with the UNet
     # precision and memory
     dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
@@ -120,6 +128,16 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.lora_rank >= 1, "lora_rank must be >= 1"),
             (self.num_vectors >= 1, "num_vectors must be >= 1"),
+            (
+                self.timestep_bias_strategy in TIMESTEP_BIAS,
+                f"timestep_bias_strategy must be one of {TIMESTEP_BIAS}, got {self.timestep_bias_strategy!r}",
+            ),
+            (self.timestep_bias_multiplier > 0, "timestep_bias_multiplier must be > 0"),
+            (0.0 < self.timestep_bias_portion <= 1.0, "timestep_bias_portion must be in (0, 1]"),
+            (
+                0 <= self.timestep_bias_begin < self.timestep_bias_end,
+                "timestep_bias_begin must be >= 0 and < timestep_bias_end",
+            ),
         )
         for ok, message in checks:
             if not ok:

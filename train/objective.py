@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sdjax.schedulers._common import alphas_cumprod
 
@@ -51,14 +52,46 @@ def snr_weights(alpha_bar_B: jax.Array, gamma: float, prediction_type: str) -> j
     return clipped
 
 
+def timestep_weights(cfg, train_steps: int) -> np.ndarray | None:
+    """Relative sampling weights (train_steps,) of the training timesteps under `cfg`'s timestep bias, or
+    None for uniform sampling. "later" multiplies the weights of the last (noisiest) `portion` of
+    [0, train_steps) by `multiplier`, "earlier" those of the first, "range" those in [begin, end)."""
+    strategy = cfg.timestep_bias_strategy
+    if strategy == "none" or cfg.timestep_bias_multiplier == 1.0:
+        return None
+    weights = np.ones(train_steps, np.float64)
+    count = max(1, int(round(cfg.timestep_bias_portion * train_steps)))
+    if strategy == "later":
+        chosen = slice(train_steps - count, train_steps)
+    elif strategy == "earlier":
+        chosen = slice(0, count)
+    else:
+        if cfg.timestep_bias_end > train_steps:
+            raise ValueError(
+                f"timestep_bias_end {cfg.timestep_bias_end} is beyond the model's {train_steps} training timesteps"
+            )
+        chosen = slice(cfg.timestep_bias_begin, cfg.timestep_bias_end)
+    weights[chosen] *= cfg.timestep_bias_multiplier
+    return weights / weights.sum()
+
+
+def sample_timesteps(cfg, train_steps: int, keys_B: jax.Array) -> jax.Array:
+    """int32 (b,) training timesteps, one per row key: uniform in [0, train_steps), or biased (above)."""
+    weights = timestep_weights(cfg, train_steps)
+    if weights is None:
+        return jax.vmap(lambda k: jax.random.randint(k, (), 0, train_steps))(keys_B)
+    logits = jnp.log(jnp.asarray(weights, jnp.float32))
+    return jax.vmap(lambda k: jax.random.categorical(k, logits))(keys_B).astype(jnp.int32)
+
+
 def diffusion_loss(setup, params, batch, key) -> tuple[jax.Array, jax.Array]:
     """Noise-prediction loss of one micro-batch: (sum of weight * per-row MSE, sum of count).
 
     Per row (randomness from `key` folded with the row id): a posterior sample of the image's latents x0,
-    noise eps (plus `noise_offset` * per-channel noise), a uniform timestep t in [0, T), x_t =
-    sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; the UNet's prediction at (x_t, t, text) is compared with eps
-    (epsilon models), v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (v_prediction) or x0 (sample), in
-    float32, optionally min-SNR weighted.
+    noise eps (plus `noise_offset` * per-channel noise), a timestep t in [0, T) (uniform, or biased: see
+    `timestep_weights`), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; the UNet's prediction at (x_t, t,
+    text) is compared with eps (epsilon models), v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0
+    (v_prediction) or x0 (sample), in float32, optionally min-SNR weighted.
     """
     cfg = setup.config
     keys = _row_keys(key, batch["row"])
@@ -68,7 +101,7 @@ def diffusion_loss(setup, params, batch, key) -> tuple[jax.Array, jax.Array]:
     if cfg.noise_offset:
         noise = noise + cfg.noise_offset * _normal(offset_keys, (1, 1, x0.shape[-1]))
     train_steps = setup.schedule.num_train_timesteps
-    t = jax.vmap(lambda k: jax.random.randint(k, (), 0, train_steps))(time_keys)
+    t = sample_timesteps(cfg, train_steps, time_keys)
     abar = jnp.asarray(alphas_cumprod(setup.schedule))[t]
     a = abar[:, None, None, None]
     noisy = jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
