@@ -23,6 +23,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from sdjax.compile_cache import enable_default_cache
 from sdjax.convert.lora import apply_adapters, lora_adapter
+from sdjax.memory import release_free_memory
 from sdjax.nn.vae import decode_tiled
 from sdjax.prompts import encode_prompt_windows
 from sdjax.schedulers import loop
@@ -551,7 +552,9 @@ def compile_generate(pipe, plan: Plan, inputs: Inputs, on_step=None, params=None
     plan = dataclasses.replace(plan, on_step=on_step)
     params = pipe.params if params is None else params
     lowered = program().lower(params, inputs, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, plan=plan)
-    return Compiled(dataclasses.replace(plan, on_step=None), lowered.compile())
+    compiled = Compiled(dataclasses.replace(plan, on_step=None), lowered.compile())
+    release_free_memory()  # the compiler's freed memory (see sdjax.memory)
+    return compiled
 
 
 def generate(pipe, prompt, negative_prompt=None, *, mesh: Mesh | str | None = "all", **kwargs):
@@ -567,4 +570,6 @@ def generate(pipe, prompt, negative_prompt=None, *, mesh: Mesh | str | None = "a
     params = place_params(pipe.params, mesh)
     placed = place_inputs(inputs, mesh)
     images = program()(params, placed, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, plan=plan)
-    return (jax.device_get(images) if mesh is None else local_rows(images))[:drawn]
+    images = (jax.device_get(images) if mesh is None else local_rows(images))[:drawn]
+    release_free_memory()  # what a first call's compile freed (see sdjax.memory)
+    return images

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from sdjax.convert.diffusers_folder import TEXT_ENCODER, UNET, VAE, load_component, save_component
 from sdjax.convert.textual_inversion import restore_multi_vector
+from sdjax.memory import release_free_memory
 from sdjax.nn.clip import CLIPTextModel
 from sdjax.nn.config_utils import read_json, resolve_dtype
 from sdjax.nn.unet import UNet2DConditionModel
@@ -233,7 +234,9 @@ def load_pipeline(
     if root.is_file():
         from sdjax.convert.single_file import load_single_file
 
-        return load_single_file(root, config=config, dtype=dtype, prediction_type=prediction_type, vae=vae)
+        pipe = load_single_file(root, config=config, dtype=dtype, prediction_type=prediction_type, vae=vae)
+        release_free_memory()  # the conversion's freed buffers (see sdjax.memory)
+        return pipe
     if config is not None:
         raise ValueError("config= is for single-file checkpoints; a diffusers folder carries its own configs")
     if not (root / "model_index.json").is_file():
@@ -262,7 +265,9 @@ def load_pipeline(
         dtype=dtype,
         source=root,
     )
-    return pipe if vae is None else pipe.with_vae(vae)
+    pipe = pipe if vae is None else pipe.with_vae(vae)
+    release_free_memory()  # the conversion's freed buffers (see sdjax.memory)
+    return pipe
 
 
 __all__ = ["StableDiffusionPipeline", "load_pipeline"]

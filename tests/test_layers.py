@@ -1,11 +1,13 @@
-"""sdjax.nn.layers.conv2d: the convolution with hand-written gradients equals XLA's own, value and VJP."""
+"""sdjax.nn.layers: the convolution with hand-written gradients equals XLA's own (value and VJP); every
+other way a convolution is computed (matrix products, the sub-pixel upsampling convolution) equals the
+plain one; half precision accumulates in float32."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdjax.nn.layers import conv2d
+from sdjax.nn.layers import Conv2d, Dense, Upsample2D, conv2d
 
 
 def _xla_conv(x, kernel, stride, padding):
@@ -44,3 +46,53 @@ def test_conv2d_gradient_inside_scan_and_in_bfloat16():
         x[0].astype(jnp.bfloat16)
     )
     assert half.dtype == jnp.bfloat16 and half.shape == x[0].shape
+
+
+def _reference_upsample(params, x):
+    """diffusers' Upsample2D: nearest 2x, then the 3x3 conv (padding 1)."""
+    up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return _xla_conv(up, params["conv"]["kernel"], 1, 1) + params["conv"]["bias"]
+
+
+@pytest.mark.parametrize("size", [(4, 5), (7, 7), (20, 23)])  # products (<= 256 positions) and convolution
+def test_upsample_subpixel_equals_nearest_then_conv(size):
+    x = jax.random.normal(jax.random.key(3), (2, *size, 6))
+    module = Upsample2D(5)
+    params = module.init(jax.random.key(4), x)["params"]
+    params["conv"]["bias"] = jax.random.normal(jax.random.key(5), (5,))
+    ours = module.apply({"params": params}, x)
+    theirs = _reference_upsample(params, x)
+    assert ours.shape == (2, 2 * size[0], 2 * size[1], 5)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    loss = lambda f: lambda p, a: jnp.sum(jnp.sin(f(p, a)))
+    ours_grads = jax.grad(loss(lambda p, a: module.apply({"params": p}, a)), argnums=(0, 1))(params, x)
+    theirs_grads = jax.grad(loss(_reference_upsample), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(ours_grads), jax.tree.leaves(theirs_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("size", [8, 24, 130])  # im2col, rows (half precision), XLA's convolution
+def test_conv2d_module_paths_equal_the_plain_convolution(size, dtype):
+    x = jax.random.normal(jax.random.key(6), (1, size, size, 8))
+    module = Conv2d(16, 3, padding=1, dtype=dtype)
+    params = module.init(jax.random.key(7), x)["params"]
+    ours = module.apply({"params": params}, x.astype(dtype))
+    assert ours.dtype == dtype
+    theirs = _xla_conv(x, params["kernel"], 1, 1) + params["bias"]
+    # bf16: the inputs are rounded to 8 bits of mantissa, the sums accumulate in float32
+    tol = 1e-5 if dtype == jnp.float32 else 0.05
+    np.testing.assert_allclose(ours.astype(jnp.float32), theirs, rtol=tol, atol=tol)
+
+
+def test_half_precision_products_accumulate_in_float32():
+    """A long bf16 dot: float32 accumulation keeps it within bf16 rounding of the exact value; summing in
+    bf16 would drift by far more."""
+    x = jnp.full((1, 4096), 0.1, jnp.float32)
+    layer = Dense(1, use_bias=False, dtype=jnp.bfloat16)
+    params = {"kernel": jnp.ones((4096, 1), jnp.float32)}
+    out = layer.apply({"params": params}, x)
+    exact = 4096 * float(jnp.asarray(0.1, jnp.bfloat16).astype(jnp.float32))
+    assert out.dtype == jnp.bfloat16
+    assert abs(float(out[0, 0]) - exact) <= exact * 2**-8
+    assert float(Dense(1, use_bias=False).apply({"params": params}, x)[0, 0]) == pytest.approx(409.6, rel=1e-5)

@@ -61,6 +61,9 @@ class TrainConfig:
     # objective
     noise_offset: float = 0.0
     min_snr_gamma: float = 0.0  # 0 disables min-SNR weighting (Hang et al. 2023); 5 is the usual value
+    # x0-loss weight at least this SNR (truncated SNR, Salimans & Ho 2022: 1): more weight on the noisiest
+    # timesteps, which decide an image's layout and colours; 0 disables
+    snr_floor: float = 0.0
     # timestep sampling as diffusers' SDXL scripts: "later" draws the noisiest `portion` of the timesteps
     # `multiplier` times as often, "earlier" the least noisy, "range" those in [begin, end)
     timestep_bias_strategy: str = "none"
@@ -131,6 +134,11 @@ class TrainConfig:
             (
                 self.timestep_bias_strategy in TIMESTEP_BIAS,
                 f"timestep_bias_strategy must be one of {TIMESTEP_BIAS}, got {self.timestep_bias_strategy!r}",
+            ),
+            (self.min_snr_gamma >= 0 and self.snr_floor >= 0, "min_snr_gamma and snr_floor must be >= 0"),
+            (
+                not (self.min_snr_gamma and self.snr_floor > self.min_snr_gamma),
+                "snr_floor must not exceed min_snr_gamma",
             ),
             (self.timestep_bias_multiplier > 0, "timestep_bias_multiplier must be > 0"),
             (0.0 < self.timestep_bias_portion <= 1.0, "timestep_bias_portion must be in (0, 1]"),

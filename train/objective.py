@@ -40,11 +40,17 @@ def latents_of(setup, params, batch, keys_B) -> jax.Array:
     return jax.lax.stop_gradient((mean + jnp.exp(0.5 * logvar) * eps) * setup.scaling_factor)
 
 
-def snr_weights(alpha_bar_B: jax.Array, gamma: float, prediction_type: str) -> jax.Array:
-    """Min-SNR-gamma loss weights (Hang et al. 2023) as diffusers' training scripts: min(SNR, gamma) / SNR
-    for epsilon, / (SNR + 1) for v-prediction, unnormalised for sample prediction."""
+def snr_weights(alpha_bar_B: jax.Array, gamma: float, prediction_type: str, floor: float = 0.0) -> jax.Array:
+    """Loss weights of the model's own target from a weight on the x0 error of SNR clipped to [floor, gamma]:
+    min-SNR-gamma (Hang et al. 2023, gamma > 0) caps the weight of the low-noise steps, truncated SNR
+    (Salimans & Ho 2022, floor 1) raises that of the noisiest ones, where an epsilon loss barely sees the
+    image (at t = 999 of SD's schedule x_t holds 0.07 of x0). As diffusers' scripts for the cap alone:
+    clip(SNR) / SNR for epsilon, / (SNR + 1) for v-prediction, unnormalised for sample prediction.
+    gamma = 0 means no cap."""
     snr = alpha_bar_B / (1.0 - alpha_bar_B)
-    clipped = jnp.minimum(snr, gamma)
+    clipped = jnp.maximum(snr, floor) if floor else snr
+    if gamma:
+        clipped = jnp.minimum(clipped, gamma)
     if prediction_type == "epsilon":
         return clipped / snr
     if prediction_type == "v_prediction":
@@ -91,7 +97,7 @@ def diffusion_loss(setup, params, batch, key) -> tuple[jax.Array, jax.Array]:
     noise eps (plus `noise_offset` * per-channel noise), a timestep t in [0, T) (uniform, or biased: see
     `timestep_weights`), x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; the UNet's prediction at (x_t, t,
     text) is compared with eps (epsilon models), v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0
-    (v_prediction) or x0 (sample), in float32, optionally min-SNR weighted.
+    (v_prediction) or x0 (sample), in float32, optionally SNR weighted (`snr_weights`).
     """
     cfg = setup.config
     keys = _row_keys(key, batch["row"])
@@ -114,8 +120,8 @@ def diffusion_loss(setup, params, batch, key) -> tuple[jax.Array, jax.Array]:
     else:
         target = x0
     per_row = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
-    if cfg.min_snr_gamma:
-        per_row = per_row * snr_weights(abar, cfg.min_snr_gamma, setup.prediction_type)
+    if cfg.min_snr_gamma or cfg.snr_floor:
+        per_row = per_row * snr_weights(abar, cfg.min_snr_gamma, setup.prediction_type, cfg.snr_floor)
     return jnp.sum(per_row * batch["weight"]), jnp.sum(batch["count"])
 
 

@@ -49,6 +49,7 @@ def latents(job: Job) -> np.ndarray:
 
 
 def _timed(fn, inner: int) -> float:
+    """Median seconds of `inner` calls of `fn` after a warm-up call."""
     fn()  # warm-up
     times = []
     for _ in range(inner):
@@ -91,27 +92,17 @@ def run_jax(job: Job) -> dict:
 
     ids, weights = tokenize_prompts(pipe.tokenizer, [PROMPT] * job.batch, [NEGATIVE] * job.batch)
     text = xla_options.jit(lambda p, i, w: encode_prompt_windows(pipe.text_encoder, p, i, w))
-    out["text_compile_s"], compiled_text = _compile(text, pipe.params["text_encoder"], ids, weights)
-    context = compiled_text(pipe.params["text_encoder"], ids, weights)
-    out["text_s"] = _timed(
-        lambda: compiled_text(pipe.params["text_encoder"], ids, weights).block_until_ready(), job.inner
-    )
+    context = _component(out, "text", text, (pipe.params["text_encoder"], ids, weights), job.inner)
 
     x = jnp.asarray(np.concatenate([noise, noise]), pipe.dtype)
     t = jnp.full((2 * job.batch,), 500.0, jnp.float32)
     step = xla_options.jit(lambda p, x, t, c: pipe.unet.apply({"params": p}, x, t, c))
-    out["unet_compile_s"], compiled_step = _compile(step, pipe.params["unet"], x, t, context.astype(pipe.dtype))
-    cost = compiled_step.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    out["unet_flops"] = float(cost.get("flops", 0.0)) if cost else 0.0
     args = (pipe.params["unet"], x, t, context.astype(pipe.dtype))
-    out["unet_step_s"] = _timed(lambda: compiled_step(*args).block_until_ready(), job.inner)
+    _component(out, "unet", step, args, job.inner, timed_key="unet_step_s", flops_key="unet_flops")
 
-    sf = pipe.vae.config.scaling_factor
-    z = jnp.asarray(noise / sf, pipe.dtype)
+    z = jnp.asarray(noise / pipe.vae.config.scaling_factor, pipe.dtype)
     decode = xla_options.jit(lambda p, z: pipe.vae.apply({"params": p}, z, method="decode"))
-    out["vae_compile_s"], compiled_decode = _compile(decode, pipe.params["vae"], z)
-    out["vae_decode_s"] = _timed(lambda: compiled_decode(pipe.params["vae"], z).block_until_ready(), job.inner)
+    _component(out, "vae", decode, (pipe.params["vae"], z), job.inner, timed_key="vae_decode_s")
 
     plan, inputs = prepare(
         pipe,
@@ -139,10 +130,37 @@ def run_jax(job: Job) -> dict:
     return out
 
 
+def _component(out: dict, name: str, fn, args, inner: int, timed_key=None, flops_key=None):
+    """Compiles jitted `fn` for `args` (out[name_compile_s]), times it (out[timed_key or name_s]), records its
+    FLOPs (XLA cost analysis) under `flops_key`; returns one output. The program is freed before the next
+    phase (a user runs one generation program, not four) and so is the heap memory it left."""
+    import jax
+
+    from sdjax.memory import release_free_memory
+
+    def measure():  # the executable lives only in here
+        out[f"{name}_compile_s"], compiled = _compile(fn, *args)
+        if flops_key:
+            cost = compiled.cost_analysis()
+            cost = cost[0] if isinstance(cost, list) else cost
+            out[flops_key] = float(cost.get("flops", 0.0)) if cost else 0.0
+        out[timed_key or f"{name}_s"] = _timed(lambda: compiled(*args).block_until_ready(), inner)
+        return jax.block_until_ready(compiled(*args))  # done before the next phase starts
+
+    result = measure()
+    release_free_memory()
+    return result
+
+
 def _compile(fn, *args):
+    """(seconds, executable) of compiling jitted `fn` for `args`; freed compiler memory is handed back."""
+    from sdjax.memory import release_free_memory
+
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
-    return time.perf_counter() - start, compiled
+    seconds = time.perf_counter() - start
+    release_free_memory()
+    return seconds, compiled
 
 
 def run_torch(job: Job) -> dict:

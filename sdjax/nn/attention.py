@@ -35,14 +35,17 @@ def _attend(q_BHQD, k_BHKD, v_BHKD, scale: float, upcast: bool, mask_QK):
     if upcast:
         q_BHQD = q_BHQD.astype(jnp.float32)
         k_BHKD = k_BHKD.astype(jnp.float32)
-    scores_BHQK = jnp.einsum("bhqd,bhkd->bhqk", q_BHQD * jnp.asarray(scale, q_BHQD.dtype), k_BHKD)
-    scores_BHQK = scores_BHQK.astype(jnp.float32)
+    scaled_BHQD = q_BHQD * jnp.asarray(scale, q_BHQD.dtype)
+    # Half-precision products accumulate in float32 (XLA:CPU's fast bf16 path; see layers.accumulator).
+    scores_BHQK = jnp.einsum("bhqd,bhkd->bhqk", scaled_BHQD, k_BHKD, preferred_element_type=jnp.float32)
     if mask_QK is not None:
         scores_BHQK = jnp.where(mask_QK, scores_BHQK, jnp.finfo(jnp.float32).min)
     weights_BHQK = jnp.exp(scores_BHQK - scores_BHQK.max(axis=-1, keepdims=True))
     total_BHQ1 = weights_BHQK.sum(axis=-1, keepdims=True)
-    out_BHQD = jnp.einsum("bhqk,bhkd->bhqd", weights_BHQK.astype(v_BHKD.dtype), v_BHKD)
-    return (out_BHQD.astype(jnp.float32) / total_BHQ1).astype(v_BHKD.dtype)
+    out_BHQD = jnp.einsum(
+        "bhqk,bhkd->bhqd", weights_BHQK.astype(v_BHKD.dtype), v_BHKD, preferred_element_type=jnp.float32
+    )
+    return (out_BHQD / total_BHQ1).astype(v_BHKD.dtype)
 
 
 def dot_product_attention(

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from sdjax.nn.attention import dot_product_attention
 from sdjax.nn.config_utils import config_from_dict, config_to_dict
-from sdjax.nn.layers import layer_norm
+from sdjax.nn.layers import Dense, layer_norm
 
 _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -84,9 +84,9 @@ class _SelfAttention(nn.Module):
     def __call__(self, x_BLD):
         b, length, dim = x_BLD.shape
         split = lambda t: t.reshape(b, length, self.heads, dim // self.heads)
-        q, k, v = (split(nn.Dense(dim, dtype=self.dtype, name=n)(x_BLD)) for n in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = (split(Dense(dim, dtype=self.dtype, name=n)(x_BLD)) for n in ("q_proj", "k_proj", "v_proj"))
         out = dot_product_attention(q, k, v, causal=True).reshape(b, length, dim)
-        return nn.Dense(dim, dtype=self.dtype, name="out_proj")(out)
+        return Dense(dim, dtype=self.dtype, name="out_proj")(out)
 
 
 class _EncoderLayer(nn.Module):
@@ -99,9 +99,9 @@ class _EncoderLayer(nn.Module):
         h = layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm1")(x_BLD)
         x_BLD = x_BLD + _SelfAttention(cfg.num_attention_heads, self.dtype, name="self_attn")(h)
         h = layer_norm(cfg.layer_norm_eps, self.dtype, "layer_norm2")(x_BLD)
-        h = nn.Dense(cfg.intermediate_size, dtype=self.dtype, name="mlp.fc1")(h)
+        h = Dense(cfg.intermediate_size, dtype=self.dtype, name="mlp.fc1")(h)
         h = _ACTIVATIONS[cfg.hidden_act](h)
-        return x_BLD + nn.Dense(cfg.hidden_size, dtype=self.dtype, name="mlp.fc2")(h)
+        return x_BLD + Dense(cfg.hidden_size, dtype=self.dtype, name="mlp.fc2")(h)
 
 
 class CLIPTextModel(nn.Module):

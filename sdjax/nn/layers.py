@@ -67,12 +67,38 @@ def layer_norm(epsilon: float, dtype, name: str) -> nn.LayerNorm:
 # shifted copies of the input (im2col). XLA:CPU's convolution reaches ~60 GFLOP/s on SD's 8x8 maps and
 # ~150 on 16x16 against ~230 for the product; on 32x32 and larger maps the convolution is faster.
 IM2COL_MAX_POSITIONS = 256
+# In bfloat16/float16, 3x3 convolutions on maps of up to this many positions run as one product per kernel
+# row (the row's shifted copies side by side): XLA:CPU's convolution computes bf16 at its float32 rate,
+# the bf16 product with float32 accumulation at up to twice that (2 Zen4 cores, batch 2: 32x32x320
+# 163 -> 314 GFLOP/s, 16x16x640 194 -> 366, 128x128x512 at batch 1 195 -> 246; from 256x256 on, the
+# convolution is as fast or faster).
+ROWS_MAX_POSITIONS = 128 * 128
+
+
+def accumulator(dtype) -> jnp.dtype | None:
+    """The dtype products of `dtype` operands accumulate and come out in: float32 for bfloat16 and float16
+    (as PyTorch's CPU and GPU kernels do), None (the operands' own) otherwise. On CPUs with AVX512-BF16,
+    XLA's bf16 x bf16 -> f32 dot runs at ~390 GFLOP/s on 2 Zen4 cores, against ~170 for bf16 -> bf16
+    (which goes through float32-rate kernels) and ~210 for float32."""
+    return jnp.float32 if jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else None
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (..., K) @ w (K, N) -> (..., N), accumulated (and returned) in `accumulator(x.dtype)`."""
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    return jax.lax.dot_general(x, w, dims, preferred_element_type=accumulator(x.dtype))
 
 
 def _conv_nhwc(x_BHWC, kernel_HWIO, stride: int, padding: int) -> jax.Array:
+    """Convolution with symmetric zero padding, accumulated (and returned) in `accumulator(x.dtype)`."""
     pad = ((padding, padding), (padding, padding))
     return jax.lax.conv_general_dilated(
-        x_BHWC, kernel_HWIO, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
+        x_BHWC,
+        kernel_HWIO,
+        (stride, stride),
+        pad,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        preferred_element_type=accumulator(x_BHWC.dtype),
     )
 
 
@@ -85,7 +111,8 @@ def conv2d(x_BHWC: jax.Array, kernel_HWIO: jax.Array, stride: int, padding: int)
     0.04 s for one 64x64x32 layer at batch 16. Here the kernel gradient is one product per kernel tap
     (strided window of the input against the output gradient) and the input gradient a convolution with
     the flipped kernel (stride 1) or a sum of per-tap products (stride 2): 0.17 s, in a loop or not, equal
-    to XLA's gradients up to float rounding.
+    to XLA's gradients up to float rounding. Half-precision operands accumulate and come out in float32
+    (`accumulator`).
     """
     return _conv_nhwc(x_BHWC, kernel_HWIO, stride, padding)
 
@@ -96,21 +123,31 @@ def _conv2d_fwd(x_BHWC, kernel_HWIO, stride, padding):
 
 def _conv2d_bwd(stride, padding, residuals, dy_BHWO):
     x_BHWC, kernel = residuals
+    dy_BHWO = dy_BHWO.astype(x_BHWC.dtype)
+    acc = accumulator(x_BHWC.dtype)
     k = kernel.shape[0]
     h_out, w_out = dy_BHWO.shape[1:3]
     padded = jnp.pad(x_BHWC, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     rows = lambda i: slice(i, i + stride * (h_out - 1) + 1, stride)
     cols = lambda j: slice(j, j + stride * (w_out - 1) + 1, stride)
-    taps = [[jnp.einsum("bhwc,bhwo->co", padded[:, rows(i), cols(j)], dy_BHWO) for j in range(k)] for i in range(k)]
+    taps = [
+        [
+            jnp.einsum("bhwc,bhwo->co", padded[:, rows(i), cols(j)], dy_BHWO, preferred_element_type=acc)
+            for j in range(k)
+        ]
+        for i in range(k)
+    ]
     d_kernel = jnp.stack([jnp.stack(row) for row in taps]).astype(kernel.dtype)
     if stride == 1:
         flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
         dx = _conv_nhwc(dy_BHWO, flipped.astype(dy_BHWO.dtype), 1, k - 1 - padding)
     else:
-        d_padded = jnp.zeros(padded.shape, dy_BHWO.dtype)
+        d_padded = jnp.zeros(padded.shape, acc or dy_BHWO.dtype)
         for i in range(k):
             for j in range(k):
-                tap = jnp.einsum("bhwo,co->bhwc", dy_BHWO, kernel[i, j].astype(dy_BHWO.dtype))
+                tap = jnp.einsum(
+                    "bhwo,co->bhwc", dy_BHWO, kernel[i, j].astype(dy_BHWO.dtype), preferred_element_type=acc
+                )
                 d_padded = d_padded.at[:, rows(i), cols(j)].add(tap)
         dx = d_padded[:, padding : padding + x_BHWC.shape[1], padding : padding + x_BHWC.shape[2]]
     return dx.astype(x_BHWC.dtype), d_kernel
@@ -133,15 +170,61 @@ class Conv2d(nn.Module):
         k = self.kernel_size
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x_BHWC.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        x_BHWC, kernel, bias = (a.astype(self.dtype) for a in (x_BHWC, kernel, bias))
-        b, h, w, c = x_BHWC.shape
-        if k == 3 and self.stride == 1 and self.padding == 1 and h * w <= IM2COL_MAX_POSITIONS:
-            padded = jnp.pad(x_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0)))
-            patches = jnp.concatenate([padded[:, i : i + h, j : j + w] for i in range(3) for j in range(3)], axis=-1)
-            y = (patches.reshape(b * h * w, 9 * c) @ kernel.reshape(9 * c, self.features)).reshape(b, h, w, -1)
+        x_BHWC, kernel = x_BHWC.astype(self.dtype), kernel.astype(self.dtype)
+        h, w = x_BHWC.shape[1:3]
+        if k == 1 and self.stride == 1 and self.padding == 0:
+            y = matmul(x_BHWC, kernel[0, 0])
+        elif k == 3 and self.stride == 1 and self.padding == 1 and _as_products(h * w, self.dtype):
+            y = _valid_conv_as_products(jnp.pad(x_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0))), kernel)
         else:
             y = conv2d(x_BHWC, kernel, self.stride, self.padding)
-        return y + bias
+        return _add_bias(y, bias, self.dtype)
+
+
+def _as_products(positions: int, dtype) -> bool:
+    """Whether a stride-1 convolution with `positions` output positions runs as matrix products."""
+    limit = ROWS_MAX_POSITIONS if accumulator(dtype) is not None else IM2COL_MAX_POSITIONS
+    return positions <= limit
+
+
+def _valid_conv_as_products(padded_BHWC: jax.Array, kernel_HWIO: jax.Array) -> jax.Array:
+    """Unpadded stride-1 convolution as matrix products (output in `accumulator(dtype)`): on small maps
+    (IM2COL_MAX_POSITIONS) one product over all kh*kw shifted copies of the input side by side, on larger
+    ones one product per kernel row over its kw shifted copies, summed."""
+    kh, kw, c, o = kernel_HWIO.shape
+    h = padded_BHWC.shape[1] - kh + 1
+    w = padded_BHWC.shape[2] - kw + 1
+    if h * w <= IM2COL_MAX_POSITIONS:
+        taps = [padded_BHWC[:, i : i + h, j : j + w] for i in range(kh) for j in range(kw)]
+        return matmul(jnp.concatenate(taps, axis=-1), kernel_HWIO.reshape(kh * kw * c, o))
+    rows_BHWK = jnp.concatenate([padded_BHWC[:, :, j : j + w] for j in range(kw)], axis=-1)
+    y = None
+    for i in range(kh):
+        part = matmul(rows_BHWK[:, i : i + h], kernel_HWIO[i].reshape(kw * c, o))
+        y = part if y is None else y + part
+    return y
+
+
+def _add_bias(y: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:
+    """y (accumulator dtype) + bias, rounded once to `dtype`."""
+    if bias is not None:
+        y = y + bias.astype(y.dtype)
+    return y.astype(dtype)
+
+
+class Dense(nn.Module):
+    """A linear layer over the last axis, params `kernel` (in, out) and `bias`, as flax's `nn.Dense`, but
+    half-precision inputs accumulate in float32 and the bias is added before rounding (see `accumulator`)."""
+
+    features: int
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        return _add_bias(matmul(x.astype(self.dtype), kernel.astype(self.dtype)), bias, self.dtype)
 
 
 def conv(features: int, kernel: int, name: str | None, dtype, stride: int = 1, padding: int | None = None) -> Conv2d:
@@ -180,9 +263,9 @@ class TimestepEmbedding(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = nn.Dense(self.features, dtype=self.dtype, name="linear_1")(x)
+        x = Dense(self.features, dtype=self.dtype, name="linear_1")(x)
         x = activation(self.act_fn)(x)
-        return nn.Dense(self.features, dtype=self.dtype, name="linear_2")(x)
+        return Dense(self.features, dtype=self.dtype, name="linear_2")(x)
 
 
 class ResnetBlock2D(nn.Module):
@@ -204,7 +287,7 @@ class ResnetBlock2D(nn.Module):
         h = act(GroupNorm(self.groups, self.eps, self.dtype, name="norm1")(x_BHWC))
         h = conv(self.out_channels, 3, "conv1", self.dtype)(h)
         if temb_BT is not None:
-            t = nn.Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(act(temb_BT))
+            t = Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(act(temb_BT))
             h = h + t[:, None, None, :]
         h = act(GroupNorm(self.groups, self.eps, self.dtype, name="norm2")(h))
         h = conv(self.out_channels, 3, "conv2", self.dtype)(h)
@@ -237,10 +320,59 @@ class Upsample2D(nn.Module):
     def __call__(self, x_BHWC: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
         h, w = x_BHWC.shape[1:3]
         if size is None or tuple(size) == (2 * h, 2 * w):
-            x_BHWC = jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2)
-        else:
-            x_BHWC = x_BHWC[:, _nearest_indices(h, size[0])][:, :, _nearest_indices(w, size[1])]
+            return _UpsampleConv(self.channels, self.dtype, name="conv")(x_BHWC)
+        x_BHWC = x_BHWC[:, _nearest_indices(h, size[0])][:, :, _nearest_indices(w, size[1])]
         return conv(self.channels, 3, "conv", self.dtype)(x_BHWC)
+
+
+def _subpixel_kernels(kernel_HWIO: jax.Array) -> jax.Array:
+    """The 3x3 kernel of "nearest 2x, then conv" as four 2x2 kernels, one per output parity, side by side:
+    (2, 2, C, 4 * O), parity (a, b) at [..., (2a + b) * O : (2a + b + 1) * O]. Output row 2i + a reads input
+    rows i - 1 + a and i + a; for a = 0 the first gets kernel row 0 and the second rows 1 + 2, for a = 1
+    the first gets rows 0 + 1 and the second row 2 (columns likewise). Sums, not products: on CPU an einsum
+    with 0/1 matrices runs as slow dot products over the whole kernel."""
+    k = kernel_HWIO
+    rows = ((k[0], k[1] + k[2]), (k[0] + k[1], k[2]))  # rows[a][tap]: (3, C, O) over kernel columns
+    taps = []
+    for tap_row in range(2):
+        row_taps = []
+        for tap_col in range(2):
+            parities = []
+            for a in range(2):
+                r = rows[a][tap_row]
+                cols = ((r[0], r[1] + r[2]), (r[0] + r[1], r[2]))
+                parities.extend(cols[b][tap_col] for b in range(2))
+            row_taps.append(jnp.concatenate(parities, axis=-1))
+        taps.append(jnp.stack(row_taps))
+    return jnp.stack(taps)
+
+
+class _UpsampleConv(nn.Module):
+    """conv3x3(nearest_2x(x)) computed without the 4x larger upsampled map: each of the four output
+    parities (a, b) is a 2x2 convolution of x with a kernel summed from the 3x3 one (`_subpixel_kernels`), 4/9 of
+    the multiply-adds. One 2x2 convolution of the zero-padded x with the four kernels side by side gives
+    (H+1, W+1, 4, O) outputs; parity (a, b) is the window shifted by (a, b). Params `kernel` (3, 3, C, O)
+    and `bias`, as `Conv2d`: (B, H, W, C) -> (B, 2H, 2W, O)."""
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+        b, h, w, c = x_BHWC.shape
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, c, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        x_BHWC = x_BHWC.astype(self.dtype)
+        kernel_all = _subpixel_kernels(kernel.astype(self.dtype))
+        padded = jnp.pad(x_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        if _as_products((h + 1) * (w + 1), self.dtype):
+            y = _valid_conv_as_products(padded, kernel_all)
+        else:
+            y = conv2d(padded, kernel_all, 1, 0)
+        y = y.reshape(b, h + 1, w + 1, 2, 2, self.features)
+        rows = [jnp.stack([y[:, a : a + h, bb : bb + w, a, bb] for bb in range(2)], axis=3) for a in range(2)]
+        y = jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, self.features)
+        return _add_bias(y, bias, self.dtype)
 
 
 def _nearest_indices(src: int, dst: int) -> np.ndarray:
@@ -264,13 +396,13 @@ class CrossAttention(nn.Module):
     def __call__(self, x_BNC: jax.Array, context_BMD: jax.Array | None = None) -> jax.Array:
         context_BMD = x_BNC if context_BMD is None else context_BMD
         inner = self.heads * self.head_dim
-        q = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x_BNC)
-        k = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context_BMD)
-        v = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context_BMD)
+        q = Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x_BNC)
+        k = Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context_BMD)
+        v = Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context_BMD)
         split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.head_dim)
         out = dot_product_attention(split(q), split(k), split(v), upcast=self.upcast)
         out = out.reshape(out.shape[0], out.shape[1], inner)
-        return nn.Dense(x_BNC.shape[-1], dtype=self.dtype, name="to_out.0")(out)
+        return Dense(x_BNC.shape[-1], dtype=self.dtype, name="to_out.0")(out)
 
 
 class GEGLU(nn.Module):
@@ -281,7 +413,7 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        hidden, gate = jnp.split(nn.Dense(2 * self.features, dtype=self.dtype, name="proj")(x), 2, axis=-1)
+        hidden, gate = jnp.split(Dense(2 * self.features, dtype=self.dtype, name="proj")(x), 2, axis=-1)
         return hidden * jax.nn.gelu(gate, approximate=False)
 
 
@@ -314,7 +446,7 @@ class _FeedForward(nn.Module):
     def __call__(self, x_BNC: jax.Array) -> jax.Array:
         dim = x_BNC.shape[-1]
         h = GEGLU(4 * dim, self.dtype, name="net.0")(x_BNC)
-        return nn.Dense(dim, dtype=self.dtype, name="net.2")(h)
+        return Dense(dim, dtype=self.dtype, name="net.2")(h)
 
 
 class Transformer2D(nn.Module):
@@ -339,7 +471,7 @@ class Transformer2D(nn.Module):
         inner = self.heads * self.head_dim
         h = GroupNorm(self.groups, 1e-6, self.dtype, name="norm")(x_BHWC)
         if self.use_linear_projection:
-            h = nn.Dense(inner, dtype=self.dtype, name="proj_in")(h.reshape(b, hgt * wid, c))
+            h = Dense(inner, dtype=self.dtype, name="proj_in")(h.reshape(b, hgt * wid, c))
         else:
             h = conv(inner, 1, "proj_in", self.dtype)(h).reshape(b, hgt * wid, inner)
         for i in range(self.num_layers):
@@ -352,7 +484,7 @@ class Transformer2D(nn.Module):
                 name=f"transformer_blocks.{i}",
             )(h, context_BMD)
         if self.use_linear_projection:
-            h = nn.Dense(c, dtype=self.dtype, name="proj_out")(h).reshape(b, hgt, wid, c)
+            h = Dense(c, dtype=self.dtype, name="proj_out")(h).reshape(b, hgt, wid, c)
         else:
             h = conv(c, 1, "proj_out", self.dtype)(h.reshape(b, hgt, wid, inner))
         return h + x_BHWC
@@ -372,7 +504,7 @@ class SpatialSelfAttention(nn.Module):
     def __call__(self, x_BHWC: jax.Array) -> jax.Array:
         b, hgt, wid, c = x_BHWC.shape
         h = GroupNorm(self.groups, self.eps, self.dtype, name="group_norm")(x_BHWC).reshape(b, hgt * wid, c)
-        q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(h)[:, :, None, :] for n in ("to_q", "to_k", "to_v"))
+        q, k, v = (Dense(c, dtype=self.dtype, name=n)(h)[:, :, None, :] for n in ("to_q", "to_k", "to_v"))
         out = dot_product_attention(q, k, v).reshape(b, hgt * wid, c)
-        out = nn.Dense(c, dtype=self.dtype, name="to_out.0")(out)
+        out = Dense(c, dtype=self.dtype, name="to_out.0")(out)
         return out.reshape(b, hgt, wid, c) + x_BHWC
