@@ -9,7 +9,14 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from sdjax.convert.diffusers_folder import TEXT_ENCODER, UNET, VAE, load_component, save_component
+from sdjax.convert.diffusers_folder import (
+    TEXT_ENCODER,
+    UNET,
+    VAE,
+    abstract_component,
+    load_component,
+    save_component,
+)
 from sdjax.convert.textual_inversion import restore_multi_vector
 from sdjax.memory import release_free_memory
 from sdjax.nn.clip import CLIPTextModel
@@ -204,6 +211,7 @@ def load_pipeline(
     config: str | Path | None = None,
     prediction_type: str | None = None,
     vae: str | Path | None = None,
+    weights: bool = True,
 ) -> StableDiffusionPipeline:
     """Loads a Stable Diffusion model (SD 1.x, 2.x, inpainting) without torch.
 
@@ -220,6 +228,10 @@ def load_pipeline(
         files cannot show it: the default is diffusers' (epsilon, except v_prediction for 768px SD 2.x).
       vae: a VAE replacing the model's: an LDM-layout `.safetensors` file (e.g.
         vae-ft-mse-840000-ema-pruned) or a diffusers VAE folder.
+      weights: False reads only the configs, tokenizer and scheduler of a diffusers folder: the params are
+        `jax.ShapeDtypeStruct`s, enough to compile programs (`sdjax.generate.compile_generate`) before the
+        weights are read, so that the compiler's memory (~0.7 GiB for SD 1.5) and the weights are never
+        resident together; call again with weights=True to run them.
     """
     if path is None:
         if not (DEMO_MODEL / "model_index.json").is_file():
@@ -232,6 +244,8 @@ def load_pipeline(
     if not root.exists():
         raise FileNotFoundError(f"model path {root} does not exist")
     if root.is_file():
+        if not weights:
+            raise ValueError("weights=False needs a diffusers folder; a single-file checkpoint is read whole")
         from sdjax.convert.single_file import load_single_file
 
         pipe = load_single_file(root, config=config, dtype=dtype, prediction_type=prediction_type, vae=vae)
@@ -244,7 +258,10 @@ def load_pipeline(
     dtype = resolve_dtype(dtype)
     modules, params = {}, {}
     for spec in (UNET, VAE, TEXT_ENCODER):
-        modules[spec.folder], params[spec.folder] = load_component(root, spec, dtype, variant)
+        if weights:
+            modules[spec.folder], params[spec.folder] = load_component(root, spec, dtype, variant)
+        else:
+            modules[spec.folder], params[spec.folder] = abstract_component(root, spec, dtype)
     for folder in ("tokenizer", "scheduler"):
         if not (root / folder).is_dir():
             raise FileNotFoundError(f"{root} has no '{folder}/' component folder")
@@ -265,7 +282,10 @@ def load_pipeline(
         dtype=dtype,
         source=root,
     )
-    pipe = pipe if vae is None else pipe.with_vae(vae)
+    if vae is not None:
+        if not weights:
+            raise ValueError("weights=False cannot replace the VAE (vae=...): load it with the weights")
+        pipe = pipe.with_vae(vae)
     release_free_memory()  # the conversion's freed buffers (see sdjax.memory)
     return pipe
 

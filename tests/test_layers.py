@@ -54,15 +54,16 @@ def _reference_upsample(params, x):
     return _xla_conv(up, params["conv"]["kernel"], 1, 1) + params["conv"]["bias"]
 
 
-@pytest.mark.parametrize("size", [(4, 5), (7, 7), (20, 23)])  # products (<= 256 positions) and convolution
-def test_upsample_subpixel_equals_nearest_then_conv(size):
+# sub-pixel as products (<= 256 positions) and as a convolution; the plain path (maps small next to the kernel)
+@pytest.mark.parametrize("size,out", [((4, 5), 5), ((7, 7), 5), ((20, 23), 5), ((2, 3), 40)])
+def test_upsample_subpixel_equals_nearest_then_conv(size, out):
     x = jax.random.normal(jax.random.key(3), (2, *size, 6))
-    module = Upsample2D(5)
+    module = Upsample2D(out)
     params = module.init(jax.random.key(4), x)["params"]
-    params["conv"]["bias"] = jax.random.normal(jax.random.key(5), (5,))
+    params["conv"]["bias"] = jax.random.normal(jax.random.key(5), (out,))
     ours = module.apply({"params": params}, x)
     theirs = _reference_upsample(params, x)
-    assert ours.shape == (2, 2 * size[0], 2 * size[1], 5)
+    assert ours.shape == (2, 2 * size[0], 2 * size[1], out)
     np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
     loss = lambda f: lambda p, a: jnp.sum(jnp.sin(f(p, a)))
     ours_grads = jax.grad(loss(lambda p, a: module.apply({"params": p}, a)), argnums=(0, 1))(params, x)

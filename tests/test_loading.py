@@ -210,3 +210,25 @@ def test_safetensors_round_trip_bf16(tmp_path):
     loaded = torch_load(tmp_path / "x.safetensors")
     assert loaded["b"].dtype == torch.bfloat16
     np.testing.assert_array_equal(loaded["b"].float().numpy(), tensors["b"].astype(np.float32))
+
+
+def test_shapes_only_pipeline_compiles_the_program_the_weights_run(folder, tmp_path):
+    """load_pipeline(weights=False) reads no weights, yet its params have exactly the loaded shapes and
+    dtypes, and a program compiled from it draws the image `generate` draws."""
+    from sdjax.generate import compile_generate, place_inputs, prepare
+
+    shapes = sdjax.load_pipeline(folder, dtype="bfloat16", weights=False)
+    pipe = sdjax.load_pipeline(folder, dtype="bfloat16")
+    structs = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)  # noqa: E731
+    assert structs(shapes.params) == structs(pipe.params)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes.params))
+
+    settings = dict(num_inference_steps=3, height=64, width=64, seed=3, mesh=None)
+    plan, inputs = prepare(shapes, ["a red cube"], **settings)
+    program = compile_generate(shapes, plan, place_inputs(inputs, None), params=shapes.params)
+    drawn = np.asarray(program(pipe.params, place_inputs(inputs, None)))
+    np.testing.assert_array_equal(drawn, np.asarray(pipe.generate(["a red cube"], **settings)))
+
+    with pytest.raises(ValueError) as info:
+        sdjax.load_pipeline(folder, weights=False, vae=folder / "vae")
+    assert "weights=False" in one_line_error(info)

@@ -73,6 +73,9 @@ def gemm_rate(dtype: str, n: int = 2048) -> float:
 
 
 def run_jax(job: Job) -> dict:
+    """Compiles the four programs (text encoder, one UNet CFG step, VAE decode, the whole image) against the
+    model's shapes before its weights are read (`load_pipeline(weights=False)`: the compiler's memory and
+    the weights are never resident together), then loads the weights and times each program."""
     import jax
     import jax.numpy as jnp
 
@@ -80,76 +83,79 @@ def run_jax(job: Job) -> dict:
     from sdjax import xla_options
     from sdjax.compile_cache import enable_compilation_cache
     from sdjax.generate import compile_generate, place_inputs, prepare
+    from sdjax.memory import release_free_memory
     from sdjax.prompts import encode_prompt_windows, tokenize_prompts
 
     enable_compilation_cache(job.cache_dir or "off")
     out: dict = {"framework": "sdjax", "device": jax.devices()[0].device_kind, "devices": jax.device_count()}
+    shapes = sdjax.load_pipeline(job.model, dtype=job.dtype, weights=False)
+    noise = latents(job)
+    sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))  # noqa: E731
+
+    ids, weights = tokenize_prompts(shapes.tokenizer, [PROMPT] * job.batch, [NEGATIVE] * job.batch)
+    text_fn = xla_options.jit(lambda p, i, w: encode_prompt_windows(shapes.text_encoder, p, i, w))
+    programs = {}  # compiled executables, each freed after its measurement
+    out["text_compile_s"], programs["text"] = _compile(text_fn, shapes.params["text_encoder"], ids, weights)
+
+    rows = 2 * job.batch
+    context = sds((rows, ids.shape[1], shapes.text_encoder.config.hidden_size), shapes.dtype)
+    x = sds((rows, *noise.shape[1:]), shapes.dtype)
+    t = jnp.full((rows,), 500.0, jnp.float32)
+    step_fn = xla_options.jit(lambda p, x, t, c: shapes.unet.apply({"params": p}, x, t, c))
+    out["unet_compile_s"], programs["unet"] = _compile(step_fn, shapes.params["unet"], x, t, context)
+    cost = programs["unet"].cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    out["unet_flops"] = float(cost.get("flops", 0.0)) if cost else 0.0
+
+    z = sds(noise.shape, shapes.dtype)
+    decode_fn = xla_options.jit(lambda p, z: shapes.vae.apply({"params": p}, z, method="decode"))
+    out["vae_compile_s"], programs["vae"] = _compile(decode_fn, shapes.params["vae"], z)
+
+    prompts = [PROMPT] * job.batch
+    settings = dict(num_inference_steps=job.steps, guidance_scale=GUIDANCE, scheduler=job.scheduler)
+    settings.update(height=job.height, width=job.width, latents=noise, mesh=None)
+    plan, inputs = prepare(shapes, prompts, NEGATIVE, **settings)
+    inputs = place_inputs(inputs, None)
+    start = time.perf_counter()
+    programs["image"] = compile_generate(shapes, plan, inputs, params=shapes.params)
+    out["image_compile_s"] = time.perf_counter() - start
+    del text_fn, step_fn, decode_fn
+    jax.clear_caches()  # the tracing caches of the programs above (~0.15 GiB); the executables stay valid
+    release_free_memory()
+
     start = time.perf_counter()
     pipe = sdjax.load_pipeline(job.model, dtype=job.dtype)
     jax.block_until_ready(pipe.params)
     out["load_s"] = time.perf_counter() - start
-    noise = latents(job)
 
-    ids, weights = tokenize_prompts(pipe.tokenizer, [PROMPT] * job.batch, [NEGATIVE] * job.batch)
-    text = xla_options.jit(lambda p, i, w: encode_prompt_windows(pipe.text_encoder, p, i, w))
-    context = _component(out, "text", text, (pipe.params["text_encoder"], ids, weights), job.inner)
-
+    te, unet, vae = (pipe.params[k] for k in ("text_encoder", "unet", "vae"))
+    embedded = jax.block_until_ready(programs["text"](te, ids, weights)).astype(pipe.dtype)
+    out["text_s"] = _timed(lambda: programs["text"](te, ids, weights).block_until_ready(), job.inner)
+    _free(programs, "text")
     x = jnp.asarray(np.concatenate([noise, noise]), pipe.dtype)
-    t = jnp.full((2 * job.batch,), 500.0, jnp.float32)
-    step = xla_options.jit(lambda p, x, t, c: pipe.unet.apply({"params": p}, x, t, c))
-    args = (pipe.params["unet"], x, t, context.astype(pipe.dtype))
-    _component(out, "unet", step, args, job.inner, timed_key="unet_step_s", flops_key="unet_flops")
-
+    out["unet_step_s"] = _timed(lambda: programs["unet"](unet, x, t, embedded).block_until_ready(), job.inner)
+    _free(programs, "unet")
     z = jnp.asarray(noise / pipe.vae.config.scaling_factor, pipe.dtype)
-    decode = xla_options.jit(lambda p, z: pipe.vae.apply({"params": p}, z, method="decode"))
-    _component(out, "vae", decode, (pipe.params["vae"], z), job.inner, timed_key="vae_decode_s")
+    out["vae_decode_s"] = _timed(lambda: programs["vae"](vae, z).block_until_ready(), job.inner)
+    _free(programs, "vae")
 
-    plan, inputs = prepare(
-        pipe,
-        [PROMPT] * job.batch,
-        NEGATIVE,
-        num_inference_steps=job.steps,
-        guidance_scale=GUIDANCE,
-        scheduler=job.scheduler,
-        height=job.height,
-        width=job.width,
-        latents=noise,
-        mesh=None,
-    )
-    inputs = place_inputs(inputs, None)
     start = time.perf_counter()
-    program = compile_generate(pipe, plan, inputs)
-    out["image_compile_s"] = time.perf_counter() - start
-    start = time.perf_counter()
-    images = np.asarray(jax.block_until_ready(program(pipe.params, inputs)))
+    images = np.asarray(jax.block_until_ready(programs["image"](pipe.params, inputs)))
     out["image_s"] = time.perf_counter() - start
     out["images_per_s"] = job.batch / out["image_s"]
     np.save(job.image_out, images)
+    _free(programs, "image")
     out["gemm_flops_per_s"] = gemm_rate(job.dtype)
     out["peak_rss"] = peak_rss()
     return out
 
 
-def _component(out: dict, name: str, fn, args, inner: int, timed_key=None, flops_key=None):
-    """Compiles jitted `fn` for `args` (out[name_compile_s]), times it (out[timed_key or name_s]), records its
-    FLOPs (XLA cost analysis) under `flops_key`; returns one output. The program is freed before the next
-    phase (a user runs one generation program, not four) and so is the heap memory it left."""
-    import jax
-
+def _free(programs: dict, name: str) -> None:
+    """Drops a measured executable and hands the freed memory back (a user runs one program at a time)."""
     from sdjax.memory import release_free_memory
 
-    def measure():  # the executable lives only in here
-        out[f"{name}_compile_s"], compiled = _compile(fn, *args)
-        if flops_key:
-            cost = compiled.cost_analysis()
-            cost = cost[0] if isinstance(cost, list) else cost
-            out[flops_key] = float(cost.get("flops", 0.0)) if cost else 0.0
-        out[timed_key or f"{name}_s"] = _timed(lambda: compiled(*args).block_until_ready(), inner)
-        return jax.block_until_ready(compiled(*args))  # done before the next phase starts
-
-    result = measure()
+    del programs[name]
     release_free_memory()
-    return result
 
 
 def _compile(fn, *args):

@@ -157,6 +157,18 @@ def load_component(root: Path, spec: ComponentSpec, dtype, variant: str | None =
     return module, params
 
 
+def abstract_component(root: Path, spec: ComponentSpec, dtype) -> tuple[Any, dict]:
+    """Reads `root/<folder>/config.json` only -> (module, params as `jax.ShapeDtypeStruct`s of `dtype`): the
+    shapes `load_component` would fill (its conversion is total), for compiling before loading."""
+    directory = root / spec.folder
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{root} has no '{spec.folder}/' component folder")
+    config = spec.config_cls.from_dict(read_json(directory / "config.json"), what=f"{directory}/config.json")
+    module = spec.module_cls(config, dtype=dtype)
+    shapes = abstract_params(module)
+    return module, jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype)), shapes)
+
+
 def save_component(root: Path, spec: ComponentSpec, module, params, dtype=None) -> None:
     """Writes `root/<folder>/config.json` and the weights in the PyTorch layout diffusers/transformers load.
 
