@@ -574,3 +574,46 @@ def test_timestep_bias_draws_the_chosen_timesteps_as_often_as_asked():
         timestep_weights(ranged.replace(timestep_bias_end=1200), 1000)
     with pytest.raises(ValueError, match="timestep_bias_strategy must be one of"):
         TrainConfig(timestep_bias_strategy="late")
+
+
+def test_snr_weights_clip_the_x0_weight_to_floor_and_gamma():
+    """Weights on the model's own target equal SNR clipped to [floor, gamma] as a weight on the x0 error:
+    the x0 error of an epsilon model is its eps error / SNR, of a v model its v error / (SNR + 1)."""
+    import jax.numpy as jnp
+
+    from train.objective import snr_weights
+
+    abar = jnp.asarray([0.999, 0.9, 0.5, 0.1, 0.0047])
+    snr = abar / (1 - abar)
+    for floor, gamma in [(0.0, 5.0), (1.0, 0.0), (1.0, 5.0), (0.1, 5.0)]:
+        x0_weight = jnp.clip(snr, floor or None, gamma or None)
+        np.testing.assert_allclose(snr_weights(abar, gamma, "epsilon", floor), x0_weight / snr, rtol=1e-6)
+        np.testing.assert_allclose(snr_weights(abar, gamma, "v_prediction", floor), x0_weight / (snr + 1), rtol=1e-6)
+    # the floor raises only the noisy end (SNR < floor): at t = 999 an eps error counts 1 / SNR ~ 212 times
+    assert float(snr_weights(abar, 5.0, "epsilon", 1.0)[-1]) == pytest.approx(1 / float(snr[-1]), rel=1e-5)
+    np.testing.assert_allclose(snr_weights(abar, 5.0, "epsilon", 1.0)[:3], snr_weights(abar, 5.0, "epsilon")[:3])
+    with pytest.raises(ValueError, match="snr_floor must not exceed"):
+        TrainConfig(min_snr_gamma=1.0, snr_floor=2.0)
+
+
+def test_identity_init_starts_the_noise_prediction_at_its_input():
+    """unet_init=identity: a fresh UNet predicts eps(x_t) = its input normalised per channel (any t, any
+    text), the rest of the weights random; the default init predicts something else."""
+    import jax
+    import jax.numpy as jnp
+
+    from train import model
+
+    folder = Path(__file__).parents[1] / "configs" / "emoji_demo" / "architecture"
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16, 4)) * 1.3 + 0.2
+    normalised = (x - x.mean((1, 2), keepdims=True)) / x.std((1, 2), keepdims=True)
+    context = jax.random.normal(jax.random.key(2), (2, 77, 64))
+    for init, close in (("identity", True), ("flax", False)):
+        config = TrainConfig(architecture=str(folder), scratch=("unet", "vae", "text_encoder"), unet_init=init)
+        pipe = model.load_start(config)
+        for t in (999, 10):
+            eps = pipe.unet.apply({"params": pipe.params["unet"]}, x, jnp.full((2,), t), context)
+            error = float(jnp.abs(eps - normalised).max())
+            assert (error < 0.2) == close, (init, t, error)
+    with pytest.raises(ValueError, match="unet_init must be one of"):
+        TrainConfig(unet_init="zeros")

@@ -22,6 +22,7 @@ DTYPES = ("float32", "bfloat16")
 REMAT = ("none", "full", "dots", "dots_all")
 COMPONENTS = ("unet", "vae", "text_encoder")
 TIMESTEP_BIAS = ("none", "earlier", "later", "range")
+UNET_INITS = ("flax", "identity")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,9 @@ class TrainConfig:
     # components ("unet", "vae", "text_encoder") to initialise fresh from the architecture's configs; the
     # others are loaded from `model` (all are fresh when there is no model)
     scratch: tuple[str, ...] = ()
+    # how a scratch UNet starts: "flax" (the modules' own initialisers) or "identity" (its noise
+    # prediction starts as its input; see train.model.identity_init)
+    unet_init: str = "flax"
     # optimisation
     steps: int = 1000
     batch_size: int = 1
@@ -118,6 +122,7 @@ class TrainConfig:
         checks = (
             (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
             (set(self.scratch) <= set(COMPONENTS), f"scratch takes components of {COMPONENTS}, got {self.scratch}"),
+            (self.unet_init in UNET_INITS, f"unet_init must be one of {UNET_INITS}, got {self.unet_init!r}"),
             (self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}"),
             (self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}"),
             (self.remat in REMAT, f"remat must be one of {REMAT}, got {self.remat!r}"),
