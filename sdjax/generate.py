@@ -315,6 +315,36 @@ def default_max_steps(num_steps: int) -> int:
     return 50 * max(1, -(-num_steps // 50))
 
 
+def _images_per_prompt(source, count: int, what: str) -> list:
+    """PIL images from one image (path, PIL image, uint8 (H, W[, C]) array) or a list of them / a uint8
+    (N, H, W, C) array, one per prompt (N = count); all of one size."""
+    import numpy as np
+
+    from sdjax import images as image_io
+
+    if isinstance(source, np.ndarray) and source.ndim == 4:
+        source = list(source)
+    if not isinstance(source, (list, tuple)):
+        return [image_io.open_image(source, what)]
+    if len(source) not in (1, count):
+        raise ValueError(f"{len(source)} {what}s for {count} prompts: pass one, or one per prompt")
+    opened = [image_io.open_image(item, what) for item in source]
+    sizes = {img.size for img in opened}
+    if len(sizes) > 1:
+        raise ValueError(f"the {what}s have different sizes {sorted(sizes)}: resize them to one size")
+    return opened
+
+
+def _rows_per_image(arrays: list, per_prompt: int, batch: int):
+    """(B, H, W, C) rows from (1, H, W, C) arrays: the one array for every image, or each prompt's array
+    repeated per_prompt times."""
+    import numpy as np
+
+    if len(arrays) == 1:
+        return np.broadcast_to(arrays[0], (batch, *arrays[0].shape[1:]))
+    return np.repeat(np.concatenate(arrays), per_prompt, axis=0)
+
+
 def prepare(
     pipe,
     prompt,
@@ -369,6 +399,7 @@ def prepare(
     if int(num_images_per_prompt) < 1:
         raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
     n = int(num_images_per_prompt)
+    count = len(prompts)
     prompts = [p for p in prompts for _ in range(n)]
     negatives = [p for p in negatives for _ in range(n)]
     batch = len(prompts)
@@ -389,9 +420,10 @@ def prepare(
         raise ValueError(f"strength must be in [0, 1], got {strength}")
 
     factor = pipe.vae_scale_factor
-    init = None
+    init = inits = None
     if image is not None:
-        init = image_io.open_image(image, "init image")
+        inits = _images_per_prompt(image, count, "init image")
+        init = inits[0]
         if height is None and width is None:
             width, height = (init.width // factor) * factor, (init.height // factor) * factor
     elif mask_image is not None:
@@ -406,17 +438,18 @@ def prepare(
     image_arr = mask_arr = None
     if init is not None:
         mode = "img2img"
-        image_arr = np.broadcast_to(image_io.image_to_array(init, height, width), (batch, height, width, 3))
+        arrays = [image_io.image_to_array(img, height, width) for img in inits]
+        image_arr = _rows_per_image(arrays, n, batch)
         kept = min(int(steps * float(strength)), steps)
         if mask_image is None and kept < 1:
             raise ValueError(f"strength {strength} leaves no denoising step out of {steps}; raise it")
     if mask_image is not None:
         mode = "inpaint"
-        mask_img = image_io.open_image(mask_image, "mask")
-        if mask_img.size != init.size:
-            got, want = f"{mask_img.width}x{mask_img.height}", f"{init.width}x{init.height}"
+        masks = _images_per_prompt(mask_image, count, "mask")
+        if masks[0].size != init.size:
+            got, want = f"{masks[0].width}x{masks[0].height}", f"{init.width}x{init.height}"
             raise ValueError(f"mask is {got} but the init image is {want}")
-        mask_arr = np.broadcast_to(image_io.mask_to_array(mask_img, height, width), (batch, height, width, 1))
+        mask_arr = _rows_per_image([image_io.mask_to_array(m, height, width) for m in masks], n, batch)
         if int(steps * float(strength)) < 1:
             raise ValueError(f"strength {strength} leaves no denoising step out of {steps}; raise it")
     elif pipe.unet.config.in_channels != pipe.vae.config.latent_channels:

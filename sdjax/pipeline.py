@@ -93,7 +93,8 @@ class StableDiffusionPipeline:
           seed: image k of the call uses seed + k (A1111's convention), whatever the batch size.
           latents: optional (B, H/8, W/8, 4) NHWC standard-normal noise: the initial latents before scaling by
             the scheduler's initial sigma (txt2img), or the noise added to the init image's latents.
-          image, mask_image: paths, PIL images or uint8 arrays; the mask is white where to repaint. 9-channel
+          image, mask_image: paths, PIL images or uint8 (H, W[, C]) arrays; the mask is white where to
+            repaint. A list (or a uint8 (N, H, W, C) array) gives one per prompt, all of one size. 9-channel
             inpainting UNets work as diffusers' StableDiffusionInpaintPipeline; regular UNets blend the
             latents with the re-noised init image after every step (diffusers' behaviour for them).
           strength: img2img/inpaint denoising strength in [0, 1].

@@ -288,6 +288,28 @@ def test_image_depends_on_its_seed_only(model):
     assert not np.array_equal(batch[0], batch[1])
 
 
+@EPSILON
+def test_one_init_image_and_mask_per_prompt(model):
+    """A list of init images (and masks) gives prompt k its own: each row equals that prompt drawn alone."""
+    _, _, _, _, pipe = model
+    prompts = ["a red cube", "a blue ball"]
+    images = [_init_image(seed=1), _init_image(seed=2)]
+    masks = [_mask(), Image.fromarray(255 - np.asarray(_mask()))]
+    kwargs = dict(num_inference_steps=5, strength=0.7, scheduler="euler", seed=4)
+    both = pipe.generate(prompts, image=images, mask_image=masks, num_images_per_prompt=2, **kwargs)
+    for k in range(2):  # rows 2k, 2k + 1 have seeds 4 + 2k, 5 + 2k
+        alone = pipe.generate(
+            prompts[k], image=images[k], mask_image=masks[k], num_images_per_prompt=2, **{**kwargs, "seed": 4 + 2 * k}
+        )
+        np.testing.assert_array_equal(both[2 * k : 2 * k + 2], alone)
+    stacked = pipe.generate(prompts, image=np.stack([np.asarray(im) for im in images]), **kwargs)
+    np.testing.assert_array_equal(stacked[1], pipe.generate(prompts[1], image=images[1], **{**kwargs, "seed": 5})[0])
+    with pytest.raises(ValueError, match="3 init images for 2 prompts"):
+        pipe.generate(prompts, image=images + images[:1], **kwargs)
+    with pytest.raises(ValueError, match="different sizes"):
+        pipe.generate(prompts, image=[images[0], _init_image(size=32)], **kwargs)
+
+
 @V_PREDICTION
 def test_no_recompile_for_traced_inputs(model):
     """Prompts, negative prompts, seed, guidance, rescale, strength and steps below the maximum are traced."""
