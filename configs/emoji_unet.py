@@ -1,7 +1,8 @@
-"""Stage 2 of the bundled demo model: a UNet of 3.2M parameters and a CLIP text encoder of 3.4M (the real
-CLIP tokenizer), both from scratch, on the latents of stage 1's VAE; epsilon prediction with min-SNR-5
-weighting and offset noise 0.05 (white backgrounds), 10% caption dropout for classifier-free guidance, EMA.
-The exported folder (fp16) is sdjax/data/demo.
+"""Stage 2 of the bundled demo model: a UNet of 4.1M parameters and a CLIP text encoder of 3.4M (the real
+CLIP tokenizer), both from scratch, on the latents of stage 1's VAE; epsilon prediction with the UNet's
+noise prediction initialised to its input (unet_init="identity"), the loss weighted as an x0 loss clipped
+to SNR in [1, 5] (snr_floor 1, min-SNR-5), 10% caption dropout for classifier-free guidance, EMA. The
+exported folder (fp16) is sdjax/data/demo.
 
     python -m train --config configs/emoji_unet.py --data data/emoji --model runs/emoji-vae/final \
         --output runs/emoji-unet
@@ -28,8 +29,10 @@ def get_config(variant: str | None = None) -> TrainConfig:
         max_grad_norm=1.0,
         ema_decay=0.995,
         caption_dropout=0.1,
+        unet_init="identity",
         min_snr_gamma=5.0,
-        noise_offset=0.05,
+        snr_floor=1.0,
+        noise_offset=0.0,
         checkpoint_every=500,
         log_every=10,
         sample_every=1000,

@@ -23,9 +23,9 @@ HUE_BINS = {"red": (340, 15), "orange": (15, 42), "yellow": (42, 70), "green": (
 HUE_BINS["purple"] = (255, 340)
 STEPS = 30
 RETRIEVAL_CAPTIONS = 20
-# The shipped model (4,000 UNet steps at batch 32, ~80 min) is undertrained: its x0 predictions from
-# t <= 500 are the right emoji, but sampling from pure noise gives coloured blobs (hearts 1/6, retrieval
-# 1/20 on 2026-12-02). strict: these start failing (XPASS) once a better-trained model makes them pass.
+# The shipped model (4,000 UNet steps at batch 32, ~1 hour) draws recognisable emoji but not reliably
+# enough: hearts 4/6, retrieval 5/20 on 2026-12-02 (the first recipe: 1/6, 1/20). strict: these start
+# failing (XPASS) once a better-trained model makes them pass.
 UNDERTRAINED = pytest.mark.xfail(strict=True, reason="the bundled demo model is undertrained (issue 9)")
 
 
