@@ -37,7 +37,8 @@ demo-model: install-test
 	$(BIN)/python -m train.emoji_data --out data/emoji --thumbnails tests/data/emoji_32.npz
 	$(BIN)/python -m train --config configs/emoji_vae.py --data data/emoji --output runs/emoji-vae
 	$(BIN)/python -m train --config configs/emoji_unet.py --data data/emoji --model runs/emoji-vae/final --output runs/emoji-unet
-	rm -rf sdjax/data/demo && cp -r runs/emoji-unet/final sdjax/data/demo
+	$(BIN)/python -m train --config configs/emoji_unet_refine.py --data data/emoji --model runs/emoji-unet/final --output runs/emoji-unet-refine
+	rm -rf sdjax/data/demo && cp -r runs/emoji-unet-refine/final sdjax/data/demo
 	$(BIN)/python -m train.contact_sheet --data data/emoji --out docs/demo_contact_sheet.png
 
 lint: install-test

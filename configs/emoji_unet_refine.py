@@ -1,0 +1,34 @@
+"""Stage 3 of the bundled demo model: 1,000 more steps of stage 2's UNet and text encoder at a lower learning
+rate (2e-4, cosine), from stage 2's exported folder (EMA weights), the same objective. Its export is
+sdjax/data/demo.
+
+    python -m train --config configs/emoji_unet_refine.py --data data/emoji --model runs/emoji-unet/final \
+        --output runs/emoji-unet-refine
+"""
+
+import dataclasses
+from pathlib import Path
+
+from train.config import TrainConfig, load_config_file, variant_of
+
+
+def get_config(variant: str | None = None) -> TrainConfig:
+    config = dataclasses.replace(
+        load_config_file(str(Path(__file__).with_name("emoji_unet.py"))),
+        model="runs/emoji-unet/final",
+        scratch=(),
+        steps=1000,
+        learning_rate=2e-4,
+        warmup_steps=50,
+        sample_every=0,
+    )
+    return variant_of(
+        config,
+        variant,
+        "emoji_unet_refine",
+        model=config.model,
+        steps=20,
+        batch_size=8,
+        checkpoint_every=10,
+        log_every=1,
+    )
