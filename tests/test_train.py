@@ -617,3 +617,13 @@ def test_identity_init_starts_the_noise_prediction_at_its_input():
             assert (error < 0.2) == close, (init, t, error)
     with pytest.raises(ValueError, match="unet_init must be one of"):
         TrainConfig(unet_init="zeros")
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("*.py")), ids=lambda p: p.name)
+def test_every_run_config_loads_with_its_tiny_variant(path):
+    """configs/*.py: get_config() and get_config("tiny") give valid TrainConfigs (the README's commands)."""
+    from train.config import load_config_file
+
+    full, tiny = load_config_file(str(path)), load_config_file(f"{path}:tiny")
+    assert isinstance(full, TrainConfig) and isinstance(tiny, TrainConfig)
+    assert tiny.steps < full.steps
