@@ -22,13 +22,5 @@ def get_config(variant: str | None = None) -> TrainConfig:
         warmup_steps=50,
         sample_every=0,
     )
-    return variant_of(
-        config,
-        variant,
-        "emoji_unet_refine",
-        model=config.model,
-        steps=20,
-        batch_size=8,
-        checkpoint_every=10,
-        log_every=1,
-    )
+    # tiny: the run on stage 2's folder for 20 steps (TrainConfig.tiny), at stage 2's tiny batch
+    return variant_of(config, variant, "emoji_unet_refine", model=config.model, batch_size=8, log_every=1)

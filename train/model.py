@@ -130,6 +130,11 @@ def load_start(config: TrainConfig) -> StableDiffusionPipeline:
 _IDENTITY_SHIFT = 6.0
 
 
+def _layer_index(name: str) -> int:
+    """The index of a block member, 10 for resnets.10: sorting by it keeps their order (strings put 10 before 2)."""
+    return int(name.rsplit(".", 1)[1])
+
+
 def identity_init(unet_params: dict, config) -> dict:
     """A fresh UNet whose noise prediction starts as its (per-channel normalised) input: eps(x_t) = GN(x_t).
 
@@ -156,7 +161,7 @@ def identity_init(unet_params: dict, config) -> dict:
     k[1, 1, :, :c] = eye
     p["conv_in"]["bias"][:c] = 0.0
     last = f"up_blocks.{len(config.up_block_types) - 1}"
-    resnets = sorted(n for n in p[last] if n.startswith("resnets."))
+    resnets = sorted((n for n in p[last] if n.startswith("resnets.")), key=_layer_index)
     res = p[last][resnets[-1]]
     if "conv_shortcut" not in res:
         raise SetupError("unet_init=identity needs a 1x1 shortcut in the last up block's last resnet")
@@ -167,7 +172,7 @@ def identity_init(unet_params: dict, config) -> dict:
     res["conv_shortcut"]["bias"][:c] = 0.0
     res["conv2"]["kernel"][..., :c] = 0.0
     res["conv2"]["bias"][:c] = 0.0
-    attentions = sorted(n for n in p[last] if n.startswith("attentions."))
+    attentions = sorted((n for n in p[last] if n.startswith("attentions.")), key=_layer_index)
     if attentions:
         proj = p[last][attentions[-1]]["proj_out"]
         proj["kernel"][..., :c] = 0.0
