@@ -195,6 +195,50 @@ def test_data_folders_bad_images_and_missing_captions(tmp_path):
     assert [e.path.name for e in scan_folder(tmp_path / "meta", skip_bad=True)] == ["0.png", "2.png", "3.png"]
 
 
+def test_sampling_weights_are_read_checked_and_drawn_in_proportion(tmp_path):
+    from train.data import Order
+    from train.loop import _sampling_weights
+
+    folder = make_squares(tmp_path / "meta")
+    rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    for row, weight in zip(rows, (1, 1, 2, 4), strict=True):
+        row["weight"] = weight
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = scan_folder(folder)
+    assert [e.weight for e in examples] == [1, 1, 2, 4]
+    assert _sampling_weights(TrainConfig(), examples) is None  # power 0: plain permutations
+    weights = _sampling_weights(TrainConfig(sampling_weight_power=0.5), examples)
+    assert weights == (1, 1, 2**0.5, 2)
+
+    plain = Order(4, seed=3)
+    assert all(sorted(plain.index(e * 4 + i) for i in range(4)) == [0, 1, 2, 3] for e in range(50))
+    weighted = Order(4, seed=3, weights=(1, 1, 2, 4))
+    draws = np.bincount([weighted.index(p) for p in range(8000)], minlength=4) / 8000
+    np.testing.assert_allclose(draws, [0.125, 0.125, 0.25, 0.5], atol=0.02)
+    assert [weighted.index(p) for p in range(40)] == [Order(4, 3, weights=(1, 1, 2, 4)).index(p) for p in range(40)]
+
+    rows[1]["weight"] = -1
+    (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"line 2: weight must be a positive number, got -1"):
+        scan_folder(folder)
+    with pytest.raises(ValueError, match="sampling_weight_power must be >= 0"):
+        TrainConfig(sampling_weight_power=-1)
+
+
+def test_emoji_skin_tone_variants_share_one_weight():
+    from train.emoji_data import skin_tone_weights
+
+    thumbs = [
+        "\U0001f44d",
+        "\U0001f44d\U0001f3fb",
+        "\U0001f44d\U0001f3ff",
+        "\u2764\ufe0f",
+        "\U0001f590\ufe0f",
+        "\U0001f590\U0001f3fd",
+    ]
+    assert skin_tone_weights(thumbs) == [0.333333, 0.333333, 0.333333, 1.0, 0.5, 0.5]
+
+
 def test_bad_input_is_one_line_and_exit_2(tmp_path, base, squares, capsys):
     from train.__main__ import main
 

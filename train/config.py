@@ -62,6 +62,9 @@ class TrainConfig:
     cache_latents: bool = False  # encode every image once (center crop; both flips when random_flip)
     skip_bad_images: bool = False  # log and skip unreadable images / missing captions instead of failing
     caption_dropout: float = 0.0  # probability of training a row on the empty prompt (for CFG)
+    # draw images in proportion to metadata.jsonl's "weight" per image raised to this power (1: as given,
+    # 0.5: their square roots); 0 (default): every image once per epoch, weights ignored
+    sampling_weight_power: float = 0.0
     # objective
     noise_offset: float = 0.0
     min_snr_gamma: float = 0.0  # 0 disables min-SNR weighting (Hang et al. 2023); 5 is the usual value
@@ -131,6 +134,7 @@ class TrainConfig:
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
             (self.resolution >= 8 and self.resolution % 8 == 0, "resolution must be a positive multiple of 8"),
             (0.0 <= self.caption_dropout <= 1.0, "caption_dropout must be in [0, 1]"),
+            (self.sampling_weight_power >= 0, "sampling_weight_power must be >= 0"),
             (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),

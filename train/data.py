@@ -6,14 +6,17 @@ Images are resized (shorter side to the resolution, bilinear, as diffusers' trai
 randomly cropped, optionally flipped, and scaled to [-1, 1], NHWC float32.
 
 Order: the data set is a sequence of epochs, each a permutation drawn from (seed, epoch); global position p
-is image perm_{p // N}[p % N]. Crop offsets, flips and caption dropout of position p are drawn from
-(seed, p) too, so a batch depends only on its positions: a resumed run reads exactly the batches an
-uninterrupted one would, and under multi-host each process reads its own rows of every global batch.
+is image perm_{p // N}[p % N]. With sampling weights (a "weight" per image in metadata.jsonl, raised to
+`sampling_weight_power`), an epoch is instead N draws with replacement in proportion to the weights.
+Crop offsets, flips and caption dropout of position p are drawn from (seed, p) too, so a batch depends only
+on its positions: a resumed run reads exactly the batches an uninterrupted one would, and under multi-host
+each process reads its own rows of every global batch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -34,6 +37,7 @@ class DataError(ValueError):
 class Example:
     path: Path
     caption: str
+    weight: float = 1.0  # relative sampling frequency (metadata.jsonl "weight"; used with sampling weights)
 
 
 def _check_image(path: Path) -> str | None:
@@ -60,12 +64,15 @@ def _from_metadata(folder: Path, problems: list[str]) -> list[Example]:
             raise DataError(f"{where} has no file_name")
         path = folder / record["file_name"]
         caption = record.get("text", record.get("caption"))
+        weight = record.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight < float("inf"):
+            raise DataError(f"{where}: weight must be a positive number, got {weight!r}")
         if not isinstance(caption, str) or not caption.strip():
             problems.append(f'{where}: no caption ("text") for {path}')
         elif not path.is_file():
             problems.append(f"{where}: image {path} does not exist")
         else:
-            examples.append(Example(path, caption.strip()))
+            examples.append(Example(path, caption.strip(), float(weight)))
     return examples
 
 
@@ -148,25 +155,28 @@ class Order:
     size: int
     seed: int
     stream: int = 0  # separate streams for instance and class images
+    weights: tuple[float, ...] | None = None  # per example; None: each epoch is a permutation
+
+    def __post_init__(self):
+        if self.weights is not None and len(self.weights) != self.size:
+            raise ValueError(f"{len(self.weights)} sampling weights for {self.size} examples")
 
     def index(self, position: int) -> int:
         epoch, offset = divmod(position, self.size)
-        return int(_permutation(self.size, self.seed, self.stream, epoch)[offset])
+        return int(_epoch(self.size, self.seed, self.stream, epoch, self.weights)[offset])
 
     def draws(self, position: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, self.stream, 1, position])
 
 
-_PERMUTATIONS: dict[tuple[int, int, int, int], np.ndarray] = {}
-
-
-def _permutation(size: int, seed: int, stream: int, epoch: int) -> np.ndarray:
-    key = (size, seed, stream, epoch)
-    if key not in _PERMUTATIONS:
-        if len(_PERMUTATIONS) > 8:
-            _PERMUTATIONS.clear()
-        _PERMUTATIONS[key] = np.random.default_rng([seed, stream, 0, epoch]).permutation(size)
-    return _PERMUTATIONS[key]
+@functools.lru_cache(maxsize=8)
+def _epoch(size: int, seed: int, stream: int, epoch: int, weights: tuple[float, ...] | None) -> np.ndarray:
+    """The example indices of one epoch (int (size,)): a permutation, or `size` weighted draws."""
+    rng = np.random.default_rng([seed, stream, 0, epoch])
+    if weights is None:
+        return rng.permutation(size)
+    p = np.asarray(weights, np.float64)
+    return rng.choice(size, size, replace=True, p=p / p.sum())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,9 @@ native 109 px, composited on white, centred on a square canvas and resized to --
 are `an emoji of <name>`, <name> being the CLDR short name from the `emoji` package (underscores to
 spaces: "red heart", "grinning face"), or the lowercased Unicode name where it has none. The folder gets
 one PNG per emoji and a metadata.jsonl (Hugging Face imagefolder convention) that `python -m train` reads.
+Each row also has a sampling "weight": 1 / the number of skin-tone variants of its emoji (a base emoji and
+its five tones get 1/6 each; "kiss: man, man" has 26), so that `--sampling-weight-power 1` draws every
+emoji design equally often instead of spending half the draws on skin tones.
 
 Needs Debian's fonts-noto-color-emoji (`apt-get install fonts-noto-color-emoji`) and `pip install emoji`.
 """
@@ -14,6 +17,7 @@ Needs Debian's fonts-noto-color-emoji (`apt-get install fonts-noto-color-emoji`)
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
 import unicodedata
@@ -24,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 NATIVE_SIZE = 109  # Noto Color Emoji is a bitmap font with one strike
+SKIN_TONES = "".join(chr(c) for c in range(0x1F3FB, 0x1F400))  # Fitzpatrick modifiers, light to dark
 
 
 class EmojiDataError(RuntimeError):
@@ -83,6 +88,14 @@ def to_square(rgba: np.ndarray, size: int) -> Image.Image:
     return canvas.resize((size, size), Image.LANCZOS)
 
 
+def skin_tone_weights(texts: list[str]) -> list[float]:
+    """1 / (how many of `texts` are the same emoji up to skin-tone modifiers and variation selectors)."""
+    strip = {ord(c): None for c in SKIN_TONES + "\ufe0f"}
+    bases = [text.translate(strip) for text in texts]
+    counts = collections.Counter(bases)
+    return [round(1.0 / counts[base], 6) for base in bases]
+
+
 def build(out: Path, size: int = 64, font_path: Path = FONT) -> int:
     """Writes the data set; returns the number of images."""
     emoji = _emoji_module()
@@ -104,6 +117,8 @@ def build(out: Path, size: int = 64, font_path: Path = FONT) -> int:
         file_name = f"{len(records):05d}.png"
         to_square(rgba, size).save(out / file_name)
         records.append({"file_name": file_name, "text": f"an emoji of {name}", "emoji": text})
+    for record, weight in zip(records, skin_tone_weights([r["emoji"] for r in records]), strict=True):
+        record["weight"] = weight
     (out / "metadata.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return len(records)
 

@@ -75,6 +75,16 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
+def _sampling_weights(cfg, examples) -> tuple[float, ...] | None:
+    """Per-example sampling weights (metadata "weight" ** sampling_weight_power), or None for plain epochs."""
+    if not cfg.sampling_weight_power:
+        return None
+    if all(e.weight == 1.0 for e in examples):
+        log.warning("sampling_weight_power is set but no image has a weight in metadata.jsonl: plain epochs")
+        return None
+    return tuple(e.weight**cfg.sampling_weight_power for e in examples)
+
+
 class Batches:
     """Host-side micro-batches of one process: images (or cached latent moments), token ids, row ids,
     weights; padded to a multiple of this process's devices with rows of weight 0."""
@@ -83,7 +93,7 @@ class Batches:
         cfg = setup.config
         self.setup, self.cfg = setup, cfg
         self.examples, self.class_examples = examples, class_examples
-        self.order = data_lib.Order(len(examples), cfg.seed, stream=0)
+        self.order = data_lib.Order(len(examples), cfg.seed, stream=0, weights=_sampling_weights(cfg, examples))
         self.class_order = data_lib.Order(len(class_examples), cfg.seed, stream=1) if class_examples else None
         tok = setup.pipe.tokenizer
         captions = [cfg.instance_prompt or e.caption for e in examples]
