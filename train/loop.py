@@ -82,7 +82,14 @@ def _sampling_weights(cfg, examples) -> tuple[float, ...] | None:
     if all(e.weight == 1.0 for e in examples):
         log.warning("sampling_weight_power is set but no image has a weight in metadata.jsonl: plain epochs")
         return None
-    return tuple(e.weight**cfg.sampling_weight_power for e in examples)
+    weights = np.array([e.weight**cfg.sampling_weight_power for e in examples])
+    log.info(
+        "drawing images by weight ** %g: the most drawn %.1fx as often as in plain epochs, the least %.2fx",
+        cfg.sampling_weight_power,
+        weights.max() * len(weights) / weights.sum(),
+        weights.min() * len(weights) / weights.sum(),
+    )
+    return tuple(weights.tolist())
 
 
 class Batches:
