@@ -30,7 +30,7 @@ PROMPT ?= an emoji of red apple
 sample: install
 	$(BIN)/python sample.py "$(PROMPT)" $(if $(MODEL),--model "$(MODEL)") --out outputs $(ARGS)
 
-# Rebuilds the bundled demo model (sdjax/data/demo) on this machine's CPU, about 1.75 hours (remove runs/ first: runs resume):
+# Rebuilds the bundled demo model (sdjax/data/demo) on this machine's CPU, about 1.5 hours (88 min on 2026-12-03; remove runs/ first: runs resume):
 # the emoji data set (needs Debian's fonts-noto-color-emoji), the VAE, then the UNet and text encoder.
 demo-model: install-test
 	$(BIN)/pip install -q -e '.[train]'
