@@ -8,7 +8,7 @@ are `an emoji of <name>`, <name> being the CLDR short name from the `emoji` pack
 spaces: "red heart", "grinning face"), or the lowercased Unicode name where it has none. The folder gets
 one PNG per emoji and a metadata.jsonl (Hugging Face imagefolder convention) that `python -m train` reads.
 Each row also has a sampling "weight": 1 / the number of skin-tone variants of its emoji (a base emoji and
-its five tones get 1/6 each; "kiss: man, man" has 26), so that `--sampling-weight-power 1` draws every
+its five tones get 1/6 each; "kiss man man" has 26 variants), so that `--sampling-weight-power 1` draws every
 emoji design equally often instead of spending half the draws on skin tones.
 
 Needs Debian's fonts-noto-color-emoji (`apt-get install fonts-noto-color-emoji`) and `pip install emoji`.
