@@ -88,10 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=8, help="seeds of the hearts check (default 8)")
     parser.add_argument("--extra", type=int, default=40, help="captions beyond the test's 20 (default 40)")
     args = parser.parse_args(argv)
+    if args.seeds < 1 or args.extra < 0:
+        parser.error(f"--seeds must be >= 1 and --extra >= 0, got {args.seeds} and {args.extra}")
     pipe = sdjax.load_pipeline(args.model) if args.model else sdjax.load_pipeline()
     images, captions = load_thumbnails()
 
-    per_seed = [heart_colours(pipe, seed) for seed in range(max(args.seeds, 1))]
+    per_seed = [heart_colours(pipe, seed) for seed in range(args.seeds)]
     hits = [sum(f == c for f, c in zip(found, COLOURS, strict=True)) for found in per_seed]
     print(f"hearts at seed 0: {hits[0]}/6 {per_seed[0]}")
     print(f"hearts over seeds 0-{len(per_seed) - 1}: {sum(hits)}/{6 * len(per_seed)}")
