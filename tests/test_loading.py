@@ -141,6 +141,7 @@ def test_unknown_block_type(copy):
         ("class_embed_type", "timestep", "option class_embed_type='timestep' is not supported"),
         ("resnet_time_scale_shift", "scale_shift", "resnet_time_scale_shift='scale_shift' is not supported"),
         ("fancy_new_option", 3, "unknown option 'fancy_new_option'"),
+        ("addition_embed_type", "text_time", "addition_embed_type 'text_time' is not supported"),
     ],
 )
 def test_unsupported_unet_options_are_refused(copy, key, value, expected):
@@ -151,6 +152,16 @@ def test_unsupported_unet_options_are_refused(copy, key, value, expected):
     with pytest.raises(ValueError) as info:
         sdjax.load_pipeline(copy)
     assert expected in one_line_error(info)
+
+
+def test_text_addition_embedding_heads_must_divide_the_width(copy):
+    cfg_path = copy / "unet" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(addition_embed_type="text", addition_embed_type_num_heads=5)
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError) as info:
+        sdjax.load_pipeline(copy)
+    assert "divisible by addition_embed_type_num_heads (5)" in one_line_error(info)
 
 
 def test_only_pickle_weights(copy):

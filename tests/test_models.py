@@ -57,7 +57,7 @@ UNET_CONFIGS = {
         sample_size=16,
     ),
     # The remaining options: only_cross_attention everywhere, centred input, mid-block scale factor,
-    # another activation, a per-block layer count and a wider time embedding.
+    # another activation, a per-block layer count, a wider time embedding and the pooled text added to it.
     "options": dict(
         block_out_channels=[16, 32],
         layers_per_block=[1, 2],
@@ -71,6 +71,8 @@ UNET_CONFIGS = {
         act_fn="mish",
         norm_num_groups=4,
         time_embedding_dim=48,
+        addition_embed_type="text",
+        addition_embed_type_num_heads=4,
         sample_size=8,
     ),
 }
@@ -285,3 +287,17 @@ def test_unet_sizes_not_divisible_by_the_downsampling(case):
     ctx = rng.standard_normal((1, 77, unet.config.cross_attention_dim)).astype(np.float32)
     ours = jax.jit(pipe.unet.apply)({"params": pipe.params["unet"]}, x, t, ctx)
     assert rel_l2(ours, torch_unet(unet, x, t, ctx)) <= TOL
+
+
+def test_text_addition_embedding_has_no_single_file_layout(case, tmp_path):
+    """A UNet with addition_embed_type "text" refuses single-file export with a one-line error; kohya LoRA
+    names still cover it (the embedding keeps its diffusers-style name)."""
+    name, _, _, _, _, pipe = case
+    if name != "options":
+        pytest.skip("the config with the text addition embedding")
+    with pytest.raises(ValueError, match="addition_embed_type 'text' has no single-file"):
+        pipe.save_single_file(tmp_path / "model.safetensors")
+    from sdjax.convert.lora import _kernels, _lookup
+
+    names = _lookup(pipe, "unet", _kernels(pipe.params["unet"]), "kohya")
+    assert names["add_embedding_pool_q_proj"] == ("add_embedding", "pool", "q_proj")

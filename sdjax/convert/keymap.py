@@ -27,7 +27,14 @@ _TO_TORCH: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "linear": lambda w: w.T,
     "copy": lambda w: w,
 }
-_LEAF_NAMES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+# A leaf not listed here has no PyTorch name; `positional_embedding` is a bare nn.Parameter in PyTorch too.
+_LEAF_NAMES = {
+    "kernel": "weight",
+    "scale": "weight",
+    "embedding": "weight",
+    "bias": "bias",
+    "positional_embedding": "positional_embedding",
+}
 
 
 @dataclasses.dataclass(frozen=True)

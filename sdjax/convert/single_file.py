@@ -293,6 +293,11 @@ def component_entries(
     module's `keymap_for`, if already built)."""
     keys = list(keymap if keymap is not None else _keymap(_SPECS[layout], module))
     if layout == "unet":
+        if module.config.addition_embed_type is not None:
+            raise ValueError(
+                f"a UNet with addition_embed_type {module.config.addition_embed_type!r} has no single-file (LDM) "
+                "layout; save it as a diffusers folder (save_pretrained) instead"
+            )
         return ldm_keys.build_entries(ldm_keys.unet_rules(module.config), keys, ldm_keys.UNET_PREFIX)
     if layout == "vae":
         return ldm_keys.build_entries(ldm_keys.vae_rules(module.config), keys, ldm_keys.VAE_PREFIX)

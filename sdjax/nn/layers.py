@@ -270,6 +270,43 @@ class TimestepEmbedding(nn.Module):
         return Dense(self.features, dtype=self.dtype, name="linear_2")(x)
 
 
+class AttentionPooling(nn.Module):
+    """One pooled vector per sequence, (B, L, D) -> (B, D): a query token (the mean over the L tokens plus
+    the learnt `positional_embedding`) attends with `num_heads` heads to itself and the L tokens; q, k and v
+    are linear projections, with no output projection (diffusers' `AttentionPooling`, from DeepFloyd IF)."""
+
+    num_heads: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        b, _, d = x_BLD.shape
+        position = self.param("positional_embedding", nn.initializers.normal(d**-0.5), (1, d))
+        query_B1D = x_BLD.mean(axis=1, keepdims=True) + position.astype(x_BLD.dtype)
+        tokens_BKD = jnp.concatenate([query_B1D, x_BLD], axis=1)
+        heads = lambda y: y.reshape(y.shape[0], y.shape[1], self.num_heads, d // self.num_heads)
+        q = heads(Dense(d, dtype=self.dtype, name="q_proj")(query_B1D))
+        k = heads(Dense(d, dtype=self.dtype, name="k_proj")(tokens_BKD))
+        v = heads(Dense(d, dtype=self.dtype, name="v_proj")(tokens_BKD))
+        return dot_product_attention(q, k, v).reshape(b, d)
+
+
+class TextTimeEmbedding(nn.Module):
+    """The text's addition to the timestep embedding (diffusers' `addition_embed_type="text"`):
+    norm1 -> attention pooling of the (B, L, D) text states -> proj to `features` -> norm2, (B, features)."""
+
+    features: int
+    num_heads: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, context_BLD: jax.Array) -> jax.Array:
+        h = layer_norm(1e-5, self.dtype, "norm1")(context_BLD)
+        h = AttentionPooling(self.num_heads, self.dtype, name="pool")(h)
+        h = Dense(self.features, dtype=self.dtype, name="proj")(h)
+        return layer_norm(1e-5, self.dtype, "norm2")(h)
+
+
 class ResnetBlock2D(nn.Module):
     """GroupNorm-act-conv twice, with the time embedding added in between and a (1x1) skip path.
 

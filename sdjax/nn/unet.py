@@ -1,4 +1,5 @@
-"""The Stable Diffusion UNet (diffusers' `UNet2DConditionModel`, the SD 1.x / 2.x / inpainting subset), NHWC."""
+"""The Stable Diffusion UNet (diffusers' `UNet2DConditionModel`, the SD 1.x / 2.x / inpainting subset, plus the
+pooled-text addition to the timestep embedding, `addition_embed_type="text"`), NHWC."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from sdjax.nn.layers import (
     Downsample2D,
     GroupNorm,
     ResnetBlock2D,
+    TextTimeEmbedding,
     TimestepEmbedding,
     Transformer2D,
     Upsample2D,
@@ -25,6 +27,7 @@ from sdjax.nn.layers import (
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
+ADDITION_EMBED_TYPES = (None, "text")
 
 # diffusers options sdjax does not implement, at the values where they change nothing.
 UNET_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
@@ -34,7 +37,6 @@ UNET_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "encoder_hid_dim_type": None,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_embed_type": None,
     "addition_time_embed_dim": None,
     "num_class_embeds": None,
     "resnet_time_scale_shift": "default",
@@ -48,7 +50,6 @@ UNET_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "attention_type": "default",
     "class_embeddings_concat": False,
     "cross_attention_norm": None,
-    "addition_embed_type_num_heads": 64,
 }
 
 
@@ -98,6 +99,9 @@ class UNetConfig:
     time_embedding_dim: int | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
+    # "text": a pooled projection of the text states is added to the timestep embedding (TextTimeEmbedding)
+    addition_embed_type: str | None = None
+    addition_embed_type_num_heads: int = 64
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -117,6 +121,18 @@ class UNetConfig:
         if self.act_fn:
             activation(self.act_fn)
         layers = _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
+        if self.addition_embed_type not in ADDITION_EMBED_TYPES:
+            raise ValueError(
+                f"addition_embed_type {self.addition_embed_type!r} is not supported; sdjax supports "
+                f"{list(ADDITION_EMBED_TYPES)}"
+            )
+        if self.addition_embed_type == "text":
+            width = self.cross_attention_dim
+            if not isinstance(width, int) or width % self.addition_embed_type_num_heads:
+                raise ValueError(
+                    f"addition_embed_type 'text' needs one int cross_attention_dim divisible by "
+                    f"addition_embed_type_num_heads ({self.addition_embed_type_num_heads}), got {width}"
+                )
         if any(not isinstance(x, int) for x in layers):
             raise ValueError("nested transformer_layers_per_block (per-layer lists) is not supported")
 
@@ -287,6 +303,10 @@ class UNet2DConditionModel(nn.Module):
             t_emb.astype(self.dtype)
         )
         context_BLD = context_BLD.astype(self.dtype)
+        if cfg.addition_embed_type == "text":
+            temb = temb + TextTimeEmbedding(
+                cfg.time_embed_dim, cfg.addition_embed_type_num_heads, self.dtype, name="add_embedding"
+            )(context_BLD)
         h = sample_BHWC.astype(self.dtype)
         if cfg.center_input_sample:
             h = 2 * h - 1.0
