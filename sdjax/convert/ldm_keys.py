@@ -100,6 +100,11 @@ _OPENCLIP_LAYER_TRANSFORMS = {
 _QKV_ORDER = ("q_proj", "k_proj", "v_proj")
 
 
+# diffusers UNet modules the LDM layout has no name for (addition_embed_type "text"): a UNet with them has no
+# single-file form, and name lookups in the LDM layout (kohya LoRA) leave them out.
+UNET_WITHOUT_LDM_NAME = ("add_embedding",)
+
+
 def unet_rules(config: UNetConfig) -> list[Rule]:
     """UNet module renames. LDM numbers its blocks consecutively: `input_blocks.0` is conv_in, then per
     level `layers` resnets (`.0`, followed by the transformer `.1` where the level has attention) and a

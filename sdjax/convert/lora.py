@@ -227,8 +227,7 @@ def _lookup(pipe: StableDiffusionPipeline, part: str, kernels, fmt: str) -> dict
             add("text_model." + dotted, path)
     if part == "unet" and fmt == "kohya":
         rules = ldm_keys.unet_rules(pipe.unet.config)
-        # the LDM layout has no name for the pooled-text embedding (addition_embed_type "text")
-        by_dotted = {".".join(p): p for p in kernels if p[0] != "add_embedding"}
+        by_dotted = {".".join(p): p for p in kernels if p[0] not in ldm_keys.UNET_WITHOUT_LDM_NAME}
         for entry in ldm_keys.build_entries(rules, [d + ".weight" for d in by_dotted], ""):
             add(entry.ldm_key.removesuffix(".weight"), by_dotted[entry.diffusers_keys[0].removesuffix(".weight")])
     return {name: next(iter(paths)) for name, paths in names.items() if len(paths) == 1}

@@ -121,6 +121,8 @@ class UNetConfig:
         if self.act_fn:
             activation(self.act_fn)
         layers = _per_block(self.transformer_layers_per_block, n, "transformer_layers_per_block")
+        if any(not isinstance(x, int) for x in layers):
+            raise ValueError("nested transformer_layers_per_block (per-layer lists) is not supported")
         if self.addition_embed_type not in ADDITION_EMBED_TYPES:
             raise ValueError(
                 f"addition_embed_type {self.addition_embed_type!r} is not supported; sdjax supports "
@@ -133,8 +135,6 @@ class UNetConfig:
                     f"addition_embed_type 'text' needs one int cross_attention_dim divisible by "
                     f"addition_embed_type_num_heads ({self.addition_embed_type_num_heads}), got {width}"
                 )
-        if any(not isinstance(x, int) for x in layers):
-            raise ValueError("nested transformer_layers_per_block (per-layer lists) is not supported")
 
     @classmethod
     def from_dict(cls, raw: dict, what: str = "unet/config.json") -> UNetConfig:
