@@ -225,18 +225,18 @@ def test_sampling_weights_are_read_checked_and_drawn_in_proportion(tmp_path):
         TrainConfig(sampling_weight_power=-1)
 
 
-def test_emoji_skin_tone_variants_share_one_weight():
-    from train.emoji_data import skin_tone_weights
+def test_emoji_colour_named_designs_get_the_colour_weight():
+    from train.emoji_data import colour_weights
 
-    thumbs = [
-        "\U0001f44d",
-        "\U0001f44d\U0001f3fb",
-        "\U0001f44d\U0001f3ff",
-        "\u2764\ufe0f",
-        "\U0001f590\ufe0f",
-        "\U0001f590\U0001f3fd",
+    records = [
+        {"text": "an emoji of red heart", "emoji": "\u2764\ufe0f"},
+        {"text": "an emoji of green circle", "emoji": "\U0001f7e2"},
+        {"text": "an emoji of thumbs up", "emoji": "\U0001f44d"},
+        {"text": "an emoji of man red hair", "emoji": "\U0001f468\u200d\U0001f9b0"},
+        {"text": "an emoji of man light skin tone red hair", "emoji": "\U0001f468\U0001f3fb\u200d\U0001f9b0"},
+        {"text": "an emoji of redwood", "emoji": "x"},  # a word, not a substring
     ]
-    assert skin_tone_weights(thumbs) == [0.333333, 0.333333, 0.333333, 1.0, 0.5, 0.5]
+    assert colour_weights(records, 4.0) == [4.0, 4.0, 1.0, 4.0, 1.0, 1.0]
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, base, squares, capsys):

@@ -1,15 +1,16 @@
 """The emoji data set of the bundled demo model: every emoji of Noto Color Emoji, 64x64 RGB on white.
 
-    python -m train.emoji_data --out data/emoji [--size 64] [--font PATH] [--thumbnails F.npz]
+    python -m train.emoji_data --out data/emoji [--size 64] [--font PATH] [--colour-weight 4] [--thumbnails F.npz]
 
 Each emoji the font draws as one glyph (ZWJ sequences and skin tones included) is rendered at the font's
 native 109 px, composited on white, centred on a square canvas and resized to --size (Lanczos). Captions
 are `an emoji of <name>`, <name> being the CLDR short name from the `emoji` package (underscores to
 spaces: "red heart", "grinning face"), or the lowercased Unicode name where it has none. The folder gets
 one PNG per emoji and a metadata.jsonl (Hugging Face imagefolder convention) that `python -m train` reads.
-Each row also has a sampling "weight": 1 / the number of skin-tone variants of its emoji (a base emoji and
-its five tones get 1/6 each; "kiss man man" has 26 variants), so that `--sampling-weight-power 1` draws every
-emoji design equally often instead of spending half the draws on skin tones.
+Each row also has a sampling "weight": --colour-weight (default 4) for the 77 emoji whose name has a colour
+word (COLOUR_WORDS: "red heart", "green circle", "black cat"; not their skin-tone variants), 1 for the
+others, so that training with `--sampling-weight-power 1` (as the demo model's recipe does) draws those
+colour-named emoji 4x as often: the only images that teach the colour words.
 
 Needs Debian's fonts-noto-color-emoji (`apt-get install fonts-noto-color-emoji`) and `pip install emoji`.
 """
@@ -17,7 +18,6 @@ Needs Debian's fonts-noto-color-emoji (`apt-get install fonts-noto-color-emoji`)
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import sys
 import unicodedata
@@ -29,6 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 NATIVE_SIZE = 109  # Noto Color Emoji is a bitmap font with one strike
 SKIN_TONES = "".join(chr(c) for c in range(0x1F3FB, 0x1F400))  # Fitzpatrick modifiers, light to dark
+COLOUR_WORDS = frozenset("red orange yellow green blue purple brown black white".split())
 
 
 class EmojiDataError(RuntimeError):
@@ -88,15 +89,16 @@ def to_square(rgba: np.ndarray, size: int) -> Image.Image:
     return canvas.resize((size, size), Image.LANCZOS)
 
 
-def skin_tone_weights(texts: list[str]) -> list[float]:
-    """1 / (how many of `texts` are the same emoji up to skin-tone modifiers and variation selectors)."""
-    strip = {ord(c): None for c in SKIN_TONES + "\ufe0f"}
-    bases = [text.translate(strip) for text in texts]
-    counts = collections.Counter(bases)
-    return [round(1.0 / counts[base], 6) for base in bases]
+def colour_weights(records: list[dict], factor: float) -> list[float]:
+    """`factor` for each record whose caption names a colour (a word of COLOUR_WORDS) and whose emoji has no
+    skin-tone modifier, else 1."""
+    return [
+        factor if COLOUR_WORDS & set(r["text"].split()) and not any(c in SKIN_TONES for c in r["emoji"]) else 1.0
+        for r in records
+    ]
 
 
-def build(out: Path, size: int = 64, font_path: Path = FONT) -> int:
+def build(out: Path, size: int = 64, font_path: Path = FONT, colour_weight: float = 4.0) -> int:
     """Writes the data set; returns the number of images."""
     emoji = _emoji_module()
     font = _font(font_path)
@@ -117,7 +119,7 @@ def build(out: Path, size: int = 64, font_path: Path = FONT) -> int:
         file_name = f"{len(records):05d}.png"
         to_square(rgba, size).save(out / file_name)
         records.append({"file_name": file_name, "text": f"an emoji of {name}", "emoji": text})
-    for record, weight in zip(records, skin_tone_weights([r["emoji"] for r in records]), strict=True):
+    for record, weight in zip(records, colour_weights(records, colour_weight), strict=True):
         record["weight"] = weight
     (out / "metadata.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return len(records)
@@ -144,10 +146,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
     p.add_argument("--font", default=str(FONT), help=f"the Noto Color Emoji font (default {FONT})")
+    p.add_argument(
+        "--colour-weight",
+        type=float,
+        default=4.0,
+        help="sampling weight of the emoji whose name has a colour word (default 4; the others: 1)",
+    )
     p.add_argument("--thumbnails", help="also write the images at 32x32 with their captions to this .npz")
     args = p.parse_args(argv)
     try:
-        count = build(Path(args.out), args.size, Path(args.font))
+        if not args.colour_weight > 0:
+            raise EmojiDataError(f"--colour-weight must be > 0, got {args.colour_weight}")
+        count = build(Path(args.out), args.size, Path(args.font), args.colour_weight)
     except EmojiDataError as err:
         print(f"python -m train.emoji_data: error: {err}", file=sys.stderr)
         return 2
