@@ -100,6 +100,8 @@ def colour_weights(records: list[dict], factor: float) -> list[float]:
 
 def build(out: Path, size: int = 64, font_path: Path = FONT, colour_weight: float = 4.0) -> int:
     """Writes the data set; returns the number of images."""
+    if not colour_weight > 0:  # also refuses nan
+        raise EmojiDataError(f"--colour-weight must be > 0, got {colour_weight}")
     emoji = _emoji_module()
     font = _font(font_path)
     notdef = render(font, "\U0010fffd")
@@ -155,8 +157,6 @@ def main(argv=None) -> int:
     p.add_argument("--thumbnails", help="also write the images at 32x32 with their captions to this .npz")
     args = p.parse_args(argv)
     try:
-        if not args.colour_weight > 0:
-            raise EmojiDataError(f"--colour-weight must be > 0, got {args.colour_weight}")
         count = build(Path(args.out), args.size, Path(args.font), args.colour_weight)
     except EmojiDataError as err:
         print(f"python -m train.emoji_data: error: {err}", file=sys.stderr)
