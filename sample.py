@@ -112,7 +112,6 @@ class Progress:
 def load_model(args, progress: Progress):
     """The pipeline of --model with --vae, --embedding and --lora applied."""
     import sdjax
-    from sdjax.convert.lora import parse_lora_arg
 
     started = time.perf_counter()
     progress.say(f"loading {args.model or 'the bundled demo model'} ({args.dtype})")
@@ -126,6 +125,17 @@ def load_model(args, progress: Progress):
         pipe = pipe.load_lora(path, scale)
     progress.say(f"loaded in {time.perf_counter() - started:.1f} s")
     return pipe
+
+
+def parse_lora_arg(arg: str) -> tuple[Path, float]:
+    """`--lora FILE[:SCALE]` -> (path, scale); without a numeric `:SCALE` suffix the scale is 1."""
+    head, sep, tail = arg.rpartition(":")
+    if sep and head:
+        try:
+            return Path(head).expanduser(), float(tail)
+        except ValueError:
+            pass
+    return Path(arg).expanduser(), 1.0
 
 
 def output_paths(out: Path, seeds: list[int], resume: bool) -> list[Path]:
@@ -146,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     from sdjax import images as image_io
     from sdjax import sharding
     from sdjax.compile_cache import enable_compilation_cache
-    from sdjax.convert.lora import find_lora, parse_lora_tags
-    from sdjax.generate import compile_generate, place_inputs, place_params, prepare
-    from sdjax.prompts import tokenize_prompts
+    from sdjax.convert.lora import find_lora
+    from sdjax.generate import compile_generate, place_inputs, place_params
+    from sdjax.prompts import parse_lora_tags, tokenize_prompts
+    from sdjax.request import prepare
 
     multi = sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     host, hosts = jax.process_index(), jax.process_count()

@@ -4,6 +4,7 @@ Parameters are plain pytrees kept apart from the (stateless) Flax modules; image
 """
 
 from sdjax.pipeline import StableDiffusionPipeline, load_pipeline
+from sdjax.request import GenerateOptions
 
-__all__ = ["StableDiffusionPipeline", "load_pipeline"]
+__all__ = ["GenerateOptions", "StableDiffusionPipeline", "load_pipeline"]
 __version__ = "0.1.0"

@@ -1,5 +1,6 @@
 """The compiled text-to-image / img2img / inpainting program: text encoding, the whole denoising loop and
-the VAE decode in one `jax.jit`.
+the VAE decode in one `jax.jit`; its compile-time `Plan` and traced `Inputs` (made from a request by
+`sdjax.request.prepare`), compilation ahead of time, and placement on a mesh.
 
 Static (one compile per value): the modules, the scheduler, batch size, micro-batch size, image size, the
 number of 77-token prompt windows, `max_steps`, the mode, clip skip, and whether initial noise is given. Traced (no
@@ -14,21 +15,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from sdjax.compile_cache import enable_default_cache
-from sdjax.convert.lora import apply_adapters, lora_adapter
+from sdjax.keys import normal_rows, seed_keys, split_rows
 from sdjax.memory import release_free_memory
-from sdjax.nn.vae import decode_tiled
+from sdjax.nn.lora import apply_adapters
+from sdjax.nn.vae import decode_tiled, encode_sample
 from sdjax.prompts import encode_prompt_windows
-from sdjax.schedulers import loop
-from sdjax.schedulers._base import Scheduler
-from sdjax.sharding import BATCH_AXES, global_batch, local_rows, make_mesh, shard_params
+from sdjax.schedulers import Scheduler, loop
+from sdjax.sharding import BATCH_AXES, global_batch, local_rows, shard_params
 from sdjax.xla_options import compiler_options
 
 MODES = ("txt2img", "img2img", "inpaint")
@@ -70,7 +72,7 @@ class Inputs:
     noise: (B, h, w, C) standard normal initial latents (used when `plan.noise_given`), else None.
     image: (B, H, W, 3) init image in [-1, 1] (img2img, inpaint), else None.
     mask: (B, H, W, 1) 0/1, 1 = repaint (inpaint), else None.
-    adapters, adapter_scales: unmerged LoRAs (`sdjax.convert.lora.lora_adapter` pytrees) and their scales
+    adapters, adapter_scales: unmerged LoRAs (`sdjax.nn.lora` adapter pytrees) and their scales
       {"unet": (n,), "text_encoder": (n,)}, applied inside the program (another LoRA of the same shapes or
       another scale does not recompile), else None.
     """
@@ -97,16 +99,6 @@ jax.tree_util.register_dataclass(
 )
 _PER_IMAGE = ("ids", "weights", "seeds", "valid", "noise", "image", "mask")
 _SHARED = ("guidance", "guidance_rescale", "num_steps", "strength")
-
-
-def _image_keys(seeds_B):
-    """Per image: (initial-noise key, sampler key, VAE key), all derived from that image's seed only."""
-    keys = jax.vmap(jax.random.key)(seeds_B.astype(jnp.uint32))
-    return tuple(jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in range(3))
-
-
-def _per_image_normal(keys_B, shape, dtype=jnp.float32):
-    return jax.vmap(lambda k: jax.random.normal(k, shape, dtype))(keys_B)
 
 
 def rescale_guidance(cfg_BHWC, text_BHWC, rescale):
@@ -136,14 +128,6 @@ def _guided_model(unet, unet_params, context_2BLD, extra_2BHWC):
         return jnp.where(guidance > 1, cfg, text)
 
     return model_fn
-
-
-def _encode_latents(vae, vae_params, image_BHWC, keys_B, scaling_factor):
-    """VAE posterior sample (mean + std * eps, eps from each image's key) times the scaling factor."""
-    mean, logvar = vae.apply({"params": vae_params}, image_BHWC, method="encode")
-    eps = _per_image_normal(keys_B, mean.shape[1:], jnp.float32)
-    sample = mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * eps
-    return sample * scaling_factor
 
 
 def _decode(vae, vae_params, latents_BHWC, scaling_factor, tiled: bool = False):
@@ -239,7 +223,8 @@ def _generate_group(
     sf = vae.config.scaling_factor
     factor = vae.config.downscale
     latent_shape = (plan.height // factor, plan.width // factor, unet.config.out_channels)
-    noise_keys, sampler_keys, vae_keys = _image_keys(group["seeds"])
+    # per image: the initial-noise key, the sampler key, the VAE key, all from that image's seed only
+    noise_keys, sampler_keys, vae_keys = split_rows(seed_keys(group["seeds"]), 3)
     dtype = unet.dtype
 
     te = params["text_encoder"]
@@ -248,7 +233,7 @@ def _generate_group(
     positive = encode_prompt_windows(text_encoder, te, ids[:, 1], weights[:, 1], clip_skip=plan.clip_skip)
     context = jnp.concatenate([negative, positive], axis=0).astype(dtype)
 
-    noise = group["noise"] if plan.noise_given else _per_image_normal(noise_keys, latent_shape)
+    noise = group["noise"] if plan.noise_given else normal_rows(noise_keys, latent_shape)
     noise = noise.astype(jnp.float32)
     num_steps = shared["num_steps"]
     scheduler = plan.scheduler
@@ -258,8 +243,8 @@ def _generate_group(
     init_sample = None
     start_step = jnp.zeros((), jnp.int32)
     if plan.mode != "txt2img":
-        image_keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(vae_keys)
-        image_latents = _encode_latents(vae, params["vae"], group["image"].astype(vae.dtype), image_keys, sf)
+        image_keys, masked_keys = split_rows(vae_keys, 2)
+        image_latents = encode_sample(vae, params["vae"], group["image"].astype(vae.dtype), image_keys) * sf
         start_step = loop.img2img_start_step(num_steps, shared["strength"])
         state0 = scheduler.init(num_steps, noise.shape, max_steps=plan.max_steps, start_step=start_step)
         noised = scheduler.add_noise(state0, image_latents, noise)
@@ -272,8 +257,7 @@ def _generate_group(
             mask_lat = mask[:, ::factor, ::factor, :]  # nearest-neighbour downsampling, as F.interpolate
             if unet.config.in_channels == 2 * latent_shape[-1] + 1:
                 masked = group["image"] * (mask < 0.5)
-                masked_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(vae_keys)
-                masked_latents = _encode_latents(vae, params["vae"], masked.astype(vae.dtype), masked_keys, sf)
+                masked_latents = encode_sample(vae, params["vae"], masked.astype(vae.dtype), masked_keys) * sf
                 extra = jnp.concatenate([mask_lat, masked_latents], axis=-1)
                 extra = jnp.concatenate([extra, extra], axis=0)
             else:
@@ -302,252 +286,6 @@ def _generate_group(
     return _decode(vae, params["vae"], latents, sf, tiled=plan.vae_tiling)
 
 
-def _as_list(value, name: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list | tuple) and value and all(isinstance(v, str) for v in value):
-        return list(value)
-    raise TypeError(f"{name} must be a string or a non-empty list of strings")
-
-
-def default_max_steps(num_steps: int) -> int:
-    """The padded table length for a step count: the next multiple of 50, so 1..50 steps share a program."""
-    return 50 * max(1, -(-num_steps // 50))
-
-
-def _images_per_prompt(source, count: int, what: str) -> list:
-    """PIL images from one image (path, PIL image, uint8 (H, W[, C]) array) or a list of them / a uint8
-    (N, H, W, C) array, one per prompt (N = count); all of one size."""
-    import numpy as np
-
-    from sdjax import images as image_io
-
-    if isinstance(source, np.ndarray) and source.ndim == 4:
-        source = list(source)
-    if not isinstance(source, (list, tuple)):
-        return [image_io.open_image(source, what)]
-    if len(source) not in (1, count):
-        raise ValueError(f"{len(source)} {what}s for {count} prompts: pass one, or one per prompt")
-    opened = [image_io.open_image(item, what) for item in source]
-    sizes = {img.size for img in opened}
-    if len(sizes) > 1:
-        raise ValueError(f"the {what}s have different sizes {sorted(sizes)}: resize them to one size")
-    return opened
-
-
-def _rows_per_image(arrays: list, per_prompt: int, batch: int):
-    """(B, H, W, C) rows from (1, H, W, C) arrays: the one array for every image, or each prompt's array
-    repeated per_prompt times."""
-    import numpy as np
-
-    if len(arrays) == 1:
-        return np.broadcast_to(arrays[0], (batch, *arrays[0].shape[1:]))
-    return np.repeat(np.concatenate(arrays), per_prompt, axis=0)
-
-
-def prepare(
-    pipe,
-    prompt,
-    negative_prompt=None,
-    *,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 7.5,
-    scheduler=None,
-    height: int | None = None,
-    width: int | None = None,
-    num_images_per_prompt: int = 1,
-    seed: int | Sequence[int] = 0,
-    latents=None,
-    image=None,
-    strength: float = 0.8,
-    mask_image=None,
-    guidance_rescale: float = 0.0,
-    clip_skip: int | None = None,
-    max_steps: int | None = None,
-    micro_batch_size: int = 1,
-    pad_to: int | None = None,
-    min_windows: int = 1,
-    mesh: Mesh | None = None,
-    loras=None,
-    vae_tiling: bool = False,
-) -> tuple[Plan, Inputs]:
-    """Validates a `generate` call and turns it into (static plan, this process's inputs as numpy arrays:
-    `place_inputs` makes them global); see `generate`.
-
-    `pad_to` >= B pads the per-image inputs to that many rows, not drawn (`Inputs.valid`): a short last
-    batch of a job then reuses the full batch's compiled program without drawing extra images. With a
-    `mesh`, the rows are padded to a multiple of this process's devices, and `plan.batch` counts the rows
-    of all processes (each passes the same number).
-    `min_windows` pads the prompts to at least that many 77-token windows (a job whose prompts have
-    different lengths then compiles once).
-    """
-    import numpy as np
-
-    from sdjax import images as image_io
-    from sdjax import schedulers
-    from sdjax.prompts import tokenize_prompts
-
-    prompts = _as_list(prompt, "prompt")
-    if negative_prompt is None:
-        negatives = [""] * len(prompts)
-    else:
-        negatives = _as_list(negative_prompt, "negative_prompt")
-        if len(negatives) == 1:
-            negatives = negatives * len(prompts)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
-    if int(num_images_per_prompt) < 1:
-        raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt}")
-    n = int(num_images_per_prompt)
-    count = len(prompts)
-    prompts = [p for p in prompts for _ in range(n)]
-    negatives = [p for p in negatives for _ in range(n)]
-    batch = len(prompts)
-
-    steps = int(num_inference_steps)
-    if steps < 1:
-        raise ValueError(f"num_inference_steps must be >= 1, got {steps}")
-    max_steps = default_max_steps(steps) if max_steps is None else int(max_steps)
-    if steps > max_steps:
-        raise ValueError(f"num_inference_steps={steps} is above max_steps={max_steps}")
-    if isinstance(scheduler, str):
-        sched = schedulers.from_name(scheduler, pipe.scheduler_config)
-    elif scheduler is None:
-        sched = schedulers.from_diffusers_config(pipe.scheduler_config)
-    else:
-        sched = scheduler
-    if not 0.0 <= float(strength) <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
-
-    factor = pipe.vae_scale_factor
-    init = inits = None
-    if image is not None:
-        inits = _images_per_prompt(image, count, "init image")
-        init = inits[0]
-        if height is None and width is None:
-            width, height = (init.width // factor) * factor, (init.height // factor) * factor
-    elif mask_image is not None:
-        raise ValueError("mask_image needs an init image (image=...)")
-    sample = (pipe.unet.config.sample_size or 64) * factor
-    height = sample if height is None else int(height)
-    width = sample if width is None else int(width)
-    if height <= 0 or width <= 0 or height % factor or width % factor:
-        raise ValueError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
-
-    mode = "txt2img"
-    image_arr = mask_arr = None
-    if init is not None:
-        mode = "img2img"
-        arrays = [image_io.image_to_array(img, height, width) for img in inits]
-        image_arr = _rows_per_image(arrays, n, batch)
-        kept = min(int(steps * float(strength)), steps)
-        if mask_image is None and kept < 1:
-            raise ValueError(f"strength {strength} leaves no denoising step out of {steps}; raise it")
-    if mask_image is not None:
-        mode = "inpaint"
-        masks = _images_per_prompt(mask_image, count, "mask")
-        if masks[0].size != init.size:
-            got, want = f"{masks[0].width}x{masks[0].height}", f"{init.width}x{init.height}"
-            raise ValueError(f"mask is {got} but the init image is {want}")
-        mask_arr = _rows_per_image([image_io.mask_to_array(m, height, width) for m in masks], n, batch)
-        if int(steps * float(strength)) < 1:
-            raise ValueError(f"strength {strength} leaves no denoising step out of {steps}; raise it")
-    elif pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
-        raise ValueError(
-            f"this UNet takes {pipe.unet.config.in_channels} input channels (an inpainting model): "
-            "pass image and mask_image"
-        )
-
-    micro_batch = int(micro_batch_size)
-    if micro_batch < 1:
-        raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-
-    latent_shape = (batch, height // factor, width // factor, pipe.vae.config.latent_channels)
-    noise = None
-    if latents is not None:
-        noise = np.asarray(latents, np.float32)
-        if noise.shape != latent_shape:
-            raise ValueError(f"latents must have shape {latent_shape} (NHWC), got {noise.shape}")
-    if image_arr is not None:
-        image_arr = np.array(image_arr)
-    if mask_arr is not None:
-        mask_arr = np.array(mask_arr)
-
-    ids, weights = tokenize_prompts(pipe.tokenizer, prompts, negatives, min_windows=min_windows)
-    windows = ids.shape[1] // pipe.text_encoder.config.max_position_embeddings
-    ids, weights = (x.reshape(2, batch, -1).swapaxes(0, 1) for x in (ids, weights))
-    if isinstance(seed, int | np.integer):
-        seeds = np.arange(batch, dtype=np.int64) + int(seed)
-    else:
-        seeds = np.asarray(seed, np.int64)
-        if seeds.shape != (batch,):
-            raise ValueError(f"{len(seeds)} seeds for {batch} images")
-    seeds = seeds % 2**32
-    valid = np.ones(batch, bool)
-    rows = max(batch, int(pad_to or 0))
-    if mesh is not None:  # every device of this process gets the same number of rows
-        devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-        rows = -(-rows // devices) * devices
-    if rows > batch:
-        pad = rows - batch
-
-        def padded(x):
-            return None if x is None else np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-
-        seeds, ids, weights, noise, image_arr, mask_arr = map(padded, (seeds, ids, weights, noise, image_arr, mask_arr))
-        valid = np.concatenate([valid, np.zeros(pad, bool)])
-    plan = Plan(
-        scheduler=sched,
-        batch=rows * (1 if mesh is None else jax.process_count()),
-        height=height,
-        width=width,
-        windows=windows,
-        max_steps=max_steps,
-        mode=mode,
-        clip_skip=None if clip_skip is None else int(clip_skip),
-        noise_given=noise is not None,
-        micro_batch=min(micro_batch, rows),
-        vae_tiling=bool(vae_tiling),
-        mesh=mesh,
-    )
-    adapters, adapter_scales = _adapters(pipe, loras)
-    inputs = Inputs(
-        adapters=adapters,
-        adapter_scales=adapter_scales,
-        ids=ids,
-        weights=weights,
-        seeds=seeds.astype(np.uint32),
-        guidance=np.float32(guidance_scale),
-        guidance_rescale=np.float32(guidance_rescale),
-        num_steps=np.int32(steps),
-        strength=np.float32(strength),
-        valid=valid,
-        noise=noise,
-        image=image_arr,
-        mask=mask_arr,
-    )
-    return plan, inputs
-
-
-def _adapters(pipe, loras):
-    """[(LoRA file or `lora_adapter` pytree, scale), ...] -> (adapters, {"unet": (n,), "text_encoder": (n,)});
-    a scale is a float or {"unet": a, "text_encoder": b}."""
-    import numpy as np
-
-    if not loras:
-        return None, None
-    adapters, scales = [], {"unet": [], "text_encoder": []}
-    for entry in loras:
-        if not isinstance(entry, tuple | list) or len(entry) != 2:
-            raise ValueError("loras must be a list of (LoRA file or adapter, scale) pairs")
-        source, scale = entry
-        adapters.append(source if isinstance(source, dict) else lora_adapter(pipe, source))
-        for part in scales:
-            scales[part].append(float(scale[part] if isinstance(scale, dict) else scale))
-    adapters = tuple(jax.tree.map(np.asarray, a) for a in adapters)
-    return adapters, {part: np.asarray(values, np.float32) for part, values in scales.items()}
-
-
 def place_inputs(inputs: Inputs, mesh: Mesh | None) -> Inputs:
     """Host inputs -> device arrays: per-image rows as global arrays split over the mesh's batch axes (this
     process's rows at its place in the global batch), scalars as they are."""
@@ -561,11 +299,6 @@ def place_params(params, mesh: Mesh | None):
     """Parameters on the mesh by `sdjax.sharding`'s rules (replicated, FSDP-split when the mesh has an fsdp
     axis); arrays already placed so are not copied again."""
     return params if mesh is None else shard_params(params, mesh)
-
-
-def default_mesh() -> Mesh | None:
-    """Every device on the "data" axis, or None on a single device."""
-    return make_mesh() if jax.device_count() > 1 else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -590,19 +323,14 @@ def compile_generate(pipe, plan: Plan, inputs: Inputs, on_step=None, params=None
     return compiled
 
 
-def generate(pipe, prompt, negative_prompt=None, *, mesh: Mesh | str | None = "all", **kwargs):
-    """Prompts in, uint8 images (B, H, W, 3) out; see `StableDiffusionPipeline.generate`. `mesh`: "all"
-    (every device on "data"; none on a single device), a spec such as "data=2,fsdp=4", a Mesh, or None."""
+def draw(pipe, plan: Plan, inputs: Inputs) -> np.ndarray:
+    """Runs the program for (plan, host inputs from `sdjax.request.prepare`) -> this process's drawn
+    images, uint8 (rows, H, W, 3) numpy, padding rows dropped."""
     enable_default_cache()
-    if mesh == "all":
-        mesh = default_mesh()
-    elif isinstance(mesh, str):
-        mesh = make_mesh(mesh)
-    plan, inputs = prepare(pipe, prompt, negative_prompt, mesh=mesh, **kwargs)
     drawn = int(inputs.valid.sum())
-    params = place_params(pipe.params, mesh)
-    placed = place_inputs(inputs, mesh)
+    params = place_params(pipe.params, plan.mesh)
+    placed = place_inputs(inputs, plan.mesh)
     images = program()(params, placed, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, plan=plan)
-    images = (jax.device_get(images) if mesh is None else local_rows(images))[:drawn]
+    images = (jax.device_get(images) if plan.mesh is None else local_rows(images))[:drawn]
     release_free_memory()  # what a first call's compile freed (see sdjax.memory)
     return images

@@ -52,6 +52,7 @@ Behaviour, with A1111 as the spec (`modules/prompt_parser.py`, `modules/sd_hijac
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Sequence
 
@@ -64,7 +65,10 @@ from sdjax.nn.layers import layer_norm
 from sdjax.tokenizer import CLIPTokenizer
 
 __all__ = [
+    "LoraTag",
     "encode_prompt_windows",
+    "parse_lora_tags",
+    "prompt_pairs",
     "parse_prompt_attention",
     "tokenize_batch",
     "tokenize_prompt",
@@ -266,18 +270,10 @@ def tokenize_prompts(
     """Negative and positive prompts -> (ids (2B, W*L) int32, weights (2B, W*L) float32), one W for all.
 
     Rows ``[0, B)`` are the negative prompts, rows ``[B, 2B)`` the prompts: the order of diffusers'
-    classifier-free-guidance batch ``cat([negative, positive])``. ``negative_prompts`` may be None (the
-    empty prompt for every row, as diffusers) or a single string used for every row; otherwise it must
-    have one entry per prompt. Other arguments as `tokenize_batch`.
+    classifier-free-guidance batch ``cat([negative, positive])``. ``negative_prompts`` is broadcast as
+    `prompt_pairs` says. Other arguments as `tokenize_batch`.
     """
-    prompts = _as_list(prompts, "prompts")
-    if negative_prompts is None:
-        negative_prompts = [""] * len(prompts)
-    elif isinstance(negative_prompts, str):
-        negative_prompts = [negative_prompts] * len(prompts)
-    negative_prompts = _as_list(negative_prompts, "negative_prompts")
-    if len(negative_prompts) != len(prompts):
-        raise ValueError(f"{len(negative_prompts)} negative prompts for {len(prompts)} prompts")
+    prompts, negative_prompts = prompt_pairs(prompts, negative_prompts)
     return tokenize_batch(
         tokenizer,
         [*negative_prompts, *prompts],
@@ -290,12 +286,77 @@ def tokenize_prompts(
 def _as_list(prompts, name: str) -> list[str]:
     if isinstance(prompts, str):
         prompts = [prompts]
-    prompts = list(prompts)
+    if not isinstance(prompts, Sequence) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"{name} must be a string or a non-empty list of strings")
     if not prompts:
-        raise ValueError(f"{name} is empty")
-    if not all(isinstance(p, str) for p in prompts):
-        raise TypeError(f"{name} must be a str or a sequence of str")
-    return prompts
+        raise ValueError(f"{name} is empty: pass at least one prompt")
+    return list(prompts)
+
+
+def prompt_pairs(
+    prompts: str | Sequence[str], negative_prompts: str | Sequence[str] | None = None
+) -> tuple[list[str], list[str]]:
+    """(prompts, negative prompts) as two lists of equal length: a negative prompt of None is the empty
+    prompt for every row (as diffusers), a single string or a one-item list is used for every row, and
+    otherwise there must be one per prompt."""
+    prompts = _as_list(prompts, "prompt")
+    if negative_prompts is None:
+        return prompts, [""] * len(prompts)
+    negatives = _as_list(negative_prompts, "negative_prompt")
+    if len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    if len(negatives) != len(prompts):
+        raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts")
+    return prompts, negatives
+
+
+# ---------------------------------------------------------------------------------------------- LoRA tags
+
+_LORA_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)((?::[^:>]*)*)>")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraTag:
+    """An A1111 `<lora:name:te_weight:unet_weight>` prompt tag (one weight sets both; none means 1)."""
+
+    name: str
+    text_encoder: float = 1.0
+    unet: float = 1.0
+
+    @property
+    def scale(self) -> dict[str, float]:
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+
+def parse_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
+    """Removes A1111 LoRA tags from a prompt -> (prompt without them, the tags in order).
+
+    Accepted forms: `<lora:name>`, `<lora:name:0.8>` (both components), `<lora:name:0.5:1.0>` (text
+    encoder, then UNet) and named `te=`/`unet=` weights, e.g. `<lora:name:unet=0.7>`; `<lyco:...>` alike.
+    The files are found with `sdjax.convert.lora.find_lora`.
+    """
+    tags = []
+    for match in _LORA_TAG.finditer(prompt):
+        name = match.group(1).strip()
+        fields = [f.strip() for f in match.group(2).split(":")[1:]]
+        weights: dict[str, float] = {}
+        positional = []
+        for field in fields:
+            key, eq, value = field.partition("=")
+            try:
+                if eq:
+                    if key not in ("te", "unet"):
+                        raise ValueError
+                    weights[key] = float(value)
+                else:
+                    positional.append(float(field))
+            except ValueError:
+                raise ValueError(f"bad LoRA weight {field!r} in {match.group(0)}") from None
+        te = weights.get("te", positional[0] if positional else 1.0)
+        unet = weights.get("unet", positional[1] if len(positional) > 1 else te if positional else 1.0)
+        tags.append(LoraTag(name, te, unet))
+    cleaned = re.sub(r"[ \t]{2,}", " ", _LORA_TAG.sub("", prompt)).strip()
+    return cleaned, tags
 
 
 # ---------------------------------------------------------------------- encoding

@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sdjax.convert.safetensors_io import save_safetensors  # noqa: E402
+from sdjax.convert.tensor_files import save_safetensors  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "sdjax" / "data" / "models"
 SD15 = DATA / "stable-diffusion-v1-5"

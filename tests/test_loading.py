@@ -14,7 +14,7 @@ from reference import TINY_UNET, build_text_encoder, build_unet, build_vae, rel_
 
 import sdjax
 from sdjax.convert.keymap import ConversionError
-from sdjax.convert.safetensors_io import SafetensorsError, SafetensorsFile, save_safetensors
+from sdjax.convert.tensor_files import SafetensorsError, SafetensorsFile, save_safetensors
 
 pytestmark = pytest.mark.xdist_group(name="loading")  # its module fixtures are built once, on one worker
 
@@ -226,7 +226,8 @@ def test_safetensors_round_trip_bf16(tmp_path):
 def test_shapes_only_pipeline_compiles_the_program_the_weights_run(folder, tmp_path):
     """load_pipeline(weights=False) reads no weights, yet its params have exactly the loaded shapes and
     dtypes, and a program compiled from it draws the image `generate` draws."""
-    from sdjax.generate import compile_generate, place_inputs, prepare
+    from sdjax.generate import compile_generate, place_inputs
+    from sdjax.request import prepare
 
     shapes = sdjax.load_pipeline(folder, dtype="bfloat16", weights=False)
     pipe = sdjax.load_pipeline(folder, dtype="bfloat16")

@@ -36,7 +36,9 @@ from sdjax.convert import ldm_keys
 from sdjax.convert import lora as L
 from sdjax.convert.diffusers_folder import TEXT_ENCODER, UNET, keymap_for
 from sdjax.convert.keymap import params_to_torch
-from sdjax.convert.safetensors_io import SafetensorsFile, save_safetensors
+from sdjax.convert.tensor_files import SafetensorsFile, save_safetensors
+from sdjax.nn.lora import apply_adapters
+from sdjax.prompts import LoraTag, parse_lora_tags
 
 pytestmark = pytest.mark.xdist_group(name="lora")  # its module fixtures are built once, on one worker
 
@@ -150,7 +152,7 @@ def _jitted_forward(pipe):
     of the same shapes."""
 
     def forward(params, adapters, scales, x, t, ctx, ids):
-        p = L.apply_adapters(params, adapters, scales)
+        p = apply_adapters(params, adapters, scales)
         unet = pipe.unet.apply({"params": p["unet"]}, x, t, ctx)
         return unet, pipe.text_encoder.apply({"params": p["text_encoder"]}, ids).last_hidden_state
 
@@ -178,7 +180,7 @@ def test_kohya_matches_diffusers_merged_and_unmerged_without_recompiling(model, 
     )
     other = L.lora_adapter(pipe, other_file)
     swapped = forward(pipe.params, [other], np.array([1.0], np.float32), *args)
-    expected = _sdjax_outputs(L.load_lora(pipe, other_file).params, pipe, i)
+    expected = _sdjax_outputs(pipe.load_lora(other_file).params, pipe, i)
     assert rel_l2(swapped[0], expected[0]) <= TOL and rel_l2(swapped[1], expected[1]) <= TOL
     assert forward._cache_size() == 1
 
@@ -190,9 +192,9 @@ def test_peft_matches_diffusers_merged_and_unmerged(model, metadata, tmp_path):
     path = _peft_file(tmp_path, model, metadata=metadata, text_model_prefix=not metadata)
     pipe, i = model["pipe"], model["inputs"]
     theirs = _diffusers_outputs(model, path, SCALE)
-    merged = L.load_lora(pipe, path, SCALE)
+    merged = pipe.load_lora(path, SCALE)
     _check(model, _sdjax_outputs(merged.params, merged, i), theirs, f"peft merged {metadata=}")
-    params = L.apply_adapters(pipe.params, [L.lora_adapter(pipe, path)], np.array([SCALE], np.float32))
+    params = apply_adapters(pipe.params, [L.lora_adapter(pipe, path)], np.array([SCALE], np.float32))
     _check(model, _sdjax_outputs(params, pipe, i), theirs, f"peft unmerged {metadata=}")
 
 
@@ -236,7 +238,7 @@ def test_per_module_alpha_against_numpy(model):
     )
     pipe = model["pipe"]
     scale = {"unet": 0.8, "text_encoder": 0.4}
-    _assert_merged(pipe, L.load_lora(pipe, path, scale).params, _numpy_merge(pipe, [(path, scale)]))
+    _assert_merged(pipe, pipe.load_lora(path, scale).params, _numpy_merge(pipe, [(path, scale)]))
 
 
 def test_several_loras_at_once(model, kohya):
@@ -244,7 +246,7 @@ def test_several_loras_at_once(model, kohya):
     other = kohya_lora_file(model["root"] / "second.safetensors", model["torch"], seed=4, alpha=lambda r, n: 1.0)
     scales = {"unet": np.array([0.7, -0.3], np.float32), "text_encoder": np.array([0.2, 1.0], np.float32)}
     adapters = [L.lora_adapter(pipe, kohya), L.lora_adapter(pipe, other)]
-    both = L.apply_adapters(pipe.params, adapters, scales)
+    both = apply_adapters(pipe.params, adapters, scales)
     expected = _numpy_merge(
         pipe,
         [(kohya, {"unet": 0.7, "text_encoder": 0.2}), (other, {"unet": -0.3, "text_encoder": 1.0})],
@@ -262,7 +264,7 @@ def test_ldm_named_kohya_file(model, kohya, tmp_path):
         names[name] = entry.ldm_key.removesuffix(".weight")
     assert names["down_blocks.0.attentions.0.proj_in"] == "input_blocks.1.1.proj_in"
     ldm_file = kohya_lora_file(tmp_path / "ldm.safetensors", model["torch"], seed=1, names=names)
-    a, b = L.load_lora(pipe, kohya).params, L.load_lora(pipe, ldm_file).params
+    a, b = pipe.load_lora(kohya).params, pipe.load_lora(ldm_file).params
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         assert np.array_equal(x, y)
 
@@ -284,7 +286,7 @@ def test_lora_that_does_not_fit(model, kohya, tmp_path):
     bad = tmp_path / "bad.safetensors"
     save_safetensors(bad, tensors)
     with pytest.raises(L.LoraError) as err:
-        L.load_lora(pipe, bad)
+        pipe.load_lora(bad)
     assert "attn2_to_k" in _one_line(err) and "does not fit" in str(err.value)
 
     tensors = dict(SafetensorsFile(kohya))
@@ -292,7 +294,7 @@ def test_lora_that_does_not_fit(model, kohya, tmp_path):
     tensors["lora_unet_down_blocks_7_resnets_0_conv1.lora_up.weight"] = np.zeros((16, 2, 1, 1), np.float32)
     save_safetensors(bad, tensors)
     with pytest.raises(L.LoraError) as err:
-        L.load_lora(pipe, bad)
+        pipe.load_lora(bad)
     assert "down_blocks_7_resnets_0_conv1" in _one_line(err)
 
 
@@ -302,7 +304,7 @@ def test_bad_lora_files(model, kohya, tmp_path):
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError) as err:
-        L.load_lora(pipe, cut)
+        pipe.load_lora(cut)
     assert "truncated" in _one_line(err)
     z = np.zeros((2, 2), np.float32)
     cases = {
@@ -323,7 +325,7 @@ def test_pickled_lora(model, kohya, tmp_path):
     """A kohya `.pt` LoRA goes through torch.load(weights_only=True) and merges like the safetensors one."""
     pt = tmp_path / "lora.pt"
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in SafetensorsFile(kohya).items()}, pt)
-    a, b = L.load_lora(model["pipe"], pt).params, L.load_lora(model["pipe"], kohya).params
+    a, b = model["pipe"].load_lora(pt).params, model["pipe"].load_lora(kohya).params
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         assert np.array_equal(x, y)
 
@@ -333,18 +335,18 @@ def test_pickled_lora(model, kohya, tmp_path):
 
 def test_prompt_tags():
     prompt = "a photo of <lora:pixel-art:0.8> a cat, <lora:styles/ink> <lyco:sketch:0.5:1.2> <lora:x:unet=0.3>"
-    cleaned, tags = L.parse_lora_tags(prompt)
+    cleaned, tags = parse_lora_tags(prompt)
     assert cleaned == "a photo of a cat,"
     assert tags == [
-        L.LoraTag("pixel-art", 0.8, 0.8),
-        L.LoraTag("styles/ink", 1.0, 1.0),
-        L.LoraTag("sketch", 0.5, 1.2),
-        L.LoraTag("x", 1.0, 0.3),
+        LoraTag("pixel-art", 0.8, 0.8),
+        LoraTag("styles/ink", 1.0, 1.0),
+        LoraTag("sketch", 0.5, 1.2),
+        LoraTag("x", 1.0, 0.3),
     ]
     assert tags[2].scale == {"unet": 1.2, "text_encoder": 0.5}
-    assert L.parse_lora_tags("no tags (here:1.2)") == ("no tags (here:1.2)", [])
+    assert parse_lora_tags("no tags (here:1.2)") == ("no tags (here:1.2)", [])
     with pytest.raises(ValueError, match="bad LoRA weight"):
-        L.parse_lora_tags("<lora:a:strong>")
+        parse_lora_tags("<lora:a:strong>")
 
 
 def test_find_lora_and_lora_arg(tmp_path):
@@ -360,6 +362,40 @@ def test_find_lora_and_lora_arg(tmp_path):
     with pytest.raises(ValueError) as err:
         L.find_lora("twice", tmp_path)
     assert "ambiguous" in _one_line(err)
-    assert L.parse_lora_arg("loras/a.safetensors:0.6") == (Path("loras/a.safetensors"), 0.6)
-    assert L.parse_lora_arg("loras/a.safetensors") == (Path("loras/a.safetensors"), 1.0)
-    assert L.parse_lora_arg("C:/loras/a.safetensors") == (Path("C:/loras/a.safetensors"), 1.0)
+    import sample  # the command line, sample.py at the repository root
+
+    assert sample.parse_lora_arg("loras/a.safetensors:0.6") == (Path("loras/a.safetensors"), 0.6)
+    assert sample.parse_lora_arg("loras/a.safetensors") == (Path("loras/a.safetensors"), 1.0)
+    assert sample.parse_lora_arg("C:/loras/a.safetensors") == (Path("C:/loras/a.safetensors"), 1.0)
+
+
+def test_written_lora_files_read_back_to_the_same_adapter(model, tmp_path):
+    """`lora_file_tensors` (what train/ exports) and the readers are inverses, in both formats: linear and
+    conv modules of the UNet and text-encoder modules come back as the same factors and multiplier."""
+    pipe = model["pipe"]
+    rng = np.random.default_rng(7)
+    rank, alpha = 2, 3.0
+    chosen = {
+        "unet": ["down_blocks.0/attentions.0/transformer_blocks.0/attn1/to_q", "down_blocks.0/resnets.0/conv1"],
+        "text_encoder": ["encoder.layers.0/self_attn/k_proj"],
+    }
+    factors = {}
+    for part, paths in chosen.items():
+        kernels = L._kernels(pipe.params[part])
+        factors[part] = {}
+        for path in paths:
+            shape = kernels[tuple(path.split("/"))]
+            a = rng.standard_normal((*shape[:-1], rank)).astype(np.float32)
+            factors[part][path] = {"A": a, "B": rng.standard_normal((rank, shape[-1])).astype(np.float32)}
+    peft, kohya, metadata = L.lora_file_tensors(factors, rank, alpha)
+    save_safetensors(tmp_path / "peft.safetensors", peft, metadata)
+    save_safetensors(tmp_path / "kohya.safetensors", kohya)
+    for name in ("peft", "kohya"):
+        adapter = L.lora_adapter(pipe, tmp_path / f"{name}.safetensors")
+        assert {part: sorted(m) for part, m in adapter.items()} == {p: sorted(m) for p, m in factors.items()}, name
+        for part, modules in factors.items():
+            for path, factor in modules.items():
+                got = adapter[part][path]
+                np.testing.assert_array_equal(got["A"], factor["A"])
+                np.testing.assert_array_equal(got["B"], factor["B"])
+                assert float(got["multiplier"]) == alpha / rank, (name, path)

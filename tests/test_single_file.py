@@ -33,11 +33,11 @@ from reference import (
 )
 
 import sdjax
-from sdjax.convert import ldm_keys
+from sdjax.convert import ldm_keys, tensor_files
 from sdjax.convert import single_file as sf
 from sdjax.convert.diffusers_folder import TEXT_ENCODER, UNET, VAE, keymap_for
 from sdjax.convert.keymap import ConversionError
-from sdjax.convert.safetensors_io import SafetensorsFile, save_safetensors
+from sdjax.convert.tensor_files import SafetensorsFile, save_safetensors
 from sdjax.nn.clip import CLIPTextConfig, CLIPTextModel
 from sdjax.nn.config_utils import read_json
 from sdjax.nn.unet import UNet2DConditionModel, UNetConfig
@@ -145,7 +145,7 @@ def case(request, tmp_path_factory):
         path=path,
         tensors=tensors,
         junk=junk,
-        pipe=sf.load_single_file(path, config=config),
+        pipe=sdjax.load_pipeline(path, config=config),
     )
 
 
@@ -438,7 +438,7 @@ def test_unknown_layouts(tmp_path):
     for name, (tensors, words) in cases.items():
         path = tmp_path / f"{name}.safetensors"
         save_safetensors(path, tensors)
-        with pytest.raises(sf.CheckpointError) as err:
+        with pytest.raises(tensor_files.CheckpointError) as err:
             sf.load_single_file(path)
         assert words in _one_line(err), name
     garbage = tmp_path / "garbage.safetensors"
@@ -452,7 +452,7 @@ def test_unknown_layouts(tmp_path):
 def test_file_without_vae_needs_vae_argument(case, tmp_path):
     no_vae = tmp_path / "no_vae.safetensors"
     save_safetensors(no_vae, {k: v for k, v in case.tensors.items() if not k.startswith(ldm_keys.VAE_PREFIX)})
-    with pytest.raises(sf.CheckpointError) as err:
+    with pytest.raises(tensor_files.CheckpointError) as err:
         sf.load_single_file(no_vae, config=case.config)
     assert "vae=" in _one_line(err)
     pipe = sf.load_single_file(no_vae, config=case.config, vae=case.path)  # a whole checkpoint as the VAE source
@@ -464,8 +464,8 @@ def test_pickle_without_safe_loader(tmp_path, monkeypatch):
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": {"betas": torch.zeros(3)}}, ckpt)
     monkeypatch.setitem(sys.modules, "torch", None)  # torch not installed
-    with pytest.raises(sf.CheckpointError) as err:
-        sf.read_checkpoint(ckpt)
+    with pytest.raises(tensor_files.CheckpointError) as err:
+        tensor_files.read_checkpoint(ckpt)
     message = _one_line(err)
     assert "torch" in message and ".safetensors" in message
 
@@ -477,13 +477,13 @@ class _NotATensor:
 def test_pickle_with_code_is_refused(tmp_path):
     ckpt = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {"betas": torch.zeros(3)}, "callback": _NotATensor()}, ckpt)
-    with pytest.raises(sf.CheckpointError) as err:
-        sf.read_checkpoint(ckpt)
+    with pytest.raises(tensor_files.CheckpointError) as err:
+        tensor_files.read_checkpoint(ckpt)
     assert "refuses" in _one_line(err)
     truncated = tmp_path / "cut.ckpt"
     truncated.write_bytes(ckpt.read_bytes()[:200])
-    with pytest.raises(sf.CheckpointError) as err:
-        sf.read_checkpoint(truncated)
+    with pytest.raises(tensor_files.CheckpointError) as err:
+        tensor_files.read_checkpoint(truncated)
     assert "truncated or corrupt" in _one_line(err)
 
 
@@ -509,5 +509,5 @@ def test_file_type_is_told_by_content(tmp_path):
             break
     else:
         pytest.fail("no padding gave a header size starting with 0x80")
-    assert not sf.is_torch_pickle(path)
-    np.testing.assert_array_equal(sf.read_checkpoint(path)["betas"], np.arange(3, dtype=np.float32))
+    assert not tensor_files.is_torch_pickle(path)
+    np.testing.assert_array_equal(tensor_files.read_checkpoint(path)["betas"], np.arange(3, dtype=np.float32))

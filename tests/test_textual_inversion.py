@@ -26,7 +26,7 @@ from reference import (
 
 import sdjax
 from sdjax.convert import textual_inversion as ti
-from sdjax.convert.safetensors_io import save_safetensors
+from sdjax.convert.tensor_files import save_safetensors
 from sdjax.prompts import tokenize_prompt
 
 pytestmark = pytest.mark.xdist_group(name="textual_inversion")  # its module fixtures are built once, on one worker
@@ -168,16 +168,14 @@ def test_bad_embeddings(setup, tmp_path):
         path = tmp_path / f"{name}.safetensors"
         save_safetensors(path, tensors)
         with pytest.raises(ti.EmbeddingError) as err:
-            ti.load_textual_inversion(pipe, path)
+            pipe.load_textual_inversion(path)
         assert words in _one_line(err), name
     with pytest.raises(ti.EmbeddingError) as err:
-        ti.load_textual_inversion(
-            ti.load_textual_inversion(pipe, setup["files"]["diffusers"]), setup["files"]["diffusers"]
-        )
+        pipe.load_textual_inversion(setup["files"]["diffusers"]).load_textual_inversion(setup["files"]["diffusers"])
     assert "already in the tokenizer" in _one_line(err)
     data = setup["files"]["a1111_safetensors"].read_bytes()
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(data[:-20])
     with pytest.raises(ValueError) as err:
-        ti.load_textual_inversion(pipe, cut)
+        pipe.load_textual_inversion(cut)
     assert "truncated" in _one_line(err)

@@ -19,7 +19,7 @@ from PIL import Image
 from reference import rel_l2
 
 import sdjax
-from sdjax.convert.safetensors_io import SafetensorsFile
+from sdjax.convert.tensor_files import SafetensorsFile
 from train.__main__ import parse
 from train.config import TrainConfig
 from train.data import DataError, scan_folder
@@ -585,7 +585,7 @@ def test_textual_inversion_output_loads_and_changes_the_images(tmp_path, base, s
 
 
 def _embedding_file(path: Path, token: str, vectors: np.ndarray) -> Path:
-    from sdjax.convert.safetensors_io import save_safetensors
+    from sdjax.convert.tensor_files import save_safetensors
 
     save_safetensors(path, {token: np.asarray(vectors, np.float32)})
     return path

@@ -84,9 +84,10 @@ def run_jax(job: Job) -> dict:
     import sdjax
     from sdjax import xla_options
     from sdjax.compile_cache import enable_compilation_cache
-    from sdjax.generate import compile_generate, place_inputs, prepare
+    from sdjax.generate import compile_generate, place_inputs
     from sdjax.memory import release_free_memory
     from sdjax.prompts import encode_prompt_windows, tokenize_prompts
+    from sdjax.request import prepare
 
     enable_compilation_cache(job.cache_dir or "off")
     out: dict = {"framework": "sdjax", "device": jax.devices()[0].device_kind, "devices": jax.device_count()}

@@ -1,4 +1,4 @@
-"""Loading and saving the model components of a diffusers-format folder.
+"""Loading and saving diffusers-format folders: the model components, tokenizer and scheduler config.
 
 A folder holds `model_index.json` and one sub-folder per component: `unet/` and `vae/`
 (`diffusion_pytorch_model[.fp16].safetensors`), `text_encoder/` (`model[.fp16].safetensors`), each with a
@@ -10,20 +10,22 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from sdjax.convert.keymap import Entry, build_keymap, params_to_torch, torch_to_params
-from sdjax.convert.safetensors_io import SafetensorsFile, save_safetensors
+from sdjax.convert.parts import ModelParts
+from sdjax.convert.tensor_files import ShardedTensors, save_safetensors
+from sdjax.convert.textual_inversion import restore_multi_vector
 from sdjax.nn.clip import CLIPTextConfig, CLIPTextModel
-from sdjax.nn.config_utils import read_json
+from sdjax.nn.config_utils import read_json, resolve_dtype
 from sdjax.nn.unet import UNet2DConditionModel, UNetConfig
 from sdjax.nn.vae import AutoencoderKL, VAEConfig
+from sdjax.tokenizer import CLIPTokenizer
 
 # The VAE mid-block attention of diffusers folders saved before 0.14 uses these names.
 _LEGACY_VAE_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -43,31 +45,6 @@ UNET = ComponentSpec("unet", "diffusion_pytorch_model", UNetConfig, UNet2DCondit
 VAE = ComponentSpec("vae", "diffusion_pytorch_model", VAEConfig, AutoencoderKL)
 TEXT_ENCODER = ComponentSpec("text_encoder", "model", CLIPTextConfig, CLIPTextModel)
 MODEL_COMPONENTS = (UNET, VAE, TEXT_ENCODER)
-
-
-class ShardedTensors(Mapping[str, np.ndarray]):
-    """One mapping over the tensors of several safetensors files (the shards of one component)."""
-
-    def __init__(self, files: list[Path]):
-        self._where: dict[str, SafetensorsFile] = {}
-        for path in files:
-            shard = SafetensorsFile(path)
-            for key in shard:
-                if key in self._where:
-                    raise ValueError(f"{path}: tensor {key!r} also appears in {self._where[key].path}")
-                self._where[key] = shard
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self._where[key][key]
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._where[key].shape(key)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._where)
-
-    def __len__(self) -> int:
-        return len(self._where)
 
 
 def weight_files(directory: Path, stem: str, variant: str | None = None) -> list[Path]:
@@ -185,3 +162,55 @@ def save_component(root: Path, spec: ComponentSpec, module, params, dtype=None) 
         config["torch_dtype"] = next(iter(tensors.values())).dtype.name
     save_safetensors(directory / f"{spec.stem}.safetensors", tensors, {"format": "pt"})
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_folder(root: Path, dtype, variant: str | None = None, *, weights: bool = True) -> ModelParts:
+    """The parts of a diffusers-format folder, parameters cast to `dtype`; `weights=False` reads only the
+    configs (parameters as `jax.ShapeDtypeStruct`s, enough to compile)."""
+    if not (root / "model_index.json").is_file():
+        raise FileNotFoundError(f"{root} is not a diffusers model folder (no model_index.json)")
+    dtype = resolve_dtype(dtype)
+    modules, params = {}, {}
+    for spec in MODEL_COMPONENTS:
+        if weights:
+            modules[spec.folder], params[spec.folder] = load_component(root, spec, dtype, variant)
+        else:
+            modules[spec.folder], params[spec.folder] = abstract_component(root, spec, dtype)
+    for folder in ("tokenizer", "scheduler"):
+        if not (root / folder).is_dir():
+            raise FileNotFoundError(f"{root} has no '{folder}/' component folder")
+    return ModelParts(
+        **modules,
+        tokenizer=restore_multi_vector(CLIPTokenizer.from_folder(root / "tokenizer")),
+        scheduler_config=read_json(root / "scheduler" / "scheduler_config.json"),
+        params=params,
+        dtype=dtype,
+        source=root,
+    )
+
+
+def save_folder(out: Path, parts: ModelParts, dtype=None) -> Path:
+    """Writes `parts` as a diffusers-format folder that diffusers/transformers `from_pretrained` load, the
+    weights in `dtype` (default: the parts' dtype) under the standard file names."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    store = None if dtype is None else resolve_dtype(dtype)
+    for spec in MODEL_COMPONENTS:
+        save_component(out, spec, getattr(parts, spec.folder), parts.params[spec.folder], store)
+    parts.tokenizer.save(out / "tokenizer")
+    (out / "scheduler").mkdir(exist_ok=True)
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(parts.scheduler_config, indent=2) + "\n")
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", parts.scheduler_config.get("_class_name", "PNDMScheduler")],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out

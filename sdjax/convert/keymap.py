@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sdjax.convert.tensor_files import shape_of
+
 # Layout transforms: PyTorch tensor -> sdjax array, and back.
 _TO_JAX: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "conv": lambda w: w.transpose(2, 3, 1, 0),  # OIHW -> HWIO
@@ -69,13 +71,8 @@ def build_keymap(abstract_params: Mapping, prefix: str = "") -> dict[str, Entry]
     return entries
 
 
-def _shape_of(tensors: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
-    """A tensor's shape without reading it, when the mapping can tell (`SafetensorsFile.shape`)."""
-    shape = getattr(tensors, "shape", None)
-    return tuple(shape(key)) if callable(shape) else tuple(tensors[key].shape)
-
-
-def _listing(keys, limit: int = 8) -> str:
+def listing(keys, limit: int = 8) -> str:
+    """Up to `limit` of `keys`, sorted, for an error message ("a, b, ... and 3 more")."""
     keys = sorted(keys)
     more = f", ... and {len(keys) - limit} more" if len(keys) > limit else ""
     return ", ".join(keys[:limit]) + more
@@ -115,17 +112,17 @@ def torch_to_params(
             unexpected.append(key)
     missing = [k for k in keymap if k not in source]
     wrong = [
-        f"{k} {_shape_of(tensors, source[k])} (expected {keymap[k].torch_shape})"
+        f"{k} {shape_of(tensors, source[k])} (expected {keymap[k].torch_shape})"
         for k in keymap
-        if k in source and _shape_of(tensors, source[k]) != keymap[k].torch_shape
+        if k in source and shape_of(tensors, source[k]) != keymap[k].torch_shape
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing: {_listing(missing)}")
+        problems.append(f"{len(missing)} missing: {listing(missing)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_listing(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected: {listing(unexpected)}")
     if wrong:
-        problems.append(f"{len(wrong)} with the wrong shape: {_listing(wrong, 4)}")
+        problems.append(f"{len(wrong)} with the wrong shape: {listing(wrong, 4)}")
     if problems:
         raise ConversionError(f"{what} do not fit the model: " + "; ".join(problems))
 

@@ -1,4 +1,4 @@
-"""LoRA files for the UNet and the text encoder: kohya-ss/A1111 and diffusers/PEFT formats, merged or not.
+"""LoRA files for the UNet and the text encoder: kohya-ss/A1111 and diffusers/PEFT formats, read and written.
 
 A LoRA adds a low-rank update to linear and conv weights: in PyTorch layout
 W' = W + scale * s_m * up_m @ down_m, with per module m a rank r_m, `down` (r, in[, kh, kw]) and `up`
@@ -12,10 +12,9 @@ W' = W + scale * s_m * up_m @ down_m, with per module m a rank r_m, `down` (r, i
   without `text_model.`). No alpha is stored (alpha = rank) unless the safetensors header holds
   `lora_adapter_metadata` (PEFT's LoraConfig: lora_alpha, alpha_pattern, use_rslora).
 
-Two ways to use a LoRA. `merge_lora` / `load_lora` return new parameters with the update folded in. Or
-keep the pipeline's parameters and pass `adapters` (arrays, from `lora_adapter`) and `scales` to a compiled
-program that calls `apply_adapters` inside: changing a scale, or swapping in another LoRA of the same
-shapes, then reuses the compiled program.
+A file becomes an adapter pytree (`lora_adapter`, every module matched to the model and shape-checked);
+the adapter math (merging, or applying inside a compiled program) is `sdjax.nn.lora`'s. `lora_file_tensors`
+writes factors back in both formats (what train/ exports).
 """
 
 from __future__ import annotations
@@ -24,21 +23,18 @@ import dataclasses
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from sdjax.convert import ldm_keys
-from sdjax.convert.single_file import read_checkpoint
+from sdjax.convert.parts import ModelParts
+from sdjax.convert.tensor_files import read_checkpoint
 
-if TYPE_CHECKING:
-    from sdjax.pipeline import StableDiffusionPipeline
-
-COMPONENTS = ("unet", "text_encoder")
 _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
 _KOHYA_SDXL_PREFIXES = ("lora_te1_", "lora_te2_")
 _KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
@@ -212,7 +208,7 @@ def _kernels(params: Mapping) -> dict[tuple[str, ...], tuple[int, ...]]:
     return out
 
 
-def _lookup(pipe: StableDiffusionPipeline, part: str, kernels, fmt: str) -> dict[str, tuple[str, ...]]:
+def _lookup(parts: ModelParts, part: str, kernels, fmt: str) -> dict[str, tuple[str, ...]]:
     """File module name -> module path. kohya: "." -> "_" of the diffusers name (text encoder with and
     without "text_model_"; UNet also by its LDM name). Ambiguous names are left out."""
     names: dict[str, set[tuple[str, ...]]] = {}
@@ -226,7 +222,7 @@ def _lookup(pipe: StableDiffusionPipeline, part: str, kernels, fmt: str) -> dict
         if part == "text_encoder" and fmt == "kohya":
             add("text_model." + dotted, path)
     if part == "unet" and fmt == "kohya":
-        rules = ldm_keys.unet_rules(pipe.unet.config)
+        rules = ldm_keys.unet_rules(parts.unet.config)
         by_dotted = {".".join(p): p for p in kernels if p[0] not in ldm_keys.UNET_WITHOUT_LDM_NAME}
         for entry in ldm_keys.build_entries(rules, [d + ".weight" for d in by_dotted], ""):
             add(entry.ldm_key.removesuffix(".weight"), by_dotted[entry.diffusers_keys[0].removesuffix(".weight")])
@@ -256,19 +252,15 @@ def _fit(module: LoraModule, kernel_shape: tuple[int, ...], name: str, path: Pat
     return down.reshape(r, fan_in, kh, kw).transpose(2, 3, 1, 0), b
 
 
-def lora_adapter(pipe: StableDiffusionPipeline, lora: LoraFile | str | Path) -> dict:
-    """The LoRA as an adapter pytree for this pipeline, every module matched and shape-checked.
-
-    Returns {"unet": {path: {"A", "B", "multiplier"}}, "text_encoder": {...}} with `path` the module's
-    parameter path joined with "/" (e.g. "down_blocks.0/attentions.0/transformer_blocks.0/attn1/to_q"),
-    A and B float32 as described in `_fit`, and `multiplier` = alpha / rank as a float32 scalar array,
-    so that LoRAs of the same shapes are interchangeable inside a compiled program.
+def lora_adapter(parts: ModelParts, lora: LoraFile | str | Path) -> dict:
+    """The LoRA as an adapter pytree (`sdjax.nn.lora`) for this model, every module matched and
+    shape-checked: A and B float32 as described in `_fit`, `multiplier` = alpha / rank as an f32[] array.
     """
     lora = lora if isinstance(lora, LoraFile) else read_lora(lora)
     adapter: dict[str, dict[str, dict[str, jax.Array]]] = {}
     for part, modules in lora.modules.items():
-        kernels = _kernels(pipe.params[part])
-        lookup = _lookup(pipe, part, kernels, lora.format)
+        kernels = _kernels(parts.params[part])
+        lookup = _lookup(parts, part, kernels, lora.format)
         unknown = [name for name in modules if name not in lookup]
         if unknown:
             listing = ", ".join(sorted(unknown)[:3]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 3 else "")
@@ -289,117 +281,48 @@ def lora_adapter(pipe: StableDiffusionPipeline, lora: LoraFile | str | Path) -> 
     return adapter
 
 
-# ---------------------------------------------------------------------------------------------- applying
+# ---------------------------------------------------------------------------------------------- writing
 
 
-def _replace(tree: Mapping, path: tuple[str, ...], value) -> dict:
-    """A copy of nested dict `tree` with the leaf at `path` replaced (only the dicts along the path copied)."""
-    out = dict(tree)
-    out[path[0]] = value if len(path) == 1 else _replace(tree[path[0]], path[1:], value)
-    return out
+def _torch_factors(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """sdjax factors (the inverse of `_fit`) -> PyTorch (down (r, in[, kh, kw]), up (out, r[, 1, 1]))."""
+    if a.ndim == 2:
+        return np.ascontiguousarray(a.T), np.ascontiguousarray(b.T)
+    down = np.ascontiguousarray(a.transpose(3, 2, 0, 1))
+    return down, np.ascontiguousarray(b.T[:, :, None, None])
 
 
-def _get(tree: Mapping, path: tuple[str, ...]):
-    for name in path:
-        tree = tree[name]
-    return tree
+def lora_file_tensors(factors: Mapping, rank: int, alpha: float) -> tuple[dict, dict, dict]:
+    """(PEFT tensors, kohya tensors, PEFT header metadata) of LoRA factors of one rank and alpha.
 
-
-def _part_scales(scales, part: str, count: int) -> jax.Array:
-    values = scales[part] if isinstance(scales, Mapping) else scales
-    values = jnp.asarray(values, jnp.float32).reshape(-1)
-    if values.shape[0] != count:
-        raise ValueError(f"{count} adapters but {values.shape[0]} {part} scales")
-    return values
-
-
-def apply_adapters(params: Mapping, adapters: Sequence[Mapping], scales) -> dict:
-    """params with W' = W + sum_i scales_i * multiplier * A_i @ B_i for every adapted kernel (pure, jittable).
-
-    Args:
-      params: {"unet": ..., "text_encoder": ..., ...} as `StableDiffusionPipeline.params`.
-      adapters: n adapter pytrees from `lora_adapter` (arrays: a jitted caller can swap them freely as
-        long as the shapes stay the same).
-      scales: n weights, an array (n,) for both components, or {"unet": (n,), "text_encoder": (n,)}.
-    The update is computed in float32 and the result cast back to each kernel's dtype.
+    `factors` is {"unet": {path: {"A", "B"}}, "text_encoder": {...}} in the adapter layout of
+    `sdjax.nn.lora`. PEFT keys are diffusers' (`unet.<module>.lora_A.weight`, the text encoder under
+    `text_encoder.text_model.`), with the LoraConfig (r, lora_alpha, target_modules) as the header's
+    `lora_adapter_metadata`; kohya keys are `lora_unet_*` / `lora_te_*` with an `.alpha` each.
     """
-    deltas: dict[tuple[str, ...], jax.Array] = {}
-    for part in COMPONENTS:
-        if not any(part in adapter for adapter in adapters):
-            continue
-        weights = _part_scales(scales, part, len(adapters))
-        for i, adapter in enumerate(adapters):
-            for key, m in adapter.get(part, {}).items():
-                path = (part, *key.split("/"), "kernel")
-                delta = jnp.tensordot(m["A"], m["B"], axes=1) * (m["multiplier"] * weights[i])
-                deltas[path] = deltas[path] + delta if path in deltas else delta
-    out = dict(params)
-    for path, delta in deltas.items():
-        kernel = _get(params, path)
-        out = _replace(out, path, (kernel.astype(jnp.float32) + delta).astype(kernel.dtype))
-    return out
+    kohya_prefix = {part: prefix for prefix, part in _KOHYA_PREFIXES.items()}
+    peft, kohya, metadata = {}, {}, {}
+    for part, modules in factors.items():
+        targets = set()
+        for path, factor in sorted(modules.items()):
+            down, up = _torch_factors(np.asarray(factor["A"], np.float32), np.asarray(factor["B"], np.float32))
+            dotted = path.replace("/", ".")
+            name = f"text_model.{dotted}" if part == "text_encoder" else dotted
+            targets.add(path.split("/")[-1])
+            peft[f"{part}.{name}.lora_A.weight"] = down
+            peft[f"{part}.{name}.lora_B.weight"] = up
+            key = kohya_prefix[part] + name.replace(".", "_")
+            kohya[f"{key}.lora_down.weight"] = down
+            kohya[f"{key}.lora_up.weight"] = up
+            kohya[f"{key}.alpha"] = np.asarray(alpha, np.float32)
+        config = {"r": rank, "lora_alpha": alpha, "target_modules": sorted(targets), "init_lora_weights": "gaussian"}
+        metadata.update({f"{part}.{k}": v for k, v in config.items()})
+    return peft, kohya, {"lora_adapter_metadata": json.dumps(metadata), "format": "pt"}
 
 
-def merge_lora(params: Mapping, adapter: Mapping, scale: float | Mapping[str, float] = 1.0) -> dict:
-    """New params with one adapter folded in at `scale` (a float, or {"unet": s, "text_encoder": s})."""
-    scales = {p: [scale[p]] for p in COMPONENTS} if isinstance(scale, Mapping) else [scale]
-    return apply_adapters(params, [adapter], scales)
+# ---------------------------------------------------------------------------------------------- finding
 
-
-def load_lora(
-    pipe: StableDiffusionPipeline, path: str | Path, scale: float | Mapping[str, float] = 1.0
-) -> StableDiffusionPipeline:
-    """A new pipeline with the LoRA file at `path` merged into the UNet and text-encoder weights."""
-    return dataclasses.replace(pipe, params=merge_lora(pipe.params, lora_adapter(pipe, path), scale))
-
-
-# ---------------------------------------------------------------------------------------------- CLI helpers
-
-_TAG = re.compile(r"<(?:lora|lyco):([^:>]+)((?::[^:>]*)*)>")
 LORA_SUFFIXES = (".safetensors", ".pt", ".ckpt")
-
-
-@dataclasses.dataclass(frozen=True)
-class LoraTag:
-    """An A1111 `<lora:name:te_weight:unet_weight>` prompt tag (one weight sets both; none means 1)."""
-
-    name: str
-    text_encoder: float = 1.0
-    unet: float = 1.0
-
-    @property
-    def scale(self) -> dict[str, float]:
-        return {"unet": self.unet, "text_encoder": self.text_encoder}
-
-
-def parse_lora_tags(prompt: str) -> tuple[str, list[LoraTag]]:
-    """Removes A1111 LoRA tags from a prompt -> (prompt without them, the tags in order).
-
-    Accepted forms: `<lora:name>`, `<lora:name:0.8>` (both components), `<lora:name:0.5:1.0>` (text
-    encoder, then UNet) and named `te=`/`unet=` weights, e.g. `<lora:name:unet=0.7>`; `<lyco:...>` alike.
-    """
-    tags = []
-    for match in _TAG.finditer(prompt):
-        name = match.group(1).strip()
-        fields = [f.strip() for f in match.group(2).split(":")[1:]]
-        weights: dict[str, float] = {}
-        positional = []
-        for field in fields:
-            key, eq, value = field.partition("=")
-            try:
-                if eq:
-                    if key not in ("te", "unet"):
-                        raise ValueError
-                    weights[key] = float(value)
-                else:
-                    positional.append(float(field))
-            except ValueError:
-                raise ValueError(f"bad LoRA weight {field!r} in {match.group(0)}") from None
-        te = weights.get("te", positional[0] if positional else 1.0)
-        unet = weights.get("unet", positional[1] if len(positional) > 1 else te if positional else 1.0)
-        tags.append(LoraTag(name, te, unet))
-    cleaned = re.sub(r"[ \t]{2,}", " ", _TAG.sub("", prompt)).strip()
-    return cleaned, tags
 
 
 def find_lora(name: str, lora_dir: str | Path) -> Path:
@@ -423,28 +346,13 @@ def _matches(path: Path, root: Path, name: str) -> bool:
     return relative == name or path.stem == name
 
 
-def parse_lora_arg(arg: str) -> tuple[Path, float]:
-    """`--lora FILE[:SCALE]` -> (path, scale); without a numeric `:SCALE` suffix the scale is 1."""
-    head, sep, tail = arg.rpartition(":")
-    if sep and head:
-        try:
-            return Path(head).expanduser(), float(tail)
-        except ValueError:
-            pass
-    return Path(arg).expanduser(), 1.0
-
-
 __all__ = [
+    "LORA_SUFFIXES",
     "LoraError",
     "LoraFile",
     "LoraModule",
-    "LoraTag",
-    "apply_adapters",
     "find_lora",
-    "load_lora",
     "lora_adapter",
-    "merge_lora",
-    "parse_lora_arg",
-    "parse_lora_tags",
+    "lora_file_tensors",
     "read_lora",
 ]

@@ -22,30 +22,26 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from sdjax.convert import ldm_keys
 from sdjax.convert.diffusers_folder import TEXT_ENCODER, UNET, VAE, keymap_for, load_component
-from sdjax.convert.keymap import ConversionError, params_to_torch, torch_to_params
-from sdjax.convert.safetensors_io import SafetensorsFile, save_safetensors
+from sdjax.convert.keymap import ConversionError, listing, params_to_torch, torch_to_params
+from sdjax.convert.parts import ModelParts
+from sdjax.convert.tensor_files import CheckpointError, read_checkpoint, save_safetensors, shape_of
 from sdjax.nn.clip import CLIPTextConfig, CLIPTextModel
 from sdjax.nn.config_utils import read_json, resolve_dtype
 from sdjax.nn.unet import UNet2DConditionModel, UNetConfig
 from sdjax.nn.vae import AutoencoderKL, VAEConfig
+from sdjax.schedulers import with_prediction_type
 from sdjax.tokenizer import CLIPTokenizer
 
-if TYPE_CHECKING:
-    from sdjax.pipeline import StableDiffusionPipeline
-
 SHIPPED_MODELS = Path(__file__).resolve().parents[1] / "data" / "models"
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 # (model type, prediction_type or None) -> (shipped config folder, overrides of its UNet config).
 _DEFAULT_CONFIGS: dict[tuple[str, str | None], tuple[str, dict[str, Any]]] = {
@@ -58,115 +54,6 @@ _DEFAULT_CONFIGS: dict[tuple[str, str | None], tuple[str, dict[str, Any]]] = {
 
 # Text-encoder layout of an export, from the activation (OpenAI CLIP: quick_gelu; OpenCLIP ViT-H: gelu).
 _TEXT_LAYOUT_BY_ACTIVATION = {"quick_gelu": "clip", "gelu": "openclip"}
-
-
-class CheckpointError(ValueError):
-    """A file that is not a loadable Stable Diffusion checkpoint (unknown layout, unsupported model, pickle)."""
-
-
-# ---------------------------------------------------------------------------------------------- reading
-
-
-class _Tensors(Mapping[str, np.ndarray]):
-    """A plain dict of arrays with the `shape(key)` method the converters use (pickle checkpoints)."""
-
-    def __init__(self, arrays: dict[str, np.ndarray], path: Path):
-        self._arrays = arrays
-        self.path = path
-        self.metadata: dict[str, str] = {}
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return self._arrays[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._arrays)
-
-    def __len__(self) -> int:
-        return len(self._arrays)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self._arrays[key].shape)
-
-
-def _torch_to_numpy(obj: Any) -> Any:
-    """torch tensors (bf16 included) -> numpy, recursively through dicts, lists and tuples."""
-    import torch
-
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu()
-        if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-        return t.numpy()
-    if isinstance(obj, dict):
-        return {k: _torch_to_numpy(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return type(obj)(_torch_to_numpy(v) for v in obj)
-    return obj
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
-def load_torch_pickle(path: str | Path) -> Any:
-    """A PyTorch pickle (`.ckpt`, `.pt`, `.bin`) read only through `torch.load(weights_only=True)`, which
-    refuses to run code; tensors become numpy arrays. Never plain unpickling: without torch, an error."""
-    path = Path(path)
-    try:
-        import torch
-    except ImportError:
-        raise CheckpointError(
-            f"{path} is a PyTorch pickle, which sdjax reads only with torch.load(weights_only=True) and torch is "
-            "not installed: install torch, or convert the file to .safetensors"
-        ) from None
-    with open(path, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"  # torch.load can memory-map only the zip format
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
-    except Exception as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
-            raise CheckpointError(
-                f"{path}: the safe loader refuses this pickle (it holds Python objects besides tensors): "
-                f"{_first_line(err)}"
-            ) from None
-        reason = _first_line(err)
-        raise CheckpointError(f"{path}: cannot read this PyTorch file (truncated or corrupt?): {reason}") from None
-    return _torch_to_numpy(obj)
-
-
-def is_torch_pickle(path: str | Path) -> bool:
-    """Whether a file is a PyTorch pickle (zip archive or legacy pickle) rather than a safetensors file,
-    told by content: a safetensors file starts with its 8-byte header size and a JSON "{"."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(9)
-    (header_size,) = struct.unpack("<Q", head[:8].ljust(8, b"\0"))
-    if head[8:9] == b"{" and header_size <= path.stat().st_size - 8:
-        return False
-    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"  # torch >= 1.6 zip, or pickle protocol >= 2
-
-
-def read_checkpoint(path: str | Path) -> Mapping[str, np.ndarray]:
-    """The tensors of a checkpoint file as a mapping name -> numpy array (read on access for safetensors).
-
-    Safetensors and PyTorch pickles are told apart by content, whatever the extension; pickles go through
-    `load_torch_pickle`, their nested `state_dict` is unwrapped and non-tensor entries (`global_step`, ...)
-    are dropped.
-    """
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    if not path.is_file():
-        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
-    if is_torch_pickle(path):
-        obj = load_torch_pickle(path)
-        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-            obj = obj["state_dict"]
-        if not isinstance(obj, dict):
-            raise CheckpointError(f"{path}: a PyTorch file holding a {type(obj).__name__}, not a dict of tensors")
-        return _Tensors({k: v for k, v in obj.items() if isinstance(v, np.ndarray)}, path)
-    return SafetensorsFile(path)
 
 
 # ---------------------------------------------------------------------------------------------- detection
@@ -242,9 +129,7 @@ def _read_configs(folder: Path, unet_overrides: Mapping[str, Any], prediction_ty
     if not (folder / "tokenizer").is_dir():
         raise FileNotFoundError(f"config folder {folder} has no tokenizer/ folder")
     unet = {**read_json(folder / "unet" / "config.json"), **unet_overrides}
-    scheduler = read_json(folder / "scheduler" / "scheduler_config.json")
-    if prediction_type is not None:
-        scheduler["prediction_type"] = prediction_type
+    scheduler = with_prediction_type(read_json(folder / "scheduler" / "scheduler_config.json"), prediction_type)
     return _Configs(
         unet=UNetConfig.from_dict(unet, what=f"{folder}/unet/config.json"),
         vae=VAEConfig.from_dict(read_json(folder / "vae" / "config.json"), what=f"{folder}/vae/config.json"),
@@ -330,23 +215,13 @@ class _DiffusersView(Mapping[str, np.ndarray]):
 
     def shape(self, key: str) -> tuple[int, ...]:
         entry, _ = self._where[key]
-        return ldm_keys.diffusers_shape(entry, _shape(self._tensors, entry.ldm_key))
+        return ldm_keys.diffusers_shape(entry, shape_of(self._tensors, entry.ldm_key))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
 
     def __len__(self) -> int:
         return len(self._where)
-
-
-def _shape(tensors: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
-    shape = getattr(tensors, "shape", None)
-    return tuple(shape(key)) if callable(shape) else tuple(tensors[key].shape)
-
-
-def _listing(items, limit: int = 6) -> str:
-    items = sorted(items)
-    return ", ".join(items[:limit]) + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def _check_file(
@@ -359,17 +234,17 @@ def _check_file(
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected and not skip(k)]
     wrong = [
-        f"{k} {_shape(tensors, k)} (expected {expected[k]})"
+        f"{k} {shape_of(tensors, k)} (expected {expected[k]})"
         for k in expected
-        if k in tensors and _shape(tensors, k) != expected[k]
+        if k in tensors and shape_of(tensors, k) != expected[k]
     ]
     problems = []
     if missing:
-        problems.append(f"{len(missing)} missing: {_listing(missing)}")
+        problems.append(f"{len(missing)} missing: {listing(missing, 6)}")
     if unexpected:
-        problems.append(f"{len(unexpected)} unexpected: {_listing(unexpected)}")
+        problems.append(f"{len(unexpected)} unexpected: {listing(unexpected, 6)}")
     if wrong:
-        problems.append(f"{len(wrong)} with the wrong shape: {_listing(wrong, 3)}")
+        problems.append(f"{len(wrong)} with the wrong shape: {listing(wrong, 3)}")
     if problems:
         raise ConversionError(f"{name} does not fit the model: " + "; ".join(problems))
 
@@ -446,12 +321,6 @@ def load_vae(source: str | Path, config: VAEConfig, dtype=jnp.float32) -> tuple[
     return module, _convert(tensors, entries, keymap, dtype, f"VAE file {source}")
 
 
-def replace_vae(pipe: StableDiffusionPipeline, source: str | Path) -> StableDiffusionPipeline:
-    """A new pipeline whose VAE is read from `source` (see `load_vae`), in the pipeline's dtype."""
-    module, params = load_vae(source, pipe.vae.config, pipe.dtype)
-    return dataclasses.replace(pipe, vae=module, params={**pipe.params, "vae": params})
-
-
 # ---------------------------------------------------------------------------------------------- load / save
 
 
@@ -462,8 +331,8 @@ def load_single_file(
     dtype=jnp.float32,
     prediction_type: str | None = None,
     vae: str | Path | None = None,
-) -> StableDiffusionPipeline:
-    """Loads an SD 1.x / 2.x / inpainting single-file checkpoint into a `StableDiffusionPipeline`.
+) -> ModelParts:
+    """The parts of an SD 1.x / 2.x / inpainting single-file checkpoint.
 
     Args:
       path: `.safetensors` (read tensor by tensor), or `.ckpt`/`.pt` through torch.load(weights_only=True).
@@ -477,12 +346,9 @@ def load_single_file(
       CheckpointError (unknown layout, SDXL, unsupported UNet, pickle without torch), ConversionError
       (tensors that do not fit the architecture, all named), each with a one-line message.
     """
-    from sdjax.pipeline import StableDiffusionPipeline
-
     path = Path(path).expanduser()
     dtype = resolve_dtype(dtype)
-    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
+    with_prediction_type({}, prediction_type)  # checks the name before the file is read
     tensors = read_checkpoint(path)
     model_type = detect_model_type(tensors, str(path))
     if config is not None:
@@ -526,7 +392,7 @@ def load_single_file(
     params = {part: _convert(tensors, entries[part], keymaps[part], dtype, what) for part in layouts}
     if vae is not None:
         modules["vae"], params["vae"] = load_vae(vae, cfg.vae, dtype)
-    return StableDiffusionPipeline(
+    return ModelParts(
         unet=modules["unet"],
         vae=modules["vae"],
         text_encoder=modules["text_encoder"],
@@ -538,42 +404,38 @@ def load_single_file(
     )
 
 
-def to_single_file_tensors(pipe: StableDiffusionPipeline, dtype=None) -> dict[str, np.ndarray]:
-    """The pipeline's parameters under their original single-file names, PyTorch layouts (optionally cast).
+def to_single_file_tensors(parts: ModelParts, dtype=None) -> dict[str, np.ndarray]:
+    """The model's parameters under their original single-file names, PyTorch layouts (optionally cast).
 
     SD 2.x text encoders are written with the resblocks they have (23 for SD 2: the unused last OpenCLIP
     block, `text_projection` and `logit_scale` are not kept by sdjax, and loaders do not need them).
     """
     out: dict[str, np.ndarray] = {}
-    parts = (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder))
-    for part, module in parts:
+    for part in ("unet", "vae", "text_encoder"):
+        module = getattr(parts, part)
         layout = text_layout(module) if part == "text_encoder" else part
         keymap = _keymap(_SPECS[layout], module)
-        torch_named = params_to_torch(pipe.params[part], keymap, dtype)
+        torch_named = params_to_torch(parts.params[part], keymap, dtype)
         for entry in component_entries(module, layout, keymap):
             out[entry.ldm_key] = ldm_keys.to_ldm(entry, [torch_named[k] for k in entry.diffusers_keys])
     return out
 
 
-def save_single_file(pipe: StableDiffusionPipeline, path: str | Path, dtype=None) -> Path:
-    """Writes the pipeline as one `.safetensors` file in the original layout (the key map run backwards),
-    in `dtype` (default: the pipeline's). `load_single_file` reads it back to identical parameters."""
+def save_single_file(parts: ModelParts, path: str | Path, dtype=None) -> Path:
+    """Writes the model as one `.safetensors` file in the original layout (the key map run backwards),
+    in `dtype` (default: the model's). `load_single_file` reads it back to identical parameters."""
     path = Path(path).expanduser()
     store = None if dtype is None else resolve_dtype(dtype)
-    save_safetensors(path, to_single_file_tensors(pipe, store), {"format": "pt"})
+    save_safetensors(path, to_single_file_tensors(parts, store), {"format": "pt"})
     return path
 
 
 __all__ = [
     "CheckpointError",
     "detect_model_type",
-    "is_torch_pickle",
     "default_config_folder",
     "load_single_file",
-    "load_torch_pickle",
     "load_vae",
-    "read_checkpoint",
-    "replace_vae",
     "save_single_file",
     "to_single_file_tensors",
 ]

@@ -20,17 +20,14 @@ import dataclasses
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.convert.single_file import is_torch_pickle, load_torch_pickle, read_checkpoint
+from sdjax.convert.tensor_files import is_torch_pickle, load_torch_pickle, read_checkpoint
 from sdjax.nn.clip import CLIPTextModel
 from sdjax.tokenizer import CLIPTokenizer
-
-if TYPE_CHECKING:
-    from sdjax.pipeline import StableDiffusionPipeline
 
 
 class EmbeddingError(ValueError):
@@ -159,23 +156,6 @@ def add_embedding(
     return new, module, new_params
 
 
-def load_textual_inversion(
-    pipe: StableDiffusionPipeline, path: str | Path, token: str | None = None
-) -> StableDiffusionPipeline:
-    """A new pipeline whose tokenizer knows the embedding's trigger word (`token`, or the file's; see the
-    module doc) and whose text encoder has its vectors. The old pipeline is unchanged."""
-    trigger, vectors = read_embedding(path, token)
-    try:
-        tokenizer, module, params = add_embedding(
-            pipe.tokenizer, pipe.text_encoder, pipe.params["text_encoder"], trigger, vectors
-        )
-    except EmbeddingError as err:
-        raise EmbeddingError(f"{path}: {err}") from None
-    return dataclasses.replace(
-        pipe, tokenizer=tokenizer, text_encoder=module, params={**pipe.params, "text_encoder": params}
-    )
-
-
 def restore_multi_vector(tokenizer: CLIPTokenizer) -> CLIPTokenizer:
     """A tokenizer read back from a saved folder (`T`, `T_1`, ... as plain added tokens) with its
     multi-vector triggers expanding again; unchanged when there are none."""
@@ -197,7 +177,6 @@ __all__ = [
     "EmbeddingError",
     "MultiVectorTokenizer",
     "add_embedding",
-    "load_textual_inversion",
     "read_embedding",
     "restore_multi_vector",
 ]

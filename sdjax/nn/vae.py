@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdjax.keys import normal_rows
 from sdjax.nn.config_utils import config_from_dict, config_to_dict
 from sdjax.nn.layers import (
     Downsample2D,
@@ -195,6 +196,19 @@ class AutoencoderKL(nn.Module):
     def dummy_inputs(self) -> tuple[jax.Array]:
         f = self.config.downscale
         return (jnp.zeros((1, f, f, self.config.in_channels), self.dtype),)
+
+
+def posterior_sample(mean_BHWC: jax.Array, logvar_BHWC: jax.Array, eps_BHWC: jax.Array) -> jax.Array:
+    """A sample of the VAE posterior N(mean, exp(logvar)): mean + exp(logvar / 2) * eps, float32, unscaled
+    (multiply by `config.scaling_factor` for the UNet's latents)."""
+    return mean_BHWC.astype(jnp.float32) + jnp.exp(0.5 * logvar_BHWC.astype(jnp.float32)) * eps_BHWC
+
+
+def encode_sample(vae: AutoencoderKL, params, pixels_BHWC: jax.Array, keys_B: jax.Array) -> jax.Array:
+    """Images (B, H, W, 3) in [-1, 1] -> posterior samples (B, H/f, W/f, C) float32, unscaled; row b's
+    noise from keys_B[b] alone."""
+    mean, logvar = vae.apply({"params": params}, pixels_BHWC, method="encode")
+    return posterior_sample(mean, logvar, normal_rows(keys_B, mean.shape[1:]))
 
 
 def decode_tiled(vae: AutoencoderKL, params, z_BHWC: jax.Array, overlap: float = 0.25) -> jax.Array:

@@ -23,8 +23,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from sdjax.schedulers._base import Scheduler, SchedulerState
-from sdjax.schedulers._common import NoiseSchedule, add_noise
-from sdjax.schedulers._config import build
+from sdjax.schedulers._common import PREDICTION_TYPES, NoiseSchedule, add_noise, alphas_cumprod
+from sdjax.schedulers._config import build, with_prediction_type
 from sdjax.schedulers.ddim import DDIM
 from sdjax.schedulers.ddpm import DDPM
 from sdjax.schedulers.dpm_solver import DPMSolverMultistep
@@ -97,10 +97,13 @@ __all__ = [
     "EulerAncestral",
     "Heun",
     "NoiseSchedule",
+    "PREDICTION_TYPES",
     "Scheduler",
     "SchedulerState",
     "UniPC",
     "add_noise",
+    "alphas_cumprod",
     "from_diffusers_config",
     "from_name",
+    "with_prediction_type",
 ]

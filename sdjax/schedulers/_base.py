@@ -61,8 +61,10 @@ class SchedulerState:
 class Scheduler(abc.ABC):
     """A diffusion sampler: a frozen config (`schedule` plus family options) and pure functions over a state.
 
-    Subclasses are frozen dataclasses decorated with `typing.final`; they implement every abstract member
-    and override nothing else.
+    Each family has an abstract base that implements the noise-level methods for its kind of sample
+    (`SigmaScheduler`, `VPSigmaScheduler`, `DiscreteScheduler`, marked `typing.final`); the schedulers are
+    frozen dataclasses decorated with `typing.final` that implement the remaining abstract members and
+    override nothing concrete.
     """
 
     schedule: NoiseSchedule

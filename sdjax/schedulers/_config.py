@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sdjax.schedulers._base import Scheduler
-from sdjax.schedulers._common import NoiseSchedule
+from sdjax.schedulers._common import PREDICTION_TYPES, NoiseSchedule
 
 _SCHEDULE_FIELDS = frozenset(f.name for f in dataclasses.fields(NoiseSchedule))
 
@@ -82,3 +82,13 @@ def build(
         return cls(schedule=schedule, **family_kwargs)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{label}: {err}") from err
+
+
+def with_prediction_type(config: Mapping[str, Any], prediction_type: str | None) -> dict[str, Any]:
+    """A copy of a scheduler_config.json dict with its prediction_type replaced (None: unchanged); a
+    one-line ValueError for a name other than epsilon, v_prediction or sample."""
+    if prediction_type is None:
+        return dict(config)
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}, got {prediction_type!r}")
+    return {**config, "prediction_type": prediction_type}

@@ -13,7 +13,7 @@ from typing import final
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.schedulers._base import Scheduler, SchedulerState
+from sdjax.schedulers._base import Scheduler
 from sdjax.schedulers._common import NoiseSchedule, alphas_cumprod, spaced_timesteps
 
 
@@ -28,15 +28,28 @@ def discrete_x0_eps(prediction_type: str, model_output, sample, alpha_prod_t):
     return x0, alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample
 
 
-def discrete_add_noise(state: SchedulerState, original, noise):
-    """sqrt(alpha_bar) * original + sqrt(1 - alpha_bar) * noise at the next call's timestep."""
-    alpha_prod = state.tables["alpha_t"][state.index]
-    return alpha_prod**0.5 * original + (1 - alpha_prod) ** 0.5 * noise
+class DiscreteScheduler(Scheduler):
+    """The discrete-time families (DDIM, DDPM, PNDM): samples at unit variance, an "alpha_t" table of
+    alpha_bar at each call's timestep. Subclasses are final and implement the rest of `Scheduler`."""
+
+    @final
+    def init_noise_sigma(self, state):
+        return jnp.float32(1.0)
+
+    @final
+    def scale_model_input(self, state, sample):
+        return sample
+
+    @final
+    def add_noise(self, state, original, noise):
+        """sqrt(alpha_bar) * original + sqrt(1 - alpha_bar) * noise at the next call's timestep."""
+        alpha_prod = state.tables["alpha_t"][state.index]
+        return alpha_prod**0.5 * original + (1 - alpha_prod) ** 0.5 * noise
 
 
 @final
 @dataclasses.dataclass(frozen=True)
-class DDIM(Scheduler):
+class DDIM(DiscreteScheduler):
     """diffusers' DDIMScheduler. `eta` (a `step` argument in diffusers, 0 in its pipelines) > 0 adds noise."""
 
     schedule: NoiseSchedule = NoiseSchedule()
@@ -82,15 +95,6 @@ class DDIM(Scheduler):
 
     def init_history(self, sample_shape):
         return {}
-
-    def init_noise_sigma(self, state):
-        return jnp.float32(1.0)
-
-    def scale_model_input(self, state, sample):
-        return sample
-
-    def add_noise(self, state, original, noise):
-        return discrete_add_noise(state, original, noise)
 
     def step(self, state, model_output, sample, noise=None):
         alpha_prod_t = state.tables["alpha_t"][state.index]

@@ -9,16 +9,15 @@ from typing import final
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.schedulers._base import Scheduler
 from sdjax.schedulers._common import NoiseSchedule, alphas_cumprod, spaced_timesteps
-from sdjax.schedulers.ddim import discrete_add_noise, discrete_x0_eps
+from sdjax.schedulers.ddim import DiscreteScheduler, discrete_x0_eps
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
 
 
 @final
 @dataclasses.dataclass(frozen=True)
-class DDPM(Scheduler):
+class DDPM(DiscreteScheduler):
     """diffusers' DDPMScheduler; adds noise at every step whose timestep is > 0."""
 
     schedule: NoiseSchedule = NoiseSchedule()
@@ -64,15 +63,6 @@ class DDPM(Scheduler):
 
     def init_history(self, sample_shape):
         return {}
-
-    def init_noise_sigma(self, state):
-        return jnp.float32(1.0)
-
-    def scale_model_input(self, state, sample):
-        return sample
-
-    def add_noise(self, state, original, noise):
-        return discrete_add_noise(state, original, noise)
 
     def step(self, state, model_output, sample, noise=None):
         if noise is None:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.schedulers._base import Scheduler, SchedulerState
+from sdjax.schedulers._base import Scheduler
 from sdjax.schedulers._common import (
     NoiseSchedule,
     alphas_cumprod,
@@ -96,10 +96,23 @@ def vp_x0(prediction_type: str, model_output, sample, sigma):
     return model_output
 
 
-def vp_add_noise(state: SchedulerState, original, noise):
-    """alpha_t * original + sigma_t * noise at the sigma of the next call."""
-    alpha_t, sigma_t = alpha_sigma(state.tables["sigmas"][state.index])
-    return alpha_t * original + sigma_t * noise
+class VPSigmaScheduler(Scheduler):
+    """The multistep solvers (DPM-Solver++, UniPC): samples at unit variance (variance preserving), a
+    "sigmas" table of noise-to-signal ratios. Subclasses are final and implement the rest of `Scheduler`."""
+
+    @final
+    def init_noise_sigma(self, state):
+        return jnp.float32(1.0)
+
+    @final
+    def scale_model_input(self, state, sample):
+        return sample
+
+    @final
+    def add_noise(self, state, original, noise):
+        """alpha_t * original + sigma_t * noise at the sigma of the next call."""
+        alpha_t, sigma_t = alpha_sigma(state.tables["sigmas"][state.index])
+        return alpha_t * original + sigma_t * noise
 
 
 MULTISTEP_DEFAULTS = {
@@ -130,7 +143,7 @@ MULTISTEP_DEFAULTS = {
 
 @final
 @dataclasses.dataclass(frozen=True)
-class DPMSolverMultistep(Scheduler):
+class DPMSolverMultistep(VPSigmaScheduler):
     """diffusers' DPMSolverMultistepScheduler for algorithm_type dpmsolver++ / sde-dpmsolver++, orders 1-3."""
 
     schedule: NoiseSchedule = NoiseSchedule(timestep_spacing="linspace")
@@ -181,15 +194,6 @@ class DPMSolverMultistep(Scheduler):
 
     def init_history(self, sample_shape):
         return {"model_outputs": jnp.zeros((self.solver_order, *sample_shape), jnp.float32)}
-
-    def init_noise_sigma(self, state):
-        return jnp.float32(1.0)
-
-    def scale_model_input(self, state, sample):
-        return sample
-
-    def add_noise(self, state, original, noise):
-        return vp_add_noise(state, original, noise)
 
     def step(self, state, model_output, sample, noise=None):
         if self.stochastic and noise is None:

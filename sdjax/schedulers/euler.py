@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.schedulers._base import Scheduler, SchedulerState
+from sdjax.schedulers._base import Scheduler
 from sdjax.schedulers._common import (
     NoiseSchedule,
     alphas_cumprod,
@@ -84,26 +84,31 @@ def sigma_x0_derivative(prediction_type: str, model_output, sample, sigma):
     return model_output, (sample - model_output) / sigma
 
 
-def sigma_init_noise_sigma(schedule: NoiseSchedule, state: SchedulerState):
-    """f32[]: the largest sigma, or sqrt(max^2 + 1) with "leading" spacing (diffusers' init_noise_sigma)."""
-    max_sigma = jnp.max(state.tables["sigmas"])
-    return max_sigma if schedule.timestep_spacing in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5
+class SigmaScheduler(Scheduler):
+    """The k-diffusion families (Euler, Euler a, Heun, LMS): samples in sigma space, x = x0 + sigma * eps,
+    over a "sigmas" table. Subclasses are final and implement the rest of `Scheduler`."""
 
+    @final
+    def init_noise_sigma(self, state):
+        """f32[]: the largest sigma, or sqrt(max^2 + 1) with "leading" spacing (diffusers' init_noise_sigma)."""
+        max_sigma = jnp.max(state.tables["sigmas"])
+        return max_sigma if self.schedule.timestep_spacing in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5
 
-def sigma_scale_model_input(state: SchedulerState, sample):
-    """The model input for the next call: sample / sqrt(sigma^2 + 1) (back to unit variance)."""
-    sigma = state.tables["sigmas"][state.index]
-    return sample / (sigma**2 + 1) ** 0.5
+    @final
+    def scale_model_input(self, state, sample):
+        """sample / sqrt(sigma^2 + 1) (back to unit variance) at the next call's sigma."""
+        sigma = state.tables["sigmas"][state.index]
+        return sample / (sigma**2 + 1) ** 0.5
 
-
-def sigma_add_noise(state: SchedulerState, original, noise):
-    """original + sigma * noise at the sigma of the next call."""
-    return original + noise * state.tables["sigmas"][state.index]
+    @final
+    def add_noise(self, state, original, noise):
+        """original + sigma * noise at the sigma of the next call."""
+        return original + noise * state.tables["sigmas"][state.index]
 
 
 @final
 @dataclasses.dataclass(frozen=True)
-class Euler(Scheduler):
+class Euler(SigmaScheduler):
     """diffusers' EulerDiscreteScheduler (s_churn = 0, as in its pipelines)."""
 
     schedule: NoiseSchedule = NoiseSchedule(timestep_spacing="linspace")
@@ -149,15 +154,6 @@ class Euler(Scheduler):
     def init_history(self, sample_shape):
         return {}
 
-    def init_noise_sigma(self, state):
-        return sigma_init_noise_sigma(self.schedule, state)
-
-    def scale_model_input(self, state, sample):
-        return sigma_scale_model_input(state, sample)
-
-    def add_noise(self, state, original, noise):
-        return sigma_add_noise(state, original, noise)
-
     def step(self, state, model_output, sample, noise=None):
         sigma, sigma_next = state.tables["sigmas"][state.index], state.tables["sigmas"][state.index + 1]
         x0, derivative = sigma_x0_derivative(
@@ -168,7 +164,7 @@ class Euler(Scheduler):
 
 @final
 @dataclasses.dataclass(frozen=True)
-class EulerAncestral(Scheduler):
+class EulerAncestral(SigmaScheduler):
     """diffusers' EulerAncestralDiscreteScheduler: an Euler step to sigma_down, then fresh noise of sigma_up."""
 
     schedule: NoiseSchedule = NoiseSchedule(timestep_spacing="linspace")
@@ -194,15 +190,6 @@ class EulerAncestral(Scheduler):
     def init_history(self, sample_shape):
         return {}
 
-    def init_noise_sigma(self, state):
-        return sigma_init_noise_sigma(self.schedule, state)
-
-    def scale_model_input(self, state, sample):
-        return sigma_scale_model_input(state, sample)
-
-    def add_noise(self, state, original, noise):
-        return sigma_add_noise(state, original, noise)
-
     def step(self, state, model_output, sample, noise=None):
         if noise is None:
             raise ValueError("EulerAncestral needs `noise` (standard normal, the shape of `sample`)")
@@ -216,7 +203,7 @@ class EulerAncestral(Scheduler):
 
 @final
 @dataclasses.dataclass(frozen=True)
-class Heun(Scheduler):
+class Heun(SigmaScheduler):
     """diffusers' HeunDiscreteScheduler: Euler predictor, trapezoidal corrector; the last step is Euler only."""
 
     schedule: NoiseSchedule = NoiseSchedule(beta_start=0.00085, beta_end=0.012, timestep_spacing="linspace")
@@ -254,15 +241,6 @@ class Heun(Scheduler):
     def init_history(self, sample_shape):
         zeros = jnp.zeros(sample_shape, jnp.float32)
         return {"sample": zeros, "derivative": zeros, "dt": jnp.zeros((), jnp.float32)}
-
-    def init_noise_sigma(self, state):
-        return sigma_init_noise_sigma(self.schedule, state)
-
-    def scale_model_input(self, state, sample):
-        return sigma_scale_model_input(state, sample)
-
-    def add_noise(self, state, original, noise):
-        return sigma_add_noise(state, original, noise)
 
     def step(self, state, model_output, sample, noise=None):
         model_output, sigmas, i = model_output.astype(jnp.float32), state.tables["sigmas"], state.index

@@ -14,16 +14,8 @@ from typing import final
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.schedulers._base import Scheduler
 from sdjax.schedulers._common import NoiseSchedule
-from sdjax.schedulers.euler import (
-    K_DIFFUSION_DEFAULTS,
-    sigma_add_noise,
-    sigma_init_noise_sigma,
-    sigma_scale_model_input,
-    sigma_schedule,
-    sigma_x0_derivative,
-)
+from sdjax.schedulers.euler import K_DIFFUSION_DEFAULTS, SigmaScheduler, sigma_schedule, sigma_x0_derivative
 
 LMS_ORDER = 4
 
@@ -57,7 +49,7 @@ def lms_coefficients(sigmas: np.ndarray, order: int = LMS_ORDER) -> np.ndarray:
 
 @final
 @dataclasses.dataclass(frozen=True)
-class LMS(Scheduler):
+class LMS(SigmaScheduler):
     """diffusers' LMSDiscreteScheduler (order 4, its `step` default)."""
 
     schedule: NoiseSchedule = NoiseSchedule(timestep_spacing="linspace")
@@ -85,15 +77,6 @@ class LMS(Scheduler):
 
     def init_history(self, sample_shape):
         return {"derivatives": jnp.zeros((LMS_ORDER, *sample_shape), jnp.float32)}
-
-    def init_noise_sigma(self, state):
-        return sigma_init_noise_sigma(self.schedule, state)
-
-    def scale_model_input(self, state, sample):
-        return sigma_scale_model_input(state, sample)
-
-    def add_noise(self, state, original, noise):
-        return sigma_add_noise(state, original, noise)
 
     def step(self, state, model_output, sample, noise=None):
         i = state.index

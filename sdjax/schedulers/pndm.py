@@ -16,14 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.schedulers._base import Scheduler
 from sdjax.schedulers._common import NoiseSchedule, alphas_cumprod, spaced_timesteps
-from sdjax.schedulers.ddim import discrete_add_noise
+from sdjax.schedulers.ddim import DiscreteScheduler
 
 
 @final
 @dataclasses.dataclass(frozen=True)
-class PNDM(Scheduler):
+class PNDM(DiscreteScheduler):
     """diffusers' PNDMScheduler with skip_prk_steps=True (PRK warm-up steps are not implemented)."""
 
     schedule: NoiseSchedule = NoiseSchedule()
@@ -91,15 +90,6 @@ class PNDM(Scheduler):
 
     def init_history(self, sample_shape):
         return {"ets": jnp.zeros((4, *sample_shape), jnp.float32), "cur_sample": jnp.zeros(sample_shape, jnp.float32)}
-
-    def init_noise_sigma(self, state):
-        return jnp.float32(1.0)
-
-    def scale_model_input(self, state, sample):
-        return sample
-
-    def add_noise(self, state, original, noise):
-        return discrete_add_noise(state, original, noise)
 
     def step(self, state, model_output, sample, noise=None):
         model_output = model_output.astype(jnp.float32)

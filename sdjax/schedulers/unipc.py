@@ -15,14 +15,13 @@ from typing import final
 import jax
 import jax.numpy as jnp
 
-from sdjax.schedulers._base import Scheduler
 from sdjax.schedulers._common import NoiseSchedule, check_final_sigmas_type
 from sdjax.schedulers.dpm_solver import (
     MULTISTEP_DEFAULTS,
+    VPSigmaScheduler,
     alpha_sigma,
     log_snr,
     multistep_sigma_schedule,
-    vp_add_noise,
     vp_x0,
 )
 
@@ -31,7 +30,7 @@ SOLVER_TYPES = ("bh1", "bh2")
 
 @final
 @dataclasses.dataclass(frozen=True)
-class UniPC(Scheduler):
+class UniPC(VPSigmaScheduler):
     """diffusers' UniPCMultistepScheduler (without solver_p, thresholding or flow sigmas)."""
 
     schedule: NoiseSchedule = NoiseSchedule(timestep_spacing="linspace")
@@ -89,15 +88,6 @@ class UniPC(Scheduler):
             "last_sample": zeros,
             "last_order": jnp.ones((), jnp.int32),
         }
-
-    def init_noise_sigma(self, state):
-        return jnp.float32(1.0)
-
-    def scale_model_input(self, state, sample):
-        return sample
-
-    def add_noise(self, state, original, noise):
-        return vp_add_noise(state, original, noise)
 
     def step(self, state, model_output, sample, noise=None):
         i, n, sigmas, history = state.index, state.num_calls, state.tables["sigmas"], state.history

@@ -1,0 +1,271 @@
+"""Tensor files: reading and writing .safetensors with numpy alone, and PyTorch pickles read without
+running code. Every other module of sdjax reads weights through `read_checkpoint` or `SafetensorsFile`.
+
+Safetensors layout: an 8-byte little-endian header size N, N bytes of JSON
+({name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}), then the tensor bytes.
+Reading parses the header once and reads each tensor on demand, so a model is converted one tensor at
+a time. PyTorch pickles (`.ckpt`, `.pt`, `.bin`) go only through `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {
+    "F64": np.dtype(np.float64),
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "I16": np.dtype(np.int16),
+    "I8": np.dtype(np.int8),
+    "U8": np.dtype(np.uint8),
+    "BOOL": np.dtype(np.bool_),
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100 * 2**20
+
+
+class SafetensorsError(ValueError):
+    """A file that is not a readable safetensors file (truncated, corrupt, or of another format)."""
+
+
+class SafetensorsFile(Mapping[str, np.ndarray]):
+    """A read-only mapping name -> numpy array (read on access) over one .safetensors file."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"missing weight file {self.path}")
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise SafetensorsError(f"{self.path}: not a safetensors file ({size} bytes, too short)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_MAX_HEADER, size - 8):
+                raise SafetensorsError(
+                    f"{self.path}: not a safetensors file, or truncated inside its header "
+                    f"(header size {n}, file size {size})"
+                )
+            try:
+                header = json.loads(f.read(n))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise SafetensorsError(f"{self.path}: corrupt safetensors header ({err})") from err
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self._start = 8 + n
+        data_len = size - self._start
+        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        needed = 0
+        for name, info in header.items():
+            try:
+                dtype = _DTYPES[info["dtype"]]
+                shape = tuple(int(d) for d in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError) as err:
+                raise SafetensorsError(f"{self.path}: corrupt header entry for {name!r}") from err
+            if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
+                raise SafetensorsError(f"{self.path}: tensor {name!r} has a byte range that does not fit its shape")
+            needed = max(needed, end)
+            self._entries[name] = (dtype, shape, begin, end)
+        if needed > data_len:
+            raise SafetensorsError(
+                f"{self.path}: truncated file: its header promises {needed} bytes of tensor data but only "
+                f"{data_len} are present; download or copy it again"
+            )
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """A fresh array holding the tensor, read from the file on each access (unlike a memory map, no
+        file pages stay resident, so loading a model needs little more RAM than its parameters)."""
+        dtype, shape, begin, end = self._entries[name]
+        array = np.empty(shape, dtype)
+        if end > begin:
+            with open(self.path, "rb") as f:
+                f.seek(self._start + begin)
+                got = f.readinto(memoryview(array.reshape(-1).view(np.uint8)))
+            if got != end - begin:
+                raise SafetensorsError(f"{self.path}: truncated while reading {name!r}; download or copy it again")
+        return array
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
+
+
+def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata=None) -> None:
+    """Writes `tensors` to `path` in the safetensors format (atomically: a temporary file, then a rename)."""
+    path = Path(path)
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    arrays = []
+    for name in sorted(tensors):
+        array = np.array(tensors[name], order="C", copy=None)  # (ascontiguousarray would make 0-d 1-d)
+        if array.dtype not in _NAMES:
+            raise ValueError(f"cannot store {name!r} of dtype {array.dtype} in safetensors")
+        header[name] = {
+            "dtype": _NAMES[array.dtype],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
+        offset += array.nbytes
+        arrays.append(array)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for array in arrays:
+            f.write(array.tobytes())
+    os.replace(tmp, path)
+
+
+class CheckpointError(ValueError):
+    """A file that is not a loadable checkpoint (unknown layout, unsupported model, unsafe pickle), one line."""
+
+
+def shape_of(tensors: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
+    """A tensor's shape without reading it, when the mapping can tell (`SafetensorsFile.shape`)."""
+    shape = getattr(tensors, "shape", None)
+    return tuple(shape(key)) if callable(shape) else tuple(tensors[key].shape)
+
+
+class ShardedTensors(Mapping[str, np.ndarray]):
+    """One mapping over the tensors of several safetensors files (the shards of one component)."""
+
+    def __init__(self, files: list[Path]):
+        self._where: dict[str, SafetensorsFile] = {}
+        for path in files:
+            shard = SafetensorsFile(path)
+            for key in shard:
+                if key in self._where:
+                    raise ValueError(f"{path}: tensor {key!r} also appears in {self._where[key].path}")
+                self._where[key] = shard
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._where[key][key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._where[key].shape(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+class _Tensors(Mapping[str, np.ndarray]):
+    """A plain dict of arrays with the `shape(key)` method the converters use (pickle checkpoints)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], path: Path):
+        self._arrays = arrays
+        self.path = path
+        self.metadata: dict[str, str] = {}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self._arrays[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._arrays)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._arrays[key].shape)
+
+
+def _torch_to_numpy(obj: Any) -> Any:
+    """torch tensors (bf16 included) -> numpy, recursively through dicts, lists and tuples."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu()
+        if t.dtype == torch.bfloat16:
+            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        return t.numpy()
+    if isinstance(obj, dict):
+        return {k: _torch_to_numpy(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return type(obj)(_torch_to_numpy(v) for v in obj)
+    return obj
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def load_torch_pickle(path: str | Path) -> Any:
+    """A PyTorch pickle (`.ckpt`, `.pt`, `.bin`) read only through `torch.load(weights_only=True)`, which
+    refuses to run code; tensors become numpy arrays. Never plain unpickling: without torch, an error."""
+    path = Path(path)
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"{path} is a PyTorch pickle, which sdjax reads only with torch.load(weights_only=True) and torch is "
+            "not installed: install torch, or convert the file to .safetensors"
+        ) from None
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"  # torch.load can memory-map only the zip format
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except Exception as err:
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"{path}: the safe loader refuses this pickle (it holds Python objects besides tensors): "
+                f"{_first_line(err)}"
+            ) from None
+        reason = _first_line(err)
+        raise CheckpointError(f"{path}: cannot read this PyTorch file (truncated or corrupt?): {reason}") from None
+    return _torch_to_numpy(obj)
+
+
+def is_torch_pickle(path: str | Path) -> bool:
+    """Whether a file is a PyTorch pickle (zip archive or legacy pickle) rather than a safetensors file,
+    told by content: a safetensors file starts with its 8-byte header size and a JSON "{"."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    (header_size,) = struct.unpack("<Q", head[:8].ljust(8, b"\0"))
+    if head[8:9] == b"{" and header_size <= path.stat().st_size - 8:
+        return False
+    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"  # torch >= 1.6 zip, or pickle protocol >= 2
+
+
+def read_checkpoint(path: str | Path) -> Mapping[str, np.ndarray]:
+    """The tensors of a checkpoint file as a mapping name -> numpy array (read on access for safetensors).
+
+    Safetensors and PyTorch pickles are told apart by content, whatever the extension; pickles go through
+    `load_torch_pickle`, their nested `state_dict` is unwrapped and non-tensor entries (`global_step`, ...)
+    are dropped.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    if is_torch_pickle(path):
+        obj = load_torch_pickle(path)
+        if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{path}: a PyTorch file holding a {type(obj).__name__}, not a dict of tensors")
+        return _Tensors({k: v for k, v in obj.items() if isinstance(v, np.ndarray)}, path)
+    return SafetensorsFile(path)

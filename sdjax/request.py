@@ -1,0 +1,357 @@
+"""A generation request: its options declared once (`GenerateOptions`), validated on the host and turned
+into the compile-time `Plan` and the traced `Inputs` of `sdjax.generate`'s program.
+
+`prepare` reads the request concern by concern: the prompts (negative prompts broadcast by
+`sdjax.prompts.prompt_pairs`, tokenized into 77-token windows), the scheduler and step counts, the size and
+mode (txt2img, img2img, inpainting) with the init images and masks, the seeds, padding rows and the mesh,
+and the unmerged LoRAs. Images are NHWC uint8 at the edges, [-1, 1] floats inside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from sdjax import images as image_io
+from sdjax import schedulers
+from sdjax.convert.lora import lora_adapter
+from sdjax.generate import Inputs, Plan
+from sdjax.prompts import prompt_pairs, tokenize_prompts
+from sdjax.sharding import make_mesh
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class GenerateOptions:
+    """Every option of `StableDiffusionPipeline.generate` (as keyword arguments), with diffusers' names.
+
+    Traced (changing them does not recompile): prompts, seed, guidance_scale, guidance_rescale, strength,
+    num_inference_steps (up to max_steps), the init image and mask, LoRA scales and same-shaped LoRAs.
+
+    num_inference_steps: inference steps (default 50).
+    guidance_scale: classifier-free guidance scale (default 7.5; <= 1 uses the prompt alone, as diffusers).
+    scheduler: a name from `sdjax.schedulers.NAMES` (e.g. "euler_a", "dpmpp_2m_karras"), a Scheduler, or
+      None for the model's own scheduler config.
+    height, width: pixels, multiples of the VAE factor (8); default: the init image's size, else the
+      model's sample size.
+    num_images_per_prompt: images per prompt; B = len(prompts) * num_images_per_prompt.
+    seed: image k of the call uses seed + k (A1111's convention), whatever the batch size; or one seed per
+      image.
+    latents: optional (B, H/8, W/8, 4) NHWC standard-normal noise: the initial latents before scaling by
+      the scheduler's initial sigma (txt2img), or the noise added to the init image's latents.
+    image, mask_image: paths, PIL images or uint8 (H, W[, C]) arrays; the mask is white where to repaint.
+      A list (or a uint8 (N, H, W, C) array) gives one per prompt, all of one size. 9-channel inpainting
+      UNets work as diffusers' StableDiffusionInpaintPipeline; regular UNets blend the latents with the
+      re-noised init image after every step (diffusers' behaviour for them).
+    strength: img2img/inpaint denoising strength in [0, 1] (default 0.8).
+    guidance_rescale, clip_skip: as diffusers (clip_skip=1 is A1111's "Clip skip: 2").
+    max_steps: the step count the program is compiled for (default: the next multiple of 50).
+    micro_batch_size: images per UNet call. 1 (default) makes each image bit-identical whatever the batch
+      size; larger groups are faster on GPUs/TPUs and change images only by float rounding.
+    mesh: "all" (default: the batch split over every device; plain on a single device), a spec such as
+      "data=2,fsdp=4", a `jax.sharding.Mesh`, or None (one device). Images are bit-identical whatever the
+      mesh.
+    loras: unmerged LoRAs applied inside the compiled program, [(file or adapter, scale), ...]; a scale is
+      a float or {"unet": a, "text_encoder": b}.
+    vae_tiling: decode the latents in overlapping 512-pixel tiles, as diffusers' `enable_vae_tiling`:
+      bounded memory for large images.
+    """
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    scheduler: Any = None
+    height: int | None = None
+    width: int | None = None
+    num_images_per_prompt: int = 1
+    seed: int | Sequence[int] = 0
+    latents: Any = None
+    image: Any = None
+    strength: float = 0.8
+    mask_image: Any = None
+    guidance_rescale: float = 0.0
+    clip_skip: int | None = None
+    max_steps: int | None = None
+    micro_batch_size: int = 1
+    mesh: Any = "all"
+    loras: Sequence | None = None
+    vae_tiling: bool = False
+
+    def __post_init__(self):
+        steps, per_prompt = int(self.num_inference_steps), int(self.num_images_per_prompt)
+        checks = (
+            (steps >= 1, f"num_inference_steps must be >= 1, got {self.num_inference_steps}"),
+            (per_prompt >= 1, f"num_images_per_prompt must be >= 1, got {self.num_images_per_prompt}"),
+            (0.0 <= float(self.strength) <= 1.0, f"strength must be in [0, 1], got {self.strength}"),
+            (int(self.micro_batch_size) >= 1, f"micro_batch_size must be >= 1, got {self.micro_batch_size}"),
+            (self.mask_image is None or self.image is not None, "mask_image needs an init image (image=...)"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        if self.max_steps is not None and steps > int(self.max_steps):
+            raise ValueError(f"num_inference_steps={steps} is above max_steps={self.max_steps}")
+
+    @classmethod
+    def from_kwargs(cls, options: dict[str, Any]) -> GenerateOptions:
+        """The options of a keyword-argument call, with a one-line error naming an unknown option."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        for name in options:
+            if name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise TypeError(f"generate() got an unknown option {name!r}{hint}; see sdjax.GenerateOptions")
+        return cls(**options)
+
+    @property
+    def steps(self) -> int:
+        return int(self.num_inference_steps)
+
+    @property
+    def padded_steps(self) -> int:
+        """The static step bound of the program (`max_steps`, or the next multiple of 50)."""
+        return default_max_steps(self.steps) if self.max_steps is None else int(self.max_steps)
+
+
+def default_max_steps(num_steps: int) -> int:
+    """The padded table length for a step count: the next multiple of 50, so 1..50 steps share a program."""
+    return 50 * max(1, -(-num_steps // 50))
+
+
+def resolve_mesh(mesh) -> Mesh | None:
+    """A mesh option -> a Mesh or None: "all" is every device on "data" (None on a single device), a
+    string a spec such as "data=2,fsdp=4"."""
+    if isinstance(mesh, str):
+        if mesh == "all":
+            return make_mesh() if jax.device_count() > 1 else None
+        return make_mesh(mesh)
+    return mesh
+
+
+# ---------------------------------------------------------------------------------------------- concerns
+
+
+def _scheduler(pipe, scheduler):
+    """The Scheduler of a request: a name, a Scheduler, or None for the model's own config."""
+    if isinstance(scheduler, str):
+        return schedulers.from_name(scheduler, pipe.scheduler_config)
+    if scheduler is None:
+        return schedulers.from_diffusers_config(pipe.scheduler_config)
+    return scheduler
+
+
+def _prompt_rows(pipe, prompt, negative_prompt, per_prompt: int, min_windows: int):
+    """(prompts per image, ids (B, 2, W*77), weights (B, 2, W*77), W): each image's [negative, positive]
+    prompt tokens, the prompts repeated per_prompt times."""
+    prompts, negatives = prompt_pairs(prompt, negative_prompt)
+    prompts = [p for p in prompts for _ in range(per_prompt)]
+    negatives = [p for p in negatives for _ in range(per_prompt)]
+    ids, weights = tokenize_prompts(pipe.tokenizer, prompts, negatives, min_windows=min_windows)
+    windows = ids.shape[1] // pipe.text_encoder.config.max_position_embeddings
+    ids, weights = (x.reshape(2, len(prompts), -1).swapaxes(0, 1) for x in (ids, weights))
+    return prompts, ids, weights, windows
+
+
+def _images_per_prompt(source, count: int, what: str) -> list:
+    """PIL images from one image (path, PIL image, uint8 (H, W[, C]) array) or a list of them / a uint8
+    (N, H, W, C) array, one per prompt (N = count); all of one size."""
+    if isinstance(source, np.ndarray) and source.ndim == 4:
+        source = list(source)
+    if not isinstance(source, list | tuple):
+        return [image_io.open_image(source, what)]
+    if len(source) not in (1, count):
+        raise ValueError(f"{len(source)} {what}s for {count} prompts: pass one, or one per prompt")
+    opened = [image_io.open_image(item, what) for item in source]
+    sizes = {img.size for img in opened}
+    if len(sizes) > 1:
+        raise ValueError(f"the {what}s have different sizes {sorted(sizes)}: resize them to one size")
+    return opened
+
+
+def _rows_per_image(arrays: list, per_prompt: int, batch: int) -> np.ndarray:
+    """(B, H, W, C) rows from (1, H, W, C) arrays: the one array for every image, or each prompt's array
+    repeated per_prompt times."""
+    if len(arrays) == 1:
+        return np.array(np.broadcast_to(arrays[0], (batch, *arrays[0].shape[1:])))
+    return np.repeat(np.concatenate(arrays), per_prompt, axis=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Canvas:
+    """Size and mode of a request, with its init images and masks as rows."""
+
+    height: int
+    width: int
+    mode: str
+    image: np.ndarray | None = None  # (B, H, W, 3) in [-1, 1]
+    mask: np.ndarray | None = None  # (B, H, W, 1), 1 = repaint
+
+
+def _canvas(pipe, options: GenerateOptions, count: int, batch: int) -> _Canvas:
+    """The image size (the init image's by default, else the model's) and the mode; init images and
+    masks resized to it, one row per image."""
+    factor = pipe.vae_scale_factor
+    height, width = options.height, options.width
+    inits = None
+    if options.image is not None:
+        inits = _images_per_prompt(options.image, count, "init image")
+        if height is None and width is None:
+            width, height = (inits[0].width // factor) * factor, (inits[0].height // factor) * factor
+    sample = (pipe.unet.config.sample_size or 64) * factor
+    height = sample if height is None else int(height)
+    width = sample if width is None else int(width)
+    if height <= 0 or width <= 0 or height % factor or width % factor:
+        raise ValueError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
+    kept = int(options.steps * float(options.strength))
+    if inits is None:
+        if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
+            raise ValueError(
+                f"this UNet takes {pipe.unet.config.in_channels} input channels (an inpainting model): "
+                "pass image and mask_image"
+            )
+        return _Canvas(height, width, "txt2img")
+    if kept < 1:
+        raise ValueError(f"strength {options.strength} leaves no denoising step out of {options.steps}; raise it")
+    per_prompt = int(options.num_images_per_prompt)
+    image = _rows_per_image([image_io.image_to_array(img, height, width) for img in inits], per_prompt, batch)
+    if options.mask_image is None:
+        if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
+            raise ValueError(
+                f"this UNet takes {pipe.unet.config.in_channels} input channels (an inpainting model): "
+                "pass image and mask_image"
+            )
+        return _Canvas(height, width, "img2img", image)
+    masks = _images_per_prompt(options.mask_image, count, "mask")
+    if masks[0].size != inits[0].size:
+        got, want = f"{masks[0].width}x{masks[0].height}", f"{inits[0].width}x{inits[0].height}"
+        raise ValueError(f"mask is {got} but the init image is {want}")
+    mask = _rows_per_image([image_io.mask_to_array(m, height, width) for m in masks], per_prompt, batch)
+    return _Canvas(height, width, "inpaint", image, mask)
+
+
+def _noise_rows(pipe, latents, batch: int, canvas: _Canvas) -> np.ndarray | None:
+    """The caller's initial noise (B, h, w, C) float32, shape-checked, or None."""
+    if latents is None:
+        return None
+    factor = pipe.vae_scale_factor
+    shape = (batch, canvas.height // factor, canvas.width // factor, pipe.vae.config.latent_channels)
+    noise = np.asarray(latents, np.float32)
+    if noise.shape != shape:
+        raise ValueError(f"latents must have shape {shape} (NHWC), got {noise.shape}")
+    return noise
+
+
+def _seed_rows(seed, batch: int) -> np.ndarray:
+    """uint32 (B,) seeds: seed + k for image k, or the given one per image."""
+    if isinstance(seed, int | np.integer):
+        seeds = np.arange(batch, dtype=np.int64) + int(seed)
+    else:
+        seeds = np.asarray(seed, np.int64)
+        if seeds.shape != (batch,):
+            raise ValueError(f"{len(seeds)} seeds for {batch} images")
+    return (seeds % 2**32).astype(np.uint32)
+
+
+def _row_count(batch: int, pad_to: int | None, mesh: Mesh | None) -> int:
+    """This process's rows: at least `pad_to`, a multiple of its devices on a mesh."""
+    rows = max(batch, int(pad_to or 0))
+    if mesh is not None:  # every device of this process gets the same number of rows
+        devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+        rows = -(-rows // devices) * devices
+    return rows
+
+
+def _pad_rows(rows: dict[str, np.ndarray | None], count: int) -> dict[str, np.ndarray | None]:
+    """Per-image arrays padded to `count` rows with copies of the last row (None stays None)."""
+
+    def padded(x):
+        pad = count - x.shape[0]
+        return x if pad == 0 else np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+
+    return {k: None if v is None else padded(v) for k, v in rows.items()}
+
+
+def _adapters(pipe, loras):
+    """[(LoRA file or adapter pytree, scale), ...] -> (adapters, {"unet": (n,), "text_encoder": (n,)});
+    a scale is a float or {"unet": a, "text_encoder": b}."""
+    if not loras:
+        return None, None
+    adapters, scales = [], {"unet": [], "text_encoder": []}
+    for entry in loras:
+        if not isinstance(entry, tuple | list) or len(entry) != 2:
+            raise ValueError("loras must be a list of (LoRA file or adapter, scale) pairs")
+        source, scale = entry
+        adapters.append(source if isinstance(source, dict) else lora_adapter(pipe, source))
+        for part in scales:
+            scales[part].append(float(scale[part] if isinstance(scale, dict) else scale))
+    adapters = tuple(jax.tree.map(np.asarray, a) for a in adapters)
+    return adapters, {part: np.asarray(values, np.float32) for part, values in scales.items()}
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+
+
+def prepare(
+    pipe, prompt, negative_prompt=None, *, pad_to: int | None = None, min_windows: int = 1, **options
+) -> tuple[Plan, Inputs]:
+    """Validates a generation request and turns it into (static plan, this process's inputs as numpy
+    arrays: `sdjax.generate.place_inputs` makes them global). `options` are `GenerateOptions`' fields.
+
+    `pad_to` >= B pads the per-image inputs to that many rows, not drawn (`Inputs.valid`): a short last
+    batch of a job then reuses the full batch's compiled program without drawing extra images. With a
+    mesh, the rows are padded to a multiple of this process's devices, and `plan.batch` counts the rows
+    of all processes (each passes the same number).
+    `min_windows` pads the prompts to at least that many 77-token windows (a job whose prompts have
+    different lengths then compiles once).
+    """
+    opts = GenerateOptions.from_kwargs(options)
+    per_prompt = int(opts.num_images_per_prompt)
+    prompts, ids, weights, windows = _prompt_rows(pipe, prompt, negative_prompt, per_prompt, min_windows)
+    batch, count = len(prompts), len(prompts) // per_prompt
+    scheduler = _scheduler(pipe, opts.scheduler)
+    canvas = _canvas(pipe, opts, count, batch)
+    mesh = resolve_mesh(opts.mesh)
+    rows = _row_count(batch, pad_to, mesh)
+    per_image = {
+        "ids": ids,
+        "weights": weights,
+        "seeds": _seed_rows(opts.seed, batch),
+        "valid": np.ones(batch, bool),
+        "noise": _noise_rows(pipe, opts.latents, batch, canvas),
+        "image": canvas.image,
+        "mask": canvas.mask,
+    }
+    per_image = _pad_rows(per_image, rows)
+    per_image["valid"][batch:] = False
+    plan = Plan(
+        scheduler=scheduler,
+        batch=rows * (1 if mesh is None else jax.process_count()),
+        height=canvas.height,
+        width=canvas.width,
+        windows=windows,
+        max_steps=opts.padded_steps,
+        mode=canvas.mode,
+        clip_skip=None if opts.clip_skip is None else int(opts.clip_skip),
+        noise_given=opts.latents is not None,
+        micro_batch=min(int(opts.micro_batch_size), rows),
+        vae_tiling=bool(opts.vae_tiling),
+        mesh=mesh,
+    )
+    adapters, adapter_scales = _adapters(pipe, opts.loras)
+    inputs = Inputs(
+        **per_image,
+        adapters=adapters,
+        adapter_scales=adapter_scales,
+        guidance=np.float32(opts.guidance_scale),
+        guidance_rescale=np.float32(opts.guidance_rescale),
+        num_steps=np.int32(opts.steps),
+        strength=np.float32(opts.strength),
+    )
+    return plan, inputs
+
+
+__all__ = ["GenerateOptions", "default_max_steps", "prepare", "resolve_mesh"]
