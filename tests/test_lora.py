@@ -38,9 +38,6 @@ from sdjax.convert.diffusers_folder import TEXT_ENCODER, UNET, keymap_for
 from sdjax.convert.keymap import params_to_torch
 from sdjax.convert.safetensors_io import SafetensorsFile, save_safetensors
 
-pytestmark = pytest.mark.xdist_group(name="lora")  # its module fixtures are built once, on one worker
-
-
 TOL = 1e-5
 SCALE = 0.7
 
