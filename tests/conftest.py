@@ -7,10 +7,10 @@ through SDJAX_CACHE_DIR, removed at the end): the tiny test models have the same
 files, so many programs are compiled once per run instead of once per process. Tests of the cache itself
 pass their own directory.
 
-XLA compile time dominates this suite (a tiny pipeline's program takes ~15 s to compile on 2 cores, ~7 s at
-LLVM optimisation level 0, while it runs in a fraction of a second), so tests compile with XLA's backend
-optimisation level 0 (`--xla_backend_optimization_level=0`, which also reaches the subprocesses the
-tests start). Parity tolerances and bit-identity checks are unaffected: run with `SDJAX_TEST_XLA_OPT=full`
+XLA compile time dominates this suite (a tiny pipeline's program compiles for far longer than it runs, and
+much faster at LLVM optimisation level 0: README.md, "Tests"), so tests compile with XLA's backend
+optimisation level 0 (`--xla_backend_optimization_level=0`, which also reaches the subprocesses the tests
+start). Parity tolerances and bit-identity checks are unaffected: run with `SDJAX_TEST_XLA_OPT=full`
 to test under the default optimisation instead (as `make test-slow` does).
 """
 
