@@ -30,8 +30,9 @@ PROMPT ?= an emoji of red apple
 sample: install
 	$(BIN)/python sample.py "$(PROMPT)" $(if $(MODEL),--model "$(MODEL)") --out outputs $(ARGS)
 
-# Rebuilds the bundled demo model (sdjax/data/demo) on this machine's CPU, about 1.5 hours (88 min on 2026-12-03; remove runs/ first: runs resume):
-# the emoji data set (needs Debian's fonts-noto-color-emoji), the VAE, then the UNet and text encoder.
+# Rebuilds the bundled demo model (sdjax/data/demo) on this machine's CPU: the emoji data set (needs Debian's
+# fonts-noto-color-emoji), the VAE, then the UNet and text encoder. How long each step takes: README.md, "The
+# bundled demo model". Remove runs/ first: runs resume from their checkpoints.
 demo-model: install-test
 	$(BIN)/pip install -q -e '.[train]'
 	$(BIN)/python -m train.emoji_data --out data/emoji --thumbnails tests/data/emoji_32.npz
@@ -45,8 +46,8 @@ lint: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-# One pytest process per test file, two at a time (one per core), heaviest files first; a summary table
-# of seconds per file at the end. One file: $(BIN)/pytest tests/test_x.py
+# One pytest process per test file, two at a time (one per core), the slowest files of the last run first;
+# a summary table of seconds per file at the end. One file: $(BIN)/pytest tests/test_x.py
 test: lint
 	$(BIN)/python tests/run_suite.py --jobs 2 -- --durations=5
 
@@ -58,4 +59,4 @@ format: install-test
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache tests/.durations.json

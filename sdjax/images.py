@@ -66,12 +66,6 @@ def mask_to_array(mask: Image.Image, height: int, width: int) -> np.ndarray:
     return (values >= 0.5).astype(np.float32)[None, :, :, None]
 
 
-def to_uint8(images_BHWC) -> np.ndarray:
-    """Decoder output in [-1, 1] -> uint8 (B, H, W, 3), rounded as diffusers' `numpy_to_pil`."""
-    images = np.clip(np.asarray(images_BHWC, np.float32) / 2 + 0.5, 0.0, 1.0)
-    return (images * 255).round().astype(np.uint8)
-
-
 def a1111_parameters(
     prompt: str,
     negative_prompt: str,

@@ -2,11 +2,10 @@
 
 XLA:CPU compiles with LLVM and reads weights through many medium-sized buffers, all from malloc. glibc
 keeps freed memory in its arenas (one per thread that allocated), so the resident set keeps what a compile
-or a load once needed: +0.4 GiB after compiling SD 1.5's UNet, +0.1 GiB after loading it, and the peaks of
-later phases stack on top. `release_free_memory` (glibc's `malloc_trim(0)`) returns the free pages of every
-arena; sdjax calls it after loading a model, after compiling a generation program and after each
-generation call. Measured on SD 1.5 at 512x512 (one process: load, component programs, the whole image):
-peak RSS 5.8 -> 5.4 GiB. A no-op where the C library is not glibc.
+or a load once needed, and the peaks of later phases stack on top. `release_free_memory` (glibc's
+`malloc_trim(0)`) returns the free pages of every arena; sdjax calls it after loading a model, after
+compiling a generation program and after each generation call (what it saves on SD 1.5: README.md,
+"Memory"). A no-op where the C library is not glibc.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ def _malloc_trim():
 
 
 def release_free_memory() -> None:
-    """Returns the free memory of the C heap to the OS (glibc `malloc_trim(0)`; a few ms)."""
+    """Returns the free memory of the C heap to the OS (glibc `malloc_trim(0)`; cheap next to a compile)."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

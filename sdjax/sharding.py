@@ -69,11 +69,6 @@ def make_mesh(spec: str | None = None, devices: Sequence[jax.Device] | None = No
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 
 
-def batch_size_per_step(mesh: Mesh) -> int:
-    """Devices a batch is split over (the global batch must be a multiple of it)."""
-    return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
-
-
 def batch_spec(ndim: int) -> PartitionSpec:
     """Leading axis over the batch axes, the rest whole."""
     return PartitionSpec(BATCH_AXES, *([None] * (ndim - 1)))

@@ -3,10 +3,8 @@ a user's other JAX programs are untouched).
 
 XLA:CPU (jaxlib 0.10) hands dots, convolutions and also reductions and elementwise fusions to YNNPACK by
 default. For SD's UNet the reductions (GroupNorm statistics, softmax sums) run faster in XLA's own
-emitters: restricting YNNPACK to dots and convolutions took the SD 1.5 UNet CFG step at 512x512 on 2 Zen4
-cores from 12.9 s to 9.2 s (float32, same numbers to 1e-6). Convolutions, too, run faster in XLA's own
-(Eigen) kernels: YNNPACK for dots only took the step from 12.0-12.5 s to 10.4-10.8 s at 512x512 and from
-2.49-2.57 s to 2.33-2.36 s at 256x256 (2026-12-02, with glibc huge pages; same output to 1e-6).
+emitters, and the convolutions in XLA's own (Eigen) kernels, so YNNPACK gets the dots only: measured
+faster on XLA:CPU at the same output to 1e-6 (the step times: README.md, "Benchmark against PyTorch").
 """
 
 from __future__ import annotations

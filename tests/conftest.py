@@ -2,14 +2,15 @@
 importable as `reference`, and fast compiles.
 
 Compiled programs are shared through a persistent compilation cache private to the test run (a temporary
-directory that every pytest-xdist worker and every subprocess a test starts uses through SDJAX_CACHE_DIR,
-removed at the end): the tiny test models have the same architecture across test files, so many programs
-are compiled once per run instead of once per process. Tests of the cache itself pass their own directory.
+directory that every subprocess a test starts, and every pytest process of tests/run_suite.py, uses
+through SDJAX_CACHE_DIR, removed at the end): the tiny test models have the same architecture across test
+files, so many programs are compiled once per run instead of once per process. Tests of the cache itself
+pass their own directory.
 
-XLA compile time dominates this suite (a tiny pipeline's program takes ~15 s to compile on 2 cores, ~7 s at
-LLVM optimisation level 0, while it runs in a fraction of a second), so tests compile with XLA's backend
-optimisation level 0 (`--xla_backend_optimization_level=0`, which also reaches the subprocesses the
-tests start). Parity tolerances and bit-identity checks are unaffected: run with `SDJAX_TEST_XLA_OPT=full`
+XLA compile time dominates this suite (a tiny pipeline's program compiles for far longer than it runs, and
+much faster at LLVM optimisation level 0: README.md, "Tests"), so tests compile with XLA's backend
+optimisation level 0 (`--xla_backend_optimization_level=0`, which also reaches the subprocesses the tests
+start). Parity tolerances and bit-identity checks are unaffected: run with `SDJAX_TEST_XLA_OPT=full`
 to test under the default optimisation instead (as `make test-slow` does).
 """
 
@@ -24,7 +25,7 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The first process (pytest itself, or the xdist controller) makes the directory; workers inherit it.
+# The first process (pytest itself, or tests/run_suite.py) makes the directory; the processes it starts inherit it.
 _OWNS_CACHE = "SDJAX_TEST_SESSION_CACHE" not in os.environ
 if _OWNS_CACHE:
     os.environ["SDJAX_TEST_SESSION_CACHE"] = tempfile.mkdtemp(prefix="sdjax-test-xla-")
@@ -50,5 +51,5 @@ def _release_compiled_programs():
 
 
 def pytest_sessionfinish(session, exitstatus):
-    if _OWNS_CACHE and not os.environ.get("PYTEST_XDIST_WORKER"):
+    if _OWNS_CACHE:
         shutil.rmtree(os.environ["SDJAX_TEST_SESSION_CACHE"], ignore_errors=True)

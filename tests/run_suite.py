@@ -1,10 +1,13 @@
 """Runs the test suite one file per pytest process, `--jobs` files at a time (the Makefile's `make test`).
 
 A fresh process per file keeps a long run from accumulating compiled XLA programs (a single long-lived
-process crashed in XLA after ~900 compiles), and files run heaviest first so two jobs end together. All
-processes share one persistent compilation cache (SDJAX_TEST_SESSION_CACHE), removed at the end. Each
-file's output is printed when it ends, then a table of files, outcomes and seconds; the exit status is
-non-zero if any file failed.
+process crashed in XLA, see the README's "Tests"), and files run heaviest first so that two jobs end
+together. "Heaviest" is what the last run took: each run records its seconds per file in the git-ignored
+tests/.durations.json, one table per set of pytest arguments (so `-m slow` timings do not order the
+default run). Files without a recorded time run first, the largest first: file size stands in for time
+(a fresh clone has no timings). All processes share one persistent compilation cache
+(SDJAX_TEST_SESSION_CACHE), removed at the end. Each file's output is printed when it ends, then a table
+of files, outcomes and seconds; the exit status is non-zero if any file failed.
 
     python tests/run_suite.py [--jobs 2] [FILES ...] [-- PYTEST ARGS]
 """
@@ -12,6 +15,7 @@ non-zero if any file failed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -22,20 +26,47 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
-# Seconds each file took in the last measured default run (2 jobs, 676 s in all on 2026-12-02); files not
-# listed count as 30 s.
-MEASURED_SECONDS = {
-    "test_generate.py": 325,
-    "test_train.py": 320,
-    "test_demo.py": 125,
-    "test_schedulers.py": 100,
-    "test_sharding.py": 100,
-    "test_models.py": 85,
-    "test_sample.py": 70,
-    "test_single_file.py": 55,
-    "test_bench.py": 40,
-    "test_lora.py": 35,
-}
+DURATIONS = TESTS / ".durations.json"
+
+
+def _read_durations(path: Path) -> dict:
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def last_seconds(path: Path, key: str) -> dict[str, float]:
+    """Seconds per test file name recorded in `path` for the pytest arguments `key`; {} when there are none
+    (no file yet, an unreadable one, or other arguments)."""
+    entry = _read_durations(path).get(key)
+    if not isinstance(entry, dict):
+        return {}
+    return {name: float(s) for name, s in entry.items() if isinstance(s, int | float)}
+
+
+def record_seconds(path: Path, key: str, seconds: dict[str, float]) -> None:
+    """Merges `seconds` (per file name) into the table of `key` in `path`; files not run keep their time."""
+    table = _read_durations(path)
+    table[key] = {**last_seconds(path, key), **{name: round(s, 1) for name, s in seconds.items()}}
+    partial = path.with_name(path.name + ".tmp")
+    try:
+        partial.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+        os.replace(partial, path)  # a run killed while writing leaves the previous table
+    except OSError as e:
+        print(f"timings not recorded: {e}", file=sys.stderr)
+
+
+def order(files: list[Path], seconds: dict[str, float]) -> list[Path]:
+    """`files` heaviest first: those without a time in `seconds` (file name -> seconds) first, largest file
+    first, then the timed ones, longest first."""
+
+    def key(f: Path):
+        size = f.stat().st_size if f.is_file() else 0  # a missing file is pytest's to report
+        return (f.name in seconds, -seconds.get(f.name, 0.0), -size, f.name)
+
+    return sorted(files, key=key)
 
 
 def run_file(path: Path, pytest_args: list[str], env: dict) -> tuple[Path, int, float, str]:
@@ -54,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("files", nargs="*", help="test files (default: every tests/test_*.py)")
     args = p.parse_args(ours)
     files = [Path(f).resolve() for f in args.files] or sorted(TESTS.glob("test_*.py"))
-    files.sort(key=lambda f: -MEASURED_SECONDS.get(f.name, 30))
+    key = " ".join(pytest_args)
+    files = order(files, last_seconds(DURATIONS, key))
 
     cache = tempfile.mkdtemp(prefix="sdjax-test-xla-")
     env = {**os.environ, "SDJAX_TEST_SESSION_CACHE": cache, "HF_HUB_OFFLINE": "1"}
@@ -69,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"==== {path.name} ({seconds:.0f} s) ====\n{output.rstrip()}", flush=True)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
+        record_seconds(DURATIONS, key, {path.name: seconds for path, _, seconds in results})
     # pytest exit code 5: nothing collected (e.g. every test of the file deselected by -m).
     failed = [p.name for p, code, _ in results if code not in (0, 5)]
     print("\n==== summary ====")

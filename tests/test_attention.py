@@ -5,13 +5,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 import torch
 from reference import rel_l2
 
 from sdjax.nn.attention import dot_product_attention
-
-pytestmark = pytest.mark.xdist_group(name="attention")  # its module fixtures are built once, on one worker
 
 
 def _qkv(b, q, k, h, d, seed=0):

@@ -8,12 +8,9 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from sdjax.bench.models import random_pipeline
-
-pytestmark = pytest.mark.xdist_group(name="bench")  # its module fixtures are built once, on one worker
 
 
 def test_bench_tiny_against_torch(tmp_path):

@@ -26,11 +26,9 @@ from train.demo_eval import (
     retrieval_ranks,
 )
 
-# The shipped model (5,000 UNet steps at batch 32, stage 2 drawing the colour-named emoji 4x as often; ~85
-# min on 2026-12-03) passes all three at these seeds: hearts 5/6 (33 of 48 over seeds 0-7), retrieval 7/20
-# (but only 8 of 40 other captions: the retrieval figure is near its threshold). The model before it drew
-# 3/6 hearts, 6/20. `python -m train.demo_eval` prints these figures, and the hearts over 8 seeds, for any
-# model folder.
+# The shipped model passes all three at these seeds, retrieval near its threshold (its figures and those of
+# the models before it: README.md, "The bundled demo model"). `python -m train.demo_eval` prints these
+# figures, and the hearts over 8 seeds, for any model folder.
 
 
 @pytest.fixture(scope="module")

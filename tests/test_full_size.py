@@ -1,7 +1,7 @@
 """The exact SD 1.5 and SD 2.1 architectures (shipped configs, random weights) against diffusers/transformers.
 
-Slow (minutes, ~15 GB of RAM): run with `make test-slow` or `pytest -m slow -s`. Prints the parity errors,
-the load time and the peak RSS of loading the UNet alone in a fresh process.
+Slow and memory-hungry (README.md, "Tests"): run with `make test-slow` or `pytest -m slow -s`. Prints the
+parity errors, the load time and the peak RSS of loading the UNet alone in a fresh process.
 """
 
 from __future__ import annotations

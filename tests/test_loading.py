@@ -16,9 +16,6 @@ import sdjax
 from sdjax.convert.keymap import ConversionError
 from sdjax.convert.tensor_files import SafetensorsError, SafetensorsFile, save_safetensors
 
-pytestmark = pytest.mark.xdist_group(name="loading")  # its module fixtures are built once, on one worker
-
-
 VAE = dict(
     block_out_channels=[16, 32],
     layers_per_block=1,

@@ -40,9 +40,6 @@ from sdjax.convert.tensor_files import SafetensorsFile, save_safetensors
 from sdjax.nn.lora import apply_adapters
 from sdjax.prompts import LoraTag, parse_lora_tags
 
-pytestmark = pytest.mark.xdist_group(name="lora")  # its module fixtures are built once, on one worker
-
-
 TOL = 1e-5
 SCALE = 0.7
 

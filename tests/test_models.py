@@ -18,9 +18,6 @@ from reference import build_text_encoder, build_unet, build_vae, nchw, nhwc, rel
 
 import sdjax
 
-pytestmark = pytest.mark.xdist_group(name="models")  # its module fixtures are built once, on one worker
-
-
 TOL = 1e-5
 
 UNET_CONFIGS = {

@@ -26,9 +26,6 @@ from reference import (
 
 import sdjax
 
-pytestmark = pytest.mark.xdist_group(name="sample")  # its module fixtures are built once, on one worker
-
-
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -20,9 +20,6 @@ from reference import TINY_CLIP, TINY_UNET, TINY_VAE, build_text_encoder, build_
 import sdjax
 from sdjax import sharding
 
-pytestmark = pytest.mark.xdist_group(name="sharding")  # its module fixtures are built once, on one worker
-
-
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (1, 3, 8)
 PROMPTS = ["a red apple", "a (blue:1.2) car", "a green tree", "a yellow boat"]

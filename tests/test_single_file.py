@@ -43,9 +43,6 @@ from sdjax.nn.config_utils import read_json
 from sdjax.nn.unet import UNet2DConditionModel, UNetConfig
 from sdjax.nn.vae import AutoencoderKL, VAEConfig
 
-pytestmark = pytest.mark.xdist_group(name="single_file")  # its module fixtures are built once, on one worker
-
-
 TOL = 1e-5
 
 # Two levels and one layer per block keep compilation short. SD 1 puts the upsampler after a plain level

@@ -29,9 +29,6 @@ from sdjax.convert import textual_inversion as ti
 from sdjax.convert.tensor_files import save_safetensors
 from sdjax.prompts import tokenize_prompt
 
-pytestmark = pytest.mark.xdist_group(name="textual_inversion")  # its module fixtures are built once, on one worker
-
-
 TOL = 1e-5
 WIDTH = 32
 PROMPTS = [

@@ -147,10 +147,6 @@ def run_args(config: str, base: Path, data: Path, out: Path, *extra: str) -> lis
     ]
 
 
-FULL = pytest.mark.xdist_group(name="train_full")  # tests sharing a module fixture run on one worker
-EIGHT = pytest.mark.xdist_group(name="train_eight")
-
-
 # ---------------------------------------------------------------------------------------------- config + data
 
 
@@ -290,7 +286,6 @@ def full_run(tmp_path_factory, base, squares):
     return out
 
 
-@FULL
 def test_overfitting_four_images_halves_the_loss(full_run):
     values = losses(full_run)
     assert len(values) == 60
@@ -302,7 +297,6 @@ def test_overfitting_four_images_halves_the_loss(full_run):
     assert (full_run / "samples" / "step-000060-0.png").is_file()
 
 
-@FULL
 def test_full_export_loads_in_diffusers_and_sdjax(full_run, base):
     import torch
     from diffusers import UNet2DConditionModel
@@ -350,7 +344,6 @@ def eight_devices(tmp_path_factory, base, squares):
     return out
 
 
-@EIGHT
 def test_eight_devices_with_fsdp_match_one_device(tmp_path, base, squares, eight_devices):
     one = tmp_path / "one"
     run(parse(list(_run_args(base, squares, one))))
@@ -372,7 +365,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@EIGHT
 def test_two_processes_match_one_process_with_eight_devices(tmp_path, base, squares, eight_devices):
     out = tmp_path / "two"
     port = _free_port()

@@ -54,10 +54,6 @@ class Checkpoints:
         )
         return restored["state"], dict(restored["meta"])
 
-    def wait(self) -> None:
-        """Blocks until the background writes are finished."""
-        self.manager.wait_until_finished()
-
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()

@@ -60,8 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _run_worker(framework: str, job: Job) -> dict:
-    # Both frameworks' workers get glibc's transparent huge pages for large allocations (fewer page faults
-    # on XLA's per-call buffers: a 268 MB elementwise op 114 -> 26 ms; PyTorch's step is unchanged by it).
+    # Both frameworks' workers get glibc's transparent huge pages for large allocations: fewer page faults
+    # on XLA's per-call buffers (the gain: README.md, "Benchmark against PyTorch"); PyTorch's step is
+    # unchanged by it.
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
     argv = [sys.executable, "-m", "sdjax.bench", "--worker", framework, "--job", json.dumps(asdict(job))]

@@ -123,7 +123,7 @@ def run_jax(job: Job) -> dict:
     programs["image"] = compile_generate(shapes, plan, inputs, params=shapes.params)
     out["image_compile_s"] = time.perf_counter() - start
     del text_fn, step_fn, decode_fn
-    jax.clear_caches()  # the tracing caches of the programs above (~0.15 GiB); the executables stay valid
+    jax.clear_caches()  # the tracing caches of the programs above; the executables stay valid
     release_free_memory()
 
     start = time.perf_counter()
