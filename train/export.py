@@ -15,7 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from sdjax.convert.safetensors_io import save_safetensors
+from sdjax.convert.tensor_files import save_safetensors
 from train.model import TEXT_LORA_TARGETS, Setup, trained_pipeline
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
