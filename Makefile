@@ -45,6 +45,7 @@ demo-model: install-test
 lint: install-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python tests/test_architecture.py
 
 # One pytest process per test file, two at a time (one per core), the slowest files of the last run first;
 # a summary table of seconds per file at the end. One file: $(BIN)/pytest tests/test_x.py

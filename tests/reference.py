@@ -16,46 +16,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from sdjax import testing  # noqa: E402
 from sdjax.convert.tensor_files import save_safetensors  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1] / "sdjax" / "data" / "models"
+DATA = testing.DATA
 SD15 = DATA / "stable-diffusion-v1-5"
 SD21 = DATA / "stable-diffusion-2-1"
 
 
-# Tiny random models of the SD architecture, shared by the test files (the same shapes reuse compiled ops).
-TINY_UNET = dict(
-    block_out_channels=[32, 64],
-    layers_per_block=1,
-    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-    attention_head_dim=4,
-    cross_attention_dim=32,
-    norm_num_groups=8,
-    sample_size=8,
+# The shared tiny architectures (sdjax.testing); the reference CLIP configs pool at the largest token id
+# (eos_token_id 2, transformers' legacy rule), as diffusers' own tests do.
+TINY_UNET, TINY_VAE, SMALL_UNET, SMALL_VAE = (
+    dict(c) for c in (testing.TINY_UNET, testing.TINY_VAE, testing.SMALL_UNET, testing.SMALL_VAE)
 )
-# The VAE with SD's 8x downscale (4 levels) and a CLIP text encoder, for whole pipelines.
-TINY_VAE = dict(
-    block_out_channels=[8, 8, 16, 16],
-    layers_per_block=1,
-    down_block_types=["DownEncoderBlock2D"] * 4,
-    up_block_types=["UpDecoderBlock2D"] * 4,
-    norm_num_groups=4,
-    sample_size=64,
-)
-TINY_CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, eos_token_id=2)
-# The smaller SD 1.x structure of the checkpoint-format tests (single file, LoRA, textual inversion).
-SMALL_UNET = dict(TINY_UNET, block_out_channels=[16, 32], attention_head_dim=2)
-SMALL_VAE = dict(
-    block_out_channels=[8, 16],
-    layers_per_block=1,
-    down_block_types=["DownEncoderBlock2D"] * 2,
-    up_block_types=["UpDecoderBlock2D"] * 2,
-    norm_num_groups=4,
-    latent_channels=4,
-    sample_size=32,
-)
-SMALL_CLIP = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, eos_token_id=2)
+TINY_CLIP = dict(testing.TINY_CLIP, eos_token_id=2)
+SMALL_CLIP = dict(testing.SMALL_CLIP, eos_token_id=2)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from sdjax.bench.models import random_pipeline
+from sdjax.testing import random_pipeline
 
 
 def test_bench_tiny_against_torch(tmp_path):

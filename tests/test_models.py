@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from reference import build_text_encoder, build_unet, build_vae, nchw, nhwc, rel_l2, save_folder
+from reference import TINY_UNET, build_text_encoder, build_unet, build_vae, nchw, nhwc, rel_l2, save_folder
 
 import sdjax
 
@@ -22,16 +22,7 @@ TOL = 1e-5
 
 UNET_CONFIGS = {
     # SD 1.x style: heads as one int, conv projections, 4 input channels.
-    "sd1": dict(
-        block_out_channels=[32, 64],
-        layers_per_block=1,
-        down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
-        up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
-        attention_head_dim=4,
-        cross_attention_dim=32,
-        norm_num_groups=8,
-        sample_size=16,
-    ),
+    "sd1": dict(TINY_UNET, sample_size=16),
     # SD 2.x style: per-block heads, linear projections, upcast attention, 9-channel inpainting input,
     # no sin/cos flip with a frequency shift, two transformer layers, per-block only_cross_attention.
     "sd2_inpaint": dict(

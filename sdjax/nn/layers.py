@@ -64,22 +64,20 @@ def layer_norm(epsilon: float, dtype, name: str) -> nn.LayerNorm:
 
 
 # 3x3 convolutions on feature maps of at most this many positions run as one matrix product over the nine
-# shifted copies of the input (im2col). XLA:CPU's convolution reaches ~60 GFLOP/s on SD's 8x8 maps and
-# ~150 on 16x16 against ~230 for the product; on 32x32 and larger maps the convolution is faster.
+# shifted copies of the input (im2col): on XLA:CPU the product is faster than the convolution on SD's small
+# maps, the convolution on 32x32 and larger ones (README, "Kernel choices on XLA:CPU").
 IM2COL_MAX_POSITIONS = 256
 # In bfloat16/float16, 3x3 convolutions on maps of up to this many positions run as one product per kernel
 # row (the row's shifted copies side by side): XLA:CPU's convolution computes bf16 at its float32 rate,
-# the bf16 product with float32 accumulation at up to twice that (2 Zen4 cores, batch 2: 32x32x320
-# 163 -> 314 GFLOP/s, 16x16x640 194 -> 366, 128x128x512 at batch 1 195 -> 246; from 256x256 on, the
-# convolution is as fast or faster).
+# the bf16 product with float32 accumulation up to twice as fast; from 256x256 on, the convolution is as
+# fast or faster (README, "Kernel choices on XLA:CPU").
 ROWS_MAX_POSITIONS = 128 * 128
 
 
 def accumulator(dtype) -> jnp.dtype | None:
     """The dtype products of `dtype` operands accumulate and come out in: float32 for bfloat16 and float16
     (as PyTorch's CPU and GPU kernels do), None (the operands' own) otherwise. On CPUs with AVX512-BF16,
-    XLA's bf16 x bf16 -> f32 dot runs at ~390 GFLOP/s on 2 Zen4 cores, against ~170 for bf16 -> bf16
-    (which goes through float32-rate kernels) and ~210 for float32."""
+    XLA's bf16 x bf16 -> f32 dot is the fast one; bf16 -> bf16 goes through float32-rate kernels."""
     return jnp.float32 if jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else None
 
 
@@ -106,12 +104,12 @@ def _conv_nhwc(x_BHWC, kernel_HWIO, stride: int, padding: int) -> jax.Array:
 def conv2d(x_BHWC: jax.Array, kernel_HWIO: jax.Array, stride: int, padding: int) -> jax.Array:
     """A 2-D convolution (NHWC, HWIO, symmetric padding) whose gradients are matrix products.
 
-    XLA:CPU computes the kernel gradient of a convolution about 10x slower than the forward pass, and both
-    gradients another 5-10x slower inside a loop (`lax.scan`, as in gradient accumulation): 3 s instead of
-    0.04 s for one 64x64x32 layer at batch 16. Here the kernel gradient is one product per kernel tap
-    (strided window of the input against the output gradient) and the input gradient a convolution with
-    the flipped kernel (stride 1) or a sum of per-tap products (stride 2): 0.17 s, in a loop or not, equal
-    to XLA's gradients up to float rounding. Half-precision operands accumulate and come out in float32
+    XLA:CPU computes the kernel gradient of a convolution far slower than the forward pass, and both
+    gradients slower again inside a loop (`lax.scan`, as in gradient accumulation; README, "Kernel choices
+    on XLA:CPU"). Here the kernel gradient is one product per kernel tap (strided window of the input
+    against the output gradient) and the input gradient a convolution with the flipped kernel (stride 1)
+    or a sum of per-tap products (stride 2), in a loop or not, equal to XLA's gradients up to float
+    rounding. Half-precision operands accumulate and come out in float32
     (`accumulator`).
     """
     return _conv_nhwc(x_BHWC, kernel_HWIO, stride, padding)
@@ -174,7 +172,7 @@ class Conv2d(nn.Module):
         h, w = x_BHWC.shape[1:3]
         if k == 1 and self.stride == 1 and self.padding == 0 and accumulator(self.dtype) is not None:
             # half precision: the product's fast path (in float32 XLA's convolution needs less temporary
-            # memory: SD 1.5's VAE decode at 512x512 770 MiB against 898 as a product, at the same speed)
+            # memory at the same speed: README, "Kernel choices on XLA:CPU")
             y = matmul(x_BHWC, kernel[0, 0])
         elif k == 3 and self.stride == 1 and self.padding == 1 and _as_products(h * w, self.dtype):
             y = _valid_conv_as_products(jnp.pad(x_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0))), kernel)

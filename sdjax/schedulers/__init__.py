@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sdjax.schedulers._base import Scheduler, SchedulerState
-from sdjax.schedulers._common import PREDICTION_TYPES, NoiseSchedule, add_noise, alphas_cumprod
+from sdjax.schedulers._common import PREDICTION_TYPES, NoiseSchedule, add_noise, alphas_cumprod, velocity
 from sdjax.schedulers._config import build, with_prediction_type
 from sdjax.schedulers.ddim import DDIM
 from sdjax.schedulers.ddpm import DDPM
@@ -105,5 +105,6 @@ __all__ = [
     "alphas_cumprod",
     "from_diffusers_config",
     "from_name",
+    "velocity",
     "with_prediction_type",
 ]

@@ -200,6 +200,12 @@ def pad(values: np.ndarray, length: int, fill: float = 0.0) -> np.ndarray:
     return out
 
 
+def _alpha_bar_like(schedule: NoiseSchedule, timesteps, sample):
+    """alpha_bar at each row's timestep, in sample's dtype, shaped to broadcast against sample (B, 1, ...)."""
+    ac = jnp.asarray(alphas_cumprod(schedule))[jnp.asarray(timesteps)].astype(sample.dtype)
+    return ac.reshape(ac.shape + (1,) * (sample.ndim - ac.ndim))
+
+
 def add_noise(schedule: NoiseSchedule, original, noise, timesteps):
     """Forward diffusion q(x_t | x_0) at integer training timesteps, as diffusers' DDPM/DDIM `add_noise`.
 
@@ -210,6 +216,12 @@ def add_noise(schedule: NoiseSchedule, original, noise, timesteps):
 
     Returns sqrt(alpha_bar_t) * original + sqrt(1 - alpha_bar_t) * noise, in original's dtype.
     """
-    ac = jnp.asarray(alphas_cumprod(schedule))[jnp.asarray(timesteps)].astype(original.dtype)
-    ac = ac.reshape(ac.shape + (1,) * (original.ndim - ac.ndim))
+    ac = _alpha_bar_like(schedule, timesteps, original)
     return ac**0.5 * original + (1 - ac) ** 0.5 * noise
+
+
+def velocity(schedule: NoiseSchedule, original, noise, timesteps):
+    """The v-prediction target at integer training timesteps, as diffusers' `get_velocity`:
+    sqrt(alpha_bar_t) * noise - sqrt(1 - alpha_bar_t) * original, in original's dtype (shapes as `add_noise`)."""
+    ac = _alpha_bar_like(schedule, timesteps, original)
+    return ac**0.5 * noise - (1 - ac) ** 0.5 * original

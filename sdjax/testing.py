@@ -1,0 +1,134 @@
+"""Random-weight models of the real architectures, for tests, benchmarks and quick training runs (no torch).
+
+One home for the shrunk architectures every test file and the tiny runs share (the same shapes reuse
+compiled programs), and for `random_pipeline`: the configs and tokenizers shipped in `sdjax/data/models/`
+with weights drawn by numpy (norm scales near 1, small biases, kernels scaled by 1/sqrt(fan_in) so
+activations stay O(1) through deep stacks; no parameter hides at exactly 0 or 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sdjax.convert.diffusers_folder import MODEL_COMPONENTS, abstract_params
+from sdjax.nn.config_utils import read_json
+from sdjax.pipeline import StableDiffusionPipeline
+from sdjax.tokenizer import CLIPTokenizer
+
+DATA = Path(__file__).resolve().parent / "data" / "models"
+
+# The tiny architecture: SD 1.5's layout shrunk (two levels, 32/64 channels), a VAE with SD's 8x downscale
+# (4 levels of 8/16 channels) and a 2-layer CLIP text encoder of width 32.
+TINY_UNET: Mapping[str, Any] = dict(
+    block_out_channels=[32, 64],
+    layers_per_block=1,
+    down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D"],
+    attention_head_dim=4,
+    cross_attention_dim=32,
+    norm_num_groups=8,
+    sample_size=8,
+)
+TINY_VAE: Mapping[str, Any] = dict(
+    block_out_channels=[8, 8, 16, 16],
+    layers_per_block=1,
+    down_block_types=["DownEncoderBlock2D"] * 4,
+    up_block_types=["UpDecoderBlock2D"] * 4,
+    norm_num_groups=4,
+    sample_size=64,
+)
+TINY_CLIP: Mapping[str, Any] = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+# The smaller SD 1.x structure of the checkpoint-format tests (single file, LoRA, textual inversion).
+SMALL_UNET: Mapping[str, Any] = dict(TINY_UNET, block_out_channels=[16, 32], attention_head_dim=2)
+SMALL_VAE: Mapping[str, Any] = dict(
+    block_out_channels=[8, 16],
+    layers_per_block=1,
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    norm_num_groups=4,
+    latent_channels=4,
+    sample_size=32,
+)
+SMALL_CLIP: Mapping[str, Any] = TINY_CLIP
+
+# Named architectures: a shipped config folder, or the tiny configs (with SD 1.5's tokenizer and scheduler).
+ARCHS = {
+    "sd15": "stable-diffusion-v1-5",
+    "sd21": "stable-diffusion-2-1",
+    "sd21-base": "stable-diffusion-2-1-base",
+    "tiny": "stable-diffusion-v1-5",
+}
+TINY = {"unet": TINY_UNET, "vae": TINY_VAE, "text_encoder": TINY_CLIP}
+
+
+def random_like(tree, seed: int):
+    """Random float32 numpy arrays with the shapes of `tree` (abstract params), drawn by leaf name."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        owner = "/".join(str(getattr(k, "key", k)) for k in path[:-1])
+        shape = leaf.shape
+        if name == "scale" or (name == "weight" and "norm" in owner):
+            return (1.0 + 0.2 * rng.standard_normal(shape)).astype(np.float32)
+        if name == "bias":
+            return (0.1 * rng.standard_normal(shape)).astype(np.float32)
+        if name == "embedding":
+            return (0.5 * rng.standard_normal(shape)).astype(np.float32)
+        fan_in = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        return (rng.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(draw, tree)
+
+
+def random_pipeline(
+    arch: str | Mapping[str, Mapping[str, Any]], seed: int = 0, *, base: str = "stable-diffusion-v1-5"
+) -> StableDiffusionPipeline:
+    """An in-memory float32 pipeline with random weights (component k drawn with seed + k).
+
+    `arch` is a name of ARCHS, or {"unet": config, "vae": config, "text_encoder": config} dicts (diffusers
+    config.json keys); the tokenizer and scheduler config are those of the shipped folder `base`.
+    """
+    if isinstance(arch, str):
+        if arch not in ARCHS:
+            raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+        folder = DATA / ARCHS[arch]
+        if arch == "tiny":
+            raw = {part: dict(config) for part, config in TINY.items()}
+        else:
+            raw = {spec.folder: read_json(folder / spec.folder / "config.json") for spec in MODEL_COMPONENTS}
+        label = arch
+    else:
+        folder, raw, label = DATA / base, {part: dict(config) for part, config in arch.items()}, "random"
+    modules, params = {}, {}
+    for i, spec in enumerate(MODEL_COMPONENTS):
+        module = spec.module_cls(spec.config_cls.from_dict(raw[spec.folder], what=f"{label} {spec.folder}"))
+        modules[spec.folder] = module
+        params[spec.folder] = jax.tree.map(jnp.asarray, random_like(abstract_params(module), seed + i))
+    return StableDiffusionPipeline(
+        **modules,
+        tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
+        scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
+        params=params,
+        dtype=jnp.dtype(jnp.float32),
+    )
+
+
+__all__ = [
+    "ARCHS",
+    "DATA",
+    "SMALL_CLIP",
+    "SMALL_UNET",
+    "SMALL_VAE",
+    "TINY_CLIP",
+    "TINY_UNET",
+    "TINY_VAE",
+    "random_like",
+    "random_pipeline",
+]
