@@ -12,7 +12,7 @@ continues it with plain epochs; its export (fp16) is sdjax/data/demo.
         --output runs/emoji-unet
 """
 
-from train.config import TrainConfig, variant_of
+from train.config import Images, Objective, Optim, Outputs, TrainConfig, variant_of
 
 
 def get_config(variant: str | None = None) -> TrainConfig:
@@ -21,30 +21,29 @@ def get_config(variant: str | None = None) -> TrainConfig:
         model="runs/emoji-vae/final",
         architecture="configs/emoji_demo/architecture",
         scratch=("unet", "text_encoder"),
-        train_text_encoder=True,
-        cache_latents=True,
-        resolution=64,
-        batch_size=32,
-        steps=4000,
-        learning_rate=6e-4,
-        lr_schedule="cosine",
-        warmup_steps=100,
-        weight_decay=0.01,
-        max_grad_norm=1.0,
-        ema_decay=0.995,
-        sampling_weight_power=1.0,
-        caption_dropout=0.1,
         unet_init="identity",
-        min_snr_gamma=5.0,
-        snr_floor=1.0,
-        noise_offset=0.0,
-        checkpoint_every=500,
-        log_every=10,
-        sample_every=1000,
-        sample_prompts=("an emoji of red heart", "an emoji of grinning face", "an emoji of red apple"),
-        sample_steps=20,
-        export_dtype="float16",
+        train_text_encoder=True,
         seed=0,
+        optim=Optim(
+            batch_size=32,
+            steps=4000,
+            learning_rate=6e-4,
+            lr_schedule="cosine",
+            warmup_steps=100,
+            weight_decay=0.01,
+            max_grad_norm=1.0,
+            ema_decay=0.995,
+        ),
+        images=Images(resolution=64, cache_latents=True, sampling_weight_power=1.0, caption_dropout=0.1),
+        objective=Objective(min_snr_gamma=5.0, snr_floor=1.0, noise_offset=0.0),
+        outputs=Outputs(
+            checkpoint_every=500,
+            log_every=10,
+            sample_every=1000,
+            sample_prompts=("an emoji of red heart", "an emoji of grinning face", "an emoji of red apple"),
+            sample_steps=20,
+            export_dtype="float16",
+        ),
     )
     return variant_of(
         config,

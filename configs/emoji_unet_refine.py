@@ -7,15 +7,14 @@ colour-weighted draws of stage 2 here too kept the hearts at 42 of 48 over 8 see
         --output runs/emoji-unet-refine
 """
 
-import dataclasses
 from pathlib import Path
 
 from train.config import TrainConfig, load_config_file, variant_of
 
 
 def get_config(variant: str | None = None) -> TrainConfig:
-    config = dataclasses.replace(
-        load_config_file(str(Path(__file__).with_name("emoji_unet.py"))),
+    # stage 2's config with these changes (flat names: replace routes each to its group)
+    config = load_config_file(str(Path(__file__).with_name("emoji_unet.py"))).replace(
         model="runs/emoji-unet/final",
         scratch=(),
         steps=1000,

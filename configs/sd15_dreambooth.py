@@ -7,26 +7,20 @@ steps, 200 class images drawn by sdjax itself when --class-data has fewer). Set 
     python -m train --config configs/sd15_dreambooth.py:tiny --data DIR --output runs/tiny
 """
 
-from train.config import TrainConfig, variant_of
+from train.config import DreamBooth, Images, Optim, Outputs, TrainConfig, variant_of
 
 
 def get_config(variant: str | None = None) -> TrainConfig:
     config = TrainConfig(
         mode="dreambooth",
-        steps=400,
-        batch_size=1,
-        learning_rate=5e-6,
-        max_grad_norm=1.0,
-        resolution=512,
-        instance_prompt="a photo of sks dog",
-        class_prompt="a photo of dog",
-        num_class_images=200,
-        prior_loss_weight=1.0,
-        class_sample_steps=25,
         dtype="bfloat16",
         remat="full",
-        checkpoint_every=100,
-        sample_prompts=("a photo of sks dog in a bucket",),
+        optim=Optim(steps=400, batch_size=1, learning_rate=5e-6, max_grad_norm=1.0),
+        images=Images(resolution=512, instance_prompt="a photo of sks dog"),
+        dreambooth=DreamBooth(
+            class_prompt="a photo of dog", num_class_images=200, prior_loss_weight=1.0, class_sample_steps=25
+        ),
+        outputs=Outputs(checkpoint_every=100, sample_prompts=("a photo of sks dog in a bucket",)),
     )
     return variant_of(
         config,

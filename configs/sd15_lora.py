@@ -6,27 +6,25 @@ loads in diffusers (`load_lora_weights`), in sample.py (`--lora`) and, as the ko
     python -m train --config configs/sd15_lora.py:tiny --data DIR --output runs/tiny
 """
 
-from train.config import TrainConfig, variant_of
+from train.config import Images, LoRA, Optim, Outputs, TrainConfig, variant_of
 
 
 def get_config(variant: str | None = None) -> TrainConfig:
     config = TrainConfig(
         mode="lora",
-        steps=15000,
-        batch_size=1,
-        grad_accum=4,
-        learning_rate=1e-4,
-        lr_schedule="cosine",
-        warmup_steps=0,
-        max_grad_norm=1.0,
-        lora_rank=4,
-        lora_alpha=4.0,
-        resolution=512,
-        random_flip=True,
         dtype="bfloat16",
         remat="dots",
-        checkpoint_every=500,
-        sample_every=1000,
-        sample_prompts=("a photo of a cat",),
+        optim=Optim(
+            steps=15000,
+            batch_size=1,
+            grad_accum=4,
+            learning_rate=1e-4,
+            lr_schedule="cosine",
+            warmup_steps=0,
+            max_grad_norm=1.0,
+        ),
+        images=Images(resolution=512, random_flip=True),
+        adapter=LoRA(rank=4, alpha=4.0),
+        outputs=Outputs(checkpoint_every=500, sample_every=1000, sample_prompts=("a photo of a cat",)),
     )
     return variant_of(config, variant, "sd15_lora", learning_rate=1e-2)

@@ -8,27 +8,17 @@ in diffusers (`load_textual_inversion`) and in sample.py (`--embedding`).
     python -m train --config configs/sd15_textual_inversion.py:tiny --data DIR --output runs/tiny
 """
 
-from train.config import TrainConfig, variant_of
+from train.config import Images, Optim, Outputs, TextualInversion, TrainConfig, variant_of
 
 
 def get_config(variant: str | None = None) -> TrainConfig:
     config = TrainConfig(
         mode="textual_inversion",
-        steps=3000,
-        batch_size=1,
-        grad_accum=4,
-        learning_rate=2e-3,
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        resolution=512,
-        random_flip=True,
-        placeholder_token="<concept>",
-        initializer_token="toy",
-        instance_prompt="a photo of a <concept>",
-        num_vectors=1,
         dtype="bfloat16",
         remat="full",
-        checkpoint_every=500,
-        sample_prompts=("a photo of a <concept> on a beach",),
+        optim=Optim(steps=3000, batch_size=1, grad_accum=4, learning_rate=2e-3, weight_decay=0.0, max_grad_norm=0.0),
+        images=Images(resolution=512, random_flip=True, instance_prompt="a photo of a <concept>"),
+        inversion=TextualInversion(placeholder_token="<concept>", initializer_token="toy", num_vectors=1),
+        outputs=Outputs(checkpoint_every=500, sample_prompts=("a photo of a <concept> on a beach",)),
     )
     return variant_of(config, variant, "sd15_textual_inversion", learning_rate=5e-2, sample_prompts=())

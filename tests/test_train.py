@@ -3,6 +3,7 @@ killed run resumes bit for bit, and every mode's export loads in sdjax and in di
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -21,7 +22,18 @@ from reference import rel_l2
 import sdjax
 from sdjax.convert.tensor_files import SafetensorsFile
 from train.__main__ import parse
-from train.config import TrainConfig
+from train.config import (
+    FIELDS,
+    DreamBooth,
+    Images,
+    LoRA,
+    Objective,
+    Optim,
+    Outputs,
+    Parallel,
+    TextualInversion,
+    TrainConfig,
+)
 from train.data import DataError, scan_folder
 from train.loop import run
 
@@ -165,15 +177,15 @@ def test_command_line_overrides_a_config_file_and_refuses_unknown_keys():
             "a cat,a dog",
         ]
     )
-    assert (config.mode, config.learning_rate, config.lora_rank) == ("lora", 3e-4, 8)
-    assert config.random_flip is False and config.sample_prompts == ("a cat", "a dog")
+    assert (config.mode, config.optim.learning_rate, config.adapter.rank) == ("lora", 3e-4, 8)
+    assert config.images.random_flip is False and config.outputs.sample_prompts == ("a cat", "a dog")
     assert config.model == "random:tiny"
     with pytest.raises(ValueError, match="unknown option --learning-rat"):
         parse(["--learning-rat", "1"])
     with pytest.raises(ValueError, match="mode must be one of"):
         parse(["--mode", "bogus"])
     for name in ("sd15_full", "sd15_lora", "sd15_dreambooth", "sd15_textual_inversion"):
-        assert parse(["--config", f"configs/{name}.py"]).resolution == 512
+        assert parse(["--config", f"configs/{name}.py"]).images.resolution == 512
         assert parse(["--config", f"configs/{name}.py:tiny"]).model == "random:tiny"
 
 
@@ -192,8 +204,7 @@ def test_data_folders_bad_images_and_missing_captions(tmp_path):
 
 
 def test_sampling_weights_are_read_checked_and_drawn_in_proportion(tmp_path):
-    from train.data import Order
-    from train.loop import _sampling_weights
+    from train.data import Order, _sampling_weights
 
     folder = make_squares(tmp_path / "meta")
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
@@ -202,8 +213,8 @@ def test_sampling_weights_are_read_checked_and_drawn_in_proportion(tmp_path):
     (folder / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     examples = scan_folder(folder)
     assert [e.weight for e in examples] == [1, 1, 2, 4]
-    assert _sampling_weights(TrainConfig(), examples) is None  # power 0: plain permutations
-    weights = _sampling_weights(TrainConfig(sampling_weight_power=0.5), examples)
+    assert _sampling_weights(examples, 0.0) is None  # power 0: plain permutations
+    weights = _sampling_weights(examples, 0.5)
     assert weights == (1, 1, 2**0.5, 2)
 
     plain = Order(4, seed=3)
@@ -218,7 +229,7 @@ def test_sampling_weights_are_read_checked_and_drawn_in_proportion(tmp_path):
     with pytest.raises(DataError, match=r"line 2: weight must be a positive number, got -1"):
         scan_folder(folder)
     with pytest.raises(ValueError, match="sampling_weight_power must be >= 0"):
-        TrainConfig(sampling_weight_power=-1)
+        TrainConfig().replace(sampling_weight_power=-1)
 
 
 def test_emoji_colour_named_designs_get_the_colour_weight():
@@ -588,28 +599,210 @@ def test_config_defaults_are_sane():
     assert config.mode == "full" and config.dtype == "float32" and config.remat == "none"
 
 
+# every field away from its default, written by group (the round-trip test below checks that none is missed)
+EVERY_FIELD_SET = TrainConfig(
+    model="random:tiny",
+    data="data/dogs",
+    output="runs/dogs",
+    mode="dreambooth",
+    architecture="configs/emoji_demo/architecture",
+    scratch=("vae",),
+    unet_init="identity",
+    train_text_encoder=True,
+    dtype="bfloat16",
+    remat="dots_all",
+    seed=5,
+    optim=Optim(
+        steps=7,
+        batch_size=4,
+        grad_accum=2,
+        learning_rate=3e-4,
+        lr_schedule="cosine",
+        warmup_steps=2,
+        adam_b1=0.8,
+        adam_b2=0.99,
+        adam_eps=1e-6,
+        weight_decay=0.0,
+        max_grad_norm=0.5,
+        ema_decay=0.9,
+    ),
+    images=Images(
+        resolution=64,
+        center_crop=False,
+        random_flip=True,
+        skip_bad_images=True,
+        caption_dropout=0.1,
+        sampling_weight_power=0.5,
+        instance_prompt="a photo of sks dog",
+    ),
+    objective=Objective(
+        noise_offset=0.05,
+        min_snr_gamma=5.0,
+        snr_floor=1.0,
+        timestep_bias_strategy="range",
+        timestep_bias_multiplier=2.0,
+        timestep_bias_portion=0.5,
+        timestep_bias_begin=100,
+        timestep_bias_end=200,
+        kl_weight=1e-5,
+    ),
+    adapter=LoRA(rank=8, alpha=16.0, targets=("to_q", "to_v"), text_encoder=True),
+    dreambooth=DreamBooth(
+        class_prompt="a photo of dog",
+        class_data="data/dog_class",
+        num_class_images=8,
+        prior_loss_weight=0.5,
+        class_sample_steps=10,
+        lora=True,
+    ),
+    inversion=TextualInversion(placeholder_token="<x>", initializer_token="toy", num_vectors=2),
+    parallel=Parallel(mesh="data=2,fsdp=4", coordinator="127.0.0.1:1234", num_processes=2, process_id=1),
+    outputs=Outputs(
+        checkpoint_every=5,
+        keep_checkpoints=2,
+        log_every=3,
+        progress=False,
+        sample_every=4,
+        sample_prompts=("a cat", "a dog"),
+        sample_steps=6,
+        sample_seed=9,
+        export_dtype="float16",
+    ),
+)
+
+
+def _flag_text(value) -> str:
+    """A value of `to_json` as a command line writes it."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(value)
+    return str(value)
+
+
+def test_every_flat_name_round_trips_through_the_command_line():
+    """Every flat name (a field of TrainConfig or of one of its groups) is a flag: the flags of a config's
+    values rebuild it, each flag alone changes its own field and nothing else, and --help lists it."""
+    from train.__main__ import _usage
+    from train.config import from_args, load_config_file, to_json
+
+    configs = [EVERY_FIELD_SET] + [load_config_file(str(p)) for p in sorted((ROOT / "configs").glob("*.py"))]
+    default = to_json(TrainConfig())
+    changed = set()
+    for config in configs:
+        flat = to_json(config)
+        assert list(flat) == list(FIELDS)
+        rebuilt = from_args(
+            TrainConfig(), [(name.replace("_", "-"), _flag_text(value)) for name, value in flat.items()]
+        )
+        assert rebuilt == config and to_json(rebuilt) == flat
+        for name, value in flat.items():
+            assert to_json(from_args(TrainConfig(), [(name, _flag_text(value))])) == {**default, name: value}, name
+            if value != default[name]:
+                changed.add(name)
+    assert changed == set(FIELDS), sorted(set(FIELDS) - changed)
+    usage = _usage()
+    assert all(f"--{name.replace('_', '-')} (default" in usage for name in FIELDS)
+    assert "adapter: " in usage and "--lora-rank (default 4)" in usage
+
+
+def test_flat_names_route_to_their_groups():
+    from train.config import Mode, to_json
+
+    config = TrainConfig().replace(
+        learning_rate=1e-4, lora_rank=8, lora=True, mesh="data=2", resolution=64, kl_weight=0.5, seed=3
+    )
+    assert (config.optim.learning_rate, config.adapter.rank, config.dreambooth.lora) == (1e-4, 8, True)
+    assert (config.parallel.mesh, config.images.resolution, config.objective.kl_weight) == ("data=2", 64, 0.5)
+    assert config.seed == 3 and config.optim == dataclasses.replace(Optim(), learning_rate=1e-4)
+    assert (FIELDS["lora_rank"].group, FIELDS["lora_rank"].field) == ("adapter", "rank")
+    # a whole group, with flat changes of it on top
+    both = config.replace(optim=Optim(steps=7), batch_size=2)
+    assert (both.optim.steps, both.optim.batch_size, both.optim.learning_rate) == (7, 2, 1e-5)
+    # choices given as strings become enums, equal to and written as the strings
+    lora = config.replace(mode="lora", lr_schedule="cosine")
+    assert lora.mode is Mode.LORA and lora.mode == "lora" and lora.uses_lora
+    assert (to_json(lora)["mode"], to_json(lora)["lr_schedule"]) == ("lora", "cosine")
+    assert json.loads(json.dumps(to_json(lora)))["mode"] == "lora"
+    with pytest.raises(TypeError, match="no field, group or flat option 'lora_rnk'"):
+        config.replace(lora_rnk=8)
+
+
+@pytest.mark.parametrize(
+    ("group", "changes", "message"),
+    [
+        (Optim, {"steps": 0}, "steps must be >= 1, got 0"),
+        (Optim, {"lr_schedule": "linear"}, "lr_schedule must be one of ('constant', 'cosine'), got 'linear'"),
+        (Optim, {"ema_decay": 1.0}, "ema_decay must be in [0, 1)"),
+        (Images, {"resolution": 60}, "resolution must be a positive multiple of 8"),
+        (Images, {"caption_dropout": 2.0}, "caption_dropout must be in [0, 1]"),
+        (Images, {"cache_latents": True, "center_crop": False}, "cache_latents needs center_crop"),
+        (Objective, {"min_snr_gamma": 1.0, "snr_floor": 2.0}, "snr_floor must not exceed min_snr_gamma"),
+        (Objective, {"timestep_bias_portion": 0.0}, "timestep_bias_portion must be in (0, 1]"),
+        (Objective, {"timestep_bias_begin": 5, "timestep_bias_end": 5}, "timestep_bias_begin must be >= 0 and <"),
+        (LoRA, {"rank": 0}, "lora_rank must be >= 1"),
+        (TextualInversion, {"num_vectors": 0}, "num_vectors must be >= 1"),
+        (Outputs, {"keep_checkpoints": 0}, "keep_checkpoints must be >= 1"),
+        (Outputs, {"export_dtype": "int8"}, "export_dtype must be float32, float16 or bfloat16, got 'int8'"),
+        (TrainConfig, {"remat": "some"}, "remat must be one of ('none', 'full', 'dots', 'dots_all'), got 'some'"),
+        (TrainConfig, {"scratch": ("unet", "clip")}, "scratch takes components of ('unet', 'vae', 'text_encoder')"),
+        (TrainConfig, {"dtype": "float16"}, "dtype must be one of ('float32', 'bfloat16'), got 'float16'"),
+    ],
+    ids=lambda x: x.__name__ if isinstance(x, type) else None,
+)
+def test_each_config_group_checks_its_fields_in_one_line(group, changes, message):
+    from train.config import GROUPS
+
+    with pytest.raises(ValueError) as direct:
+        group(**changes)
+    owner = {cls: name for name, cls in GROUPS.items()}.get(group)
+    flat_names = {o.field: name for name, o in FIELDS.items() if o.group == owner}
+    with pytest.raises(ValueError) as flat:  # the flat names reach the same check
+        TrainConfig().replace(**{flat_names[k]: v for k, v in changes.items()})
+    for err in (direct, flat):
+        assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_a_config_json_from_before_the_groups_still_resumes():
+    """config.json and the checkpoints' meta stay flat: a run's config written before the fields were grouped
+    (tests/data/config_before_groups.json, of configs/sd15_lora.py:tiny) is today's to_json of the same
+    config, passes the resume check, and a changed setting is still refused by its flat name."""
+    from train.checkpoint import STATE_KEYS, check_compatible
+    from train.config import load_config_file, to_json
+
+    old = json.loads((ROOT / "tests" / "data" / "config_before_groups.json").read_text())
+    now = load_config_file(f"{ROOT / 'configs' / 'sd15_lora.py'}:tiny").replace(data=old["data"], output=old["output"])
+    assert json.loads(json.dumps(to_json(now))) == old
+    check_compatible({"config": old}, to_json(now))
+    with pytest.raises(ValueError, match=r"lora_rank: 4 -> 8"):
+        check_compatible({"config": old}, to_json(now.replace(lora_rank=8)))
+    assert set(STATE_KEYS) <= set(FIELDS)
+
+
 def test_timestep_bias_draws_the_chosen_timesteps_as_often_as_asked():
     import jax
 
     from train.objective import sample_timesteps, timestep_weights
 
-    assert timestep_weights(TrainConfig(), 1000) is None
+    assert timestep_weights(Objective(), 1000) is None
     keys = jax.random.split(jax.random.key(0), 20000)
-    later = TrainConfig(timestep_bias_strategy="later", timestep_bias_multiplier=3.0, timestep_bias_portion=0.25)
+    later = Objective(timestep_bias_strategy="later", timestep_bias_multiplier=3.0, timestep_bias_portion=0.25)
     t = np.asarray(sample_timesteps(later, 1000, keys))
     assert t.min() >= 0 and t.max() <= 999
     # the last 250 timesteps weigh 3 x 250 against 750: half of the draws
     assert abs((t >= 750).mean() - 0.5) < 0.02
-    earlier = later.replace(timestep_bias_strategy="earlier")
+    earlier = dataclasses.replace(later, timestep_bias_strategy="earlier")
     assert abs((np.asarray(sample_timesteps(earlier, 1000, keys)) < 250).mean() - 0.5) < 0.02
-    ranged = later.replace(timestep_bias_strategy="range", timestep_bias_begin=100, timestep_bias_end=200)
+    ranged = dataclasses.replace(later, timestep_bias_strategy="range", timestep_bias_begin=100, timestep_bias_end=200)
     # 100 timesteps x 3 against 900: a quarter
     t = np.asarray(sample_timesteps(ranged, 1000, keys))
     assert abs(((t >= 100) & (t < 200)).mean() - 0.25) < 0.02
     with pytest.raises(ValueError, match="beyond the model's 1000"):
-        timestep_weights(ranged.replace(timestep_bias_end=1200), 1000)
+        timestep_weights(dataclasses.replace(ranged, timestep_bias_end=1200), 1000)
     with pytest.raises(ValueError, match="timestep_bias_strategy must be one of"):
-        TrainConfig(timestep_bias_strategy="late")
+        Objective(timestep_bias_strategy="late")
 
 
 def test_snr_weights_clip_the_x0_weight_to_floor_and_gamma():
@@ -629,7 +822,7 @@ def test_snr_weights_clip_the_x0_weight_to_floor_and_gamma():
     assert float(snr_weights(abar, 5.0, "epsilon", 1.0)[-1]) == pytest.approx(1 / float(snr[-1]), rel=1e-5)
     np.testing.assert_allclose(snr_weights(abar, 5.0, "epsilon", 1.0)[:3], snr_weights(abar, 5.0, "epsilon")[:3])
     with pytest.raises(ValueError, match="snr_floor must not exceed"):
-        TrainConfig(min_snr_gamma=1.0, snr_floor=2.0)
+        Objective(min_snr_gamma=1.0, snr_floor=2.0)
 
 
 def test_identity_init_starts_the_noise_prediction_at_its_input():
@@ -662,4 +855,4 @@ def test_every_run_config_loads_with_its_tiny_variant(path):
 
     full, tiny = load_config_file(str(path)), load_config_file(f"{path}:tiny")
     assert isinstance(full, TrainConfig) and isinstance(tiny, TrainConfig)
-    assert tiny.steps < full.steps
+    assert tiny.optim.steps < full.optim.steps

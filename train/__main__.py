@@ -5,8 +5,9 @@
         [--learning-rate LR] [--resolution R] [--mesh data=2,fsdp=4] [--checkpoint-every K] [--seed S]
         [--any-config-key VALUE ...]
 
-Every field of train.config.TrainConfig is an option (underscores or dashes). Running the same command
-again resumes from the latest checkpoint in OUTPUT. Errors print one line on stderr and exit with 2.
+Every field of train.config.TrainConfig and of its groups is an option by its flat name (underscores or
+dashes), listed below by group. Running the same command again resumes from the latest checkpoint in
+OUTPUT. Errors print one line on stderr and exit with 2.
 """
 
 from __future__ import annotations
@@ -14,12 +15,17 @@ from __future__ import annotations
 import logging
 import sys
 
-from train.config import FIELDS, TrainConfig, from_args, load_config_file
+from train.config import FIELDS, GROUPS, TrainConfig, from_args, load_config_file
 
 
 def _usage() -> str:
-    fields = "\n".join(f"  --{name.replace('_', '-')} (default {f.default!r})" for name, f in FIELDS.items())
-    return __doc__ + "\nOptions:\n  --config FILE[:VARIANT]\n" + fields + "\n"
+    sections = {None: ["the run"]}
+    sections.update({name: [f"{name}: {cls.__doc__.splitlines()[0]}"] for name, cls in GROUPS.items()})
+    for name, option in FIELDS.items():
+        choices = f"; {'|'.join(option.choices)}" if option.choices else ""
+        sections[option.group].append(f"  --{name.replace('_', '-')} (default {option.default!r}{choices})")
+    options = "\n\n".join("\n".join(lines) for lines in sections.values())
+    return f"{__doc__}\nOptions:\n  --config FILE[:VARIANT]\n\n{options}\n"
 
 
 def parse(argv: list[str]) -> TrainConfig:
@@ -64,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     from sdjax import sharding
 
     try:
-        sharding.initialize_distributed(config.coordinator, config.num_processes, config.process_id)
+        hosts = config.parallel
+        sharding.initialize_distributed(hosts.coordinator, hosts.num_processes, hosts.process_id)
         from train.loop import run
 
         final = run(config)

@@ -38,22 +38,20 @@ def worker(arch: str, resolution: int, batch: int, steps: int, dtype: str, remat
     from sdjax import sharding
     from sdjax.bench.models import random_pipeline
     from train import model
-    from train.config import TrainConfig
+    from train.config import Images, Optim, TrainConfig
     from train.step import compile_step, init_state, make_optimizer, shardings_of
 
     config = TrainConfig(
         model=f"random:{arch}",
         mode="full",
-        resolution=resolution,
-        batch_size=batch,
         dtype=dtype,
         remat=remat,
-        cache_latents=True,
-        learning_rate=1e-5,
+        optim=Optim(batch_size=batch, learning_rate=1e-5),
+        images=Images(resolution=resolution, cache_latents=True),
     )
     setup = model.make_setup(config, random_pipeline(arch))
     mesh = sharding.make_mesh(None)
-    optimizer = make_optimizer(config)
+    optimizer = make_optimizer(config.optim)
     trainable, frozen = model.split_params(setup, jax.random.key(0))
     key_data = jax.random.key_data(jax.random.key(0))
     init = lambda t: init_state(t, key_data, optimizer=optimizer, ema=False)

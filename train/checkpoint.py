@@ -59,24 +59,28 @@ class Checkpoints:
         self.manager.close()
 
 
+# the settings (flat names of train.config) that shape the train state or the data order
+STATE_KEYS = (
+    "mode",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "lora_rank",
+    "lora_targets",
+    "lora_text_encoder",
+    "num_vectors",
+    "train_text_encoder",
+    "ema_decay",
+    "resolution",
+)
+
+
 def check_compatible(meta: dict, config_json: dict) -> None:
-    """Refuses to resume a checkpoint written by a run with different settings that shape the state or the
-    data order (a clear message instead of a silently different run)."""
+    """Refuses to resume a checkpoint written by a run with different STATE_KEYS settings (a clear message
+    instead of a silently different run). Both configs are flat (`train.config.to_json`), as config.json
+    has always been, so checkpoints written before the config's fields were grouped compare too."""
     saved = meta.get("config", {})
-    keys = (
-        "mode",
-        "batch_size",
-        "grad_accum",
-        "seed",
-        "lora_rank",
-        "lora_targets",
-        "lora_text_encoder",
-        "num_vectors",
-        "train_text_encoder",
-        "ema_decay",
-        "resolution",
-    )
-    changed = [k for k in keys if k in saved and json.dumps(saved[k]) != json.dumps(config_json.get(k))]
+    changed = [k for k in STATE_KEYS if k in saved and json.dumps(saved[k]) != json.dumps(config_json.get(k))]
     if changed:
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {config_json.get(k)!r}" for k in changed)
         raise ValueError(

@@ -1,53 +1,111 @@
-"""The run configuration of `python -m train`: one frozen dataclass, run configs in `configs/*.py`, and
-overrides from the command line.
+"""The run configuration of `python -m train`: a frozen TrainConfig of small groups by concern, run configs in
+`configs/*.py`, and overrides from the command line.
+
+TrainConfig holds what the run itself is (model, data, output, mode, precision, seed) and one frozen group
+per concern: `optim`, `images`, `objective`, `adapter` (LoRA), `dreambooth`, `inversion`, `parallel`,
+`outputs`; each group checks its own fields. Choices are `StrEnum`s, so "lora" and `Mode.LORA` are equal
+and a config may give either.
+
+Every field also has a flat name: its own, or with its group's `FLAG_PREFIX` (LoRA's `rank` is
+`lora_rank`). The flat names are the command-line flags (`--learning-rate 1e-4`, `--lora-rank 8`,
+`--train-text-encoder true`), the keys of `replace` (`config.replace(learning_rate=1e-4)` sets
+`config.optim.learning_rate`) and of the flat config.json a run writes (`to_json`), as before the groups.
 
 A run config is a Python file with `get_config(variant: str | None = None) -> TrainConfig`; `--config
 configs/sd15_lora.py:tiny` passes "tiny" as the variant (a shrunk run on a random tiny model for quick local
-checks, in the manner of big_vision's `runlocal`). Every field can be overridden as `--field value`
-(`--learning-rate 1e-4`, `--lora-rank 8`, `--train-text-encoder true`).
+checks, in the manner of big_vision's `runlocal`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import importlib.util
 import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
-MODES = ("full", "lora", "dreambooth", "textual_inversion", "vae")
-LR_SCHEDULES = ("constant", "cosine")
-DTYPES = ("float32", "bfloat16")
-REMAT = ("none", "full", "dots", "dots_all")
-COMPONENTS = ("unet", "vae", "text_encoder")
-TIMESTEP_BIAS = ("none", "earlier", "later", "range")
-UNET_INITS = ("flax", "identity")
+
+class Mode(enum.StrEnum):
+    FULL = "full"
+    LORA = "lora"
+    DREAMBOOTH = "dreambooth"
+    TEXTUAL_INVERSION = "textual_inversion"
+    VAE = "vae"
+
+
+class LRSchedule(enum.StrEnum):
+    CONSTANT = "constant"
+    COSINE = "cosine"
+
+
+class DType(enum.StrEnum):
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+
+class Remat(enum.StrEnum):
+    NONE = "none"
+    FULL = "full"
+    DOTS = "dots"
+    DOTS_ALL = "dots_all"
+
+
+class Component(enum.StrEnum):
+    UNET = "unet"
+    VAE = "vae"
+    TEXT_ENCODER = "text_encoder"
+
+
+class TimestepBias(enum.StrEnum):
+    NONE = "none"
+    EARLIER = "earlier"
+    LATER = "later"
+    RANGE = "range"
+
+
+class UNetInit(enum.StrEnum):
+    FLAX = "flax"
+    IDENTITY = "identity"
+
+
+EXPORT_DTYPES = (None, "float32", "float16", "bfloat16")
+
+
+def _values(kind: type[enum.StrEnum]) -> tuple[str, ...]:
+    return tuple(member.value for member in kind)
+
+
+def _choose(config, field: str, kind: type[enum.StrEnum]) -> None:
+    """Turns the (string) value of `config.field` into its member of `kind`, or raises the one-line error."""
+    value = getattr(config, field)
+    try:
+        object.__setattr__(config, field, kind(value))
+    except ValueError:
+        raise ValueError(f"{field} must be one of {_values(kind)}, got {value!r}") from None
+
+
+def _check(*checks: tuple[bool, str]) -> None:
+    """Raises ValueError(message) for the first (ok, message) that is not ok."""
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Everything a training run depends on. Units: steps are optimizer updates; `batch_size` is the
-    global number of images per micro-batch (all hosts), so one update sees batch_size * grad_accum
-    images (DreamBooth adds as many class images)."""
+class Optim:
+    """The optimisation: updates, batches, AdamW, the learning-rate schedule, clipping and the EMA.
 
-    # what to train, on what, where
-    model: str | None = None  # diffusers folder or single file; "random:ARCH" (tiny, sd15, ...) for tests
-    data: str | None = None  # image folder (metadata.jsonl or .txt captions)
-    output: str | None = None
-    mode: str = "full"
-    # components ("unet", "vae", "text_encoder") to initialise fresh from the architecture's configs; the
-    # others are loaded from `model` (all are fresh when there is no model)
-    scratch: tuple[str, ...] = ()
-    # how a scratch UNet starts: "flax" (the modules' own initialisers) or "identity" (its noise
-    # prediction starts as its input; see train.model.identity_init)
-    unet_init: str = "flax"
-    # optimisation
+    Steps are optimizer updates; `batch_size` is the global number of images per micro-batch (all hosts),
+    so one update sees batch_size * grad_accum images (DreamBooth adds as many class images)."""
+
     steps: int = 1000
     batch_size: int = 1
     grad_accum: int = 1
     learning_rate: float = 1e-5
-    lr_schedule: str = "constant"  # after warmup: constant, or cosine decay to 0 at `steps`
+    lr_schedule: LRSchedule = LRSchedule.CONSTANT  # after warmup: constant, or cosine decay to 0 at `steps`
     warmup_steps: int = 0
     adam_b1: float = 0.9
     adam_b2: float = 0.999
@@ -55,7 +113,21 @@ class TrainConfig:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0  # 0 disables clipping
     ema_decay: float = 0.0  # 0 disables the EMA of the trained parameters
-    # data
+
+    def __post_init__(self):
+        _choose(self, "lr_schedule", LRSchedule)
+        _check(
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
+            (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Images:
+    """The training images: size, crops, flips, the latent cache, captions and how often each is drawn."""
+
     resolution: int = 512
     center_crop: bool = True  # False: random crops
     random_flip: bool = False
@@ -65,7 +137,24 @@ class TrainConfig:
     # draw images in proportion to metadata.jsonl's "weight" per image raised to this power (1: as given,
     # 0.5: their square roots); 0 (default): every image once per epoch, weights ignored
     sampling_weight_power: float = 0.0
-    # objective
+    instance_prompt: str | None = None  # caption of every image (default: the data set's captions)
+
+    def __post_init__(self):
+        _check(
+            (self.resolution >= 8 and self.resolution % 8 == 0, "resolution must be a positive multiple of 8"),
+            (0.0 <= self.caption_dropout <= 1.0, "caption_dropout must be in [0, 1]"),
+            (self.sampling_weight_power >= 0, "sampling_weight_power must be >= 0"),
+            (
+                not (self.cache_latents and not self.center_crop),
+                "cache_latents needs center_crop (a cached latent cannot be re-cropped)",
+            ),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """The loss: noise, loss weighting and timestep sampling of the diffusion loss; the VAE's KL weight."""
+
     noise_offset: float = 0.0
     min_snr_gamma: float = 0.0  # 0 disables min-SNR weighting (Hang et al. 2023); 5 is the usual value
     # x0-loss weight at least this SNR (truncated SNR, Salimans & Ho 2022: 1): more weight on the noisiest
@@ -73,77 +162,16 @@ class TrainConfig:
     snr_floor: float = 0.0
     # timestep sampling as diffusers' SDXL scripts: "later" draws the noisiest `portion` of the timesteps
     # `multiplier` times as often, "earlier" the least noisy, "range" those in [begin, end)
-    timestep_bias_strategy: str = "none"
+    timestep_bias_strategy: TimestepBias = TimestepBias.NONE
     timestep_bias_multiplier: float = 1.0
     timestep_bias_portion: float = 0.25
     timestep_bias_begin: int = 0
     timestep_bias_end: int = 1000
-    train_text_encoder: bool = False  # full / dreambooth: train the text encoder with the UNet
-    # precision and memory
-    dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
-    remat: str = "none"  # gradient checkpointing of the UNet's blocks: none, full, dots, dots_all
-    # sharding and hosts
-    mesh: str | None = None  # e.g. "data=2,fsdp=4"; default: every device on "data"
-    coordinator: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
-    # checkpoints and logs
-    seed: int = 0
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    log_every: int = 1
-    sample_every: int = 0  # 0: sample images only at the end
-    sample_prompts: tuple[str, ...] = ()
-    sample_steps: int = 20
-    sample_seed: int = 0
-    progress: bool = True
-    export_dtype: str | None = None  # weights of the exported diffusers folder (e.g. float16); default float32
-    # LoRA (mode lora, or dreambooth with lora=True)
-    lora: bool = False
-    lora_rank: int = 4
-    lora_alpha: float = 4.0
-    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    lora_text_encoder: bool = False  # also adapt the text encoder's q/k/v/out projections
-    # DreamBooth
-    instance_prompt: str | None = None  # caption of every instance image (default: the data set's captions)
-    class_prompt: str | None = None
-    class_data: str | None = None  # folder of class images; generated with sdjax when missing or short
-    num_class_images: int = 100
-    prior_loss_weight: float = 1.0
-    class_sample_steps: int = 25
-    # textual inversion
-    placeholder_token: str = "<concept>"
-    initializer_token: str | None = None  # a word whose embedding initialises the new vectors
-    num_vectors: int = 1
-    # VAE training (mode vae)
-    kl_weight: float = 1e-6
-    # the diffusers folder (configs, tokenizer, scheduler; no weights needed) whose architecture `scratch`
-    # components take; default: `model`
-    architecture: str | None = None
+    kl_weight: float = 1e-6  # mode vae: reconstruction MSE + kl_weight * KL
 
     def __post_init__(self):
-        checks = (
-            (self.mode in MODES, f"mode must be one of {MODES}, got {self.mode!r}"),
-            (set(self.scratch) <= set(COMPONENTS), f"scratch takes components of {COMPONENTS}, got {self.scratch}"),
-            (self.unet_init in UNET_INITS, f"unet_init must be one of {UNET_INITS}, got {self.unet_init!r}"),
-            (self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}"),
-            (self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}"),
-            (self.remat in REMAT, f"remat must be one of {REMAT}, got {self.remat!r}"),
-            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
-            (self.resolution >= 8 and self.resolution % 8 == 0, "resolution must be a positive multiple of 8"),
-            (0.0 <= self.caption_dropout <= 1.0, "caption_dropout must be in [0, 1]"),
-            (self.sampling_weight_power >= 0, "sampling_weight_power must be >= 0"),
-            (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
-            (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
-            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
-            (self.lora_rank >= 1, "lora_rank must be >= 1"),
-            (self.num_vectors >= 1, "num_vectors must be >= 1"),
-            (
-                self.timestep_bias_strategy in TIMESTEP_BIAS,
-                f"timestep_bias_strategy must be one of {TIMESTEP_BIAS}, got {self.timestep_bias_strategy!r}",
-            ),
+        _choose(self, "timestep_bias_strategy", TimestepBias)
+        _check(
             (self.min_snr_gamma >= 0 and self.snr_floor >= 0, "min_snr_gamma and snr_floor must be >= 0"),
             (
                 not (self.min_snr_gamma and self.snr_floor > self.min_snr_gamma),
@@ -156,20 +184,141 @@ class TrainConfig:
                 "timestep_bias_begin must be >= 0 and < timestep_bias_end",
             ),
         )
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        if self.export_dtype not in (None, "float32", "float16", "bfloat16"):
-            raise ValueError(f"export_dtype must be float32, float16 or bfloat16, got {self.export_dtype!r}")
-        if self.cache_latents and not self.center_crop:
-            raise ValueError("cache_latents needs center_crop (a cached latent cannot be re-cropped)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+    """The LoRA adapter of mode lora (or dreambooth with lora): rank, alpha, adapted modules; flags lora_*."""
+
+    FLAG_PREFIX: ClassVar[str] = "lora_"
+
+    rank: int = 4
+    alpha: float = 4.0
+    targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet modules adapted, by last name
+    text_encoder: bool = False  # also adapt the text encoder's q/k/v/out projections
+
+    def __post_init__(self):
+        _check((self.rank >= 1, "lora_rank must be >= 1"))
+
+
+@dataclasses.dataclass(frozen=True)
+class DreamBooth:
+    """DreamBooth's prior preservation: the class images and their loss weight; LoRA instead of the UNet."""
+
+    class_prompt: str | None = None
+    class_data: str | None = None  # folder of class images; generated with sdjax when missing or short
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    class_sample_steps: int = 25
+    lora: bool = False  # train a LoRA adapter (`adapter`) instead of the UNet
+
+
+@dataclasses.dataclass(frozen=True)
+class TextualInversion:
+    """Textual inversion: the new token and how its embedding vectors start."""
+
+    placeholder_token: str = "<concept>"
+    initializer_token: str | None = None  # a word whose embedding initialises the new vectors
+    num_vectors: int = 1
+
+    def __post_init__(self):
+        _check((self.num_vectors >= 1, "num_vectors must be >= 1"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+    """Devices and hosts: the mesh and the multi-host rendezvous (as sample.py's flags)."""
+
+    mesh: str | None = None  # e.g. "data=2,fsdp=4"; default: every device on "data"
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Outputs:
+    """What the run writes besides the weights: checkpoints, metrics, progress, samples, the export dtype."""
+
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 1
+    progress: bool = True
+    sample_every: int = 0  # 0: sample images only at the end
+    sample_prompts: tuple[str, ...] = ()
+    sample_steps: int = 20
+    sample_seed: int = 0
+    export_dtype: str | None = None  # weights of the exported diffusers folder (e.g. float16); default float32
+
+    def __post_init__(self):
+        _check(
+            (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (
+                self.export_dtype in EXPORT_DTYPES,
+                f"export_dtype must be float32, float16 or bfloat16, got {self.export_dtype!r}",
+            ),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on: the run itself here, the rest in one group per concern."""
+
+    model: str | None = None  # diffusers folder or single file; "random:ARCH" (tiny, sd15, ...) for tests
+    data: str | None = None  # image folder (metadata.jsonl or .txt captions)
+    output: str | None = None
+    mode: Mode = Mode.FULL
+    # the diffusers folder (configs, tokenizer, scheduler; no weights needed) whose architecture `scratch`
+    # components take; default: `model`
+    architecture: str | None = None
+    # components to initialise fresh from the architecture's configs; the others are loaded from `model`
+    # (all are fresh when there is no model)
+    scratch: tuple[Component, ...] = ()
+    # how a scratch UNet starts: "flax" (the modules' own initialisers) or "identity" (its noise
+    # prediction starts as its input; see train.model.identity_init)
+    unet_init: UNetInit = UNetInit.FLAX
+    train_text_encoder: bool = False  # full / dreambooth: train the text encoder with the UNet
+    dtype: DType = DType.FLOAT32  # compute dtype; parameters and optimizer state stay float32
+    remat: Remat = Remat.NONE  # gradient checkpointing of the UNet's blocks
+    seed: int = 0
+    optim: Optim = dataclasses.field(default_factory=Optim)
+    images: Images = dataclasses.field(default_factory=Images)
+    objective: Objective = dataclasses.field(default_factory=Objective)
+    adapter: LoRA = dataclasses.field(default_factory=LoRA)
+    dreambooth: DreamBooth = dataclasses.field(default_factory=DreamBooth)
+    inversion: TextualInversion = dataclasses.field(default_factory=TextualInversion)
+    parallel: Parallel = dataclasses.field(default_factory=Parallel)
+    outputs: Outputs = dataclasses.field(default_factory=Outputs)
+
+    def __post_init__(self):
+        _choose(self, "mode", Mode)
+        try:
+            object.__setattr__(self, "scratch", tuple(Component(c) for c in self.scratch))
+        except ValueError:
+            raise ValueError(f"scratch takes components of {_values(Component)}, got {self.scratch}") from None
+        _choose(self, "unet_init", UNetInit)
+        _choose(self, "dtype", DType)
+        _choose(self, "remat", Remat)
 
     @property
     def uses_lora(self) -> bool:
-        return self.mode == "lora" or (self.mode == "dreambooth" and self.lora)
+        return self.mode == Mode.LORA or (self.mode == Mode.DREAMBOOTH and self.dreambooth.lora)
 
     def replace(self, **changes) -> TrainConfig:
-        return dataclasses.replace(self, **changes)
+        """A copy with `changes`: top-level fields, whole groups (`optim=Optim(...)`) and flat names
+        (`learning_rate=1e-4`, `lora_rank=8`), each routed to its group, after any whole group given."""
+        top, grouped = {}, {}
+        for key, value in changes.items():
+            option = FIELDS.get(key)
+            if key in GROUPS or (option is not None and option.group is None):
+                top[key] = value
+            elif option is not None:
+                grouped.setdefault(option.group, {})[option.field] = value
+            else:
+                raise TypeError(f"TrainConfig has no field, group or flat option {key!r}")
+        for group, fields in grouped.items():
+            top[group] = dataclasses.replace(top.get(group, getattr(self, group)), **fields)
+        return dataclasses.replace(self, **top)
 
     def tiny(self, **changes) -> TrainConfig:
         """The quick local variant of a run config: the random tiny model (random:tiny), 64x64 images,
@@ -198,14 +347,65 @@ def variant_of(config: TrainConfig, variant: str | None, name: str, **tiny_chang
     raise ValueError(f"unknown variant {variant!r} of {name} (known: tiny)")
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_HINTS = typing.get_type_hints(TrainConfig)
+def _plain(value):
+    """A config value with enums as their strings (what config.json and --help show)."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """A flat name (a command-line flag, a `replace` keyword, a config.json key) and the field it sets."""
+
+    name: str
+    group: str | None  # the TrainConfig group holding the field; None: a top-level field
+    field: str  # the field's name in its group
+    hint: Any  # its type
+    default: Any  # plain (enums as strings)
+
+    def get(self, config: TrainConfig):
+        return getattr(getattr(config, self.group) if self.group else config, self.field)
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        """The values a choice field (or each item of a tuple of choices) takes; () for other fields."""
+        kind = (typing.get_args(self.hint) or (self.hint,))[0]
+        return _values(kind) if isinstance(kind, type) and issubclass(kind, enum.Enum) else ()
+
+
+def _options() -> tuple[dict[str, type], dict[str, Option]]:
+    """(group name -> group class, flat name -> Option), read off the dataclasses."""
+    groups, options = {}, {}
+    top_hints = typing.get_type_hints(TrainConfig)
+    for top in dataclasses.fields(TrainConfig):
+        hint = top_hints[top.name]
+        if dataclasses.is_dataclass(hint):
+            groups[top.name] = hint
+            owner, group, prefix = hint, top.name, getattr(hint, "FLAG_PREFIX", "")
+            fields = dataclasses.fields(hint)
+        else:
+            owner, group, prefix, fields = TrainConfig, None, "", (top,)
+        hints = typing.get_type_hints(owner)
+        for f in fields:
+            name = prefix + f.name
+            if name in options:
+                raise TypeError(f"two config fields have the flat name {name!r}")
+            options[name] = Option(name, group, f.name, hints[f.name], _plain(f.default))
+    if clash := groups.keys() & options.keys():
+        raise TypeError(f"config groups named like flat options: {sorted(clash)}")
+    return groups, options
+
+
+GROUPS, FIELDS = _options()
 
 
 def parse_value(name: str, text: str):
-    """A command-line string -> the field's type (bool: true/false/1/0/yes/no; tuples: comma-separated;
-    "none" for optional fields)."""
-    hint = _HINTS[name]
+    """A command-line string -> the flat field's type (bool: true/false/1/0/yes/no; tuples: comma-separated;
+    "none" for optional fields; choices stay strings, checked by the config)."""
+    hint = FIELDS[name].hint
     args = typing.get_args(hint)
     optional = type(None) in args
     if optional and text.lower() in ("none", "null", ""):
@@ -222,6 +422,8 @@ def parse_value(name: str, text: str):
         raise ValueError(f"--{name.replace('_', '-')} takes true or false, got {text!r}")
     if typing.get_origin(base) is tuple:
         return tuple(part.strip() for part in text.split(",") if part.strip()) if text else ()
+    if issubclass(base, str):
+        return text
     try:
         return base(text)
     except ValueError:
@@ -246,7 +448,7 @@ def load_config_file(spec: str) -> TrainConfig:
 
 
 def from_args(config: TrainConfig, overrides: Sequence[tuple[str, str]]) -> TrainConfig:
-    """`config` with command-line (name, text) overrides applied; unknown names are an error."""
+    """`config` with command-line (flat name, text) overrides applied; unknown names are an error."""
     changes = {}
     for raw_name, text in overrides:
         name = raw_name.replace("-", "_")
@@ -257,4 +459,6 @@ def from_args(config: TrainConfig, overrides: Sequence[tuple[str, str]]) -> Trai
 
 
 def to_json(config: TrainConfig) -> dict:
-    return dataclasses.asdict(config)
+    """The flat {flat name: value} dict of config.json and the checkpoints' meta, enums as their strings:
+    the same keys as before the fields were grouped, so older runs' checkpoints still compare."""
+    return {name: _plain(option.get(config)) for name, option in FIELDS.items()}

@@ -11,6 +11,10 @@ is image perm_{p // N}[p % N]. With sampling weights (a "weight" per image in me
 Crop offsets, flips and caption dropout of position p are drawn from (seed, p) too, so a batch depends only
 on its positions: a resumed run reads exactly the batches an uninterrupted one would, and under multi-host
 each process reads its own rows of every global batch.
+
+`Batches` turns positions into a process's host arrays of an optimizer step (pixels, or the VAE posterior
+moments of `encode_latent_cache` with cache_latents; token ids, row ids, loss weights), and `global_batch`
+places them as global arrays split over the mesh's batch axes.
 """
 
 from __future__ import annotations
@@ -21,9 +25,17 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from sdjax import sharding
+
+if TYPE_CHECKING:
+    from train.model import Setup
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 log = logging.getLogger("train")
@@ -210,3 +222,132 @@ def host_positions(step: int, micro: int, *, batch_size: int, grad_accum: int, p
     local = batch_size // process_count
     base = (step * grad_accum + micro) * batch_size + process_index * local
     return range(base, base + local)
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+def _sampling_weights(examples: Sequence[Example], power: float) -> tuple[float, ...] | None:
+    """Per-example sampling weights (metadata "weight" ** power), or None for plain epochs (power 0)."""
+    if not power:
+        return None
+    if all(e.weight == 1.0 for e in examples):
+        log.warning("sampling_weight_power is set but no image has a weight in metadata.jsonl: plain epochs")
+        return None
+    weights = np.array([e.weight**power for e in examples])
+    log.info(
+        "drawing images by weight ** %g: the most drawn %.1fx as often as in plain epochs, the least %.2fx",
+        power,
+        weights.max() * len(weights) / weights.sum(),
+        weights.min() * len(weights) / weights.sum(),
+    )
+    return tuple(weights.tolist())
+
+
+class Batches:
+    """Host-side micro-batches of one process: images (or cached latent moments), token ids, row ids,
+    weights; padded to a multiple of this process's devices with rows of weight 0."""
+
+    def __init__(self, setup: Setup, examples, class_examples, local_devices: int, latent_cache=None):
+        cfg = setup.config
+        self.cfg, self.images = cfg, cfg.images
+        self.examples, self.class_examples = examples, class_examples
+        weights = _sampling_weights(examples, cfg.images.sampling_weight_power)
+        self.order = Order(len(examples), cfg.seed, stream=0, weights=weights)
+        self.class_order = Order(len(class_examples), cfg.seed, stream=1) if class_examples else None
+        tok = setup.pipe.tokenizer
+        captions = [cfg.images.instance_prompt or e.caption for e in examples]
+        self.ids = tok(captions)
+        self.empty_ids = tok([""])[0]
+        self.class_ids = tok([cfg.dreambooth.class_prompt or ""])[0] if class_examples else None
+        self.local_devices = local_devices
+        self.cache = latent_cache
+
+    def _rows(self, order, examples, positions, ids, *, class_rows: bool):
+        images = self.images
+        rows = rows_for(order, positions, random_flip=images.random_flip, caption_dropout=images.caption_dropout)
+        out = {}
+        if self.cache is not None and not class_rows:
+            out["moments"] = np.stack([self.cache[int(f)][i] for i, f in zip(rows.indices, rows.flips, strict=True)])
+        else:
+            out["pixels"] = np.stack(
+                [
+                    load_image(examples[i].path, images.resolution, None if images.center_crop else tuple(c), bool(f))
+                    for i, c, f in zip(rows.indices, rows.crops, rows.flips, strict=True)
+                ]
+            )
+        if ids is None:  # class images: one prompt
+            out["ids"] = np.repeat(self.class_ids[None], len(positions), axis=0)
+        else:
+            out["ids"] = np.where(rows.drop_caption[:, None], self.empty_ids[None], ids[rows.indices])
+        positions = np.asarray(list(positions), np.int64)
+        out["row"] = (2 * positions + int(class_rows)).astype(np.int32)
+        weight = self.cfg.dreambooth.prior_loss_weight if class_rows else 1.0
+        out["weight"] = np.full(len(positions), weight, np.float32)
+        out["count"] = np.full(len(positions), 0.0 if class_rows else 1.0, np.float32)
+        return out
+
+    def micro(self, step: int, micro: int) -> dict[str, np.ndarray]:
+        optim = self.cfg.optim
+        positions = host_positions(
+            step,
+            micro,
+            batch_size=optim.batch_size,
+            grad_accum=optim.grad_accum,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        parts = [self._rows(self.order, self.examples, positions, self.ids, class_rows=False)]
+        if self.class_order is not None:
+            parts.append(self._rows(self.class_order, self.class_examples, positions, None, class_rows=True))
+        if len(parts) == 2 and "moments" in parts[0]:
+            raise ValueError("cache_latents is not supported with DreamBooth class images")
+        rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        n = len(rows["row"])
+        pad = -n % self.local_devices
+        if pad:
+            rows = {k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) for k, v in rows.items()}
+            rows["weight"][n:] = 0.0
+            rows["count"][n:] = 0.0
+        return rows
+
+    def step(self, step: int) -> dict[str, np.ndarray]:
+        """(grad_accum, local rows, ...) arrays of optimizer step `step`."""
+        micros = [self.micro(step, m) for m in range(self.cfg.optim.grad_accum)]
+        return {k: np.stack([m[k] for m in micros]) for k in micros[0]}
+
+
+def global_batch(batch: dict[str, np.ndarray], mesh) -> dict:
+    """Host rows (accum, b_local, ...) -> global arrays (accum, b, ...) split over the batch axes."""
+    spec = jax.sharding.PartitionSpec(None, sharding.BATCH_AXES)
+
+    def one(x):
+        return jax.make_array_from_process_local_data(jax.sharding.NamedSharding(mesh, spec), x)
+
+    return {k: one(v) for k, v in batch.items()}
+
+
+def encode_latent_cache(setup: Setup, examples) -> list[np.ndarray]:
+    """VAE posterior moments (N, h, w, 2C) float32 of every example, center-cropped; [unflipped, flipped]
+    when random_flip (else the unflipped one only)."""
+    images = setup.config.images
+    vae = setup.pipe.vae  # float32: the cache is the posterior the run samples from
+
+    @jax.jit
+    def encode(params, pixels):
+        mean, logvar = vae.apply({"params": params}, pixels, method="encode")
+        return jnp.concatenate([mean, logvar], axis=-1)
+
+    params = setup.pipe.params["vae"]
+    flips = (False, True) if images.random_flip else (False,)
+    out = []
+    chunk = 16
+    for flip in flips:
+        parts = []
+        for start in range(0, len(examples), chunk):
+            group = examples[start : start + chunk]
+            pixels = np.stack([load_image(e.path, images.resolution, None, flip) for e in group])
+            padded = np.concatenate([pixels, np.repeat(pixels[:1], chunk - len(group), axis=0)])
+            parts.append(np.asarray(encode(params, padded))[: len(group)])
+        out.append(np.concatenate(parts))
+    return out

@@ -64,17 +64,18 @@ def export_final(setup: Setup, trainable: dict, directory: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     trainable = jax.device_get(trainable)
     if cfg.uses_lora:
-        peft, kohya, metadata = lora_tensors(trainable["lora"], cfg.lora_rank, cfg.lora_alpha)
+        lora = cfg.adapter
+        peft, kohya, metadata = lora_tensors(trainable["lora"], lora.rank, lora.alpha)
         save_safetensors(out / LORA_FILE, peft, metadata)
         save_safetensors(
-            out / KOHYA_FILE, kohya, {"ss_network_dim": str(cfg.lora_rank), "ss_network_alpha": str(cfg.lora_alpha)}
+            out / KOHYA_FILE, kohya, {"ss_network_dim": str(lora.rank), "ss_network_alpha": str(lora.alpha)}
         )
         return out
     if cfg.mode == "textual_inversion":
         vectors = np.asarray(trainable["embeddings"], np.float32)
-        save_safetensors(out / EMBEDDINGS_FILE, {cfg.placeholder_token: vectors})
+        save_safetensors(out / EMBEDDINGS_FILE, {cfg.inversion.placeholder_token: vectors})
         return out
-    trained_pipeline(setup, trainable).save_pretrained(out, dtype=cfg.export_dtype)
+    trained_pipeline(setup, trainable).save_pretrained(out, dtype=cfg.outputs.export_dtype)
     return out
 
 

@@ -75,169 +75,43 @@ class Progress:
             print(line, file=sys.stderr, flush=True)
 
 
-def _sampling_weights(cfg, examples) -> tuple[float, ...] | None:
-    """Per-example sampling weights (metadata "weight" ** sampling_weight_power), or None for plain epochs."""
-    if not cfg.sampling_weight_power:
-        return None
-    if all(e.weight == 1.0 for e in examples):
-        log.warning("sampling_weight_power is set but no image has a weight in metadata.jsonl: plain epochs")
-        return None
-    weights = np.array([e.weight**cfg.sampling_weight_power for e in examples])
-    log.info(
-        "drawing images by weight ** %g: the most drawn %.1fx as often as in plain epochs, the least %.2fx",
-        cfg.sampling_weight_power,
-        weights.max() * len(weights) / weights.sum(),
-        weights.min() * len(weights) / weights.sum(),
-    )
-    return tuple(weights.tolist())
-
-
-class Batches:
-    """Host-side micro-batches of one process: images (or cached latent moments), token ids, row ids,
-    weights; padded to a multiple of this process's devices with rows of weight 0."""
-
-    def __init__(self, setup: model.Setup, examples, class_examples, local_devices: int, latent_cache=None):
-        cfg = setup.config
-        self.setup, self.cfg = setup, cfg
-        self.examples, self.class_examples = examples, class_examples
-        self.order = data_lib.Order(len(examples), cfg.seed, stream=0, weights=_sampling_weights(cfg, examples))
-        self.class_order = data_lib.Order(len(class_examples), cfg.seed, stream=1) if class_examples else None
-        tok = setup.pipe.tokenizer
-        captions = [cfg.instance_prompt or e.caption for e in examples]
-        self.ids = tok(captions)
-        self.empty_ids = tok([""])[0]
-        self.class_ids = tok([cfg.class_prompt or ""])[0] if class_examples else None
-        self.local_devices = local_devices
-        self.cache = latent_cache
-
-    def _rows(self, order, examples, positions, ids, *, class_rows: bool):
-        cfg = self.cfg
-        rows = data_lib.rows_for(order, positions, random_flip=cfg.random_flip, caption_dropout=cfg.caption_dropout)
-        out = {}
-        if self.cache is not None and not class_rows:
-            out["moments"] = np.stack([self.cache[int(f)][i] for i, f in zip(rows.indices, rows.flips, strict=True)])
-        else:
-            out["pixels"] = np.stack(
-                [
-                    data_lib.load_image(
-                        examples[i].path, cfg.resolution, None if cfg.center_crop else tuple(c), bool(f)
-                    )
-                    for i, c, f in zip(rows.indices, rows.crops, rows.flips, strict=True)
-                ]
-            )
-        if ids is None:  # class images: one prompt
-            out["ids"] = np.repeat(self.class_ids[None], len(positions), axis=0)
-        else:
-            out["ids"] = np.where(rows.drop_caption[:, None], self.empty_ids[None], ids[rows.indices])
-        positions = np.asarray(list(positions), np.int64)
-        out["row"] = (2 * positions + int(class_rows)).astype(np.int32)
-        weight = cfg.prior_loss_weight if class_rows else 1.0
-        out["weight"] = np.full(len(positions), weight, np.float32)
-        out["count"] = np.full(len(positions), 0.0 if class_rows else 1.0, np.float32)
-        return out
-
-    def micro(self, step: int, micro: int) -> dict[str, np.ndarray]:
-        cfg = self.cfg
-        positions = data_lib.host_positions(
-            step,
-            micro,
-            batch_size=cfg.batch_size,
-            grad_accum=cfg.grad_accum,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        parts = [self._rows(self.order, self.examples, positions, self.ids, class_rows=False)]
-        if self.class_order is not None:
-            parts.append(self._rows(self.class_order, self.class_examples, positions, None, class_rows=True))
-        if len(parts) == 2 and "moments" in parts[0]:
-            raise ValueError("cache_latents is not supported with DreamBooth class images")
-        rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        n = len(rows["row"])
-        pad = -n % self.local_devices
-        if pad:
-            rows = {k: np.concatenate([v, np.repeat(v[:1], pad, axis=0)]) for k, v in rows.items()}
-            rows["weight"][n:] = 0.0
-            rows["count"][n:] = 0.0
-        return rows
-
-    def step(self, step: int) -> dict[str, np.ndarray]:
-        """(grad_accum, local rows, ...) arrays of optimizer step `step`."""
-        micros = [self.micro(step, m) for m in range(self.cfg.grad_accum)]
-        return {k: np.stack([m[k] for m in micros]) for k in micros[0]}
-
-
-def _global(batch: dict[str, np.ndarray], mesh) -> dict:
-    """Host rows (accum, b_local, ...) -> global arrays (accum, b, ...) split over the batch axes."""
-    spec = jax.sharding.PartitionSpec(None, sharding.BATCH_AXES)
-
-    def one(x):
-        return jax.make_array_from_process_local_data(jax.sharding.NamedSharding(mesh, spec), x)
-
-    return {k: one(v) for k, v in batch.items()}
-
-
-def encode_latent_cache(setup: model.Setup, examples, mesh) -> list[np.ndarray]:
-    """VAE posterior moments (N, h, w, 2C) float32 of every example, center-cropped; [unflipped, flipped]
-    when random_flip (else the unflipped one only)."""
-    cfg = setup.config
-    vae = setup.pipe.vae  # float32: the cache is the posterior the run samples from
-
-    @jax.jit
-    def encode(params, pixels):
-        mean, logvar = vae.apply({"params": params}, pixels, method="encode")
-        return jnp.concatenate([mean, logvar], axis=-1)
-
-    params = setup.pipe.params["vae"]
-    flips = (False, True) if cfg.random_flip else (False,)
-    out = []
-    chunk = 16
-    for flip in flips:
-        parts = []
-        for start in range(0, len(examples), chunk):
-            group = examples[start : start + chunk]
-            pixels = np.stack([data_lib.load_image(e.path, cfg.resolution, None, flip) for e in group])
-            padded = np.concatenate([pixels, np.repeat(pixels[:1], chunk - len(group), axis=0)])
-            parts.append(np.asarray(encode(params, padded))[: len(group)])
-        out.append(np.concatenate(parts))
-    return out
-
-
 def _class_examples(setup: model.Setup, output: Path) -> list[data_lib.Example]:
     """DreamBooth prior-preservation images: class_data's, topped up with images sdjax draws from
     class_prompt with the starting model (written to class_data, or OUTPUT/class_images)."""
     cfg = setup.config
+    db = cfg.dreambooth
     if cfg.mode != "dreambooth":
         return []
-    if not cfg.class_prompt:
+    if not db.class_prompt:
         raise model.SetupError("dreambooth needs --class-prompt (e.g. 'a photo of a dog') for prior preservation")
-    folder = Path(cfg.class_data).expanduser() if cfg.class_data else output / "class_images"
+    folder = Path(db.class_data).expanduser() if db.class_data else output / "class_images"
     folder.mkdir(parents=True, exist_ok=True)
     have = sorted(p for p in folder.iterdir() if p.suffix.lower() in data_lib.IMAGE_SUFFIXES)
-    missing = cfg.num_class_images - len(have)
+    missing = db.num_class_images - len(have)
     if missing > 0 and _is_main():
         from sdjax import images as image_io
 
-        log.info("drawing %d class images of %r with sdjax", missing, cfg.class_prompt)
+        log.info("drawing %d class images of %r with sdjax", missing, db.class_prompt)
         batch = 4
         for start in range(0, missing, batch):
             n = min(batch, missing - start)
             seeds = [cfg.seed + 1_000_000 + len(have) + start + k for k in range(n)]
             drawn = setup.pipe.generate(
-                [cfg.class_prompt] * n,
-                num_inference_steps=cfg.class_sample_steps,
+                [db.class_prompt] * n,
+                num_inference_steps=db.class_sample_steps,
                 seed=seeds,
-                height=cfg.resolution,
-                width=cfg.resolution,
+                height=cfg.images.resolution,
+                width=cfg.images.resolution,
                 mesh=None,
             )
             for k, image in enumerate(drawn):
-                image_io.save_png(folder / f"class-{len(have) + start + k:05d}.png", image, cfg.class_prompt)
+                image_io.save_png(folder / f"class-{len(have) + start + k:05d}.png", image, db.class_prompt)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("class images")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in data_lib.IMAGE_SUFFIXES)
-    return [data_lib.Example(p, cfg.class_prompt) for p in files[: cfg.num_class_images]]
+    return [data_lib.Example(p, db.class_prompt) for p in files[: db.num_class_images]]
 
 
 def _read_metrics(path: Path, upto: int) -> list[dict]:
@@ -255,23 +129,24 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
 
 def _samples(setup: model.Setup, trainable_host, output: Path, step: int) -> None:
     cfg = setup.config
-    if not cfg.sample_prompts or not _is_main() or cfg.mode == "vae":
+    outputs = cfg.outputs
+    if not outputs.sample_prompts or not _is_main() or cfg.mode == "vae":
         return
     from sdjax import images as image_io
 
     pipe = model.trained_pipeline(setup, trainable_host)
     images = pipe.generate(
-        list(cfg.sample_prompts),
-        num_inference_steps=cfg.sample_steps,
-        seed=cfg.sample_seed,
-        height=cfg.resolution,
-        width=cfg.resolution,
+        list(outputs.sample_prompts),
+        num_inference_steps=outputs.sample_steps,
+        seed=outputs.sample_seed,
+        height=cfg.images.resolution,
+        width=cfg.images.resolution,
         mesh=None,
     )
     folder = output / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     for k, image in enumerate(images):
-        image_io.save_png(folder / f"step-{step:06d}-{k}.png", image, cfg.sample_prompts[k])
+        image_io.save_png(folder / f"step-{step:06d}-{k}.png", image, outputs.sample_prompts[k])
 
 
 def calibrate_scaling_factor(setup: model.Setup, vae_params, examples, count: int = 256) -> float:
@@ -280,7 +155,7 @@ def calibrate_scaling_factor(setup: model.Setup, vae_params, examples, count: in
     vae = setup.pipe.vae
     cfg = setup.config
     picked = examples[:: max(1, len(examples) // count)][:count]
-    pixels = np.stack([data_lib.load_image(e.path, cfg.resolution, None, False) for e in picked])
+    pixels = np.stack([data_lib.load_image(e.path, cfg.images.resolution, None, False) for e in picked])
     mean, logvar = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"))(vae_params, pixels)
     noise = jax.random.normal(jax.random.key(cfg.seed), mean.shape)
     std = float(jnp.std(mean + jnp.exp(0.5 * logvar) * noise))
@@ -296,34 +171,36 @@ def run(cfg: TrainConfig) -> Path:
     output = Path(cfg.output).expanduser()
     output.mkdir(parents=True, exist_ok=True)
     enable_default_cache()  # a resumed run reuses the compiled step (SDJAX_CACHE_DIR moves or disables it)
-    need_captions = not (cfg.instance_prompt or cfg.mode == "vae")
-    examples = data_lib.scan_folder(cfg.data, skip_bad=cfg.skip_bad_images, need_captions=need_captions)
+    optim, images, outputs = cfg.optim, cfg.images, cfg.outputs
+    need_captions = not (images.instance_prompt or cfg.mode == "vae")
+    examples = data_lib.scan_folder(cfg.data, skip_bad=images.skip_bad_images, need_captions=need_captions)
     if cfg.mode == "textual_inversion":
-        captions = [cfg.instance_prompt or e.caption for e in examples]
-        if not any(cfg.placeholder_token in c for c in captions):
+        token = cfg.inversion.placeholder_token
+        captions = [images.instance_prompt or e.caption for e in examples]
+        if not any(token in c for c in captions):
             raise model.SetupError(
-                f"no caption contains the placeholder token {cfg.placeholder_token!r}: set --instance-prompt "
-                f"'a photo of {cfg.placeholder_token}' or write it into the captions"
+                f"no caption contains the placeholder token {token!r}: set --instance-prompt "
+                f"'a photo of {token}' or write it into the captions"
             )
 
-    mesh = sharding.make_mesh(cfg.mesh)
+    mesh = sharding.make_mesh(cfg.parallel.mesh)
     pipe = model.load_start(cfg)
     setup = model.make_setup(cfg, pipe)
     if _is_main():
         (output / "config.json").write_text(json.dumps(to_json(cfg), indent=2) + "\n")
     class_examples = _class_examples(setup, output)
-    optimizer = make_optimizer(cfg)
+    optimizer = make_optimizer(optim)
     base_key = jax.random.key(cfg.seed)
     key_data = jax.random.key_data(base_key)
 
     trainable, frozen = model.split_params(setup, jax.random.fold_in(base_key, 7))
-    init = lambda t: init_state(t, key_data, optimizer=optimizer, ema=cfg.ema_decay > 0)
+    init = lambda t: init_state(t, key_data, optimizer=optimizer, ema=optim.ema_decay > 0)
     abstract = jax.eval_shape(init, trainable)
     state_shardings = shardings_of(abstract, mesh)
     frozen_shardings = shardings_of(frozen, mesh)
     frozen = jax.tree.map(jax.device_put, frozen, frozen_shardings)
 
-    checkpoints = Checkpoints(output / "checkpoints", keep=cfg.keep_checkpoints)
+    checkpoints = Checkpoints(output / "checkpoints", keep=outputs.keep_checkpoints)
     latest = checkpoints.latest_step()
     meta_base = {"config": to_json(cfg)}
     with jax.set_mesh(mesh):
@@ -347,24 +224,25 @@ def run(cfg: TrainConfig) -> Path:
             _write_metrics(metrics_path, history)
 
         local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-        cache = encode_latent_cache(setup, examples, mesh) if cfg.cache_latents and start < cfg.steps else None
-        batches = Batches(setup, examples, class_examples, local_devices, cache)
-        schedule = learning_rate_schedule(cfg)
+        encode = images.cache_latents and start < optim.steps
+        cache = data_lib.encode_latent_cache(setup, examples) if encode else None
+        batches = data_lib.Batches(setup, examples, class_examples, local_devices, cache)
+        schedule = learning_rate_schedule(optim)
         step_fn = None
-        progress = Progress(cfg.steps, start, cfg.progress)
-        images_per_step = cfg.batch_size * cfg.grad_accum
+        progress = Progress(optim.steps, start, outputs.progress)
+        images_per_step = optim.batch_size * optim.grad_accum
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(batches.step, start) if start < cfg.steps else None
+            pending = pool.submit(batches.step, start) if start < optim.steps else None
             t_last = time.perf_counter()
-            for step in range(start, cfg.steps):
+            for step in range(start, optim.steps):
                 host = pending.result()
-                pending = pool.submit(batches.step, step + 1) if step + 1 < cfg.steps else None
-                batch = _global(host, mesh)
+                pending = pool.submit(batches.step, step + 1) if step + 1 < optim.steps else None
+                batch = data_lib.global_batch(host, mesh)
                 if step_fn is None:
                     step_fn = compile_step(setup, optimizer, state_shardings, frozen_shardings, batch, mesh)
                 state, metrics = step_fn(state, frozen, batch)
                 done = step + 1
-                if done % cfg.log_every == 0 or done == cfg.steps:
+                if done % outputs.log_every == 0 or done == optim.steps:
                     values = jax.device_get(metrics)
                     now = time.perf_counter()
                     row = {
@@ -372,7 +250,7 @@ def run(cfg: TrainConfig) -> Path:
                         "loss": float(values["loss"]),
                         "lr": float(schedule(step)),
                         "grad_norm": float(values["grad_norm"]),
-                        "images_per_s": images_per_step * cfg.log_every / max(now - t_last, 1e-9),
+                        "images_per_s": images_per_step * outputs.log_every / max(now - t_last, 1e-9),
                     }
                     t_last = now
                     history.append(row)
@@ -380,11 +258,11 @@ def run(cfg: TrainConfig) -> Path:
                         with metrics_path.open("a") as f:
                             f.write(json.dumps(row) + "\n")
                     progress.update(done, row["loss"], row["lr"])
-                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                if done % outputs.checkpoint_every == 0 or done == optim.steps:
                     checkpoints.save(done, state, {**meta_base, "data_position": done * images_per_step})
                     if _is_main():
                         plots.loss_curve(history, output / "loss.png")
-                if cfg.sample_every and done % cfg.sample_every == 0 and done != cfg.steps:
+                if outputs.sample_every and done % outputs.sample_every == 0 and done != optim.steps:
                     _samples(setup, _to_host(_sample_params(state)), output, done)
         checkpoints.close()
         final_params = _to_host(_sample_params(state))
@@ -396,7 +274,7 @@ def run(cfg: TrainConfig) -> Path:
             setup = dataclasses.replace(setup, pipe=dataclasses.replace(setup.pipe, vae=vae))
             log.info("VAE scaling factor %.5g", factor)
         export.export_final(setup, final_params, output / "final")
-        _samples(setup, final_params, output, cfg.steps)
+        _samples(setup, final_params, output, optim.steps)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

@@ -59,7 +59,7 @@ class Setup:
 
     @property
     def latent_size(self) -> int:
-        return self.config.resolution // self.pipe.vae_scale_factor
+        return self.config.images.resolution // self.pipe.vae_scale_factor
 
 
 def _fresh_components(folder: Path, components, seed: int, unet_init: str = "flax") -> tuple[dict, dict]:
@@ -193,7 +193,7 @@ def make_setup(config: TrainConfig, pipe: StableDiffusionPipeline) -> Setup:
     if config.mode == "textual_inversion":
         pipe, token_ids = _add_placeholder(config, pipe)
     schedule = from_diffusers_config(pipe.scheduler_config).schedule
-    multiplier = config.lora_alpha / config.lora_rank
+    multiplier = config.adapter.alpha / config.adapter.rank
     remat = None if config.remat == "none" else config.remat
     return Setup(
         config=config,
@@ -210,27 +210,30 @@ def make_setup(config: TrainConfig, pipe: StableDiffusionPipeline) -> Setup:
 def _add_placeholder(config: TrainConfig, pipe: StableDiffusionPipeline):
     """The pipeline with `num_vectors` new tokens for the placeholder, initialised from the initializer
     token's embedding (or the mean embedding), as diffusers' textual_inversion.py."""
+    inversion = config.inversion
     tokenizer, te = pipe.tokenizer, pipe.params["text_encoder"]
     table = np.asarray(te["embeddings.token_embedding"]["embedding"], np.float32)
-    if config.initializer_token:
-        ids = tokenizer.encode_plain(config.initializer_token)
+    if inversion.initializer_token:
+        ids = tokenizer.encode_plain(inversion.initializer_token)
         if len(ids) != 1:
             raise SetupError(
-                f"initializer_token {config.initializer_token!r} is {len(ids)} tokens; choose a single-token word"
+                f"initializer_token {inversion.initializer_token!r} is {len(ids)} tokens; choose a single-token word"
             )
         row = table[ids[0]]
     else:
         row = table.mean(axis=0)
-    vectors = np.repeat(row[None], config.num_vectors, axis=0)
+    vectors = np.repeat(row[None], inversion.num_vectors, axis=0)
     try:
-        tokenizer, text_encoder, te = add_embedding(tokenizer, pipe.text_encoder, te, config.placeholder_token, vectors)
+        tokenizer, text_encoder, te = add_embedding(
+            tokenizer, pipe.text_encoder, te, inversion.placeholder_token, vectors
+        )
     except ValueError as err:
         raise SetupError(str(err)) from None
     rows = table.shape[0]
     pipe = dataclasses.replace(
         pipe, tokenizer=tokenizer, text_encoder=text_encoder, params={**pipe.params, "text_encoder": te}
     )
-    return pipe, tuple(range(rows, rows + config.num_vectors))
+    return pipe, tuple(range(rows, rows + inversion.num_vectors))
 
 
 # ------------------------------------------------------------------------------------------ trainable
@@ -249,9 +252,9 @@ def _lora_targets(params, targets: tuple[str, ...]) -> list[tuple[str, ...]]:
 def init_lora(setup: Setup, key: jax.Array) -> dict:
     """LoRA factors for every target module: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PEFT's kaiming
     uniform with a = sqrt(5)), B = 0, so training starts from the unchanged model."""
-    cfg = setup.config
-    parts = {"unet": cfg.lora_targets}
-    if cfg.lora_text_encoder:
+    lora = setup.config.adapter
+    parts = {"unet": lora.targets}
+    if lora.text_encoder:
         parts["text_encoder"] = TEXT_LORA_TARGETS
     out: dict[str, dict] = {}
     for p, (part, targets) in enumerate(parts.items()):
@@ -266,12 +269,12 @@ def init_lora(setup: Setup, key: jax.Array) -> dict:
                 kernel = kernel[name]
             shape = kernel.shape
             fan_in = int(np.prod(shape[:-1]))
-            a_shape = (*shape[:-1], cfg.lora_rank)
+            a_shape = (*shape[:-1], lora.rank)
             k = jax.random.fold_in(jax.random.fold_in(key, p), i)
             bound = 1.0 / np.sqrt(fan_in)
             entries["/".join(path)] = {
                 "A": jax.random.uniform(k, a_shape, jnp.float32, -bound, bound),
-                "B": jnp.zeros((cfg.lora_rank, shape[-1]), jnp.float32),
+                "B": jnp.zeros((lora.rank, shape[-1]), jnp.float32),
             }
         out[part] = entries
     return out
@@ -281,7 +284,7 @@ def split_params(setup: Setup, key: jax.Array) -> tuple[dict, dict]:
     """(trainable, frozen) float32 pytrees for the run's mode; frozen holds only what the loss reads."""
     cfg = setup.config
     params = setup.pipe.params
-    need_vae = not cfg.cache_latents
+    need_vae = not cfg.images.cache_latents
     frozen: dict[str, Any] = {}
     if cfg.mode == "vae":
         return {"vae": params["vae"]}, {}

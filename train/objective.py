@@ -59,9 +59,10 @@ def snr_weights(alpha_bar_B: jax.Array, gamma: float, prediction_type: str, floo
 
 
 def timestep_weights(cfg, train_steps: int) -> np.ndarray | None:
-    """Relative sampling weights (train_steps,) of the training timesteps under `cfg`'s timestep bias, or
-    None for uniform sampling. "later" multiplies the weights of the last (noisiest) `portion` of
-    [0, train_steps) by `multiplier`, "earlier" those of the first, "range" those in [begin, end)."""
+    """Relative sampling weights (train_steps,) of the training timesteps under the timestep bias of `cfg` (a
+    run config's `objective`), or None for uniform sampling. "later" multiplies the weights of the last
+    (noisiest) `portion` of [0, train_steps) by `multiplier`, "earlier" those of the first, "range" those in
+    [begin, end)."""
     strategy = cfg.timestep_bias_strategy
     if strategy == "none" or cfg.timestep_bias_multiplier == 1.0:
         return None
@@ -99,7 +100,7 @@ def diffusion_loss(setup, params, batch, key) -> tuple[jax.Array, jax.Array]:
     text) is compared with eps (epsilon models), v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0
     (v_prediction) or x0 (sample), in float32, optionally SNR weighted (`snr_weights`).
     """
-    cfg = setup.config
+    cfg = setup.config.objective
     keys = _row_keys(key, batch["row"])
     latent_keys, noise_keys, offset_keys, time_keys = _split(keys, 4)
     x0 = latents_of(setup, params, batch, latent_keys)
@@ -128,7 +129,7 @@ def diffusion_loss(setup, params, batch, key) -> tuple[jax.Array, jax.Array]:
 def vae_loss(setup, params, batch, key) -> tuple[jax.Array, jax.Array]:
     """VAE loss of one micro-batch: per row, the pixel MSE of the reconstruction from a posterior sample
     plus kl_weight * KL(q(z|x) || N(0, I)) (summed over latent elements, as diffusers' `kl()`)."""
-    cfg = setup.config
+    cfg = setup.config.objective
     keys = _row_keys(key, batch["row"])
     x = batch["pixels"]
     mean, logvar = setup.vae.apply({"params": params["vae"]}, x, method="encode")

@@ -22,11 +22,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from sdjax import sharding
 from sdjax.xla_options import compiler_options
+from train.config import Optim
 from train.objective import diffusion_loss, vae_loss
 
 
-def learning_rate_schedule(config) -> optax.Schedule:
-    """Linear warmup from 0 over warmup_steps, then constant or a cosine decay to 0 at `steps`."""
+def learning_rate_schedule(config: Optim) -> optax.Schedule:
+    """Linear warmup from 0 over warmup_steps, then constant or a cosine decay to 0 at `steps` (of a run
+    config's `optim`)."""
     lr, warmup = config.learning_rate, config.warmup_steps
     if config.lr_schedule == "cosine":
         return optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 0), max(config.steps, warmup + 1), 0.0)
@@ -35,7 +37,7 @@ def learning_rate_schedule(config) -> optax.Schedule:
     return optax.constant_schedule(lr)
 
 
-def make_optimizer(config) -> optax.GradientTransformation:
+def make_optimizer(config: Optim) -> optax.GradientTransformation:
     """Global-norm clipping (unless max_grad_norm is 0), then AdamW with the learning-rate schedule."""
     adamw = optax.adamw(
         learning_rate_schedule(config),
@@ -114,7 +116,7 @@ def train_step(state, frozen, batch, *, setup, optimizer) -> tuple[dict, dict]:
     params = optax.apply_updates(state["params"], updates)
     ema = state["ema"]
     if ema is not None:
-        d = _ema_decay(cfg.ema_decay, state["step"])
+        d = _ema_decay(cfg.optim.ema_decay, state["step"])
         ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
     new_state = {**state, "step": state["step"] + 1, "params": params, "opt": opt, "ema": ema}
     metrics = {"loss": total / count, "grad_norm": grad_norm}
