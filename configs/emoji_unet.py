@@ -4,8 +4,8 @@ noise prediction initialised to its input (unet_init="identity"), the loss weigh
 to SNR in [1, 5] (snr_floor 1, min-SNR-5), 10% caption dropout for classifier-free guidance, EMA; the
 images drawn by their metadata weight (sampling_weight_power=1: the builder gives the 77 emoji with a colour
 word in their name weight 4, so they get ~127 epochs in the 4,000 steps and the others ~32; plain epochs,
-~34 each, left the colour words unlearnt: the previous model, plain in both stages, drew hearts 3/6 at seed
-0 and 17 of 48 over 8 seeds; this stage alone now gets 5/6 and 42 of 48). Stage 3 (emoji_unet_refine.py)
+~34 each, left the colour words unlearnt; the figures of both recipes are in the README, "The bundled demo
+model"). Stage 3 (emoji_unet_refine.py)
 continues it with plain epochs; its export (fp16) is sdjax/data/demo.
 
     python -m train --config configs/emoji_unet.py --data data/emoji --model runs/emoji-vae/final \

@@ -1,7 +1,7 @@
 """Stage 3 of the bundled demo model: 1,000 more steps of stage 2's UNet and text encoder at a lower learning
-rate (2e-4, cosine), from stage 2's exported folder (EMA weights), the same objective, plain epochs (the
-colour-weighted draws of stage 2 here too kept the hearts at 42 of 48 over 8 seeds but left retrieval at
-4/20, median rank 23; plain: hearts 5/6 at seed 0, 33 of 48, retrieval 7/20). Its export is sdjax/data/demo.
+rate (2e-4, cosine), from stage 2's exported folder (EMA weights), the same objective, plain epochs (stage
+2's colour-weighted draws here too kept the hearts but cost retrieval: README, "The bundled demo model").
+Its export is sdjax/data/demo.
 
     python -m train --config configs/emoji_unet_refine.py --data data/emoji --model runs/emoji-unet/final \
         --output runs/emoji-unet-refine

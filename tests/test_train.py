@@ -20,6 +20,7 @@ from PIL import Image
 from reference import rel_l2
 
 import sdjax
+from sdjax import testing
 from sdjax.convert.tensor_files import SafetensorsFile
 from train.__main__ import parse
 from train.config import (
@@ -47,53 +48,20 @@ COLOURS = {"red": (230, 30, 30), "green": (30, 190, 60), "blue": (40, 60, 230), 
 # these tests) grows with the number of layers, not their width.
 MICRO = {
     "unet": dict(
+        testing.TINY_UNET,
         block_out_channels=[32],
-        layers_per_block=1,
         down_block_types=["CrossAttnDownBlock2D"],
         up_block_types=["CrossAttnUpBlock2D"],
-        attention_head_dim=4,
-        cross_attention_dim=32,
-        norm_num_groups=8,
-        sample_size=8,
     ),
-    "vae": dict(
-        block_out_channels=[8, 16],
-        layers_per_block=1,
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        norm_num_groups=4,
-        sample_size=16,
-    ),
-    "text_encoder": dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4),
+    "vae": dict(testing.SMALL_VAE, sample_size=16),
+    "text_encoder": dict(testing.TINY_CLIP, num_hidden_layers=1),
 }
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """The MICRO model with random weights (norm scales and biases too), as a diffusers folder."""
-    import jax
-
-    from sdjax.bench.models import DATA, _random_like
-    from sdjax.convert.diffusers_folder import MODEL_COMPONENTS, abstract_params
-    from sdjax.nn.config_utils import read_json
-    from sdjax.pipeline import StableDiffusionPipeline
-    from sdjax.tokenizer import CLIPTokenizer
-
-    sd15 = DATA / "stable-diffusion-v1-5"
-    modules, params = {}, {}
-    for i, spec in enumerate(MODEL_COMPONENTS):
-        raw = dict(MICRO[spec.folder], **({"vocab_size": 49408} if spec.folder == "text_encoder" else {}))
-        module = spec.module_cls(spec.config_cls.from_dict(raw))
-        modules[spec.folder] = module
-        params[spec.folder] = jax.tree.map(jax.numpy.asarray, _random_like(abstract_params(module), seed=i))
-    pipe = StableDiffusionPipeline(
-        **modules,
-        tokenizer=CLIPTokenizer.from_folder(sd15 / "tokenizer"),
-        scheduler_config=read_json(sd15 / "scheduler" / "scheduler_config.json"),
-        params=params,
-        dtype=jax.numpy.dtype("float32"),
-    )
-    return pipe.save_pretrained(tmp_path_factory.mktemp("train") / "base")
+    return testing.random_pipeline(MICRO).save_pretrained(tmp_path_factory.mktemp("train") / "base")
 
 
 def make_squares(folder: Path, sidecars: bool = False) -> Path:

@@ -36,7 +36,7 @@ def worker(arch: str, resolution: int, batch: int, steps: int, dtype: str, remat
     import numpy as np
 
     from sdjax import sharding
-    from sdjax.bench.models import random_pipeline
+    from sdjax.testing import random_pipeline
     from train import model
     from train.config import Images, Optim, TrainConfig
     from train.step import compile_step, init_state, make_optimizer, shardings_of

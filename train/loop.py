@@ -23,6 +23,7 @@ import numpy as np
 
 from sdjax import sharding
 from sdjax.compile_cache import enable_default_cache
+from sdjax.nn.vae import posterior_sample
 from train import data as data_lib
 from train import export, model, plots
 from train.checkpoint import Checkpoints, check_compatible
@@ -158,7 +159,7 @@ def calibrate_scaling_factor(setup: model.Setup, vae_params, examples, count: in
     pixels = np.stack([data_lib.load_image(e.path, cfg.images.resolution, None, False) for e in picked])
     mean, logvar = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"))(vae_params, pixels)
     noise = jax.random.normal(jax.random.key(cfg.seed), mean.shape)
-    std = float(jnp.std(mean + jnp.exp(0.5 * logvar) * noise))
+    std = float(jnp.std(posterior_sample(mean, logvar, noise)))
     return float(f"{1.0 / std:.5g}")
 
 

@@ -6,8 +6,9 @@ Trainable pytrees per mode:
   lora (or dreambooth with lora)  {"lora": {"unet": {path: {"A", "B"}}, "text_encoder": {...}}}
   textual_inversion   {"embeddings": (num_vectors, D)}: the new token rows only
   vae                 {"vae": ...}
-Everything else is frozen. LoRA factors use `sdjax.convert.lora`'s layout (A (in, r) or (kh, kw, in, r),
-B (r, out)), so the adapter applies through `apply_adapters` and exports to PEFT/kohya files.
+Everything else is frozen. LoRA factors use `sdjax.nn.lora`'s adapter layout (A (in, r) or
+(kh, kw, in, r), B (r, out)), so the adapter applies through `apply_adapters` and exports to PEFT/kohya
+files (`sdjax.convert.lora.lora_file_tensors`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import sdjax
-from sdjax.convert.lora import apply_adapters
 from sdjax.convert.textual_inversion import add_embedding
+from sdjax.nn.lora import apply_adapters
 from sdjax.pipeline import StableDiffusionPipeline
-from sdjax.schedulers import from_diffusers_config
-from sdjax.schedulers._common import NoiseSchedule
+from sdjax.schedulers import NoiseSchedule, from_diffusers_config
 from train.config import TrainConfig
 
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -112,7 +112,7 @@ def load_start(config: TrainConfig) -> StableDiffusionPipeline:
             raise SetupError("no model given: pass --model PATH (a diffusers folder or a single-file checkpoint)")
         return _architecture_pipeline(Path(config.architecture).expanduser(), config.seed, config.unet_init)
     if config.model.startswith("random:"):
-        from sdjax.bench.models import random_pipeline
+        from sdjax.testing import random_pipeline
 
         pipe = random_pipeline(config.model.removeprefix("random:"), seed=config.seed)
     else:

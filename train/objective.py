@@ -14,30 +14,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.schedulers._common import alphas_cumprod
-
-
-def _row_keys(key: jax.Array, rows: jax.Array) -> jax.Array:
-    return jax.vmap(lambda r: jax.random.fold_in(key, r))(rows)
-
-
-def _split(keys_B: jax.Array, n: int) -> tuple[jax.Array, ...]:
-    return tuple(jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys_B) for i in range(n))
-
-
-def _normal(keys_B, shape) -> jax.Array:
-    return jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(keys_B)
+from sdjax.keys import keys_for_rows, normal_rows, split_rows
+from sdjax.nn.vae import encode_sample, posterior_sample
+from sdjax.schedulers import add_noise, alphas_cumprod, velocity
 
 
 def latents_of(setup, params, batch, keys_B) -> jax.Array:
     """Scaled VAE posterior samples (b, h, w, C) float32 of the micro-batch's images (or cached moments)."""
     if "moments" in batch:
-        mean, logvar = jnp.split(batch["moments"].astype(jnp.float32), 2, axis=-1)
+        mean, logvar = jnp.split(batch["moments"], 2, axis=-1)
+        z = posterior_sample(mean, logvar, normal_rows(keys_B, mean.shape[1:]))
     else:
-        mean, logvar = setup.vae.apply({"params": params["vae"]}, batch["pixels"], method="encode")
-        mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
-    eps = _normal(keys_B, mean.shape[1:])
-    return jax.lax.stop_gradient((mean + jnp.exp(0.5 * logvar) * eps) * setup.scaling_factor)
+        z = encode_sample(setup.vae, params["vae"], batch["pixels"], keys_B)
+    return jax.lax.stop_gradient(z * setup.scaling_factor)
 
 
 def snr_weights(alpha_bar_B: jax.Array, gamma: float, prediction_type: str, floor: float = 0.0) -> jax.Array:
@@ -101,23 +90,22 @@ def diffusion_loss(setup, params, batch, key) -> tuple[jax.Array, jax.Array]:
     (v_prediction) or x0 (sample), in float32, optionally SNR weighted (`snr_weights`).
     """
     cfg = setup.config.objective
-    keys = _row_keys(key, batch["row"])
-    latent_keys, noise_keys, offset_keys, time_keys = _split(keys, 4)
+    keys = keys_for_rows(key, batch["row"])
+    latent_keys, noise_keys, offset_keys, time_keys = split_rows(keys, 4)
     x0 = latents_of(setup, params, batch, latent_keys)
-    noise = _normal(noise_keys, x0.shape[1:])
+    noise = normal_rows(noise_keys, x0.shape[1:])
     if cfg.noise_offset:
-        noise = noise + cfg.noise_offset * _normal(offset_keys, (1, 1, x0.shape[-1]))
+        noise = noise + cfg.noise_offset * normal_rows(offset_keys, (1, 1, x0.shape[-1]))
     train_steps = setup.schedule.num_train_timesteps
     t = sample_timesteps(cfg, train_steps, time_keys)
     abar = jnp.asarray(alphas_cumprod(setup.schedule))[t]
-    a = abar[:, None, None, None]
-    noisy = jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
+    noisy = add_noise(setup.schedule, x0, noise, t)
     context = setup.text_encoder.apply({"params": params["text_encoder"]}, batch["ids"])[0]
     pred = setup.unet.apply({"params": params["unet"]}, noisy, t, context).astype(jnp.float32)
     if setup.prediction_type == "epsilon":
         target = noise
     elif setup.prediction_type == "v_prediction":
-        target = jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * x0
+        target = velocity(setup.schedule, x0, noise, t)
     else:
         target = x0
     per_row = jnp.mean(jnp.square(pred - target), axis=(1, 2, 3))
@@ -130,11 +118,11 @@ def vae_loss(setup, params, batch, key) -> tuple[jax.Array, jax.Array]:
     """VAE loss of one micro-batch: per row, the pixel MSE of the reconstruction from a posterior sample
     plus kl_weight * KL(q(z|x) || N(0, I)) (summed over latent elements, as diffusers' `kl()`)."""
     cfg = setup.config.objective
-    keys = _row_keys(key, batch["row"])
+    keys = keys_for_rows(key, batch["row"])
     x = batch["pixels"]
     mean, logvar = setup.vae.apply({"params": params["vae"]}, x, method="encode")
     mean, logvar = mean.astype(jnp.float32), logvar.astype(jnp.float32)
-    z = mean + jnp.exp(0.5 * logvar) * _normal(keys, mean.shape[1:])
+    z = posterior_sample(mean, logvar, normal_rows(keys, mean.shape[1:]))
     recon = setup.vae.apply({"params": params["vae"]}, z, method="decode").astype(jnp.float32)
     mse = jnp.mean(jnp.square(recon - x.astype(jnp.float32)), axis=(1, 2, 3))
     kl = 0.5 * jnp.sum(jnp.square(mean) + jnp.exp(logvar) - 1.0 - logvar, axis=(1, 2, 3))

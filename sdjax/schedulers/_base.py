@@ -62,7 +62,8 @@ class Scheduler(abc.ABC):
     """A diffusion sampler: a frozen config (`schedule` plus family options) and pure functions over a state.
 
     Each family has an abstract base that implements the noise-level methods for its kind of sample
-    (`SigmaScheduler`, `VPSigmaScheduler`, `DiscreteScheduler`, marked `typing.final`); the schedulers are
+    (`SigmaScheduler`; on `UnitVarianceScheduler`, `VPSigmaScheduler` and `DiscreteScheduler`), its
+    methods marked `typing.final`; the schedulers are
     frozen dataclasses decorated with `typing.final` that implement the remaining abstract members and
     override nothing concrete.
     """
@@ -149,6 +150,19 @@ class Scheduler(abc.ABC):
             counter=jnp.zeros((), jnp.int32),
             history=self.init_history(tuple(sample_shape)),
         )
+
+
+class UnitVarianceScheduler(Scheduler):
+    """Families whose samples keep unit variance (variance preserving): the initial noise is used as drawn
+    and the model sees the sample itself. Its subclasses add `add_noise` for their tables."""
+
+    @final
+    def init_noise_sigma(self, state):
+        return jnp.float32(1.0)
+
+    @final
+    def scale_model_input(self, state, sample):
+        return sample
 
 
 def check_steps(num_steps, max_steps: int, num_train_timesteps: int) -> None:

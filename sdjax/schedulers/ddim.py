@@ -13,7 +13,7 @@ from typing import final
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.schedulers._base import Scheduler
+from sdjax.schedulers._base import UnitVarianceScheduler
 from sdjax.schedulers._common import NoiseSchedule, alphas_cumprod, spaced_timesteps
 
 
@@ -28,17 +28,9 @@ def discrete_x0_eps(prediction_type: str, model_output, sample, alpha_prod_t):
     return x0, alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * sample
 
 
-class DiscreteScheduler(Scheduler):
-    """The discrete-time families (DDIM, DDPM, PNDM): samples at unit variance, an "alpha_t" table of
-    alpha_bar at each call's timestep. Subclasses are final and implement the rest of `Scheduler`."""
-
-    @final
-    def init_noise_sigma(self, state):
-        return jnp.float32(1.0)
-
-    @final
-    def scale_model_input(self, state, sample):
-        return sample
+class DiscreteScheduler(UnitVarianceScheduler):
+    """The discrete-time families (DDIM, DDPM, PNDM): an "alpha_t" table of alpha_bar at each call's
+    timestep. Subclasses are final and implement the rest of `Scheduler`."""
 
     @final
     def add_noise(self, state, original, noise):

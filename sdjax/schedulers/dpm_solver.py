@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.schedulers._base import Scheduler
+from sdjax.schedulers._base import UnitVarianceScheduler
 from sdjax.schedulers._common import (
     NoiseSchedule,
     alphas_cumprod,
@@ -96,17 +96,9 @@ def vp_x0(prediction_type: str, model_output, sample, sigma):
     return model_output
 
 
-class VPSigmaScheduler(Scheduler):
-    """The multistep solvers (DPM-Solver++, UniPC): samples at unit variance (variance preserving), a
-    "sigmas" table of noise-to-signal ratios. Subclasses are final and implement the rest of `Scheduler`."""
-
-    @final
-    def init_noise_sigma(self, state):
-        return jnp.float32(1.0)
-
-    @final
-    def scale_model_input(self, state, sample):
-        return sample
+class VPSigmaScheduler(UnitVarianceScheduler):
+    """The multistep solvers (DPM-Solver++, UniPC): a "sigmas" table of noise-to-signal ratios of the
+    variance-preserving process. Subclasses are final and implement the rest of `Scheduler`."""
 
     @final
     def add_noise(self, state, original, noise):
