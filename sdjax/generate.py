@@ -323,7 +323,7 @@ def compile_generate(pipe, plan: Plan, inputs: Inputs, on_step=None, params=None
     return compiled
 
 
-def draw(pipe, plan: Plan, inputs: Inputs) -> np.ndarray:
+def draw_images(pipe, plan: Plan, inputs: Inputs) -> np.ndarray:
     """Runs the program for (plan, host inputs from `sdjax.request.prepare`) -> this process's drawn
     images, uint8 (rows, H, W, 3) numpy, padding rows dropped."""
     enable_default_cache()

@@ -16,7 +16,7 @@ from sdjax.convert import diffusers_folder, single_file
 from sdjax.convert.lora import lora_adapter
 from sdjax.convert.parts import ModelParts
 from sdjax.convert.textual_inversion import EmbeddingError, add_embedding, read_embedding
-from sdjax.generate import draw
+from sdjax.generate import draw_images
 from sdjax.memory import release_free_memory
 from sdjax.nn.lora import merge_lora
 from sdjax.request import prepare
@@ -54,7 +54,7 @@ class StableDiffusionPipeline(ModelParts):
             on every call on several devices.
         """
         plan, inputs = prepare(self, prompt, negative_prompt, **options)
-        return draw(self, plan, inputs)
+        return draw_images(self, plan, inputs)
 
     def on_mesh(self, mesh) -> StableDiffusionPipeline:
         """A new pipeline whose parameters live on `mesh` (a Mesh or a spec such as "data=8" or
