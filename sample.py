@@ -50,9 +50,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--height", type=int, default=None, help=SIZE_HELP)
     p.add_argument("--width", type=int, default=None, help=SIZE_HELP)
     p.add_argument("-n", "--batch-size", type=int, default=1, help="images per batch (default 1)")
-    p.add_argument("--micro-batch", type=int, default=1, help="images per UNet call (default 1: batch-invariant)")
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=None,
+        help="images per UNet call (default: 1 on the CPU, batch-invariant; a device's whole batch on GPUs/TPUs)",
+    )
     p.add_argument("--vae-tiling", action="store_true", help="decode in tiles (bounded memory for large images)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="parameter and compute dtype (default: float32 on the CPU, the parity mode; bfloat16 on GPUs/TPUs)",
+    )
     p.add_argument("--init-image", default=None, help="img2img / inpainting start image")
     p.add_argument("--strength", type=float, default=0.8, help="img2img denoising strength in [0, 1]")
     p.add_argument("--mask", default=None, help="inpainting mask (white = repaint), the init image's size")
@@ -114,9 +124,12 @@ def load_model(args, progress: Progress):
     import sdjax
 
     started = time.perf_counter()
-    progress.say(f"loading {args.model or 'the bundled demo model'} ({args.dtype})")
+    import jax
+
+    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    progress.say(f"loading {args.model or 'the bundled demo model'} ({dtype})")
     pipe = sdjax.load_pipeline(
-        args.model, dtype=args.dtype, config=args.config, prediction_type=args.prediction_type, vae=args.vae
+        args.model, dtype=dtype, config=args.config, prediction_type=args.prediction_type, vae=args.vae
     )
     for path in args.embedding:
         pipe = pipe.load_textual_inversion(path)

@@ -51,8 +51,9 @@ class GenerateOptions:
     strength: img2img/inpaint denoising strength in [0, 1] (default 0.8).
     guidance_rescale, clip_skip: as diffusers (clip_skip=1 is A1111's "Clip skip: 2").
     max_steps: the step count the program is compiled for (default: the next multiple of 50).
-    micro_batch_size: images per UNet call. 1 (default) makes each image bit-identical whatever the batch
-      size; larger groups are faster on GPUs/TPUs and change images only by float rounding.
+    micro_batch_size: images per UNet call. 1 makes each image bit-identical whatever the batch size (the
+      default on the CPU); larger groups are faster on GPUs/TPUs and change images only by float rounding
+      (the default there: every image of a device in one call).
     mesh: "all" (default: the batch split over every device; plain on a single device), a spec such as
       "data=2,fsdp=4", a `jax.sharding.Mesh`, or None (one device). Images are bit-identical whatever the
       mesh.
@@ -76,7 +77,7 @@ class GenerateOptions:
     guidance_rescale: float = 0.0
     clip_skip: int | None = None
     max_steps: int | None = None
-    micro_batch_size: int = 1
+    micro_batch_size: int | None = None
     mesh: Any = "all"
     loras: Sequence | None = None
     vae_tiling: bool = False
@@ -87,7 +88,10 @@ class GenerateOptions:
             (steps >= 1, f"num_inference_steps must be >= 1, got {self.num_inference_steps}"),
             (per_prompt >= 1, f"num_images_per_prompt must be >= 1, got {self.num_images_per_prompt}"),
             (0.0 <= float(self.strength) <= 1.0, f"strength must be in [0, 1], got {self.strength}"),
-            (int(self.micro_batch_size) >= 1, f"micro_batch_size must be >= 1, got {self.micro_batch_size}"),
+            (
+                self.micro_batch_size is None or int(self.micro_batch_size) >= 1,
+                f"micro_batch_size must be >= 1, got {self.micro_batch_size}",
+            ),
             (self.mask_image is None or self.image is not None, "mask_image needs an init image (image=...)"),
         )
         for ok, message in checks:
@@ -275,6 +279,16 @@ def _pad_rows(rows: dict[str, np.ndarray | None], count: int) -> dict[str, np.nd
     return {k: None if v is None else padded(v) for k, v in rows.items()}
 
 
+def _micro_batch(requested: int | None, rows: int, mesh: Mesh | None) -> int:
+    """Images per UNet call: as requested, else 1 on the CPU (batch-invariant images) and every row of a
+    device on GPUs and TPUs (their throughput grows with the batch); at most a device's rows."""
+    devices = 1 if mesh is None else sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    per_device = max(1, rows // devices)
+    if requested is None:
+        requested = 1 if jax.default_backend() == "cpu" else per_device
+    return min(int(requested), rows)
+
+
 def _adapters(pipe, loras):
     """[(LoRA file or adapter pytree, scale), ...] -> (adapters, {"unet": (n,), "text_encoder": (n,)});
     a scale is a float or {"unet": a, "text_encoder": b}."""
@@ -337,7 +351,7 @@ def prepare(
         mode=canvas.mode,
         clip_skip=None if opts.clip_skip is None else int(opts.clip_skip),
         noise_given=opts.latents is not None,
-        micro_batch=min(int(opts.micro_batch_size), rows),
+        micro_batch=_micro_batch(opts.micro_batch_size, rows, mesh),
         vae_tiling=bool(opts.vae_tiling),
         mesh=mesh,
     )

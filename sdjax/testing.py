@@ -8,6 +8,7 @@ activations stay O(1) through deep stacks; no parameter hides at exactly 0 or 1)
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.convert.diffusers_folder import MODEL_COMPONENTS, abstract_params
-from sdjax.nn.config_utils import read_json
+from sdjax.nn.config_utils import read_json, resolve_dtype
 from sdjax.pipeline import StableDiffusionPipeline
 from sdjax.tokenizer import CLIPTokenizer
 
@@ -95,6 +96,19 @@ def random_pipeline(
     `arch` is a name of ARCHS, or {"unet": config, "vae": config, "text_encoder": config} dicts (diffusers
     config.json keys); the tokenizer and scheduler config are those of the shipped folder `base`.
     """
+    pipe = abstract_pipeline(arch, base=base)
+    params = {
+        part: jax.tree.map(jnp.asarray, random_like(shapes, seed + i))
+        for i, (part, shapes) in enumerate(pipe.params.items())
+    }
+    return dataclasses.replace(pipe, params=params)
+
+
+def abstract_pipeline(
+    arch: str | Mapping[str, Mapping[str, Any]], dtype=jnp.float32, *, base: str = "stable-diffusion-v1-5"
+) -> StableDiffusionPipeline:
+    """A pipeline of `arch` (as `random_pipeline`) whose parameters are `jax.ShapeDtypeStruct`s of `dtype`:
+    enough to lower and compile its programs (for any target) without a byte of weights."""
     if isinstance(arch, str):
         if arch not in ARCHS:
             raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
@@ -106,17 +120,19 @@ def random_pipeline(
         label = arch
     else:
         folder, raw, label = DATA / base, {part: dict(config) for part, config in arch.items()}, "random"
+    dtype = resolve_dtype(dtype)
     modules, params = {}, {}
-    for i, spec in enumerate(MODEL_COMPONENTS):
-        module = spec.module_cls(spec.config_cls.from_dict(raw[spec.folder], what=f"{label} {spec.folder}"))
-        modules[spec.folder] = module
-        params[spec.folder] = jax.tree.map(jnp.asarray, random_like(abstract_params(module), seed + i))
+    for spec in MODEL_COMPONENTS:
+        config = spec.config_cls.from_dict(raw[spec.folder], what=f"{label} {spec.folder}")
+        modules[spec.folder] = spec.module_cls(config, dtype=dtype)
+        shapes = abstract_params(modules[spec.folder])
+        params[spec.folder] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), shapes)
     return StableDiffusionPipeline(
         **modules,
         tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
         scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
         params=params,
-        dtype=jnp.dtype(jnp.float32),
+        dtype=dtype,
     )
 
 
@@ -129,6 +145,7 @@ __all__ = [
     "TINY_CLIP",
     "TINY_UNET",
     "TINY_VAE",
+    "abstract_pipeline",
     "random_like",
     "random_pipeline",
 ]

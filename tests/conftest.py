@@ -25,6 +25,9 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tests run on the CPU; libtpu (in the test extra, to compile for TPU topologies without a TPU) would
+# otherwise look for TPU chips when JAX starts. Compiling for a topology works with this set.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The first process (pytest itself, or tests/run_suite.py) makes the directory; the processes it starts inherit it.
 _OWNS_CACHE = "SDJAX_TEST_SESSION_CACHE" not in os.environ
 if _OWNS_CACHE:

@@ -4,7 +4,8 @@ into another's private modules or names, and no two modules import each other in
 Layers, lowest first. A unit may import its own modules and any unit of a lower layer, never a peer of its
 own layer or anything above (imports inside functions and under TYPE_CHECKING count too):
 
-  0  sdjax.xla_options, sdjax.memory, sdjax.compile_cache, sdjax.keys, sdjax.images, sdjax.tokenizer
+  0  sdjax.xla_options, sdjax.memory, sdjax.compile_cache, sdjax.keys, sdjax.images, sdjax.tokenizer,
+     sdjax.targets
   1  sdjax.nn (modules, layers, LoRA math), sdjax.schedulers
   2  sdjax.convert (file formats <-> model parts), sdjax.prompts, sdjax.sharding
   3  sdjax.generate (the compiled program)
@@ -24,7 +25,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = (
-    ("sdjax.xla_options", "sdjax.memory", "sdjax.compile_cache", "sdjax.keys", "sdjax.images", "sdjax.tokenizer"),
+    (
+        "sdjax.xla_options",
+        "sdjax.memory",
+        "sdjax.compile_cache",
+        "sdjax.keys",
+        "sdjax.images",
+        "sdjax.tokenizer",
+        "sdjax.targets",
+    ),
     ("sdjax.nn", "sdjax.schedulers"),
     ("sdjax.convert", "sdjax.prompts", "sdjax.sharding"),
     ("sdjax.generate",),

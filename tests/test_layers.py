@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sdjax.nn.layers import Conv2d, Dense, Upsample2D, conv2d
+from sdjax.nn.kernels import conv2d
+from sdjax.nn.layers import Conv2d, Dense, Upsample2D
 
 
 def _xla_conv(x, kernel, stride, padding):

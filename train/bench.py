@@ -3,6 +3,9 @@
     python -m train.bench --arch sd15 --resolution 256 --batch-size 1 --steps 3 \
         --dtype float32,bfloat16 --remat none,full [--json F]
 
+With --target tpu:GENERATION:TOPOLOGY it compiles the shipped run configs' step for a TPU instead
+(deviceless, `target_report`): `--target tpu:v5e:16x16 --mesh fsdp=-1 --remat full --mode full,lora`.
+
 Each (dtype, remat) pair runs in its own process on random weights of the real architecture (configs
 shipped with sdjax): the update of `train.step` (AdamW, clipping, no EMA) on cached VAE latents, so the
 step is the UNet's forward + backward + the text encoder's forward. It prints compile time, the median step
@@ -21,6 +24,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _peak_rss() -> int:
@@ -99,6 +104,85 @@ def worker(arch: str, resolution: int, batch: int, steps: int, dtype: str, remat
     }
 
 
+def target_report(
+    target: str, arch: str, resolution: int, batch: int, modes: list[str], mesh_spec: str | None, remat: str | None
+) -> list[dict]:
+    """Deviceless: the shipped run configs' update step (configs/sd15_{mode}.py: bf16 compute, float32
+    master weights, their grad_accum and EMA) compiled for every chip of a TPU topology over a
+    ("data", "fsdp") mesh, `batch` images per chip per micro-batch; parameters as shapes (no weights).
+    Per mode: compile time, per-chip FLOPs, bytes, time (`sdjax.targets`) and memory, and whether it fits."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from sdjax import sharding, targets
+    from sdjax.testing import abstract_pipeline
+    from train import model
+    from train.config import load_config_file
+    from train.step import batch_shardings, init_state, make_optimizer, shardings_of, train_step
+
+    generation, topology = targets.parse_target(target)
+    chip = targets.CHIPS[generation]
+    devices = targets.topology_devices(generation, topology)
+    mesh = sharding.make_mesh(mesh_spec, devices)
+    pipe = abstract_pipeline(arch)
+    rows = []
+    for mode in modes:
+        config = load_config_file(str(CONFIGS / f"sd15_{mode}.py")).replace(
+            model=f"random:{arch}", batch_size=batch * len(devices), resolution=resolution
+        )
+        if remat is not None:
+            config = config.replace(remat=remat)
+        setup = model.make_setup(config, pipe)
+        optimizer = make_optimizer(config.optim)
+        trainable, frozen = model.split_params(setup, jax.random.key(0))
+        key_data = jax.random.key_data(jax.random.key(0))
+        init = functools.partial(init_state, key_data=key_data, optimizer=optimizer, ema=config.optim.ema_decay > 0)
+        state = jax.eval_shape(init, trainable)
+        accum, global_batch = config.optim.grad_accum, config.optim.batch_size
+        batch_arrays = {
+            "pixels": jax.ShapeDtypeStruct((accum, global_batch, resolution, resolution, 3), jnp.float32),
+            "ids": jax.ShapeDtypeStruct((accum, global_batch, 77), jnp.int32),
+            "row": jax.ShapeDtypeStruct((accum, global_batch), jnp.int32),
+            "weight": jax.ShapeDtypeStruct((accum, global_batch), jnp.float32),
+            "count": jax.ShapeDtypeStruct((accum, global_batch), jnp.float32),
+        }
+        shardings = (shardings_of(state, mesh), shardings_of(frozen, mesh), batch_shardings(batch_arrays, mesh))
+        args = [
+            jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, where)
+            for tree, where in zip((state, frozen, batch_arrays), shardings, strict=True)
+        ]
+        replicated = NamedSharding(mesh, PartitionSpec())
+        step = jax.jit(
+            functools.partial(train_step, setup=setup, optimizer=optimizer),
+            in_shardings=shardings,
+            out_shardings=(shardings[0], {"loss": replicated, "grad_norm": replicated}),
+            donate_argnums=(0,),
+        )
+        with jax.set_mesh(mesh):
+            row = targets.analyse(step.lower(*args), chip)
+        row.update(mode=mode, target=target, mesh=dict(mesh.shape), batch_per_chip=batch, grad_accum=accum)
+        row["fits"] = row["total_bytes"] <= chip.hbm_bytes
+        row["images_per_s_chip"] = batch * accum / row["time_s"]
+        rows.append(row)
+        print(
+            f"{mode:5s} {target} mesh {dict(mesh.shape)}: compile {row['compile_s']:.0f} s, "
+            f"{row['flops'] / 1e12:.2f} TFLOP and {row['bytes_accessed'] / 1e9:.2f} GB per chip, "
+            f"{row['time_s'] * 1e3:.1f} ms (cost model {_ms(row['optimal_seconds'])}, roofline "
+            f"{row['roofline_s'] * 1e3:.1f}), {row['images_per_s_chip']:.1f} images/s per chip, memory "
+            f"{row['total_bytes'] / 2**30:.2f} GiB (temp {row['temp_bytes'] / 2**30:.2f}): "
+            f"{'fits' if row['fits'] else 'does NOT fit'} in {chip.hbm_bytes / 2**30:.0f} GiB",
+            flush=True,
+        )
+    return rows
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}" if seconds > 0 else "none"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="sd15", help="sd15, sd21, sd21-base or tiny")
@@ -108,8 +192,24 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32,bfloat16")
     p.add_argument("--remat", default="none,full")
     p.add_argument("--json", default=None)
+    p.add_argument("--target", default=None, help="compile for a TPU topology instead (tpu:v5e:2x2); needs libtpu")
+    p.add_argument("--mode", default="full,lora", help="with --target: configs/sd15_{mode}.py runs (full, lora)")
+    p.add_argument("--mesh", default=None, help="with --target: e.g. fsdp=4 or data=16,fsdp=16 (default: data)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.target:
+        rows = target_report(
+            args.target,
+            args.arch,
+            args.resolution,
+            args.batch_size,
+            args.mode.split(","),
+            args.mesh,
+            None if "," in args.remat else args.remat,  # default: the run config's own (full)
+        )
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        return 0
     if args.worker:
         print(json.dumps(worker(args.arch, args.resolution, args.batch_size, args.steps, args.dtype, args.remat)))
         return 0

@@ -40,7 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     source.add_argument("--model", default=None, help="a diffusers-format folder")
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=512)
-    p.add_argument("--batch", type=int, default=1, help="images (one UNet CFG step runs 2x this batch)")
+    p.add_argument(
+        "--batch",
+        type=_batches,
+        default=[1],
+        help="images (one UNet CFG step runs 2x this batch); with --target a list of per-chip batches, e.g. 1,2,4",
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--scheduler", choices=NAMES, default="euler")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -49,14 +54,54 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--inner", type=int, default=1, help="timed calls per component per process (median)")
     p.add_argument("--json", default=None, help="write every number to this file")
     p.add_argument("--plot", default=None, help="write a bar chart (PNG) to this file")
+    p.add_argument(
+        "--target",
+        default=None,
+        help="compile for an accelerator instead of running: tpu:GENERATION:TOPOLOGY, e.g. tpu:v5e:2x2 "
+        "(deviceless; needs libtpu, pip install -e '.[tpu-aot]')",
+    )
     p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     p.add_argument("--job", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.height % 8 or args.width % 8:
         p.error("--height and --width must be multiples of 8")
-    if args.repeats < 1 or args.inner < 1 or args.batch < 1 or args.steps < 1:
+    if args.repeats < 1 or args.inner < 1 or min(args.batch) < 1 or args.steps < 1:
         p.error("--repeats, --inner, --batch and --steps must be >= 1")
+    if args.target is None and len(args.batch) > 1:
+        p.error("several batches (--batch 1,2,4) need --target")
     return args
+
+
+def _batches(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch takes integers separated by commas, got {text!r}") from None
+
+
+def _target(args) -> int:
+    """--target: the deviceless compile report (sdjax.bench.target) instead of a timed run."""
+    import sdjax
+    from sdjax.bench import target
+    from sdjax.testing import abstract_pipeline
+
+    if args.model:
+        pipe = sdjax.load_pipeline(args.model, dtype=args.dtype, weights=False)
+    else:
+        pipe = abstract_pipeline(args.arch or "sd15", dtype=args.dtype)
+    result = target.report(
+        pipe,
+        target=args.target,
+        batches=args.batch,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        scheduler=args.scheduler,
+    )
+    print(target.table(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
 
 
 def _run_worker(framework: str, job: Job) -> dict:
@@ -91,7 +136,7 @@ def run(args) -> dict:
                 model=model,
                 height=args.height,
                 width=args.width,
-                batch=args.batch,
+                batch=args.batch[0],
                 steps=args.steps,
                 scheduler=args.scheduler,
                 dtype=args.dtype,
@@ -201,6 +246,8 @@ def main(argv=None) -> int:
         worker_main(args.worker, args.job)
         return 0
     try:
+        if args.target:
+            return _target(args)
         report = run(args)
     except (RuntimeError, ValueError, OSError) as err:
         print(f"sdjax.bench: error: {err}", file=sys.stderr)

@@ -61,11 +61,11 @@ def _timed(fn, inner: int) -> float:
 
 def gemm_rate(dtype: str, n: int = 2048) -> float:
     """FLOP/s of an n x n x n matrix multiply in `dtype` through XLA on the default device, accumulated as
-    sdjax's layers accumulate (float32 for half precision: `sdjax.nn.layers.matmul`)."""
+    sdjax's layers accumulate (float32 for half precision: `sdjax.nn.kernels.matmul`)."""
     import jax.numpy as jnp
 
     from sdjax import xla_options
-    from sdjax.nn.layers import matmul
+    from sdjax.nn.kernels import matmul
 
     a = jnp.ones((n, n), dtype)
     f = xla_options.jit(matmul)

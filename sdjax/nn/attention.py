@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from sdjax.nn.precision import precision
+
 # Score matrices up to this size are computed in one piece. Above it, queries are chunked so that one
 # chunk's scores stay at or below it.
 SCORE_BUDGET_BYTES = 256 * 2**20
@@ -36,14 +38,20 @@ def _attend(q_BHQD, k_BHKD, v_BHKD, scale: float, upcast: bool, mask_QK):
         q_BHQD = q_BHQD.astype(jnp.float32)
         k_BHKD = k_BHKD.astype(jnp.float32)
     scaled_BHQD = q_BHQD * jnp.asarray(scale, q_BHQD.dtype)
-    # Half-precision products accumulate in float32 (XLA:CPU's fast bf16 path; see layers.accumulator).
-    scores_BHQK = jnp.einsum("bhqd,bhkd->bhqk", scaled_BHQD, k_BHKD, preferred_element_type=jnp.float32)
+    # Half-precision products accumulate in float32 (see sdjax.nn.precision).
+    scores_BHQK = jnp.einsum(
+        "bhqd,bhkd->bhqk", scaled_BHQD, k_BHKD, precision=precision(k_BHKD.dtype), preferred_element_type=jnp.float32
+    )
     if mask_QK is not None:
         scores_BHQK = jnp.where(mask_QK, scores_BHQK, jnp.finfo(jnp.float32).min)
     weights_BHQK = jnp.exp(scores_BHQK - scores_BHQK.max(axis=-1, keepdims=True))
     total_BHQ1 = weights_BHQK.sum(axis=-1, keepdims=True)
     out_BHQD = jnp.einsum(
-        "bhqk,bhkd->bhqd", weights_BHQK.astype(v_BHKD.dtype), v_BHKD, preferred_element_type=jnp.float32
+        "bhqk,bhkd->bhqd",
+        weights_BHQK.astype(v_BHKD.dtype),
+        v_BHKD,
+        precision=precision(v_BHKD.dtype),
+        preferred_element_type=jnp.float32,
     )
     return (out_BHQD / total_BHQ1).astype(v_BHKD.dtype)
 

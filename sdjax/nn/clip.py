@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdjax.nn.attention import dot_product_attention
+from sdjax.nn import kernels
 from sdjax.nn.config_utils import config_from_dict, config_to_dict
 from sdjax.nn.layers import Dense, layer_norm
 
@@ -85,7 +85,7 @@ class _SelfAttention(nn.Module):
         b, length, dim = x_BLD.shape
         split = lambda t: t.reshape(b, length, self.heads, dim // self.heads)
         q, k, v = (split(Dense(dim, dtype=self.dtype, name=n)(x_BLD)) for n in ("q_proj", "k_proj", "v_proj"))
-        out = dot_product_attention(q, k, v, causal=True).reshape(b, length, dim)
+        out = kernels.attention(q, k, v, causal=True).reshape(b, length, dim)
         return Dense(dim, dtype=self.dtype, name="out_proj")(out)
 
 

@@ -6,7 +6,6 @@ parameter path joined with "." is the PyTorch state-dict name (see `sdjax.conver
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
@@ -15,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.nn.attention import dot_product_attention
+from sdjax.nn import kernels
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
@@ -63,97 +62,6 @@ def layer_norm(epsilon: float, dtype, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=epsilon, dtype=dtype, use_fast_variance=False, name=name)
 
 
-# 3x3 convolutions on feature maps of at most this many positions run as one matrix product over the nine
-# shifted copies of the input (im2col): on XLA:CPU the product is faster than the convolution on SD's small
-# maps, the convolution on 32x32 and larger ones (README, "Kernel choices on XLA:CPU").
-IM2COL_MAX_POSITIONS = 256
-# In bfloat16/float16, 3x3 convolutions on maps of up to this many positions run as one product per kernel
-# row (the row's shifted copies side by side): XLA:CPU's convolution computes bf16 at its float32 rate,
-# the bf16 product with float32 accumulation up to twice as fast; from 256x256 on, the convolution is as
-# fast or faster (README, "Kernel choices on XLA:CPU").
-ROWS_MAX_POSITIONS = 128 * 128
-
-
-def accumulator(dtype) -> jnp.dtype | None:
-    """The dtype products of `dtype` operands accumulate and come out in: float32 for bfloat16 and float16
-    (as PyTorch's CPU and GPU kernels do), None (the operands' own) otherwise. On CPUs with AVX512-BF16,
-    XLA's bf16 x bf16 -> f32 dot is the fast one; bf16 -> bf16 goes through float32-rate kernels."""
-    return jnp.float32 if jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else None
-
-
-def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x (..., K) @ w (K, N) -> (..., N), accumulated (and returned) in `accumulator(x.dtype)`."""
-    dims = (((x.ndim - 1,), (0,)), ((), ()))
-    return jax.lax.dot_general(x, w, dims, preferred_element_type=accumulator(x.dtype))
-
-
-def _conv_nhwc(x_BHWC, kernel_HWIO, stride: int, padding: int) -> jax.Array:
-    """Convolution with symmetric zero padding, accumulated (and returned) in `accumulator(x.dtype)`."""
-    pad = ((padding, padding), (padding, padding))
-    return jax.lax.conv_general_dilated(
-        x_BHWC,
-        kernel_HWIO,
-        (stride, stride),
-        pad,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        preferred_element_type=accumulator(x_BHWC.dtype),
-    )
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv2d(x_BHWC: jax.Array, kernel_HWIO: jax.Array, stride: int, padding: int) -> jax.Array:
-    """A 2-D convolution (NHWC, HWIO, symmetric padding) whose gradients are matrix products.
-
-    XLA:CPU computes the kernel gradient of a convolution far slower than the forward pass, and both
-    gradients slower again inside a loop (`lax.scan`, as in gradient accumulation; README, "Kernel choices
-    on XLA:CPU"). Here the kernel gradient is one product per kernel tap (strided window of the input
-    against the output gradient) and the input gradient a convolution with the flipped kernel (stride 1)
-    or a sum of per-tap products (stride 2), in a loop or not, equal to XLA's gradients up to float
-    rounding. Half-precision operands accumulate and come out in float32
-    (`accumulator`).
-    """
-    return _conv_nhwc(x_BHWC, kernel_HWIO, stride, padding)
-
-
-def _conv2d_fwd(x_BHWC, kernel_HWIO, stride, padding):
-    return _conv_nhwc(x_BHWC, kernel_HWIO, stride, padding), (x_BHWC, kernel_HWIO)
-
-
-def _conv2d_bwd(stride, padding, residuals, dy_BHWO):
-    x_BHWC, kernel = residuals
-    dy_BHWO = dy_BHWO.astype(x_BHWC.dtype)
-    acc = accumulator(x_BHWC.dtype)
-    k = kernel.shape[0]
-    h_out, w_out = dy_BHWO.shape[1:3]
-    padded = jnp.pad(x_BHWC, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
-    rows = lambda i: slice(i, i + stride * (h_out - 1) + 1, stride)
-    cols = lambda j: slice(j, j + stride * (w_out - 1) + 1, stride)
-    taps = [
-        [
-            jnp.einsum("bhwc,bhwo->co", padded[:, rows(i), cols(j)], dy_BHWO, preferred_element_type=acc)
-            for j in range(k)
-        ]
-        for i in range(k)
-    ]
-    d_kernel = jnp.stack([jnp.stack(row) for row in taps]).astype(kernel.dtype)
-    if stride == 1:
-        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
-        dx = _conv_nhwc(dy_BHWO, flipped.astype(dy_BHWO.dtype), 1, k - 1 - padding)
-    else:
-        d_padded = jnp.zeros(padded.shape, acc or dy_BHWO.dtype)
-        for i in range(k):
-            for j in range(k):
-                tap = jnp.einsum(
-                    "bhwo,co->bhwc", dy_BHWO, kernel[i, j].astype(dy_BHWO.dtype), preferred_element_type=acc
-                )
-                d_padded = d_padded.at[:, rows(i), cols(j)].add(tap)
-        dx = d_padded[:, padding : padding + x_BHWC.shape[1], padding : padding + x_BHWC.shape[2]]
-    return dx.astype(x_BHWC.dtype), d_kernel
-
-
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
-
-
 class Conv2d(nn.Module):
     """A 2-D convolution on NHWC input with PyTorch's symmetric padding; params `kernel` (HWIO) and `bias`."""
 
@@ -169,40 +77,7 @@ class Conv2d(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x_BHWC.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         x_BHWC, kernel = x_BHWC.astype(self.dtype), kernel.astype(self.dtype)
-        h, w = x_BHWC.shape[1:3]
-        if k == 1 and self.stride == 1 and self.padding == 0 and accumulator(self.dtype) is not None:
-            # half precision: the product's fast path (in float32 XLA's convolution needs less temporary
-            # memory at the same speed: README, "Kernel choices on XLA:CPU")
-            y = matmul(x_BHWC, kernel[0, 0])
-        elif k == 3 and self.stride == 1 and self.padding == 1 and _as_products(h * w, self.dtype):
-            y = _valid_conv_as_products(jnp.pad(x_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0))), kernel)
-        else:
-            y = conv2d(x_BHWC, kernel, self.stride, self.padding)
-        return _add_bias(y, bias, self.dtype)
-
-
-def _as_products(positions: int, dtype) -> bool:
-    """Whether a stride-1 convolution with `positions` output positions runs as matrix products."""
-    limit = ROWS_MAX_POSITIONS if accumulator(dtype) is not None else IM2COL_MAX_POSITIONS
-    return positions <= limit
-
-
-def _valid_conv_as_products(padded_BHWC: jax.Array, kernel_HWIO: jax.Array) -> jax.Array:
-    """Unpadded stride-1 convolution as matrix products (output in `accumulator(dtype)`): on small maps
-    (IM2COL_MAX_POSITIONS) one product over all kh*kw shifted copies of the input side by side, on larger
-    ones one product per kernel row over its kw shifted copies, summed."""
-    kh, kw, c, o = kernel_HWIO.shape
-    h = padded_BHWC.shape[1] - kh + 1
-    w = padded_BHWC.shape[2] - kw + 1
-    if h * w <= IM2COL_MAX_POSITIONS:
-        taps = [padded_BHWC[:, i : i + h, j : j + w] for i in range(kh) for j in range(kw)]
-        return matmul(jnp.concatenate(taps, axis=-1), kernel_HWIO.reshape(kh * kw * c, o))
-    rows_BHWK = jnp.concatenate([padded_BHWC[:, :, j : j + w] for j in range(kw)], axis=-1)
-    y = None
-    for i in range(kh):
-        part = matmul(rows_BHWK[:, i : i + h], kernel_HWIO[i].reshape(kw * c, o))
-        y = part if y is None else y + part
-    return y
+        return _add_bias(kernels.conv(x_BHWC, kernel, self.stride, self.padding), bias, self.dtype)
 
 
 def _add_bias(y: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:
@@ -214,7 +89,7 @@ def _add_bias(y: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:
 
 class Dense(nn.Module):
     """A linear layer over the last axis, params `kernel` (in, out) and `bias`, as flax's `nn.Dense`, but
-    half-precision inputs accumulate in float32 and the bias is added before rounding (see `accumulator`)."""
+    half-precision inputs accumulate in float32 and the bias is added before rounding (see `sdjax.nn.precision`)."""
 
     features: int
     use_bias: bool = True
@@ -224,7 +99,7 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
-        return _add_bias(matmul(x.astype(self.dtype), kernel.astype(self.dtype)), bias, self.dtype)
+        return _add_bias(kernels.matmul(x.astype(self.dtype), kernel.astype(self.dtype)), bias, self.dtype)
 
 
 def conv(features: int, kernel: int, name: str | None, dtype, stride: int = 1, padding: int | None = None) -> Conv2d:
@@ -286,7 +161,7 @@ class AttentionPooling(nn.Module):
         q = heads(Dense(d, dtype=self.dtype, name="q_proj")(query_B1D))
         k = heads(Dense(d, dtype=self.dtype, name="k_proj")(tokens_BKD))
         v = heads(Dense(d, dtype=self.dtype, name="v_proj")(tokens_BKD))
-        return dot_product_attention(q, k, v).reshape(b, d)
+        return kernels.attention(q, k, v).reshape(b, d)
 
 
 class TextTimeEmbedding(nn.Module):
@@ -408,11 +283,7 @@ class _UpsampleConv(nn.Module):
         x_BHWC = x_BHWC.astype(self.dtype)
         kernel_all = _subpixel_kernels(kernel.astype(self.dtype))
         padded = jnp.pad(x_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        if _as_products((h + 1) * (w + 1), self.dtype):
-            y = _valid_conv_as_products(padded, kernel_all)
-        else:
-            y = conv2d(padded, kernel_all, 1, 0)
-        y = y.reshape(b, h + 1, w + 1, 2, 2, self.features)
+        y = kernels.valid_conv(padded, kernel_all).reshape(b, h + 1, w + 1, 2, 2, self.features)
         rows = [jnp.stack([y[:, a : a + h, bb : bb + w, a, bb] for bb in range(2)], axis=3) for a in range(2)]
         y = jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, self.features)
         return _add_bias(y, bias, self.dtype)
@@ -443,7 +314,7 @@ class CrossAttention(nn.Module):
         k = Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context_BMD)
         v = Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context_BMD)
         split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.head_dim)
-        out = dot_product_attention(split(q), split(k), split(v), upcast=self.upcast)
+        out = kernels.attention(split(q), split(k), split(v), upcast=self.upcast)
         out = out.reshape(out.shape[0], out.shape[1], inner)
         return Dense(x_BNC.shape[-1], dtype=self.dtype, name="to_out.0")(out)
 
@@ -548,6 +419,6 @@ class SpatialSelfAttention(nn.Module):
         b, hgt, wid, c = x_BHWC.shape
         h = GroupNorm(self.groups, self.eps, self.dtype, name="group_norm")(x_BHWC).reshape(b, hgt * wid, c)
         q, k, v = (Dense(c, dtype=self.dtype, name=n)(h)[:, :, None, :] for n in ("to_q", "to_k", "to_v"))
-        out = dot_product_attention(q, k, v).reshape(b, hgt * wid, c)
+        out = kernels.attention(q, k, v).reshape(b, hgt * wid, c)
         out = Dense(c, dtype=self.dtype, name="to_out.0")(out)
         return out.reshape(b, hgt, wid, c) + x_BHWC

@@ -1,0 +1,109 @@
+"""Deviceless reports for accelerator targets: sdjax's programs compiled for a TPU topology on this host.
+
+    python -m sdjax.bench --target tpu:v5e:2x2 --arch sd15 --height 512 --width 512 --dtype bfloat16 \
+        --steps 50 --batch 1,2,4 --json tpu.json
+
+libtpu (`pip install -e '.[tpu-aot]'`) runs the real TPU compiler on the CPU over abstract chips
+(`jax.experimental.topologies`); no weights are read (the parameters are shapes). For each per-chip batch
+it compiles the UNet CFG step, the VAE decode and the whole-image program (text encoding, every sampler
+step, the decode) on one chip and reads the compiler's cost analysis (FLOPs, HBM bytes, its own time
+estimate `optimal_seconds`, -1 where it has none) and memory analysis (arguments, outputs, temporaries per
+chip). A program's time is the cost model's where it gives one, else its roofline max(FLOPs / peak,
+bytes / bandwidth); an image batch takes (model calls x UNet step + decode). Images/s per chip and per
+slice (chips x per chip: the images are independent) follow, and "fits" compares the whole-image
+program's memory with the chip's HBM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sdjax.targets import CHIPS, analyse, on_device, parse_target, topology_devices
+
+PROMPT = "a photo of an astronaut riding a horse on mars"
+
+
+def report(pipe, *, target: str, batches, height: int, width: int, steps: int, scheduler: str) -> dict:
+    """The deviceless report of `pipe` (parameters may be shapes) for each per-chip batch."""
+    from sdjax.generate import place_inputs, program
+    from sdjax.request import prepare
+
+    generation, topology = parse_target(target)
+    chip = CHIPS[generation]
+    devices = topology_devices(generation, topology)
+    device = devices[0]
+    params = on_device(device, pipe.params)
+    factor = pipe.vae_scale_factor
+    latent = (height // factor, width // factor)
+    rows = []
+    for batch in batches:
+        row = {"batch": batch}
+        x = jax.ShapeDtypeStruct((2 * batch, *latent, pipe.unet.config.in_channels), pipe.dtype)
+        t = jax.ShapeDtypeStruct((2 * batch,), jnp.float32)
+        context = jax.ShapeDtypeStruct((2 * batch, 77, pipe.unet.config.cross_attention_dim), pipe.dtype)
+        unet = jax.jit(lambda p, x, t, c: pipe.unet.apply({"params": p}, x, t, c))
+        row["unet_step"] = analyse(unet.lower(params["unet"], *on_device(device, (x, t, context))), chip)
+        z = jax.ShapeDtypeStruct((batch, *latent, pipe.vae.config.latent_channels), pipe.dtype)
+        decode = jax.jit(lambda p, z: pipe.vae.apply({"params": p}, z, method="decode"))
+        row["vae_decode"] = analyse(decode.lower(params["vae"], on_device(device, z)), chip)
+        plan, inputs = prepare(
+            pipe,
+            [PROMPT] * batch,
+            num_inference_steps=steps,
+            max_steps=steps,
+            height=height,
+            width=width,
+            scheduler=scheduler,
+            micro_batch_size=batch,
+            mesh=None,
+        )
+        static = dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, plan=plan)
+        image = program("tpu").lower(params, on_device(device, place_inputs(inputs, None)), **static)
+        row["image"] = analyse(image, chip)
+        calls = plan.scheduler.num_model_calls(steps)
+        seconds = calls * row["unet_step"]["time_s"] + row["vae_decode"]["time_s"]
+        row["image_batch_s"] = seconds
+        row["images_per_s_chip"] = batch / seconds
+        row["images_per_s_slice"] = batch * len(devices) / seconds
+        row["fits"] = row["image"]["total_bytes"] <= chip.hbm_bytes
+        rows.append(row)
+    return {
+        "target": target,
+        "chips": len(devices),
+        "chip": dataclasses.asdict(chip),
+        "height": height,
+        "width": width,
+        "steps": steps,
+        "scheduler": scheduler,
+        "dtype": str(pipe.dtype),
+        "rows": rows,
+        "largest_fitting_batch": max((r["batch"] for r in rows if r["fits"]), default=0),
+    }
+
+
+def table(result: dict) -> str:
+    """The report as a text table, one line per per-chip batch."""
+    head = (
+        f"{result['target']} ({result['chips']} chips), {result['width']}x{result['height']}, {result['dtype']}, "
+        f"{result['steps']} steps ({result['scheduler']}); per chip:"
+    )
+    lines = [
+        head,
+        "batch | UNet step ms (est / roofline) | TFLOP | GB moved | decode ms | image batch s | images/s chip | "
+        "images/s slice | memory GiB (temp) | fits | compile s (step, image)",
+    ]
+    for r in result["rows"]:
+        u, d, i = r["unet_step"], r["vae_decode"], r["image"]
+        est = f"{u['optimal_seconds'] * 1e3:.2f}" if u["optimal_seconds"] > 0 else "-"
+        lines.append(
+            f"{r['batch']:5d} | {est} / {u['roofline_s'] * 1e3:.2f} | {u['flops'] / 1e12:.2f} | "
+            f"{u['bytes_accessed'] / 1e9:.2f} | {d['time_s'] * 1e3:.1f} | {r['image_batch_s']:.2f} | "
+            f"{r['images_per_s_chip']:.2f} | {r['images_per_s_slice']:.1f} | {i['total_bytes'] / 2**30:.2f} "
+            f"({i['temp_bytes'] / 2**30:.2f}) | {'yes' if r['fits'] else 'NO'} | "
+            f"{u['compile_s']:.0f}, {i['compile_s']:.0f}"
+        )
+    lines.append(f"largest per-chip batch that fits: {result['largest_fitting_batch']} of those tried")
+    return "\n".join(lines)

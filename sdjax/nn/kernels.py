@@ -1,0 +1,307 @@
+"""The kernels behind the layers, chosen per target platform: attention, convolutions and products.
+
+The layers call `attention`, `conv`, `valid_conv`, `conv2d` and `matmul` and never name a backend. Each
+choice is made with `jax.lax.platform_dependent`, so it follows the platform a program is lowered for (a
+TPU topology compiled on a CPU host gets the TPU kernels; `jax.default_backend()` would say "cpu"), and
+only the chosen branch is lowered. The measurements behind each choice are in the README ("Kernel
+choices on XLA:CPU" and "Accelerators: TPU and GPU").
+
+| operation              | cpu                                | tpu                       | cuda / rocm               |
+|------------------------|------------------------------------|---------------------------|---------------------------|
+| attention (not causal) | query-chunked einsum (attention.py)| Pallas flash attention    | cuDNN fused attention if  |
+|                        |                                    | (heads, tokens padded)    | its limits allow, else cpu|
+| 3x3 conv, small maps   | products over shifted copies       | XLA convolution           | XLA convolution           |
+| 1x1 conv, half prec.   | one matrix product                 | XLA convolution           | XLA convolution           |
+| conv gradients         | per-tap matrix products            | XLA's                     | XLA's                     |
+
+Precision: float32 products and convolutions ask for `Precision.HIGHEST` (the parity mode: GPUs would use
+TF32 and TPUs bf16 passes by default); half-precision operands accumulate in float32 (`accumulator`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from sdjax.nn.attention import dot_product_attention as chunked_attention
+from sdjax.nn.precision import accumulator, precision
+
+# 3x3 convolutions on feature maps of at most this many positions run on the CPU as one matrix product
+# over the nine shifted copies of the input (im2col); in half precision up to ROWS_MAX_POSITIONS as one
+# product per kernel row.
+IM2COL_MAX_POSITIONS = 256
+ROWS_MAX_POSITIONS = 128 * 128
+# The Pallas TPU flash kernel works on blocks of 128 tokens and head dims that are multiples of 128.
+TPU_LANES = 128
+
+
+def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x (..., K) @ w (K, N) -> (..., N), accumulated (and returned) in `accumulator(x.dtype)`."""
+    dims = (((x.ndim - 1,), (0,)), ((), ()))
+    return jax.lax.dot_general(x, w, dims, precision=precision(x.dtype), preferred_element_type=accumulator(x.dtype))
+
+
+# ---------------------------------------------------------------------------------------------- convolutions
+
+
+def _conv_nhwc(x_BHWC, kernel_HWIO, stride: int, padding: int) -> jax.Array:
+    """XLA's convolution with symmetric zero padding, accumulated (and returned) in `accumulator`."""
+    pad = ((padding, padding), (padding, padding))
+    return jax.lax.conv_general_dilated(
+        x_BHWC,
+        kernel_HWIO,
+        (stride, stride),
+        pad,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=precision(x_BHWC.dtype),
+        preferred_element_type=accumulator(x_BHWC.dtype),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv2d(x_BHWC: jax.Array, kernel_HWIO: jax.Array, stride: int, padding: int) -> jax.Array:
+    """A 2-D convolution (NHWC, HWIO, symmetric padding) with per-backend gradients.
+
+    On the CPU the gradients are matrix products: XLA:CPU computes a convolution's kernel gradient far
+    slower than the forward pass, and both gradients slower again inside a loop (`lax.scan`, as in gradient
+    accumulation). There the kernel gradient is one product per kernel tap (strided window of the input
+    against the output gradient) and the input gradient a convolution with the flipped kernel (stride 1) or
+    a sum of per-tap products (stride 2), equal to XLA's up to float rounding. Elsewhere XLA's own.
+    """
+    return _conv_nhwc(x_BHWC, kernel_HWIO, stride, padding)
+
+
+def _conv2d_fwd(x_BHWC, kernel_HWIO, stride, padding):
+    return _conv_nhwc(x_BHWC, kernel_HWIO, stride, padding), (x_BHWC, kernel_HWIO)
+
+
+def _conv2d_bwd_xla(stride, padding, x_BHWC, kernel, dy_BHWO):
+    _, pullback = jax.vjp(lambda x, k: _conv_nhwc(x, k, stride, padding), x_BHWC, kernel)
+    return pullback(dy_BHWO.astype(accumulator(x_BHWC.dtype) or x_BHWC.dtype))
+
+
+def _conv2d_bwd_products(stride, padding, x_BHWC, kernel, dy_BHWO):
+    dy_BHWO = dy_BHWO.astype(x_BHWC.dtype)
+    acc = accumulator(x_BHWC.dtype)
+    k = kernel.shape[0]
+    h_out, w_out = dy_BHWO.shape[1:3]
+    padded = jnp.pad(x_BHWC, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    rows = lambda i: slice(i, i + stride * (h_out - 1) + 1, stride)
+    cols = lambda j: slice(j, j + stride * (w_out - 1) + 1, stride)
+    taps = [
+        [
+            jnp.einsum("bhwc,bhwo->co", padded[:, rows(i), cols(j)], dy_BHWO, preferred_element_type=acc)
+            for j in range(k)
+        ]
+        for i in range(k)
+    ]
+    d_kernel = jnp.stack([jnp.stack(row) for row in taps]).astype(kernel.dtype)
+    if stride == 1:
+        flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
+        dx = _conv_nhwc(dy_BHWO, flipped.astype(dy_BHWO.dtype), 1, k - 1 - padding)
+    else:
+        d_padded = jnp.zeros(padded.shape, acc or dy_BHWO.dtype)
+        for i in range(k):
+            for j in range(k):
+                tap = jnp.einsum(
+                    "bhwo,co->bhwc", dy_BHWO, kernel[i, j].astype(dy_BHWO.dtype), preferred_element_type=acc
+                )
+                d_padded = d_padded.at[:, rows(i), cols(j)].add(tap)
+        dx = d_padded[:, padding : padding + x_BHWC.shape[1], padding : padding + x_BHWC.shape[2]]
+    return dx.astype(x_BHWC.dtype), d_kernel
+
+
+def _conv2d_bwd(stride, padding, residuals, dy_BHWO):
+    x_BHWC, kernel = residuals
+
+    def cast(grads):
+        dx, dk = grads
+        return dx.astype(x_BHWC.dtype), dk.astype(kernel.dtype)
+
+    branches = {
+        "cpu": lambda *a: cast(_conv2d_bwd_products(stride, padding, *a)),
+        "default": lambda *a: cast(_conv2d_bwd_xla(stride, padding, *a)),
+    }
+    return jax.lax.platform_dependent(x_BHWC, kernel, dy_BHWO, **branches)
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+def _as_products(positions: int, dtype) -> bool:
+    """Whether a stride-1 convolution with `positions` output positions runs as products on the CPU."""
+    limit = ROWS_MAX_POSITIONS if accumulator(dtype) is not None else IM2COL_MAX_POSITIONS
+    return positions <= limit
+
+
+def _valid_conv_as_products(padded_BHWC: jax.Array, kernel_HWIO: jax.Array) -> jax.Array:
+    """Unpadded stride-1 convolution as matrix products (output in `accumulator(dtype)`): on small maps
+    (IM2COL_MAX_POSITIONS) one product over all kh*kw shifted copies of the input side by side, on larger
+    ones one product per kernel row over its kw shifted copies, summed."""
+    kh, kw, c, o = kernel_HWIO.shape
+    h = padded_BHWC.shape[1] - kh + 1
+    w = padded_BHWC.shape[2] - kw + 1
+    if h * w <= IM2COL_MAX_POSITIONS:
+        taps = [padded_BHWC[:, i : i + h, j : j + w] for i in range(kh) for j in range(kw)]
+        return matmul(jnp.concatenate(taps, axis=-1), kernel_HWIO.reshape(kh * kw * c, o))
+    rows_BHWK = jnp.concatenate([padded_BHWC[:, :, j : j + w] for j in range(kw)], axis=-1)
+    y = None
+    for i in range(kh):
+        part = matmul(rows_BHWK[:, i : i + h], kernel_HWIO[i].reshape(kw * c, o))
+        y = part if y is None else y + part
+    return y
+
+
+def conv(x_BHWC: jax.Array, kernel_HWIO: jax.Array, stride: int, padding: int) -> jax.Array:
+    """A layer's convolution (output in `accumulator(x.dtype)`), by backend: on the CPU 1x1 kernels in half
+    precision and 3x3 kernels on small maps as products (`_as_products`), else `conv2d`."""
+    k = kernel_HWIO.shape[0]
+    positions = x_BHWC.shape[1] * x_BHWC.shape[2]
+    if k == 1 and stride == 1 and padding == 0 and accumulator(x_BHWC.dtype) is not None:
+        cpu = lambda x, w: matmul(x, w[0, 0])
+    elif k == 3 and stride == 1 and padding == 1 and _as_products(positions, x_BHWC.dtype):
+        cpu = lambda x, w: _valid_conv_as_products(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), w)
+    else:
+        return conv2d(x_BHWC, kernel_HWIO, stride, padding)
+    xla = lambda x, w: conv2d(x, w, stride, padding)
+    return jax.lax.platform_dependent(x_BHWC, kernel_HWIO, cpu=cpu, default=xla)
+
+
+def valid_conv(padded_BHWC: jax.Array, kernel_HWIO: jax.Array) -> jax.Array:
+    """An unpadded stride-1 convolution of an already padded input, by backend as `conv`."""
+    h = padded_BHWC.shape[1] - kernel_HWIO.shape[0] + 1
+    w = padded_BHWC.shape[2] - kernel_HWIO.shape[1] + 1
+    xla = lambda x, k: conv2d(x, k, 1, 0)
+    if not _as_products(h * w, padded_BHWC.dtype):
+        return xla(padded_BHWC, kernel_HWIO)
+    return jax.lax.platform_dependent(padded_BHWC, kernel_HWIO, cpu=_valid_conv_as_products, default=xla)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def flash_attention_tpu(q_BQHD, k_BKHD, v_BKHD, *, block: int = 512) -> jax.Array:
+    """softmax(q k^T / sqrt(D)) v with the Pallas TPU flash-attention kernel, (B, Q, H, D) layout.
+
+    The kernel wants head dims and token counts in multiples of 128 lanes: heads are zero-padded (q.k and
+    the kept output columns are unchanged), query tokens padded and cut off again, and padded key tokens
+    masked out through segment ids (real tokens 1, padding 0). Blocks of up to `block` tokens.
+    """
+    from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
+
+    b, q_len, _, d = q_BQHD.shape
+    k_len = k_BKHD.shape[1]
+    d_pad = _round_up(d, TPU_LANES)
+    q_pad, k_pad = _round_up(q_len, TPU_LANES), _round_up(k_len, TPU_LANES)
+
+    def heads_first(x_BTHD, length):
+        x = jnp.pad(x_BTHD, ((0, 0), (0, length - x_BTHD.shape[1]), (0, 0), (0, d_pad - d)))
+        return x.transpose(0, 2, 1, 3)
+
+    q, k, v = heads_first(q_BQHD, q_pad), heads_first(k_BKHD, k_pad), heads_first(v_BKHD, k_pad)
+    segments = None
+    if k_pad != k_len:
+        kv_ids = jnp.broadcast_to((jnp.arange(k_pad) < k_len).astype(jnp.int32), (b, k_pad))
+        segments = tpu_flash.SegmentIds(q=jnp.ones((b, q_pad), jnp.int32), kv=kv_ids)
+    block_q = _largest_block(q_pad, block)
+    block_k = _largest_block(k_pad, block)
+    sizes = tpu_flash.BlockSizes(
+        block_q=block_q,
+        block_k_major=block_k,
+        block_k=block_k,
+        block_b=1,
+        block_q_major_dkv=block_q,
+        block_k_major_dkv=block_k,
+        block_k_dkv=block_k,
+        block_q_dkv=block_q,
+        block_k_major_dq=block_k,
+        block_k_dq=block_k,
+        block_q_dq=block_q,
+    )
+    out = tpu_flash.flash_attention(q, k, v, segment_ids=segments, sm_scale=d**-0.5, block_sizes=sizes)
+    return out.transpose(0, 2, 1, 3)[:, :q_len, :, :d]
+
+
+def _largest_block(length: int, limit: int) -> int:
+    """The largest multiple of 128 that divides `length` (itself a multiple of 128) and is <= limit."""
+    best = TPU_LANES
+    for size in range(TPU_LANES, min(length, limit) + 1, TPU_LANES):
+        if length % size == 0:
+            best = size
+    return best
+
+
+def _per_device(kernel, fallback):
+    """`kernel` applied per device when the program is partitioned over a mesh (under `jax.set_mesh`, as
+    train/'s sharded step): Pallas kernels cannot be partitioned automatically, so the batch axis is split
+    over every free mesh axis with `shard_map` (attention never mixes rows). `fallback` when the batch
+    does not split evenly. Inside a `shard_map` already (generation) or without a mesh: `kernel` itself."""
+
+    def call(*args):
+        mesh = jax.sharding.get_abstract_mesh()
+        axes = tuple(a for a in mesh.axis_names if a not in mesh.manual_axes) if not mesh.empty else ()
+        size = 1
+        for a in axes:
+            size *= mesh.shape[a]
+        if size == 1:
+            return kernel(*args)
+        if args[0].shape[0] % size:
+            return fallback(*args)
+        spec = PartitionSpec(axes)
+        return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
+
+    return call
+
+
+def _cudnn_available() -> bool:
+    """Whether cuDNN's fused attention can be traced here (a CPU host exporting for CUDA cannot)."""
+    try:
+        from jax._src.cudnn.fused_attention_stablehlo import check_cudnn_version
+
+        check_cudnn_version()
+    except Exception:  # no cuDNN in this process: the XLA path stands in
+        return False
+    return True
+
+
+def _cudnn_fits(q_BQHD) -> bool:
+    """cuDNN's fused attention: half precision, head dims up to 128 in multiples of 8."""
+    d = q_BQHD.shape[-1]
+    return q_BQHD.dtype in (jnp.bfloat16, jnp.float16) and d <= 128 and d % 8 == 0
+
+
+def attention(q_BQHD, k_BKHD, v_BKHD, *, upcast: bool = False, causal: bool = False) -> jax.Array:
+    """softmax(q k^T / sqrt(D)) v, (B, Q, H, D) -> (B, Q, H, D) in v's dtype, by backend (module table).
+
+    `upcast` computes q k^T in float32 (diffusers' `upcast_attention`; the flash and cuDNN kernels
+    accumulate in float32 anyway); `causal` (CLIP's text encoder, 77 tokens) always takes the XLA path.
+    """
+    xla = lambda q, k, v: chunked_attention(q, k, v, upcast=upcast, causal=causal)
+    if causal:
+        return xla(q_BQHD, k_BKHD, v_BKHD)
+    flash = lambda q, k, v: flash_attention_tpu(q, k, v).astype(v.dtype)
+    branches = {"default": xla, "tpu": _per_device(flash, xla)}
+    if _cudnn_fits(q_BQHD) and _cudnn_available():
+        branches["cuda"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    return jax.lax.platform_dependent(q_BQHD, k_BKHD, v_BKHD, **branches)
+
+
+__all__ = [
+    "IM2COL_MAX_POSITIONS",
+    "ROWS_MAX_POSITIONS",
+    "accumulator",
+    "attention",
+    "conv",
+    "conv2d",
+    "flash_attention_tpu",
+    "matmul",
+    "precision",
+    "valid_conv",
+]

@@ -1,0 +1,94 @@
+"""Accelerator targets for compiling without the accelerator: TPU generations' published figures, a
+topology's abstract chips (libtpu's compiler runs on this host), and what a compiled program costs there.
+
+Used by the deviceless reports of `python -m sdjax.bench --target` and `python -m train.bench --target`.
+A program's time is the TPU cost model's `optimal_seconds` where it gives one (it is -1 around some loops
+and Pallas kernels), else the roofline of its own counts, max(FLOPs / peak, bytes accessed / bandwidth).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """A TPU generation's published per-chip figures (specifications, not measurements)."""
+
+    bf16_flops: float  # dense bf16 FLOP/s
+    hbm_bytes_per_s: float
+    hbm_bytes: int
+    accelerator_type: str  # TPU_ACCELERATOR_TYPE of a 4-chip host, for libtpu's host discovery
+
+
+CHIPS = {
+    "v4": Chip(275e12, 1228e9, 32 * 2**30, "v4-8"),
+    "v5e": Chip(197e12, 819e9, 16 * 2**30, "v5litepod-4"),
+    "v5p": Chip(459e12, 2765e9, 95 * 2**30, "v5p-8"),
+    "v6e": Chip(918e12, 1640e9, 32 * 2**30, "v6e-4"),
+}
+
+
+def parse_target(target: str) -> tuple[str, str]:
+    """ "tpu:v5e:2x2" -> ("v5e", "v5e:2x2"); a one-line ValueError for anything else."""
+    parts = target.split(":")
+    if len(parts) != 3 or parts[0] != "tpu" or parts[1] not in CHIPS:
+        raise ValueError(
+            f"--target must be tpu:GENERATION:TOPOLOGY with a generation of {sorted(CHIPS)}, e.g. tpu:v5e:2x2"
+        )
+    return parts[1], f"{parts[1]}:{parts[2]}"
+
+
+def topology_devices(generation: str, topology: str) -> list:
+    """The abstract TPU devices of a topology (libtpu's compiler; no TPU needed)."""
+    os.environ.setdefault("TPU_ACCELERATOR_TYPE", CHIPS[generation].accelerator_type)
+    os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compiling processes, no chip to share
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(platform="tpu", topology_name=topology).devices)
+    except Exception as err:  # libtpu missing, or an unknown topology: one line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RuntimeError(
+            f"cannot compile for {topology}: {first} (install libtpu: pip install -e '.[tpu-aot]')"
+        ) from None
+
+
+def on_device(device, tree):
+    """ShapeDtypeStructs of `tree` (arrays or shapes), replicated on one device."""
+    sharding = NamedSharding(Mesh(np.array([device]), ("data",)), PartitionSpec())
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding), tree)
+
+
+def analyse(lowered, chip: Chip) -> dict:
+    """Compile a lowered program; its compile time, counts, per-chip memory and time (see module doc)."""
+    start = time.perf_counter()
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - start
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, list) else cost) or {}
+    memory = compiled.memory_analysis()
+    flops, moved = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+    roofline = max(flops / chip.bf16_flops, moved / chip.hbm_bytes_per_s)
+    estimate = float(cost.get("optimal_seconds", -1.0))
+    out = {
+        "compile_s": compile_s,
+        "flops": flops,
+        "bytes_accessed": moved,
+        "optimal_seconds": estimate,
+        "roofline_s": roofline,
+        "time_s": estimate if estimate > 0 else roofline,
+        "argument_bytes": int(memory.argument_size_in_bytes),
+        "output_bytes": int(memory.output_size_in_bytes),
+        "temp_bytes": int(memory.temp_size_in_bytes),
+    }
+    out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"]
+    return out

@@ -1,0 +1,50 @@
+"""`python -m sdjax.bench --target tpu:...`: sdjax's programs compiled for a TPU topology on this CPU host
+(libtpu, tiny architecture), with the numbers the report derives from the compiler's analyses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sdjax import targets
+
+
+def test_bad_targets_are_one_line_errors():
+    for bad in ("gpu:a100", "tpu:v9:2x2", "tpu:v5e"):
+        with pytest.raises(ValueError, match="--target must be tpu:GENERATION:TOPOLOGY"):
+            targets.parse_target(bad)
+    assert targets.parse_target("tpu:v5e:4x4") == ("v5e", "v5e:4x4")
+
+
+def test_tiny_report_for_a_v5e_slice(tmp_path):
+    out = tmp_path / "report.json"
+    argv = [sys.executable, "-m", "sdjax.bench", "--target", "tpu:v5e:2x2", "--arch", "tiny", "--height", "64"]
+    argv += ["--width", "64", "--dtype", "bfloat16", "--steps", "3", "--batch", "2", "--json", str(out)]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    print(done.stdout)
+    report = json.loads(out.read_text())
+    assert report["chips"] == 4 and report["largest_fitting_batch"] == 2
+    (row,) = report["rows"]
+    for program in ("unet_step", "vae_decode", "image"):
+        assert row[program]["flops"] > 0 and row[program]["bytes_accessed"] > 0 and row[program]["compile_s"] > 0
+        assert row[program]["time_s"] > 0 and row[program]["total_bytes"] > 0
+    # Euler a: 3 model calls and a decode per batch of 2 images, 4 chips in the slice
+    expected = 3 * row["unet_step"]["time_s"] + row["vae_decode"]["time_s"]
+    assert row["image_batch_s"] == pytest.approx(expected)
+    assert row["images_per_s_slice"] == pytest.approx(4 * 2 / expected)
+    assert "largest per-chip batch that fits: 2" in done.stdout
+
+
+def test_tiny_lora_training_step_on_an_fsdp_slice():
+    """The shipped LoRA run config's step compiles for 4 v5e chips with the parameters FSDP-split (the
+    Pallas attention inside runs per device through shard_map) and fits a chip."""
+    from train.bench import target_report
+
+    (row,) = target_report("tpu:v5e:2x2", "tiny", 64, 1, ["lora"], "fsdp=-1", None)
+    assert row["mesh"] == {"data": 1, "fsdp": 4} and row["fits"]
+    assert row["flops"] > 0 and row["time_s"] > 0 and row["images_per_s_chip"] > 0
