@@ -2,8 +2,9 @@
 topology's abstract chips (libtpu's compiler runs on this host), and what a compiled program costs there.
 
 Used by the deviceless reports of `python -m sdjax.bench --target` and `python -m train.bench --target`.
-A program's time is the TPU cost model's `optimal_seconds` where it gives one (it is -1 around some loops
-and Pallas kernels), else the roofline of its own counts, max(FLOPs / peak, bytes accessed / bandwidth).
+A program's time is the TPU cost model's `optimal_seconds` where it gives one (it is negative around some
+loops and Pallas kernels), but never less than the roofline of the program's own counts,
+max(FLOPs / peak, bytes accessed / bandwidth).
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def analyse(lowered, chip: Chip) -> dict:
         "bytes_accessed": moved,
         "optimal_seconds": estimate,
         "roofline_s": roofline,
-        "time_s": estimate if estimate > 0 else roofline,
+        # the roofline is a lower bound: an estimate below it (the cost model around loops) is not believed
+        "time_s": max(estimate, roofline),
         "argument_bytes": int(memory.argument_size_in_bytes),
         "output_bytes": int(memory.output_size_in_bytes),
         "temp_bytes": int(memory.temp_size_in_bytes),
