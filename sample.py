@@ -119,14 +119,30 @@ class Progress:
             print(f"\r  step {done}/{total}", end=end, file=sys.stderr, flush=True)
 
 
+def model_dtype(args) -> str:
+    """--dtype, else float32 on the CPU (the parity mode) and bfloat16 on GPUs/TPUs."""
+    import jax
+
+    return args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+
+
+def model_shapes(args):
+    """The pipeline of --model with its parameters as shapes (configs only), when the program can be compiled
+    before the weights are read: a diffusers folder (or the demo model) without --embedding or --vae (they
+    change the text encoder's shapes or need the weights). None otherwise."""
+    import sdjax
+
+    if args.embedding or args.vae or (args.model and not Path(args.model).expanduser().is_dir()):
+        return None
+    return sdjax.load_pipeline(args.model, dtype=model_dtype(args), prediction_type=args.prediction_type, weights=False)
+
+
 def load_model(args, progress: Progress):
     """The pipeline of --model with --vae, --embedding and --lora applied."""
     import sdjax
 
     started = time.perf_counter()
-    import jax
-
-    dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    dtype = model_dtype(args)
     progress.say(f"loading {args.model or 'the bundled demo model'} ({dtype})")
     pipe = sdjax.load_pipeline(
         args.model, dtype=dtype, config=args.config, prediction_type=args.prediction_type, vae=args.vae
@@ -166,7 +182,6 @@ def main(argv: list[str] | None = None) -> int:
     import jax
     import numpy as np
 
-    from sdjax import images as image_io
     from sdjax import sharding
     from sdjax.compile_cache import enable_compilation_cache
     from sdjax.convert.lora import find_lora
@@ -189,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     if multi and len({tuple(tags) for _, tags in tagged}) > 1:
         raise ValueError("multi-host runs need the same <lora:...> tags in every prompt (the weights are shared)")
     mesh = sharding.make_mesh(args.mesh) if args.mesh or jax.device_count() > 1 else None
-    base = load_model(args, progress)
+    # On one device the program is compiled from the configs alone, before the weights are read, so that the
+    # compiler's memory and the weights are never resident together.
+    shapes = model_shapes(args) if mesh is None else None
+    base = shapes or load_model(args, progress)
     if mesh is not None:
         base = base.on_mesh(mesh)
         progress.say(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {hosts} process(es)")
@@ -221,17 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     compiled = None
     merged = {(): base}  # LoRA tag set -> pipeline with those LoRAs merged (parameters only: no recompile)
-    for step in range(steps):
-        chunk = chunks[step] if step < len(chunks) else []  # a host out of work still joins the collective
-        rows_prompts = [tagged[i][0] for i in chunk] or [tagged[0][0]]
-        tags = tuple(tagged[chunk[0] if chunk else 0][1])
-        if tags not in merged:
-            pipe = base
-            for tag in tags:
-                pipe = pipe.load_lora(find_lora(tag.name, args.lora_dir), tag.scale)
-            merged = {(): base, tags: pipe}
-        pipe = merged[tags]
-        plan, inputs = prepare(
+
+    def request(pipe, rows_prompts, chunk):
+        return prepare(
             pipe,
             rows_prompts,
             args.negative_prompt,
@@ -252,44 +262,72 @@ def main(argv: list[str] | None = None) -> int:
             min_windows=windows,  # every prompt as long as the longest: one program for the whole job
             mesh=mesh,
         )
+
+    def compile_for(pipe, plan, inputs, params):
+        tick = time.perf_counter()
+        progress.say(f"compiling ({plan.batch} x {plan.width}x{plan.height}, {plan.mode})")
+        program = compile_generate(pipe, plan, inputs, on_step=step_counter, params=params)
+        progress.say(f"compiled in {time.perf_counter() - tick:.1f} s")
+        return program
+
+    for step in range(steps):
+        chunk = chunks[step] if step < len(chunks) else []  # a host out of work still joins the collective
+        rows_prompts = [tagged[i][0] for i in chunk] or [tagged[0][0]]
+        if shapes is not None:  # the first program from the shapes, then the weights
+            plan, inputs = request(shapes, rows_prompts, chunk)
+            compiled = compile_for(shapes, plan, place_inputs(inputs, None), shapes.params)
+            base, shapes = load_model(args, progress), None
+            merged = {(): base}
+        tags = tuple(tagged[chunk[0] if chunk else 0][1])
+        if tags not in merged:
+            pipe = base
+            for tag in tags:
+                pipe = pipe.load_lora(find_lora(tag.name, args.lora_dir), tag.scale)
+            merged = {(): base, tags: pipe}
+        pipe = merged[tags]
+        plan, inputs = request(pipe, rows_prompts, chunk)
         if not chunk:
             inputs = dataclasses.replace(inputs, valid=np.zeros_like(inputs.valid))
         params = place_params(pipe.params, mesh)
         inputs = place_inputs(inputs, mesh)
         if compiled is None or compiled.plan != plan:
-            tick = time.perf_counter()
-            progress.say(f"compiling ({plan.batch} x {plan.width}x{plan.height}, {plan.mode})")
-            compiled = compile_generate(pipe, plan, inputs, on_step=step_counter, params=params)
-            progress.say(f"compiled in {time.perf_counter() - tick:.1f} s")
+            compiled = compile_for(pipe, plan, inputs, params)
         tick = time.perf_counter()
         if chunk:
             progress.say(f"sampling images {paths[chunk[0]].name} .. {paths[chunk[-1]].name}")
         images = compiled(params, inputs)
         result = np.asarray(images) if mesh is None else sharding.local_rows(images)
         progress.say(f"sampled batch {step + 1}/{steps} in {time.perf_counter() - tick:.1f} s")
-        for row, i in enumerate(chunk):
-            extra = {}
-            if args.init_image:
-                extra["Denoising strength"] = args.strength
-            if args.clip_skip:
-                extra["Clip skip"] = args.clip_skip + 1
-            text = image_io.a1111_parameters(
-                prompts[i],
-                args.negative_prompt,
-                steps=args.steps,
-                sampler=sampler,
-                guidance=args.guidance,
-                seed=seeds[i],
-                width=plan.width,
-                height=plan.height,
-                model=model_name,
-                extra=extra,
-            )
-            image_io.save_png(paths[i], result[row], text)
-        if len(chunk) > 1 and not args.prompts_file and not multi:
-            image_io.save_png(out / f"grid-{paths[chunk[0]].stem}.png", image_io.grid(result[: len(chunk)]))
+        write_images(args, chunk, result, plan, paths, prompts, seeds, model_name, sampler, out, multi)
     progress.say(f"wrote {len(todo)} image(s) to {out} in {time.perf_counter() - started:.1f} s")
     return 0
+
+
+def write_images(args, chunk, result, plan, paths, prompts, seeds, model_name, sampler, out, multi) -> None:
+    """The PNGs of one batch (A1111 parameters in each), and its grid for a single prompt's batch."""
+    from sdjax import images as image_io
+
+    for row, i in enumerate(chunk):
+        extra = {}
+        if args.init_image:
+            extra["Denoising strength"] = args.strength
+        if args.clip_skip:
+            extra["Clip skip"] = args.clip_skip + 1
+        text = image_io.a1111_parameters(
+            prompts[i],
+            args.negative_prompt,
+            steps=args.steps,
+            sampler=sampler,
+            guidance=args.guidance,
+            seed=seeds[i],
+            width=plan.width,
+            height=plan.height,
+            model=model_name,
+            extra=extra,
+        )
+        image_io.save_png(paths[i], result[row], text)
+    if len(chunk) > 1 and not args.prompts_file and not multi:
+        image_io.save_png(out / f"grid-{paths[chunk[0]].stem}.png", image_io.grid(result[: len(chunk)]))
 
 
 def _host_max(value: int) -> int:

@@ -9,6 +9,7 @@ both directions: every key of the file is used once, every parameter is filled, 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from collections.abc import Callable, Mapping
 
@@ -29,6 +30,8 @@ _TO_TORCH: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "linear": lambda w: w.T,
     "copy": lambda w: w,
 }
+# Tensors converted at once while loading from a thread-safe mapping (reads, copies and transfers overlap).
+LOAD_THREADS = 8
 # A leaf not listed here has no PyTorch name; `positional_embedding` is a bare nn.Parameter in PyTorch too.
 _LEAF_NAMES = {
     "kernel": "weight",
@@ -126,15 +129,24 @@ def torch_to_params(
     if problems:
         raise ConversionError(f"{what} do not fit the model: " + "; ".join(problems))
 
-    params: dict = {}
-    for key, entry in keymap.items():
+    def convert(key: str) -> jax.Array:
         # One host copy (layout change and cast together), then a plain transfer: jnp.asarray would run an
         # eager convert per distinct shape (a tiny compile for each of SD 1.5's ~1,100 shapes: README, Memory).
-        array = np.ascontiguousarray(_TO_JAX[entry.layout](tensors[source[key]]), dtype=np.dtype(dtype))
+        entry = keymap[key]
+        return jax.device_put(np.ascontiguousarray(_TO_JAX[entry.layout](tensors[source[key]]), dtype=np.dtype(dtype)))
+
+    keys = list(keymap)
+    if getattr(tensors, "thread_safe", False):  # file reads, copies and transfers release the GIL
+        with concurrent.futures.ThreadPoolExecutor(LOAD_THREADS) as pool:
+            arrays = dict(zip(keys, pool.map(convert, keys), strict=True))
+    else:
+        arrays = {key: convert(key) for key in keys}
+    params: dict = {}
+    for key, entry in keymap.items():
         node = params
         for name in entry.path[:-1]:
             node = node.setdefault(name, {})
-        node[entry.path[-1]] = jax.device_put(array)
+        node[entry.path[-1]] = arrays[key]
     return params
 
 

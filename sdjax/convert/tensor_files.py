@@ -42,6 +42,8 @@ class SafetensorsError(ValueError):
 class SafetensorsFile(Mapping[str, np.ndarray]):
     """A read-only mapping name -> numpy array (read on access) over one .safetensors file."""
 
+    thread_safe = True  # every access opens the file itself
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_file():
@@ -146,6 +148,8 @@ def shape_of(tensors: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
 
 class ShardedTensors(Mapping[str, np.ndarray]):
     """One mapping over the tensors of several safetensors files (the shards of one component)."""
+
+    thread_safe = True
 
     def __init__(self, files: list[Path]):
         self._where: dict[str, SafetensorsFile] = {}
