@@ -31,7 +31,7 @@ _TO_TORCH: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "copy": lambda w: w,
 }
 # Tensors converted at once while loading from a thread-safe mapping (reads, copies and transfers overlap).
-LOAD_THREADS = 8
+LOAD_THREADS = 4
 # A leaf not listed here has no PyTorch name; `positional_embedding` is a bare nn.Parameter in PyTorch too.
 _LEAF_NAMES = {
     "kernel": "weight",
