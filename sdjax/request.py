@@ -211,23 +211,18 @@ def _canvas(pipe, options: GenerateOptions, count: int, batch: int) -> _Canvas:
     if height <= 0 or width <= 0 or height % factor or width % factor:
         raise ValueError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
     kept = int(options.steps * float(options.strength))
+    if options.mask_image is None and pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
+        raise ValueError(
+            f"this UNet takes {pipe.unet.config.in_channels} input channels (an inpainting model): "
+            "pass image and mask_image"
+        )
     if inits is None:
-        if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
-            raise ValueError(
-                f"this UNet takes {pipe.unet.config.in_channels} input channels (an inpainting model): "
-                "pass image and mask_image"
-            )
         return _Canvas(height, width, "txt2img")
     if kept < 1:
         raise ValueError(f"strength {options.strength} leaves no denoising step out of {options.steps}; raise it")
     per_prompt = int(options.num_images_per_prompt)
     image = _rows_per_image([image_io.image_to_array(img, height, width) for img in inits], per_prompt, batch)
     if options.mask_image is None:
-        if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
-            raise ValueError(
-                f"this UNet takes {pipe.unet.config.in_channels} input channels (an inpainting model): "
-                "pass image and mask_image"
-            )
         return _Canvas(height, width, "img2img", image)
     masks = _images_per_prompt(options.mask_image, count, "mask")
     if masks[0].size != inits[0].size:

@@ -260,6 +260,7 @@ def _per_device(kernel, fallback):
     return call
 
 
+@functools.cache
 def _cudnn_available() -> bool:
     """Whether cuDNN's fused attention can be traced here (a CPU host exporting for CUDA cannot)."""
     try:
