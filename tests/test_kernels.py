@@ -4,6 +4,8 @@ which kernel each platform's lowering actually gets."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -41,6 +43,18 @@ def test_tpu_flash_attention_in_bfloat16():
     np.testing.assert_allclose(ours, reference, rtol=0.03, atol=0.03)
 
 
+def test_tpu_flash_attention_gradients_equal_the_reference():
+    """The backward kernels (training on TPU) with an unpadded 40-wide head and masked key padding."""
+    q, k, v = _qkv(128, 77, 2, 40)
+    weights = jax.random.normal(jax.random.key(9), q.shape)
+    loss = lambda attend: lambda q, k, v: jnp.sum(attend(q, k, v) * weights)
+    with pltpu.force_tpu_interpret_mode():
+        ours = jax.grad(loss(functools.partial(kernels.flash_attention_tpu, block=128)), (0, 1, 2))(q, k, v)
+    reference = jax.grad(loss(dot_product_attention), (0, 1, 2))(q, k, v)
+    for a, b in zip(ours, reference, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("stride, padding", [(1, 1), (2, 1), (1, 0)])
 def test_xla_and_product_convolution_gradients_agree(stride, padding):
     x = jax.random.normal(jax.random.key(1), (2, 9, 9, 6))
@@ -53,19 +67,39 @@ def test_xla_and_product_convolution_gradients_agree(stride, padding):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("form", ["im2col", "rows", "taps"])
+@pytest.mark.parametrize("kernel_size", [3, 2])
+def test_product_forms_equal_xla_convolution(form, kernel_size):
+    """Every product form (the CPU's, the TPU's) is the unpadded convolution, for 3x3 and the sub-pixel
+    upsampler's 2x2 kernels."""
+    x = jax.random.normal(jax.random.key(4), (2, 7, 6, 5))
+    kernel = jax.random.normal(jax.random.key(5), (kernel_size, kernel_size, 5, 3))
+    ours = kernels._valid_conv_as_products(x, kernel, form)
+    np.testing.assert_allclose(ours, kernels._conv_nhwc(x, kernel, 1, 0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "batch, positions, form",
+    [(2, 64, "taps"), (2, 256, "taps"), (8, 64, "taps"), (4, 256, "xla"), (2, 4096, "xla")],
+)
+def test_tpu_convolution_form_by_shape(batch, positions, form):
+    assert kernels._tpu_form(batch, positions) == form
+
+
 def test_each_platform_lowers_its_own_kernels():
-    """TPU lowering gets the Pallas kernel (a tpu_custom_call) and XLA's convolution for a small 3x3 map;
-    CUDA lowering neither the TPU kernel nor the CPU's products; CPU the products (no convolution)."""
+    """TPU lowering gets the Pallas kernel (a tpu_custom_call), products for a 3x3 conv of two 8x8 maps and
+    XLA's convolution for eight 32x32 ones; CUDA lowering neither the TPU kernel nor the products; CPU the
+    products (no convolution) on the small map."""
 
     def block(q, k, v, x, kernel):
         return kernels.attention(q, k, v), kernels.conv(x, kernel, 1, 1)
 
     q, k, v = _qkv(64, 77, 2, 40)
-    x, kernel = jnp.ones((1, 8, 8, 16)), jnp.ones((3, 3, 16, 16))
-    text = {
-        p: jax.export.export(jax.jit(block), platforms=(p,))(q, k, v, x, kernel).mlir_module()
-        for p in ("tpu", "cuda", "cpu")
-    }
-    assert "tpu_custom_call" in text["tpu"] and "convolution" in text["tpu"]
+    kernel = jnp.ones((3, 3, 16, 16))
+    lower = lambda p, x: jax.export.export(jax.jit(block), platforms=(p,))(q, k, v, x, kernel).mlir_module()
+    small, large = jnp.ones((2, 8, 8, 16)), jnp.ones((8, 32, 32, 16))
+    text = {p: lower(p, small) for p in ("tpu", "cuda", "cpu")}
+    assert "tpu_custom_call" in text["tpu"] and "convolution" not in text["tpu"]
+    assert "convolution" in lower("tpu", large)
     assert "tpu_custom_call" not in text["cuda"] and "convolution" in text["cuda"]
     assert "tpu_custom_call" not in text["cpu"] and "convolution" not in text["cpu"]

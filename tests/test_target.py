@@ -48,3 +48,12 @@ def test_tiny_lora_training_step_on_an_fsdp_slice():
     (row,) = target_report("tpu:v5e:2x2", "tiny", 64, 1, ["lora"], "fsdp=-1", None)
     assert row["mesh"] == {"data": 1, "fsdp": 4} and row["fits"]
     assert row["flops"] > 0 and row["time_s"] > 0 and row["images_per_s_chip"] > 0
+
+
+def test_cost_model_time_counts_bitcast_concatenations_as_free():
+    """libtpu prices each instruction it cannot estimate at -1 s; ConcatBitcast moves no data."""
+    concat = '%c = bf16[4] custom-call(%a, %b), custom_call_target="ConcatBitcast"\n'
+    assert targets.cost_model_seconds(0.25, concat) == 0.25
+    assert targets.cost_model_seconds(-2 + 0.004, concat * 2) == pytest.approx(0.004)
+    assert targets.cost_model_seconds(-1 + 0.004, "") == -1.0  # something else unpriced: no estimate
+    assert targets.cost_model_seconds(-1 + 0.004, concat + "%w = (f32[]) while(%t), body=%b\n") == -1.0

@@ -6,13 +6,16 @@ TPU topology compiled on a CPU host gets the TPU kernels; `jax.default_backend()
 only the chosen branch is lowered. The measurements behind each choice are in the README ("Kernel
 choices on XLA:CPU" and "Accelerators: TPU and GPU").
 
-| operation              | cpu                                | tpu                       | cuda / rocm               |
-|------------------------|------------------------------------|---------------------------|---------------------------|
-| attention (not causal) | query-chunked einsum (attention.py)| Pallas flash attention    | cuDNN fused attention if  |
-|                        |                                    | (heads, tokens padded)    | its limits allow, else cpu|
-| 3x3 conv, small maps   | products over shifted copies       | XLA convolution           | XLA convolution           |
-| 1x1 conv, half prec.   | one matrix product                 | XLA convolution           | XLA convolution           |
-| conv gradients         | per-tap matrix products            | XLA's                     | XLA's                     |
+| operation              | cpu                                | tpu                         | cuda / rocm             |
+|------------------------|------------------------------------|-----------------------------|-------------------------|
+| attention (not causal) | query-chunked einsum (attention.py)| Pallas flash attention      | cuDNN fused attention if|
+|                        |                                    | (tokens padded; heads over  | its limits allow, else  |
+|                        |                                    | 128 padded to 128s)         | cpu                     |
+| 3x3 conv, stride 1     | products over shifted copies on    | one product per tap when    | XLA convolution         |
+|                        | small maps, else XLA               | batch x positions <= 512,   |                         |
+|                        |                                    | else XLA (`_tpu_form`)      |                         |
+| 1x1 conv               | one product in half precision      | one product                 | XLA convolution         |
+| conv gradients         | per-tap matrix products            | XLA's                       | XLA's                   |
 
 Precision: float32 products and convolutions ask for `Precision.HIGHEST` (the parity mode: GPUs would use
 TF32 and TPUs bf16 passes by default); half-precision operands accumulate in float32 (`accumulator`).
@@ -34,7 +37,10 @@ from sdjax.nn.precision import accumulator, precision
 # product per kernel row.
 IM2COL_MAX_POSITIONS = 256
 ROWS_MAX_POSITIONS = 128 * 128
-# The Pallas TPU flash kernel works on blocks of 128 tokens and head dims that are multiples of 128.
+# On the TPU, convolutions with at most this many output rows (batch x positions) run as one product per
+# kernel tap (`_tpu_form`).
+TPU_TAPS_MAX_ROWS = 512
+# The Pallas TPU flash kernel works on blocks of 128 tokens; head dims above 128 must be multiples of 128.
 TPU_LANES = 128
 
 
@@ -137,47 +143,85 @@ def _as_products(positions: int, dtype) -> bool:
     return positions <= limit
 
 
-def _valid_conv_as_products(padded_BHWC: jax.Array, kernel_HWIO: jax.Array) -> jax.Array:
-    """Unpadded stride-1 convolution as matrix products (output in `accumulator(dtype)`): on small maps
-    (IM2COL_MAX_POSITIONS) one product over all kh*kw shifted copies of the input side by side, on larger
-    ones one product per kernel row over its kw shifted copies, summed."""
+def _cpu_form(positions: int) -> str:
+    """The CPU's product form: one im2col product on small maps, one product per kernel row above."""
+    return "im2col" if positions <= IM2COL_MAX_POSITIONS else "rows"
+
+
+def _tpu_form(batch: int, positions: int) -> str:
+    """How a stride-1 convolution of `batch` maps of `positions` output positions runs on a TPU, from the
+    TPU cost model (one v5e chip, bf16; README "Accelerators"). Up to TPU_TAPS_MAX_ROWS output rows the
+    weights dominate, and XLA's convolution emitter (the batch in a vector register's 8 sublanes, each map
+    row padded to a multiple of 8 plus a halo) mostly moves padding: one product per kernel tap reads each
+    weight once (3x3 at 8x8x1280, batch 2: 0.06 against 0.20 ms; 16x16x1280: 0.12 against 0.30 ms). Above
+    it XLA's convolution: per kernel row products won some shapes alone (64x64x320 at batch 2: 0.20
+    against 0.21 ms) but not inside the UNet, where XLA fuses the GroupNorm and SiLU before a convolution
+    into it (SD 1.5 UNet step 21.5 against 21.7 ms by the cost model, 18.9 against 17.4 ms by the roofline)."""
+    return "taps" if batch * positions <= TPU_TAPS_MAX_ROWS else "xla"
+
+
+def _valid_conv_as_products(padded_BHWC: jax.Array, kernel_HWIO: jax.Array, form: str) -> jax.Array:
+    """Unpadded stride-1 convolution as matrix products (output in `accumulator(dtype)`): "im2col" one
+    product over all kh*kw shifted copies of the input side by side, "rows" one product per kernel row over
+    its kw shifted copies, "taps" one product per kernel tap; summed."""
     kh, kw, c, o = kernel_HWIO.shape
     h = padded_BHWC.shape[1] - kh + 1
     w = padded_BHWC.shape[2] - kw + 1
-    if h * w <= IM2COL_MAX_POSITIONS:
+    if form == "im2col":
         taps = [padded_BHWC[:, i : i + h, j : j + w] for i in range(kh) for j in range(kw)]
         return matmul(jnp.concatenate(taps, axis=-1), kernel_HWIO.reshape(kh * kw * c, o))
-    rows_BHWK = jnp.concatenate([padded_BHWC[:, :, j : j + w] for j in range(kw)], axis=-1)
+    parts = []
+    if form == "taps":
+        parts = [(padded_BHWC[:, i : i + h, j : j + w], kernel_HWIO[i, j]) for i in range(kh) for j in range(kw)]
+    else:
+        rows_BHWK = jnp.concatenate([padded_BHWC[:, :, j : j + w] for j in range(kw)], axis=-1)
+        parts = [(rows_BHWK[:, i : i + h], kernel_HWIO[i].reshape(kw * c, o)) for i in range(kh)]
     y = None
-    for i in range(kh):
-        part = matmul(rows_BHWK[:, i : i + h], kernel_HWIO[i].reshape(kw * c, o))
+    for x, k in parts:
+        part = matmul(x, k)
         y = part if y is None else y + part
     return y
 
 
 def conv(x_BHWC: jax.Array, kernel_HWIO: jax.Array, stride: int, padding: int) -> jax.Array:
-    """A layer's convolution (output in `accumulator(x.dtype)`), by backend: on the CPU 1x1 kernels in half
-    precision and 3x3 kernels on small maps as products (`_as_products`), else `conv2d`."""
+    """A layer's convolution (output in `accumulator(x.dtype)`), by backend: 1x1 kernels as one matrix
+    product on the TPU (and on the CPU in half precision); 3x3 kernels as products on small maps on the
+    CPU (`_as_products`) and by `_tpu_form` on the TPU; else `conv2d`."""
     k = kernel_HWIO.shape[0]
-    positions = x_BHWC.shape[1] * x_BHWC.shape[2]
-    if k == 1 and stride == 1 and padding == 0 and accumulator(x_BHWC.dtype) is not None:
-        cpu = lambda x, w: matmul(x, w[0, 0])
-    elif k == 3 and stride == 1 and padding == 1 and _as_products(positions, x_BHWC.dtype):
-        cpu = lambda x, w: _valid_conv_as_products(jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))), w)
-    else:
-        return conv2d(x_BHWC, kernel_HWIO, stride, padding)
+    batch, positions = x_BHWC.shape[0], x_BHWC.shape[1] * x_BHWC.shape[2]
     xla = lambda x, w: conv2d(x, w, stride, padding)
-    return jax.lax.platform_dependent(x_BHWC, kernel_HWIO, cpu=cpu, default=xla)
+    branches = {}
+    if k == 1 and stride == 1 and padding == 0:
+        product = lambda x, w: matmul(x, w[0, 0])
+        branches["tpu"] = product
+        if accumulator(x_BHWC.dtype) is not None:
+            branches["cpu"] = product
+    elif k == 3 and stride == 1 and padding == 1:
+        pad = lambda x: jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        if _as_products(positions, x_BHWC.dtype):
+            branches["cpu"] = lambda x, w: _valid_conv_as_products(pad(x), w, _cpu_form(positions))
+        tpu_form = _tpu_form(batch, positions)
+        if tpu_form != "xla":
+            branches["tpu"] = lambda x, w: _valid_conv_as_products(pad(x), w, tpu_form)
+    if not branches:
+        return xla(x_BHWC, kernel_HWIO)
+    return jax.lax.platform_dependent(x_BHWC, kernel_HWIO, default=xla, **branches)
 
 
 def valid_conv(padded_BHWC: jax.Array, kernel_HWIO: jax.Array) -> jax.Array:
     """An unpadded stride-1 convolution of an already padded input, by backend as `conv`."""
-    h = padded_BHWC.shape[1] - kernel_HWIO.shape[0] + 1
-    w = padded_BHWC.shape[2] - kernel_HWIO.shape[1] + 1
+    batch = padded_BHWC.shape[0]
+    positions = (padded_BHWC.shape[1] - kernel_HWIO.shape[0] + 1) * (padded_BHWC.shape[2] - kernel_HWIO.shape[1] + 1)
     xla = lambda x, k: conv2d(x, k, 1, 0)
-    if not _as_products(h * w, padded_BHWC.dtype):
+    branches = {}
+    if _as_products(positions, padded_BHWC.dtype):
+        branches["cpu"] = lambda x, k: _valid_conv_as_products(x, k, _cpu_form(positions))
+    tpu_form = _tpu_form(batch, positions)
+    if tpu_form != "xla":
+        branches["tpu"] = lambda x, k: _valid_conv_as_products(x, k, tpu_form)
+    if not branches:
         return xla(padded_BHWC, kernel_HWIO)
-    return jax.lax.platform_dependent(padded_BHWC, kernel_HWIO, cpu=_valid_conv_as_products, default=xla)
+    return jax.lax.platform_dependent(padded_BHWC, kernel_HWIO, default=xla, **branches)
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -190,15 +234,17 @@ def _round_up(n: int, multiple: int) -> int:
 def flash_attention_tpu(q_BQHD, k_BKHD, v_BKHD, *, block: int = 512) -> jax.Array:
     """softmax(q k^T / sqrt(D)) v with the Pallas TPU flash-attention kernel, (B, Q, H, D) layout.
 
-    The kernel wants head dims and token counts in multiples of 128 lanes: heads are zero-padded (q.k and
-    the kept output columns are unchanged), query tokens padded and cut off again, and padded key tokens
-    masked out through segment ids (real tokens 1, padding 0). Blocks of up to `block` tokens.
+    Head dims of at most 128 go in as they are (a block may span a whole axis; SD 1.5's 40- and 80-wide
+    heads, SD 2's 64); wider heads are zero-padded to a multiple of 128 lanes (q.k and the kept output
+    columns are unchanged). Token counts must be multiples of 128: query tokens are padded and cut off
+    again, padded key tokens masked out through segment ids (real tokens 1, padding 0). Blocks of up to
+    `block` tokens.
     """
     from jax.experimental.pallas.ops.tpu import flash_attention as tpu_flash
 
     b, q_len, _, d = q_BQHD.shape
     k_len = k_BKHD.shape[1]
-    d_pad = _round_up(d, TPU_LANES)
+    d_pad = d if d <= TPU_LANES else _round_up(d, TPU_LANES)
     q_pad, k_pad = _round_up(q_len, TPU_LANES), _round_up(k_len, TPU_LANES)
 
     def heads_first(x_BTHD, length):

