@@ -13,8 +13,9 @@ import torch
 from reference import TINY_UNET, build_text_encoder, build_unet, build_vae, rel_l2, save_folder
 
 import sdjax
+from sdjax.convert import keymap
 from sdjax.convert.keymap import ConversionError
-from sdjax.convert.tensor_files import SafetensorsError, SafetensorsFile, save_safetensors
+from sdjax.convert.tensor_files import HOST_ALIGNMENT, SafetensorsError, SafetensorsFile, aligned_empty, save_safetensors
 
 VAE = dict(
     block_out_channels=[16, 32],
@@ -241,3 +242,27 @@ def test_shapes_only_pipeline_compiles_the_program_the_weights_run(folder, tmp_p
     with pytest.raises(ValueError) as info:
         sdjax.load_pipeline(folder, weights=False, vae=folder / "vae")
     assert "weights=False" in one_line_error(info)
+
+
+@pytest.mark.parametrize(
+    "shape, layout",
+    [((700, 300), "linear"), ((300, 700), "linear"), ((320, 4, 3, 3), "conv"), ((640, 320, 3, 3), "conv"),
+     ((640, 320, 1, 1), "conv"), ((320,), "copy"), ((5, 7), "linear")],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
+def test_layout_changes_by_blocks_equal_numpy(shape, layout, dtype):
+    """The loader's blocked layout changes (into aligned buffers a CPU device adopts) are numpy's."""
+    source = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    ours = keymap._jax_layout(source, layout, dtype)
+    assert ours.dtype == dtype and ours.flags.c_contiguous and ours.ctypes.data % HOST_ALIGNMENT == 0
+    np.testing.assert_array_equal(ours, np.ascontiguousarray(keymap._TO_JAX[layout](source)).astype(dtype))
+
+
+def test_loaded_params_never_share_the_callers_arrays():
+    """Only a reader's fresh arrays are adopted without a copy: a caller's dict stays its own."""
+    entry = keymap.Entry(torch_key="w", path=("w",), layout="copy", shape=(64, 64))
+    source = {"w": aligned_empty((64, 64), np.float32)}
+    source["w"][...] = 1.0
+    params = keymap.torch_to_params(source, {"w": entry})
+    source["w"][...] = 2.0
+    np.testing.assert_array_equal(params["w"], np.ones((64, 64), np.float32))

@@ -82,9 +82,12 @@ def _batches(text: str) -> list[int]:
 def _target(args) -> int:
     """--target: the deviceless compile report (sdjax.bench.target) instead of a timed run."""
     import sdjax
+    from sdjax import targets
     from sdjax.bench import target
     from sdjax.testing import abstract_pipeline
 
+    # libtpu's environment before anything starts JAX's backends (else libtpu logs host-discovery errors)
+    targets.topology_devices(*targets.parse_target(args.target))
     if args.model:
         pipe = sdjax.load_pipeline(args.model, dtype=args.dtype, weights=False)
     else:

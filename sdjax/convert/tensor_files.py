@@ -35,6 +35,20 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 * 2**20
 
 
+# XLA:CPU adopts a host buffer without copying it when it is aligned to this many bytes (`aligned_empty`).
+HOST_ALIGNMENT = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on a HOST_ALIGNMENT-byte boundary, so that
+    `jax.device_put(array, may_alias=True)` on a CPU device takes it over instead of copying it."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(size + HOST_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % HOST_ALIGNMENT
+    return raw[start : start + size].view(dtype).reshape(shape)
+
+
 class SafetensorsError(ValueError):
     """A file that is not a readable safetensors file (truncated, corrupt, or of another format)."""
 
@@ -43,6 +57,7 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
     """A read-only mapping name -> numpy array (read on access) over one .safetensors file."""
 
     thread_safe = True  # every access opens the file itself
+    fresh_arrays = True  # every access returns a new array (HOST_ALIGNMENT-aligned) that nothing else holds
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -89,7 +104,7 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         """A fresh array holding the tensor, read from the file on each access (unlike a memory map, no
         file pages stay resident, so loading a model needs little more RAM than its parameters)."""
         dtype, shape, begin, end = self._entries[name]
-        array = np.empty(shape, dtype)
+        array = aligned_empty(shape, dtype)
         if end > begin:
             with open(self.path, "rb") as f:
                 f.seek(self._start + begin)
@@ -150,6 +165,7 @@ class ShardedTensors(Mapping[str, np.ndarray]):
     """One mapping over the tensors of several safetensors files (the shards of one component)."""
 
     thread_safe = True
+    fresh_arrays = True
 
     def __init__(self, files: list[Path]):
         self._where: dict[str, SafetensorsFile] = {}
