@@ -15,7 +15,13 @@ from reference import TINY_UNET, build_text_encoder, build_unet, build_vae, rel_
 import sdjax
 from sdjax.convert import keymap
 from sdjax.convert.keymap import ConversionError
-from sdjax.convert.tensor_files import HOST_ALIGNMENT, SafetensorsError, SafetensorsFile, aligned_empty, save_safetensors
+from sdjax.convert.tensor_files import (
+    HOST_ALIGNMENT,
+    SafetensorsError,
+    SafetensorsFile,
+    aligned_empty,
+    save_safetensors,
+)
 
 VAE = dict(
     block_out_channels=[16, 32],
