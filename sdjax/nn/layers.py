@@ -244,62 +244,25 @@ class Upsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x_BHWC: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
-        b, h, w = x_BHWC.shape[:3]
-        doubled = size is None or tuple(size) == (2 * h, 2 * w)
-        # The sub-pixel form materialises a kernel 16/9 the conv's size each call and saves the 4x upsampled
-        # map: it is taken where the map is the larger (the VAE decoder's, not the UNet's 1280-channel ones).
-        if doubled and b * h * w >= 4 * self.channels:
+        h, w = x_BHWC.shape[1:3]
+        if size is None or tuple(size) == (2 * h, 2 * w):
             return _UpsampleConv(self.channels, self.dtype, name="conv")(x_BHWC)
-        if doubled:
-            x_BHWC = jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2)
-        else:
-            x_BHWC = x_BHWC[:, _nearest_indices(h, size[0])][:, :, _nearest_indices(w, size[1])]
+        x_BHWC = x_BHWC[:, _nearest_indices(h, size[0])][:, :, _nearest_indices(w, size[1])]
         return conv(self.channels, 3, "conv", self.dtype)(x_BHWC)
 
 
-def _subpixel_kernels(kernel_HWIO: jax.Array) -> jax.Array:
-    """The 3x3 kernel of "nearest 2x, then conv" as four 2x2 kernels, one per output parity, side by side:
-    (2, 2, C, 4 * O), parity (a, b) at [..., (2a + b) * O : (2a + b + 1) * O]. Output row 2i + a reads input
-    rows i - 1 + a and i + a; for a = 0 the first gets kernel row 0 and the second rows 1 + 2, for a = 1
-    the first gets rows 0 + 1 and the second row 2 (columns likewise). Sums, not products: on CPU an einsum
-    with 0/1 matrices runs as slow dot products over the whole kernel."""
-    k = kernel_HWIO
-    rows = ((k[0], k[1] + k[2]), (k[0] + k[1], k[2]))  # rows[a][tap]: (3, C, O) over kernel columns
-    taps = []
-    for tap_row in range(2):
-        row_taps = []
-        for tap_col in range(2):
-            parities = []
-            for a in range(2):
-                r = rows[a][tap_row]
-                cols = ((r[0], r[1] + r[2]), (r[0] + r[1], r[2]))
-                parities.extend(cols[b][tap_col] for b in range(2))
-            row_taps.append(jnp.concatenate(parities, axis=-1))
-        taps.append(jnp.stack(row_taps))
-    return jnp.stack(taps)
-
-
 class _UpsampleConv(nn.Module):
-    """conv3x3(nearest_2x(x)) computed without the 4x larger upsampled map: each of the four output
-    parities (a, b) is a 2x2 convolution of x with a kernel summed from the 3x3 one (`_subpixel_kernels`), 4/9 of
-    the multiply-adds. One 2x2 convolution of the zero-padded x with the four kernels side by side gives
-    (H+1, W+1, 4, O) outputs; parity (a, b) is the window shifted by (a, b). Params `kernel` (3, 3, C, O)
-    and `bias`, as `Conv2d`: (B, H, W, C) -> (B, 2H, 2W, O)."""
+    """conv3x3(nearest_2x(x)) with `Conv2d`'s params `kernel` (3, 3, C, O) and `bias`, computed by
+    `kernels.upsample2x_conv`: (B, H, W, C) -> (B, 2H, 2W, O)."""
 
     features: int
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x_BHWC: jax.Array) -> jax.Array:
-        b, h, w, c = x_BHWC.shape
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, c, self.features))
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x_BHWC.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        x_BHWC = x_BHWC.astype(self.dtype)
-        kernel_all = _subpixel_kernels(kernel.astype(self.dtype))
-        padded = jnp.pad(x_BHWC, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        y = kernels.valid_conv(padded, kernel_all).reshape(b, h + 1, w + 1, 2, 2, self.features)
-        rows = [jnp.stack([y[:, a : a + h, bb : bb + w, a, bb] for bb in range(2)], axis=3) for a in range(2)]
-        y = jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, self.features)
+        y = kernels.upsample2x_conv(x_BHWC.astype(self.dtype), kernel.astype(self.dtype))
         return _add_bias(y, bias, self.dtype)
 
 
