@@ -77,12 +77,12 @@ def cost_model_seconds(optimal_seconds: float, hlo_text: str) -> float:
     libtpu prices every instruction it cannot estimate at -1 s and sums. In sdjax's and diffusers-Flax's
     UNets and VAEs the only such instructions are `ConcatBitcast` custom calls (a concatenation done as a
     bitcast: no data moves), so the program's estimate is `optimal_seconds` plus their number; checked on
-    ResNet blocks with 0, 1 and 2 of them. Programs with loops (their bodies are priced per trip) or where
-    the sum stays negative keep -1."""
+    ResNet blocks with 0, 1 and 2 of them. Programs with loops (a body is priced once, not per trip) or where
+    the sum stays negative get -1."""
+    if re.search(r"\bwhile\(", hlo_text):  # a loop's body is priced once, not per trip
+        return -1.0
     if optimal_seconds >= 0:
         return optimal_seconds
-    if re.search(r"\bwhile\(", hlo_text):
-        return -1.0
     corrected = optimal_seconds + len(re.findall(r'custom_call_target="ConcatBitcast"', hlo_text))
     return corrected if corrected >= 0 else -1.0
 
