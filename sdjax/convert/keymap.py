@@ -172,9 +172,14 @@ def torch_to_params(
         # At most one host copy (layout change and cast together) into an aligned buffer, which a CPU device
         # then adopts without copying (`aligned_empty`); elsewhere a plain transfer. jnp.asarray would run an
         # eager convert per distinct shape (a tiny compile for each of SD 1.5's ~1,100 shapes: README, Memory).
-        array = _jax_layout(tensors[source[key]], keymap[key].layout, dtype, reuse=fresh)
+        layout = keymap[key].layout
+        if mapped is not None and layout != "copy":  # a layout change reads the file's bytes once
+            array = _jax_layout(mapped(source[key]), layout, dtype)
+        else:
+            array = _jax_layout(tensors[source[key]], layout, dtype, reuse=fresh)
         return jax.device_put(array, may_alias=True)
 
+    mapped = getattr(tensors, "mapped", None)
     fresh = getattr(tensors, "fresh_arrays", False)
 
     keys = list(keymap)

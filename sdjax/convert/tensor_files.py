@@ -113,6 +113,14 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
                 raise SafetensorsError(f"{self.path}: truncated while reading {name!r}; download or copy it again")
         return array
 
+    def mapped(self, name: str) -> np.ndarray:
+        """The tensor as a read-only memory map of its bytes in the file: for a layout change that reads
+        it once (no copy of it is made first); the pages are unmapped when the array is dropped."""
+        dtype, shape, begin, end = self._entries[name]
+        if end == begin:
+            return np.empty(shape, dtype)
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=self._start + begin, shape=shape)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 
@@ -181,6 +189,9 @@ class ShardedTensors(Mapping[str, np.ndarray]):
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._where[key].shape(key)
+
+    def mapped(self, key: str) -> np.ndarray:
+        return self._where[key].mapped(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
