@@ -6,12 +6,12 @@
 libtpu (`pip install -e '.[tpu-aot]'`) runs the real TPU compiler on the CPU over abstract chips
 (`jax.experimental.topologies`); no weights are read (the parameters are shapes). For each per-chip batch
 it compiles the UNet CFG step, the VAE decode and the whole-image program (text encoding, every sampler
-step, the decode) on one chip and reads the compiler's cost analysis (FLOPs, HBM bytes, its own time
-time estimate, `sdjax.targets.cost_model_seconds`, none around loops) and memory analysis (arguments, outputs, temporaries per
-chip). A program's time is the cost model's where it gives one, at least its roofline max(FLOPs / peak,
-bytes / bandwidth) (`sdjax.targets`); an image batch takes (model calls x UNet step + decode). Images/s per chip and per
-slice (chips x per chip: the images are independent) follow, and "fits" compares the whole-image
-program's memory with the chip's HBM.
+step, the decode) on one chip and reads the compiler's cost analysis (FLOPs, bytes, its own time
+estimate: `sdjax.targets.cost_model_seconds`, none around loops) and memory analysis (arguments,
+outputs, temporaries per chip). A program's time is the cost model's where it gives one, at least its
+roofline max(FLOPs / peak, bytes / bandwidth) (`sdjax.targets`); an image batch takes (model calls x UNet
+step + decode). Images/s per chip and per slice (chips x per chip: the images are independent) follow,
+and "fits" compares the whole-image program's memory with the chip's HBM.
 """
 
 from __future__ import annotations
