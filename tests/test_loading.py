@@ -256,8 +256,8 @@ def test_shapes_only_pipeline_compiles_the_program_the_weights_run(folder, tmp_p
      ((640, 320, 1, 1), "conv"), ((320,), "copy"), ((5, 7), "linear")],
 )  # fmt: skip
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16])
-def test_layout_changes_by_blocks_equal_numpy(shape, layout, dtype):
-    """The loader's blocked layout changes (into aligned buffers a CPU device adopts) are numpy's."""
+def test_layout_changes_into_aligned_buffers_equal_numpy(shape, layout, dtype):
+    """The loader's layout changes (into aligned buffers a CPU device adopts) are numpy's."""
     source = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     ours = keymap._jax_layout(source, layout, dtype)
     assert ours.dtype == dtype and ours.flags.c_contiguous and ours.ctypes.data % HOST_ALIGNMENT == 0

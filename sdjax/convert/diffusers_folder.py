@@ -7,7 +7,6 @@ A folder holds `model_index.json` and one sub-folder per component: `unet/` and 
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -172,15 +171,10 @@ def load_folder(root: Path, dtype, variant: str | None = None, *, weights: bool 
         raise FileNotFoundError(f"{root} is not a diffusers model folder (no model_index.json)")
     dtype = resolve_dtype(dtype)
     modules, params = {}, {}
-    if weights:
-        # The components load side by side: one's model trace (Python, holding the GIL) overlaps the
-        # others' file reads and layout copies (which release it). Errors surface in component order.
-        with concurrent.futures.ThreadPoolExecutor(len(MODEL_COMPONENTS)) as pool:
-            loads = {s.folder: pool.submit(load_component, root, s, dtype, variant) for s in MODEL_COMPONENTS}
-            for folder, load in loads.items():
-                modules[folder], params[folder] = load.result()
-    else:
-        for spec in MODEL_COMPONENTS:
+    for spec in MODEL_COMPONENTS:
+        if weights:
+            modules[spec.folder], params[spec.folder] = load_component(root, spec, dtype, variant)
+        else:
             modules[spec.folder], params[spec.folder] = abstract_component(root, spec, dtype)
     for folder in ("tokenizer", "scheduler"):
         if not (root / folder).is_dir():

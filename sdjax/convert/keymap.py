@@ -32,8 +32,6 @@ _TO_TORCH: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 }
 # Tensors converted at once while loading from a thread-safe mapping (reads, copies and transfers overlap).
 LOAD_THREADS = 4
-# Side of the square blocks layout changes copy at a time while loading (`_transpose_2d`).
-TRANSPOSE_BLOCK = 256
 # A leaf not listed here has no PyTorch name; `positional_embedding` is a bare nn.Parameter in PyTorch too.
 _LEAF_NAMES = {
     "kernel": "weight",
@@ -87,40 +85,16 @@ class ConversionError(ValueError):
     """Weights that do not fit the model: missing, unexpected or wrongly shaped keys (all named)."""
 
 
-def _transpose_2d(src: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """out[:] = src.T (cast to out's dtype) in TRANSPOSE_BLOCK-square blocks: numpy's transposing copy
-    walks one side with a stride of a whole row, a cache miss per element on large matrices; blocks stay in
-    cache (SD 1.5's 5120x1280 linear: 9 ms against 28, README "Memory")."""
-    rows, cols = src.shape
-    b = TRANSPOSE_BLOCK
-    for i in range(0, rows, b):
-        for j in range(0, cols, b):
-            out[j : j + b, i : i + b] = src[i : i + b, j : j + b].T
-    return out
-
-
 def _jax_layout(array: np.ndarray, layout: str, dtype, reuse: bool = False) -> np.ndarray:
     """A PyTorch-layout tensor in sdjax's layout (`_TO_JAX`) and `dtype`, in a fresh HOST_ALIGNMENT-aligned
     C-contiguous buffer (one the CPU device adopts without a copy), or with `reuse` (`array` is nobody
     else's) `array` itself when it already is one."""
     dtype = np.dtype(dtype)
-    small = array.size < TRANSPOSE_BLOCK * TRANSPOSE_BLOCK
-    if layout == "copy" or small or array.ndim != (2 if layout == "linear" else 4):
-        array = _TO_JAX[layout](array)
-        if reuse and array.dtype == dtype and array.flags.c_contiguous and array.ctypes.data % HOST_ALIGNMENT == 0:
-            return array
-        out = aligned_empty(array.shape, dtype)
-        np.copyto(out, array, casting="unsafe")
-        return out
-    if layout == "linear":
-        return _transpose_2d(array, aligned_empty(array.shape[::-1], dtype))
-    # conv OIHW -> HWIO: (O, I*H*W) -> (I*H*W, O) by blocks, then whole rows of O move to (H, W, I, O)
-    o, i, kh, kw = array.shape
-    rows_IHWO = _transpose_2d(array.reshape(o, i * kh * kw), aligned_empty((i * kh * kw, o), dtype))
-    if kh == kw == 1:
-        return rows_IHWO.reshape(1, 1, i, o)
-    out = aligned_empty((kh, kw, i, o), dtype)
-    np.copyto(out, rows_IHWO.reshape(i, kh, kw, o).transpose(1, 2, 0, 3))
+    array = _TO_JAX[layout](array)
+    if reuse and array.dtype == dtype and array.flags.c_contiguous and array.ctypes.data % HOST_ALIGNMENT == 0:
+        return array
+    out = aligned_empty(array.shape, dtype)
+    np.copyto(out, array, casting="unsafe")
     return out
 
 
