@@ -2,7 +2,7 @@
 
 The layers call `attention`, `conv`, `upsample2x_conv`, `conv2d` and `matmul` and never name a backend. Each
 choice is made with `jax.lax.platform_dependent`, so it follows the platform a program is lowered for (a
-TPU topology compiled on a CPU host gets the TPU kernels; `jax.default_backend()` would say "cpu"), and
+TPU topology compiled on a CPU host gets the TPU kernels, although the host's own backend is the CPU), and
 only the chosen branch is lowered. The measurements behind each choice are in the README ("Kernel
 choices on XLA:CPU" and "Accelerators: TPU and GPU").
 
@@ -171,7 +171,6 @@ def _valid_conv_as_products(padded_BHWC: jax.Array, kernel_HWIO: jax.Array, form
     if form == "im2col":
         taps = [padded_BHWC[:, i : i + h, j : j + w] for i in range(kh) for j in range(kw)]
         return matmul(jnp.concatenate(taps, axis=-1), kernel_HWIO.reshape(kh * kw * c, o))
-    parts = []
     if form == "taps":
         parts = [(padded_BHWC[:, i : i + h, j : j + w], kernel_HWIO[i, j]) for i in range(kh) for j in range(kw)]
     else:
@@ -184,10 +183,23 @@ def _valid_conv_as_products(padded_BHWC: jax.Array, kernel_HWIO: jax.Array, form
     return y
 
 
+def _product_branches(batch: int, positions: int, dtype, prepare) -> dict:
+    """The `platform_dependent` branches that run a stride-1 convolution of `batch` maps of `positions`
+    output positions as products: the CPU's (`_as_products`, `_cpu_form`) and the TPU's (`_tpu_form`);
+    `prepare` pads the input first (identity for an already padded one)."""
+    branches = {}
+    if _as_products(positions, dtype):
+        branches["cpu"] = lambda x, k: _valid_conv_as_products(prepare(x), k, _cpu_form(positions))
+    tpu_form = _tpu_form(batch, positions)
+    if tpu_form != "xla":
+        branches["tpu"] = lambda x, k: _valid_conv_as_products(prepare(x), k, tpu_form)
+    return branches
+
+
 def conv(x_BHWC: jax.Array, kernel_HWIO: jax.Array, stride: int, padding: int) -> jax.Array:
     """A layer's convolution (output in `accumulator(x.dtype)`), by backend: 1x1 kernels as one matrix
-    product on the TPU (and on the CPU in half precision); 3x3 kernels as products on small maps on the
-    CPU (`_as_products`) and by `_tpu_form` on the TPU; else `conv2d`."""
+    product on the TPU (and on the CPU in half precision); 3x3 kernels as products by `_product_branches`;
+    else `conv2d`."""
     k = kernel_HWIO.shape[0]
     batch, positions = x_BHWC.shape[0], x_BHWC.shape[1] * x_BHWC.shape[2]
     xla = lambda x, w: conv2d(x, w, stride, padding)
@@ -199,11 +211,7 @@ def conv(x_BHWC: jax.Array, kernel_HWIO: jax.Array, stride: int, padding: int) -
             branches["cpu"] = product
     elif k == 3 and stride == 1 and padding == 1:
         pad = lambda x: jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        if _as_products(positions, x_BHWC.dtype):
-            branches["cpu"] = lambda x, w: _valid_conv_as_products(pad(x), w, _cpu_form(positions))
-        tpu_form = _tpu_form(batch, positions)
-        if tpu_form != "xla":
-            branches["tpu"] = lambda x, w: _valid_conv_as_products(pad(x), w, tpu_form)
+        branches = _product_branches(batch, positions, x_BHWC.dtype, pad)
     if not branches:
         return xla(x_BHWC, kernel_HWIO)
     return jax.lax.platform_dependent(x_BHWC, kernel_HWIO, default=xla, **branches)
@@ -214,12 +222,7 @@ def valid_conv(padded_BHWC: jax.Array, kernel_HWIO: jax.Array) -> jax.Array:
     batch = padded_BHWC.shape[0]
     positions = (padded_BHWC.shape[1] - kernel_HWIO.shape[0] + 1) * (padded_BHWC.shape[2] - kernel_HWIO.shape[1] + 1)
     xla = lambda x, k: conv2d(x, k, 1, 0)
-    branches = {}
-    if _as_products(positions, padded_BHWC.dtype):
-        branches["cpu"] = lambda x, k: _valid_conv_as_products(x, k, _cpu_form(positions))
-    tpu_form = _tpu_form(batch, positions)
-    if tpu_form != "xla":
-        branches["tpu"] = lambda x, k: _valid_conv_as_products(x, k, tpu_form)
+    branches = _product_branches(batch, positions, padded_BHWC.dtype, lambda x: x)
     if not branches:
         return xla(padded_BHWC, kernel_HWIO)
     return jax.lax.platform_dependent(padded_BHWC, kernel_HWIO, default=xla, **branches)

@@ -77,13 +77,16 @@ def layer_norm(epsilon: float, dtype, name: str) -> nn.LayerNorm:
 
 
 class Conv2d(nn.Module):
-    """A 2-D convolution on NHWC input with PyTorch's symmetric padding; params `kernel` (HWIO) and `bias`."""
+    """A 2-D convolution on NHWC input with PyTorch's symmetric padding; params `kernel` (HWIO) and `bias`.
+    With `upsample2x` (a 3x3 kernel, padding 1) it convolves the nearest-neighbour 2x enlargement of the
+    input, (B, H, W, C) -> (B, 2H, 2W, O), by `kernels.upsample2x_conv`."""
 
     features: int
     kernel_size: int
     stride: int = 1
     padding: int = 0
     dtype: jnp.dtype = jnp.float32
+    upsample2x: bool = False
 
     @nn.compact
     def __call__(self, x_BHWC: jax.Array) -> jax.Array:
@@ -91,6 +94,8 @@ class Conv2d(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x_BHWC.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         x_BHWC, kernel = x_BHWC.astype(self.dtype), kernel.astype(self.dtype)
+        if self.upsample2x:
+            return _add_bias(kernels.upsample2x_conv(x_BHWC, kernel), bias, self.dtype)
         return _add_bias(kernels.conv(x_BHWC, kernel, self.stride, self.padding), bias, self.dtype)
 
 
@@ -246,24 +251,9 @@ class Upsample2D(nn.Module):
     def __call__(self, x_BHWC: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
         h, w = x_BHWC.shape[1:3]
         if size is None or tuple(size) == (2 * h, 2 * w):
-            return _UpsampleConv(self.channels, self.dtype, name="conv")(x_BHWC)
+            return Conv2d(self.channels, 3, padding=1, dtype=self.dtype, upsample2x=True, name="conv")(x_BHWC)
         x_BHWC = x_BHWC[:, _nearest_indices(h, size[0])][:, :, _nearest_indices(w, size[1])]
         return conv(self.channels, 3, "conv", self.dtype)(x_BHWC)
-
-
-class _UpsampleConv(nn.Module):
-    """conv3x3(nearest_2x(x)) with `Conv2d`'s params `kernel` (3, 3, C, O) and `bias`, computed by
-    `kernels.upsample2x_conv`: (B, H, W, C) -> (B, 2H, 2W, O)."""
-
-    features: int
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x_BHWC: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (3, 3, x_BHWC.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        y = kernels.upsample2x_conv(x_BHWC.astype(self.dtype), kernel.astype(self.dtype))
-        return _add_bias(y, bias, self.dtype)
 
 
 def _nearest_indices(src: int, dst: int) -> np.ndarray:
