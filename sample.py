@@ -8,14 +8,19 @@ Each image is written as OUT/{index:05d}-{seed}.png with A1111's `parameters` te
 several images also gets a grid. Image k of a run uses seed + k; a single prompt's images are numbered
 after the highest index already in OUT. With --prompts-file (one prompt per line; blank lines and lines
 starting with # are skipped) image k is prompt k, the prompts run in batches of -n, and a rerun skips the
-images already written, so a killed job resumes where it stopped and ends with exactly the same files.
-Errors print one line on stderr and exit with status 2.
+images already written, so a killed job resumes where it stopped and ends with exactly the same files;
+an image already there that records another prompt or other settings is an error (--overwrite redraws
+it). Nothing else is ever overwritten: a grid whose name is taken gets a fresh one. An image that comes
+out NaN/Inf is reported, not saved. Errors print one line on stderr and exit with status 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,10 +29,17 @@ PROG = "sample.py"
 SIZE_HELP = "pixels, a multiple of the VAE factor (8; the demo model: 4); default: the model's size"
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (exit status 2), like every other error of sample.py."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from sdjax.schedulers import NAMES
 
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    p = _OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("prompt", nargs="?", help="the prompt (A1111 emphasis, BREAK and <lora:name:w> tags allowed)")
     p.add_argument(
         "--model",
@@ -68,6 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mask", default=None, help="inpainting mask (white = repaint), the init image's size")
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
     p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--prompts-file: redraw images in OUT that record another prompt or other settings",
+    )
     p.add_argument("--mesh", default=None, help="device mesh, e.g. data=8 or data=2,fsdp=4 (default: every device)")
     p.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0")
     p.add_argument("--num-processes", type=int, default=None, help="multi-host: number of processes")
@@ -90,12 +107,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_inputs(args) -> None:
+    """Reads the --lora arguments into `args.loras` [(path, scale)] and checks that every input file exists,
+    before anything is loaded or compiled (a typo costs no compile)."""
+    args.loras = [parse_lora_arg(arg) for arg in args.lora]
+    named = [("LoRA file", path) for path, _ in args.loras] + [("embedding", Path(e)) for e in args.embedding]
+    named += [("VAE", Path(args.vae))] if args.vae else []
+    named += [("init image", Path(args.init_image))] if args.init_image else []
+    named += [("mask", Path(args.mask))] if args.mask else []
+    for what, path in named:
+        if not path.expanduser().exists():
+            raise FileNotFoundError(f"{what} {path} does not exist")
+
+
 def read_prompts(path: str) -> list[str]:
-    """Non-empty lines of a prompts file that do not start with '#'."""
+    """Non-empty lines of a prompts file (UTF-8 text) that do not start with '#'."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"prompts file {file} does not exist")
-    prompts = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"prompts file {file} is not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}): "
+            "save it as UTF-8 text, one prompt per line"
+        ) from None
+    if "\0" in text:
+        raise ValueError(f"prompts file {file} holds NUL bytes (a binary file?): give a text file, one prompt per line")
+    prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:
         raise ValueError(f"prompts file {file} holds no prompt")
@@ -149,22 +189,29 @@ def load_model(args, progress: Progress):
     )
     for path in args.embedding:
         pipe = pipe.load_textual_inversion(path)
-    for arg in args.lora:
-        path, scale = parse_lora_arg(arg)
+    for path, scale in args.loras:
         pipe = pipe.load_lora(path, scale)
     progress.say(f"loaded in {time.perf_counter() - started:.1f} s")
     return pipe
 
 
 def parse_lora_arg(arg: str) -> tuple[Path, float]:
-    """`--lora FILE[:SCALE]` -> (path, scale); without a numeric `:SCALE` suffix the scale is 1."""
+    """`--lora FILE[:SCALE]` -> (path, scale); the scale is 1 without a suffix (the text after the last ':'
+    is a suffix unless it holds a path separator), and a file whose own name holds a colon is taken whole
+    when it exists. A suffix that is not a finite number is an error."""
+    whole = Path(arg).expanduser()
     head, sep, tail = arg.rpartition(":")
-    if sep and head:
-        try:
-            return Path(head).expanduser(), float(tail)
-        except ValueError:
-            pass
-    return Path(arg).expanduser(), 1.0
+    if not sep or not head or whole.exists() or "/" in tail or "\\" in tail:  # no suffix (C:/x is a path)
+        return whole, 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        raise ValueError(
+            f"--lora {arg}: the scale {tail!r} after the last ':' is not a number (FILE[:SCALE])"
+        ) from None
+    if not math.isfinite(scale):
+        raise ValueError(f"--lora {arg}: the scale must be a finite number, got {tail!r}")
+    return Path(head).expanduser(), scale
 
 
 def output_paths(out: Path, seeds: list[int], resume: bool) -> list[Path]:
@@ -179,13 +226,14 @@ def output_paths(out: Path, seeds: list[int], resume: bool) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    check_inputs(args)
     import jax
     import numpy as np
 
-    from sdjax import sharding
+    from sdjax import files, sharding
     from sdjax.compile_cache import enable_compilation_cache
     from sdjax.convert.lora import find_lora
-    from sdjax.generate import compile_generate, place_inputs, place_params
+    from sdjax.generate import NonFiniteImageError, compile_generate, place_inputs, place_params
     from sdjax.prompts import parse_lora_tags, tokenize_prompts
     from sdjax.request import prepare
 
@@ -194,6 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress(not args.no_progress and host == 0)
     enable_compilation_cache(args.cache_dir)
     started = time.perf_counter()
+    out = Path(args.out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: pass a folder (it is created if missing)")
+    out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"cannot write into the output folder {out} (permission denied): pass another --out")
+
     if args.prompts_file:
         prompts = read_prompts(args.prompts_file)
     else:
@@ -212,22 +267,22 @@ def main(argv: list[str] | None = None) -> int:
         base = base.on_mesh(mesh)
         progress.say(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {hosts} process(es)")
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".[0-9][0-9][0-9][0-9][0-9]-*.png.tmp"):  # left by a killed run mid-write
-        stale.unlink()
+    files.remove_temporaries(out)  # images a killed run left half-written
     seeds = [args.seed + i for i in range(len(prompts))]
     paths = output_paths(out, seeds, resume=bool(args.prompts_file))
     if multi and not args.prompts_file:  # every host numbers from the same first index
         first = int(_host_max(int(paths[0].name[:5])))
         paths = [out / f"{first + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
     own = sharding.host_share(range(len(prompts)))  # this host's images: every hosts-th one
-    todo = [i for i in own if not paths[i].exists()]
-    if len(todo) < len(own):
-        progress.say(f"{len(own) - len(todo)} of {len(own)} images already in {out}: skipping them")
-
     model_name = Path(args.model).resolve().name if args.model else "sdjax-demo"
     sampler = args.scheduler or base.scheduler_config.get("_class_name", "default")
+    describe = functools.partial(image_parameters, args, prompts, seeds, model_name, sampler)
+    done = [i for i in own if paths[i].exists()]
+    if args.prompts_file:  # resume by content: an image there must be the one this command would draw
+        done = [i for i in done if not _redraw(paths[i], describe(i, None), args.overwrite)]
+    todo = [i for i in own if i not in set(done)]
+    if done:
+        progress.say(f"{len(done)} of {len(own)} images already in {out}: skipping them")
     rows = -(-args.batch_size // hosts)  # this host's rows per batch
     rows = min(rows, len(todo)) if not multi else rows
     window = base.text_encoder.config.max_position_embeddings
@@ -238,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     if steps == 0:
         return 0
     compiled = None
+    failed: list[Path] = []  # images that came out non-finite (not written)
     merged = {(): base}  # LoRA tag set -> pipeline with those LoRAs merged (parameters only: no recompile)
 
     def request(pipe, rows_prompts, chunk):
@@ -295,39 +351,89 @@ def main(argv: list[str] | None = None) -> int:
         tick = time.perf_counter()
         if chunk:
             progress.say(f"sampling images {paths[chunk[0]].name} .. {paths[chunk[-1]].name}")
-        images = compiled(params, inputs)
-        result = np.asarray(images) if mesh is None else sharding.local_rows(images)
+        drawn = compiled(params, inputs)
+        result, finite = jax.device_get(drawn) if mesh is None else jax.tree.map(sharding.local_rows, drawn)
         progress.say(f"sampled batch {step + 1}/{steps} in {time.perf_counter() - tick:.1f} s")
-        write_images(args, chunk, result, plan, paths, prompts, seeds, model_name, sampler, out, multi)
+        failed += write_images(args, chunk, result, finite, plan, paths, describe, out, multi)
+    if failed:
+        names = ", ".join(p.name for p in failed)
+        raise NonFiniteImageError(
+            f"{len(failed)} image(s) came out NaN/Inf and were not saved ({names}): the model's weights hold "
+            "non-finite values, or a float16 model overflowed: try --dtype float32 or bfloat16"
+        )
     progress.say(f"wrote {len(todo)} image(s) to {out} in {time.perf_counter() - started:.1f} s")
     return 0
 
 
-def write_images(args, chunk, result, plan, paths, prompts, seeds, model_name, sampler, out, multi) -> None:
-    """The PNGs of one batch (A1111 parameters in each), and its grid for a single prompt's batch."""
+def image_parameters(args, prompts, seeds, model_name, sampler, i: int, size: tuple[int, int] | None) -> str:
+    """The A1111 `parameters` text of image i; `size` (width, height) None leaves out the Size field (for
+    comparing with an image already drawn before the plan's size is known)."""
     from sdjax import images as image_io
 
+    extra = {}
+    if args.init_image:
+        extra["Denoising strength"] = args.strength
+    if args.clip_skip:
+        extra["Clip skip"] = args.clip_skip + 1
+    text = image_io.a1111_parameters(
+        prompts[i],
+        args.negative_prompt,
+        steps=args.steps,
+        sampler=sampler,
+        guidance=args.guidance,
+        seed=seeds[i],
+        width=size[0] if size else 0,
+        height=size[1] if size else 0,
+        model=model_name,
+        extra=extra,
+    )
+    return text if size else _without_size(text)
+
+
+def _without_size(text: str) -> str:
+    head, _, fields = text.rpartition("\n")
+    kept = [f for f in fields.split(", ") if not f.startswith("Size: ")]
+    return f"{head}\n{', '.join(kept)}"
+
+
+def _redraw(path: Path, expected: str, overwrite: bool) -> bool:
+    """Whether the image at `path` (of a --prompts-file run) must be drawn again: False when it records
+    exactly `expected` (sizes aside: --height/--width decide them); True with `overwrite` otherwise; an
+    error naming the difference without it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            recorded = img.info.get("parameters")
+    except OSError:
+        recorded = None
+    if recorded is not None and (_without_size(recorded) == expected):
+        return False
+    if overwrite:
+        return True
+    what = "no readable parameters" if recorded is None else f"{recorded.splitlines()[0][:60]!r} with other settings"
+    raise FileExistsError(
+        f"{path} records {what}, not this command's image: the prompts file or the settings changed since it "
+        "was drawn; pass --overwrite to redraw such images, or a new --out"
+    )
+
+
+def write_images(args, chunk, result, finite, plan, paths, describe, out, multi) -> list[Path]:
+    """The PNGs of one batch (A1111 parameters in each) and, for a single prompt's batch, its grid under a
+    free name; images that came out non-finite are not written: their paths are returned."""
+    from sdjax import files
+    from sdjax import images as image_io
+
+    failed = []
     for row, i in enumerate(chunk):
-        extra = {}
-        if args.init_image:
-            extra["Denoising strength"] = args.strength
-        if args.clip_skip:
-            extra["Clip skip"] = args.clip_skip + 1
-        text = image_io.a1111_parameters(
-            prompts[i],
-            args.negative_prompt,
-            steps=args.steps,
-            sampler=sampler,
-            guidance=args.guidance,
-            seed=seeds[i],
-            width=plan.width,
-            height=plan.height,
-            model=model_name,
-            extra=extra,
-        )
-        image_io.save_png(paths[i], result[row], text)
-    if len(chunk) > 1 and not args.prompts_file and not multi:
-        image_io.save_png(out / f"grid-{paths[chunk[0]].stem}.png", image_io.grid(result[: len(chunk)]))
+        if not finite[row]:
+            failed.append(paths[i])
+            continue
+        image_io.save_png(paths[i], result[row], describe(i, (plan.width, plan.height)))
+    if len(chunk) > 1 and not args.prompts_file and not multi and not failed:
+        grid = files.fresh_path(out / f"grid-{paths[chunk[0]].stem}.png")
+        image_io.save_png(grid, image_io.grid(result[: len(chunk)]))
+    return failed
 
 
 def _host_max(value: int) -> int:
@@ -349,12 +455,20 @@ def batches(items: list[int], size: int, key) -> list[list[int]]:
     return out
 
 
+def _one_line(err: BaseException) -> str:
+    """An expected error as one line: its message's first line (OS errors: the reason and the path)."""
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        return f"{err.strerror}: {err.filename}"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def cli(argv: list[str] | None = None) -> int:
     """main() with every expected failure reduced to one line on stderr and exit status 2."""
     try:
         return main(argv)
     except (ValueError, OSError) as err:  # bad input: missing/corrupt files, bad sizes, unknown names
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

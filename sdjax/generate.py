@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +34,13 @@ from sdjax.sharding import BATCH_AXES, global_batch, local_rows, shard_params
 from sdjax.xla_options import compiler_options
 
 MODES = ("txt2img", "img2img", "inpaint")
+
+
+class Drawn(NamedTuple):
+    """What a generation program returns: the images and, per image, whether its pixels were finite."""
+
+    images: jax.Array  # uint8 (B, H, W, 3)
+    finite: jax.Array  # bool (B,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +138,9 @@ def _guided_model(unet, unet_params, context_2BLD, extra_2BHWC):
 
 
 def _decode(vae, vae_params, latents_BHWC, scaling_factor, tiled: bool = False):
-    """Latents -> uint8 images (B, H, W, 3); a float16 VAE that overflows is re-run in float32. `tiled`
-    decodes in overlapping tiles as diffusers' `enable_tiling` (`sdjax.nn.vae.decode_tiled`)."""
+    """Latents -> (uint8 images (B, H, W, 3), whether each image's decoded pixels are all finite (B,)); a
+    float16 VAE that overflows is re-run in float32. `tiled` decodes in overlapping tiles as diffusers'
+    `enable_tiling` (`sdjax.nn.vae.decode_tiled`)."""
 
     def decode(params, module):
         z = (latents_BHWC / scaling_factor).astype(module.dtype)
@@ -145,11 +153,13 @@ def _decode(vae, vae_params, latents_BHWC, scaling_factor, tiled: bool = False):
         vae32 = vae.clone(dtype=jnp.float32)
         params32 = jax.tree.map(lambda p: p.astype(jnp.float32), vae_params)
         image = jax.lax.cond(jnp.all(jnp.isfinite(image)), lambda: image, lambda: decode(params32, vae32))
-    return jnp.round(jnp.clip(image / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
+    finite = jnp.all(jnp.isfinite(image), axis=(1, 2, 3))
+    return jnp.round(jnp.clip(image / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8), finite
 
 
-def _run(params: dict[str, Any], inputs: Inputs, *, unet, vae, text_encoder, plan: Plan) -> jax.Array:
-    """One generation call -> uint8 images (B, H, W, 3). See the module docstring for what is traced.
+def _run(params: dict[str, Any], inputs: Inputs, *, unet, vae, text_encoder, plan: Plan) -> Drawn:
+    """One generation call -> Drawn(uint8 images (B, H, W, 3), finite (B,)). See the module docstring for
+    what is traced.
 
     With a mesh, the rows are split over its devices (`shard_map`); every device runs the same per-device
     program as a single device would, on its own rows, with the parameters gathered whole (FSDP-sharded
@@ -166,7 +176,11 @@ def _run(params: dict[str, Any], inputs: Inputs, *, unet, vae, text_encoder, pla
     # No collectives inside: each device draws its own rows (check_vma off: the skipped-group branch returns
     # a constant, which the varying-axes check would reject).
     per_device = jax.shard_map(
-        draw, mesh=plan.mesh, in_specs=(PartitionSpec(), batch, PartitionSpec()), out_specs=batch, check_vma=False
+        draw,
+        mesh=plan.mesh,
+        in_specs=(PartitionSpec(), batch, PartitionSpec()),
+        out_specs=Drawn(batch, batch),
+        check_vma=False,
     )
     return per_device(params, per_image, shared)
 
@@ -180,7 +194,8 @@ def program(backend: str | None = None):
 
 
 def _draw_rows(params, per_image: dict[str, jax.Array], shared: dict[str, jax.Array], *, unet, vae, text_encoder, plan):
-    """The rows of one device -> uint8 (rows, H, W, 3), in groups of `plan.micro_batch` images.
+    """The rows of one device -> Drawn(uint8 (rows, H, W, 3), finite (rows,)), in groups of
+    `plan.micro_batch` images.
 
     The last group is padded with copies of the last row: every compiled operation sees the same shapes
     whatever the number of rows, so an image is bit-identical in any batch (XLA:CPU reductions round
@@ -196,26 +211,31 @@ def _draw_rows(params, per_image: dict[str, jax.Array], shared: dict[str, jax.Ar
         return jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
 
     per_image = jax.tree.map(padded, per_image)
-    blank = jnp.zeros((m, plan.height, plan.width, 3), jnp.uint8)
+    blank = Drawn(jnp.zeros((m, plan.height, plan.width, 3), jnp.uint8), jnp.ones((m,), bool))
 
-    def one_group(g, images):
+    def one_group(g, out: Drawn) -> Drawn:
         group = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, g * m, m), per_image)
 
         def draw():
-            drawn = _generate_group(params, group, shared, unet=unet, vae=vae, text_encoder=text_encoder, plan=plan)
-            return jnp.where(group["valid"][:, None, None, None], drawn, 0)
+            images, finite = _generate_group(
+                params, group, shared, unet=unet, vae=vae, text_encoder=text_encoder, plan=plan
+            )
+            valid = group["valid"]
+            return Drawn(jnp.where(valid[:, None, None, None], images, 0), finite | ~valid)
 
         drawn = jax.lax.cond(jnp.any(group["valid"]), draw, lambda: blank)
-        return jax.lax.dynamic_update_slice_in_dim(images, drawn, g * m, axis=0)
+        return jax.tree.map(lambda all_, new: jax.lax.dynamic_update_slice_in_dim(all_, new, g * m, axis=0), out, drawn)
 
-    images = jnp.zeros((groups * m, plan.height, plan.width, 3), jnp.uint8)
-    return jax.lax.fori_loop(0, groups, one_group, images)[:rows]
+    out = Drawn(jnp.zeros((groups * m, plan.height, plan.width, 3), jnp.uint8), jnp.ones((groups * m,), bool))
+    out = jax.lax.fori_loop(0, groups, one_group, out)
+    return Drawn(out.images[:rows], out.finite[:rows])
 
 
 def _generate_group(
     params, group: dict[str, jax.Array], shared: dict[str, jax.Array], *, unet, vae, text_encoder, plan
 ):
-    """Text encoding, the denoising loop and the decode for one group of images -> uint8 (m, H, W, 3).
+    """Text encoding, the denoising loop and the decode for one group of images -> (uint8 (m, H, W, 3),
+    finite (m,)).
 
     `group` holds the per-image inputs of the group (ids, weights, seeds, noise, image, mask; leading axis
     m); `shared` the scalars (guidance, guidance_rescale, num_steps, strength).
@@ -308,7 +328,7 @@ class Compiled:
     plan: Plan
     executable: Any
 
-    def __call__(self, params, inputs: Inputs) -> jax.Array:
+    def __call__(self, params, inputs: Inputs) -> Drawn:
         return self.executable(params, inputs)
 
 
@@ -330,7 +350,22 @@ def draw_images(pipe, plan: Plan, inputs: Inputs) -> np.ndarray:
     drawn = int(inputs.valid.sum())
     params = place_params(pipe.params, plan.mesh)
     placed = place_inputs(inputs, plan.mesh)
-    images = program()(params, placed, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, plan=plan)
-    images = (jax.device_get(images) if plan.mesh is None else local_rows(images))[:drawn]
+    out = program()(params, placed, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, plan=plan)
+    images, finite = jax.device_get(out) if plan.mesh is None else jax.tree.map(local_rows, out)
     release_free_memory()  # what a first call's compile freed (see sdjax.memory)
-    return images
+    check_finite(finite[:drawn])
+    return images[:drawn]
+
+
+class NonFiniteImageError(ValueError):
+    """Generated images whose pixels came out NaN or infinite (they would be saved as black)."""
+
+
+def check_finite(finite) -> None:
+    """Raises NonFiniteImageError naming the images (0-based rows) whose `finite` flag is False."""
+    bad = [int(i) for i in np.flatnonzero(~np.asarray(finite, bool))]
+    if bad:
+        raise NonFiniteImageError(
+            f"image(s) {', '.join(map(str, bad))} came out NaN/Inf (not saved as black): the weights hold "
+            "non-finite values, or a float16 model overflowed: try --dtype float32 or bfloat16"
+        )

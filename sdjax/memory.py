@@ -33,3 +33,20 @@ def release_free_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def device_memory_bytes(device=None) -> int | None:
+    """The memory one device can hold, in bytes: its allocator's limit on GPUs/TPUs, the machine's
+    physical memory on the CPU; None when unknown."""
+    import os
+
+    import jax
+
+    device = device or jax.devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        return stats.get("bytes_limit")
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None

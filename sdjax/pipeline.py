@@ -18,7 +18,7 @@ from sdjax.convert.parts import ModelParts
 from sdjax.convert.textual_inversion import EmbeddingError, add_embedding, read_embedding
 from sdjax.generate import draw_images
 from sdjax.memory import release_free_memory
-from sdjax.nn.lora import merge_lora
+from sdjax.nn.lora import component_scales, merge_lora
 from sdjax.request import prepare
 from sdjax.schedulers import with_prediction_type
 
@@ -77,6 +77,7 @@ class StableDiffusionPipeline(ModelParts):
         and conv layers. `scale` is one float or {"unet": s, "text_encoder": s}. Parameters are traced, so
         generating with another LoRA or scale does not recompile.
         """
+        component_scales(scale)  # a bad scale is refused before the file is read
         return dataclasses.replace(self, params=merge_lora(self.params, lora_adapter(self, path), scale))
 
     def load_textual_inversion(self, path: str | Path, token: str | None = None) -> StableDiffusionPipeline:

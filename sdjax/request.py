@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,8 @@ from sdjax import images as image_io
 from sdjax import schedulers
 from sdjax.convert.lora import lora_adapter
 from sdjax.generate import Inputs, Plan
+from sdjax.memory import device_memory_bytes
+from sdjax.nn.lora import component_scales
 from sdjax.prompts import prompt_pairs, tokenize_prompts
 from sdjax.sharding import make_mesh
 
@@ -83,11 +86,25 @@ class GenerateOptions:
     vae_tiling: bool = False
 
     def __post_init__(self):
-        steps, per_prompt = int(self.num_inference_steps), int(self.num_images_per_prompt)
+        steps, per_prompt = (
+            _integer("num_inference_steps", self.num_inference_steps),
+            _integer("num_images_per_prompt", self.num_images_per_prompt),
+        )
+        for name in ("guidance_scale", "guidance_rescale", "strength"):
+            _finite(name, getattr(self, name))
+        for name in ("micro_batch_size", "clip_skip", "max_steps", "height", "width"):
+            if getattr(self, name) is not None:
+                _integer(name, getattr(self, name))
         checks = (
             (steps >= 1, f"num_inference_steps must be >= 1, got {self.num_inference_steps}"),
+            (steps <= MAX_STEPS, f"num_inference_steps must be <= {MAX_STEPS}, got {self.num_inference_steps}"),
             (per_prompt >= 1, f"num_images_per_prompt must be >= 1, got {self.num_images_per_prompt}"),
             (0.0 <= float(self.strength) <= 1.0, f"strength must be in [0, 1], got {self.strength}"),
+            (
+                0.0 <= float(self.guidance_rescale) <= 1.0,
+                f"guidance_rescale must be in [0, 1], got {self.guidance_rescale}",
+            ),
+            (self.clip_skip is None or int(self.clip_skip) >= 0, f"clip_skip must be >= 0, got {self.clip_skip}"),
             (
                 self.micro_batch_size is None or int(self.micro_batch_size) >= 1,
                 f"micro_batch_size must be >= 1, got {self.micro_batch_size}",
@@ -119,6 +136,29 @@ class GenerateOptions:
     def padded_steps(self) -> int:
         """The static step bound of the program (`max_steps`, or the next multiple of 50)."""
         return default_max_steps(self.steps) if self.max_steps is None else int(self.max_steps)
+
+
+# the largest step count (the training schedule's length: more steps would repeat timesteps)
+MAX_STEPS = 1000
+
+
+def _integer(name: str, value) -> int:
+    """`value` as an int, or a one-line error naming the option (a bool or a fraction is not an integer)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        if not (isinstance(value, float | np.floating) and math.isfinite(value) and float(value).is_integer()):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+    return int(value)
+
+
+def _finite(name: str, value) -> float:
+    """`value` as a finite float, or a one-line error naming the option."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return number
 
 
 def default_max_steps(num_steps: int) -> int:
@@ -204,12 +244,18 @@ def _canvas(pipe, options: GenerateOptions, count: int, batch: int) -> _Canvas:
     if options.image is not None:
         inits = _images_per_prompt(options.image, count, "init image")
         if height is None and width is None:
+            if inits[0].width < factor or inits[0].height < factor:
+                raise ValueError(
+                    f"init image is {inits[0].width}x{inits[0].height} pixels, below the minimum {factor}x{factor}: "
+                    "pass a larger image, or height and width to resize it to"
+                )
             width, height = (inits[0].width // factor) * factor, (inits[0].height // factor) * factor
     sample = (pipe.unet.config.sample_size or 64) * factor
     height = sample if height is None else int(height)
     width = sample if width is None else int(width)
     if height <= 0 or width <= 0 or height % factor or width % factor:
         raise ValueError(f"height and width must be positive multiples of {factor}, got {height}x{width}")
+    _check_fits(pipe, height, width, options.vae_tiling)
     kept = int(options.steps * float(options.strength))
     if options.mask_image is None and pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
         raise ValueError(
@@ -232,6 +278,39 @@ def _canvas(pipe, options: GenerateOptions, count: int, batch: int) -> _Canvas:
     return _Canvas(height, width, "inpaint", image, mask)
 
 
+def _bytes_per_pixel(pipe, tiled: bool) -> float:
+    """A lower bound of the memory one image needs per output pixel, in bytes: the two largest full-size
+    activations of the VAE decoder (its last block's input and output channels at full size; with tiling
+    only the latents and the image), and two UNet activations of its first width per latent pixel."""
+    itemsize = np.dtype(pipe.dtype).itemsize
+    factor = pipe.vae_scale_factor
+    unet = 2 * pipe.unet.config.block_out_channels[0] * itemsize / factor**2
+    if tiled:
+        return unet + 2 * 3 * 4
+    decoder = pipe.vae.config.block_out_channels
+    return unet + 2 * max(decoder[:2]) * itemsize
+
+
+def _check_fits(pipe, height: int, width: int, tiled: bool) -> None:
+    """Refuses, before anything is compiled, an image size whose lower-bound memory (`_bytes_per_pixel`)
+    exceeds one device's memory; the error names the largest square size that may fit."""
+    available = device_memory_bytes()
+    if not available:
+        return
+    per_pixel = _bytes_per_pixel(pipe, tiled)
+    needed = per_pixel * height * width
+    if needed <= available:
+        return
+    step = 64
+    side = int((available / per_pixel) ** 0.5) // step * step
+    hint = "" if tiled else ", or pass vae_tiling=True (--vae-tiling)"
+    raise ValueError(
+        f"{width}x{height} needs at least {needed / 2**30:,.1f} GiB for one image, more than the "
+        f"{available / 2**30:.1f} GiB of a device here: the largest square size that may fit is about "
+        f"{side}x{side}{hint}"
+    )
+
+
 def _noise_rows(pipe, latents, batch: int, canvas: _Canvas) -> np.ndarray | None:
     """The caller's initial noise (B, h, w, C) float32, shape-checked, or None."""
     if latents is None:
@@ -241,6 +320,8 @@ def _noise_rows(pipe, latents, batch: int, canvas: _Canvas) -> np.ndarray | None
     noise = np.asarray(latents, np.float32)
     if noise.shape != shape:
         raise ValueError(f"latents must have shape {shape} (NHWC), got {noise.shape}")
+    if not np.isfinite(noise).all():
+        raise ValueError(f"latents hold {int((~np.isfinite(noise)).sum())} NaN/Inf values: pass finite noise")
     return noise
 
 
@@ -295,8 +376,8 @@ def _adapters(pipe, loras):
             raise ValueError("loras must be a list of (LoRA file or adapter, scale) pairs")
         source, scale = entry
         adapters.append(source if isinstance(source, dict) else lora_adapter(pipe, source))
-        for part in scales:
-            scales[part].append(float(scale[part] if isinstance(scale, dict) else scale))
+        for part, value in component_scales(scale).items():
+            scales[part].append(value)
     adapters = tuple(jax.tree.map(np.asarray, a) for a in adapters)
     return adapters, {part: np.asarray(values, np.float32) for part, values in scales.items()}
 

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,8 @@ from typing import Any
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
+
+from sdjax import files
 
 __all__ = ["CLIPTokenizer"]
 
@@ -224,7 +228,9 @@ class CLIPTokenizer:
         records every added token (special tokens and e.g. textual-inversion tokens) with its id."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        self.backend.model.save(str(folder))
+        with tempfile.TemporaryDirectory(dir=folder, prefix=f".vocab{files.TEMP_MARK}") as staging:
+            for name in self.backend.model.save(staging):  # vocab.json, merges.txt: each replaced whole
+                os.replace(name, folder / Path(name).name)
         added = {
             str(token_id): {
                 "content": token.content,
@@ -251,8 +257,8 @@ class CLIPTokenizer:
             **named,
             "added_tokens_decoder": added,
         }
-        (folder / _CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        (folder / _SPECIAL_MAP_FILE).write_text(json.dumps(named, indent=2, ensure_ascii=False) + "\n")
+        files.write_text(folder / _CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        files.write_text(folder / _SPECIAL_MAP_FILE, json.dumps(named, indent=2, ensure_ascii=False) + "\n")
         return folder
 
     def add_tokens(self, tokens: Sequence[str]) -> CLIPTokenizer:

@@ -4,15 +4,16 @@ into another's private modules or names, and no two modules import each other in
 Layers, lowest first. A unit may import its own modules and any unit of a lower layer, never a peer of its
 own layer or anything above (imports inside functions and under TYPE_CHECKING count too):
 
-  0  sdjax.xla_options, sdjax.memory, sdjax.compile_cache, sdjax.keys, sdjax.images, sdjax.tokenizer,
+  0  sdjax.files (atomic writes, fresh names)
+  1  sdjax.xla_options, sdjax.memory, sdjax.compile_cache, sdjax.keys, sdjax.images, sdjax.tokenizer,
      sdjax.targets
-  1  sdjax.nn (modules, layers, LoRA math), sdjax.schedulers
-  2  sdjax.convert (file formats <-> model parts), sdjax.prompts, sdjax.sharding
-  3  sdjax.generate (the compiled program)
-  4  sdjax.request (generation options -> plan and inputs)
-  5  sdjax.pipeline, the sdjax package itself
-  6  sdjax.testing (random-weight models)
-  7  sdjax.bench, train, sample.py (the users of the library)
+  2  sdjax.nn (modules, layers, LoRA math), sdjax.schedulers
+  3  sdjax.convert (file formats <-> model parts), sdjax.prompts, sdjax.sharding
+  4  sdjax.generate (the compiled program)
+  5  sdjax.request (generation options -> plan and inputs)
+  6  sdjax.pipeline, the sdjax package itself
+  7  sdjax.testing (random-weight models)
+  8  sdjax.bench, train, sample.py (the users of the library)
 
 Run as a script (`python tests/test_architecture.py`, part of `make lint`) it prints every violation.
 """
@@ -25,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = (
+    ("sdjax.files",),
     (
         "sdjax.xla_options",
         "sdjax.memory",

@@ -242,7 +242,7 @@ def test_shapes_only_pipeline_compiles_the_program_the_weights_run(folder, tmp_p
     settings = dict(num_inference_steps=3, height=64, width=64, seed=3, mesh=None)
     plan, inputs = prepare(shapes, ["a red cube"], **settings)
     program = compile_generate(shapes, plan, place_inputs(inputs, None), params=shapes.params)
-    drawn = np.asarray(program(pipe.params, place_inputs(inputs, None)))
+    drawn = np.asarray(program(pipe.params, place_inputs(inputs, None)).images)
     np.testing.assert_array_equal(drawn, np.asarray(pipe.generate(["a red cube"], **settings)))
 
     with pytest.raises(ValueError) as info:

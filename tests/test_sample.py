@@ -130,7 +130,7 @@ def _truncated_model(folder: Path, tmp_path: Path) -> Path:
         ("truncated weights", "truncated"),
         ("size", "height and width must be positive multiples of 8, got 60x64"),
         ("scheduler", "unknown scheduler 'euler_x'; choose one of ddim, pndm, lms"),
-        ("init image", "init image file"),
+        ("init image", "does not exist"),
         ("unreadable init image", "cannot read init image"),
         ("mask size", "mask is 32x32 but the init image is 64x64"),
         ("strength", "strength must be in [0, 1], got 1.5"),
@@ -181,7 +181,7 @@ save, calls = sdjax.images.save_png, []
 def save_or_die(*args, **kwargs):
     calls.append(args[0])
     if len(calls) == 3:
-        open(str(args[0]).replace(".png", ".png.tmp").replace("/0", "/.0"), "wb").write(b"half a png")
+        open(str(args[0]).replace(".png", ".png.0123abcd.sdjax-tmp").replace("/0", "/.0"), "wb").write(b"half a png")
         os.kill(os.getpid(), signal.SIGKILL)
     return save(*args, **kwargs)
 sdjax.images.save_png = save_or_die
@@ -212,7 +212,7 @@ def test_killed_prompts_file_job_resumes_to_the_same_images(folder, tmp_path):
     resumed = tmp_path / "resumed"
     job = _run_job(folder, prompts, resumed, cache, killed=True)
     assert job.returncode == -signal.SIGKILL, job.stderr
-    assert sorted(p.name for p in resumed.iterdir()) == [".00002-102.png.tmp", *names[:2]]
+    assert sorted(p.name for p in resumed.iterdir()) == [".00002-102.png.0123abcd.sdjax-tmp", *names[:2]]
     job = _run_job(folder, prompts, resumed, cache)
     assert job.returncode == 0, job.stderr
     assert "2 of 5 images already in" in job.stderr

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -373,15 +374,26 @@ def test_two_processes_match_one_process_with_eight_devices(tmp_path, base, squa
 
 # ---------------------------------------------------------------------------------------------- kill and resume
 
-_SLOW_FINALIZE = """
-import asyncio, os, runpy, sys
+# Runs python -m train with two pauses a test can kill into: SLOW_STEP=N holds the commit (rename) of
+# checkpoint N for two minutes (its files are written), PAUSE_EXPORT=1 holds the export after final/'s
+# temporary folder is complete and before it is renamed into place.
+_PAUSING_TRAIN = """
+import asyncio, os, runpy, sys, time
 from orbax.checkpoint._src.path import atomicity
+import train.export
 original = atomicity.AtomicRenameTemporaryPath.finalize
 async def slow_finalize(self):
-    if self.get_final().name == os.environ["SLOW_STEP"]:
+    if self.get_final().name == os.environ.get("SLOW_STEP"):
         await asyncio.sleep(120)
     return await original(self)
 atomicity.AtomicRenameTemporaryPath.finalize = slow_finalize
+export = train.export.export_final
+def paused_export(*args):
+    out = export(*args)
+    if os.environ.get("PAUSE_EXPORT"):
+        time.sleep(120)
+    return out
+train.export.export_final = paused_export
 sys.argv = ["train", *sys.argv[1:]]
 runpy.run_module("train", run_name="__main__")
 """
@@ -391,46 +403,81 @@ def _kill_args(base, squares, out):
     return run_args("sd15_full", base, squares, out, "--steps", "8", "--checkpoint-every", "2", "--random-flip", "true")
 
 
-def _wait_for(condition, proc, timeout=300.0):
+def _wait_for(condition, proc, timeout=300.0) -> bool:
+    """Waits until `condition()` holds (True) or the process ends (False)."""
     t0 = time.time()
     while not condition():
-        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        if proc.poll() is not None:
+            return False
         assert time.time() - t0 < timeout
-        time.sleep(0.05)
+        time.sleep(0.02)
+    return True
+
+
+def _logged_steps(out: Path) -> int:
+    path = out / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def _checkpoint_steps(out: Path) -> list[int]:
+    folder = out / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
 
 
 def test_killed_runs_resume_bit_identical(tmp_path, base, squares):
-    """A run SIGKILLed at a random step, restarted, SIGKILLed again while a checkpoint is being written,
-    and restarted again ends with exactly the parameters and losses of an uninterrupted run."""
+    """kill -9 ten times at random moments of a run (after a random step, while a checkpoint is being
+    committed, while final/ is being exported), then run it to the end: the final weights and the losses are
+    bit-identical to an uninterrupted run's, and nothing written before a kill is ever lost or half-written."""
     reference = tmp_path / "uninterrupted"
     run(parse(list(_kill_args(base, squares, reference))))  # in-process; its compiled step is cached for the rest
 
     out = tmp_path / "killed"
-    stop_at = random.Random().randint(2, 5)
-    print(f"SIGKILL after step {stop_at}")
-    proc = cli(*_kill_args(base, squares, out))
-    metrics = out / "metrics.jsonl"
-    _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= stop_at, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "final").exists()
-
-    # restarted, and killed while checkpoint 6 is written (its files exist, the commit rename has not happened)
-    script = tmp_path / "slow_finalize.py"
-    script.write_text(_SLOW_FINALIZE)
-    env = {**os.environ, "SLOW_STEP": "6", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, str(script), *_kill_args(base, squares, out)],
-        cwd=ROOT,
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    _wait_for(lambda: any((out / "checkpoints").glob("6.*")), proc)
-    time.sleep(1.0)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "checkpoints" / "6").exists()
+    script = tmp_path / "pausing_train.py"
+    script.write_text(_PAUSING_TRAIN)
+    rng = random.Random()
+    seed = rng.randrange(10**6)
+    rng.seed(seed)
+    print("fault-test seed", seed)
+    # moments still ahead of the run: during start-up, after a step not yet done (the kill lands in a later
+    # step, a save or the data loading), in the commit of a checkpoint not yet written; then three times in
+    # the export (the run trains to the end first)
+    moments = rng.sample(["start-up", "start-up", "step", "step", "step", "checkpoint", "checkpoint"], 7)
+    for round_, moment in enumerate([*moments, "export", "export", "export"]):
+        latest = max(_checkpoint_steps(out), default=0)
+        if latest == 8 and moment == "checkpoint":
+            moment = "step"
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        if moment == "checkpoint":
+            env["SLOW_STEP"] = str(rng.choice([s for s in (2, 4, 6, 8) if s > latest]))
+            ready = lambda step=env["SLOW_STEP"]: any((out / "checkpoints").glob(f"{step}.orbax-checkpoint-tmp*"))
+        elif moment == "export":
+            env["PAUSE_EXPORT"] = "1"
+            ready = lambda: any(out.glob(".final.*.sdjax-tmp/unet/*.safetensors"))
+        elif moment == "step":
+            at = rng.randint(min(latest + 1, 8), 8)
+            ready = lambda at=at: _logged_steps(out) >= at
+        else:
+            deadline = time.time() + rng.uniform(0.5, 4.0)
+            ready = lambda deadline=deadline: time.time() > deadline
+        before = _checkpoint_steps(out)
+        proc = subprocess.Popen(
+            [sys.executable, str(script), *_kill_args(base, squares, out)],
+            cwd=ROOT,
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        if _wait_for(ready, proc):
+            time.sleep(rng.uniform(0.0, 0.3))
+        proc.kill()
+        err = proc.communicate()[1]
+        print(f"round {round_}: {moment}, exit {proc.returncode}, checkpoints {_checkpoint_steps(out)}")
+        assert proc.returncode == -signal.SIGKILL, err[-3000:]  # every round is killed before the run ends
+        if (out / "final").exists():  # final/ is whole or absent
+            assert (out / "final/unet/diffusion_pytorch_model.safetensors").is_file()
+        after = _checkpoint_steps(out)
+        if before:  # checkpoints only ever move forward (the oldest rotate out)
+            assert after and after[-1] >= before[-1]
     finish(cli(*_kill_args(base, squares, out)))
 
     want = weights(reference / "final/unet/diffusion_pytorch_model.safetensors")
@@ -438,6 +485,77 @@ def test_killed_runs_resume_bit_identical(tmp_path, base, squares):
     assert want.keys() == got.keys()
     assert all(np.array_equal(want[k], got[k]) for k in want)
     np.testing.assert_array_equal(losses(out), losses(reference))
+    assert not list(out.glob(".*sdjax-tmp")) and not list((out / "checkpoints").glob("*tmp*"))
+
+
+# ---------------------------------------------------------------------------------------------- finished work and NaNs
+
+
+def test_output_folders_keep_finished_work_and_refused_runs_write_nothing(tmp_path, base, squares, capsys):
+    """A finished run is not redone; a resume refused for other settings leaves config.json as it was;
+    a run with more steps keeps the earlier result as final-step-NNNNNN/; --overwrite starts over (and
+    leaves such kept results alone)."""
+    from train.__main__ import main
+
+    out = tmp_path / "run"
+    args = run_args("sd15_full", base, squares, out, "--steps", "2", "--checkpoint-every", "1")
+    assert main(args) == 0
+    capsys.readouterr()
+    finished = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    assert main(args) == 0  # the same command again: nothing to do, nothing rewritten
+    assert "nothing to do" in capsys.readouterr().err
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == finished
+
+    assert main([*args, "--seed", "5"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "seed: 0 -> 5" in err[0] and "--overwrite true" in err[0], err
+    assert (out / "config.json").read_bytes() == finished["config.json"]
+
+    assert main([*args, "--steps", "3"]) == 0  # trained further: the 2-step result is kept
+    assert (out / "final-step-000002" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == finished[
+        "final/unet/diffusion_pytorch_model.safetensors"
+    ]
+    assert len(losses(out)) == 3
+
+    assert main([*args, "--seed", "5", "--overwrite", "true"]) == 0
+    assert json.loads((out / "config.json").read_text())["seed"] == 5
+    assert len(losses(out)) == 2 and (out / "final-step-000002").is_dir()  # kept results are never deleted
+
+
+def test_a_diverging_run_stops_with_finite_checkpoints(tmp_path, base, squares, capsys):
+    """A learning rate of 1e30 makes step 2's loss infinite: with --nan-policy stop the run ends with one line
+    at step 2, the update is not applied, every checkpoint holds finite weights and nothing is exported;
+    with skip, it goes on, skipping (and logging) the non-finite updates, and exports finite weights."""
+    from train.__main__ import main
+
+    out = tmp_path / "stop"
+    args = run_args(
+        "sd15_full", base, squares, out, "--steps", "4", "--checkpoint-every", "1", "--learning-rate", "1e30"
+    )
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training stopped at step 2" in err[0] and "--nan-policy skip" in err[0], err
+    assert not (out / "final").exists()
+    steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [1]
+    import orbax.checkpoint as ocp
+
+    from train.checkpoint import Checkpoints
+
+    manager = Checkpoints(out / "checkpoints", keep=3, asynchronous=False)
+    restored = manager.manager.restore(1, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    manager.close()
+    leaves = [np.asarray(x) for x in jax.tree.leaves(restored["state"]["params"])]
+    assert all(np.isfinite(x).all() for x in leaves)
+
+    out = tmp_path / "skip"
+    args = run_args("sd15_full", base, squares, out, "--steps", "4", "--learning-rate", "1e30", "--nan-policy", "skip")
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("skipped", False) for r in rows] == [False, True, True, True]
+    exported = weights(out / "final/unet/diffusion_pytorch_model.safetensors")
+    assert all(np.isfinite(v).all() for v in exported.values())
 
 
 # ---------------------------------------------------------------------------------------------- LoRA
@@ -593,6 +711,7 @@ EVERY_FIELD_SET = TrainConfig(
         weight_decay=0.0,
         max_grad_norm=0.5,
         ema_decay=0.9,
+        nan_policy="skip",
     ),
     images=Images(
         resolution=64,
@@ -635,6 +754,7 @@ EVERY_FIELD_SET = TrainConfig(
         sample_steps=6,
         sample_seed=9,
         export_dtype="float16",
+        overwrite=True,
     ),
 )
 
@@ -737,15 +857,18 @@ def test_a_config_json_from_before_the_groups_still_resumes():
     """config.json and the checkpoints' meta stay flat: a run's config written before the fields were grouped
     (tests/data/config_before_groups.json, of configs/sd15_lora.py:tiny) is today's to_json of the same
     config, passes the resume check, and a changed setting is still refused by its flat name."""
-    from train.checkpoint import STATE_KEYS, check_compatible
     from train.config import load_config_file, to_json
+    from train.run_folder import STATE_KEYS, OutputFolderError, decide
 
     old = json.loads((ROOT / "tests" / "data" / "config_before_groups.json").read_text())
     now = load_config_file(f"{ROOT / 'configs' / 'sd15_lora.py'}:tiny").replace(data=old["data"], output=old["output"])
-    assert json.loads(json.dumps(to_json(now))) == old
-    check_compatible({"config": old}, to_json(now))
-    with pytest.raises(ValueError, match=r"lora_rank: 4 -> 8"):
-        check_compatible({"config": old}, to_json(now.replace(lora_rank=8)))
+    added_since = {"nan_policy", "overwrite"}
+    written = json.loads(json.dumps(to_json(now)))
+    assert {k: v for k, v in written.items() if k not in added_since} == old
+    output = ROOT / "tests" / "data"  # holds no run files: only the checkpoint's settings decide
+    assert decide(output, 10, old, to_json(now), overwrite=False).step == 10
+    with pytest.raises(OutputFolderError, match=r"lora_rank: 4 -> 8"):
+        decide(output, 10, old, to_json(now.replace(lora_rank=8)), overwrite=False)
     assert set(STATE_KEYS) <= set(FIELDS)
 
 

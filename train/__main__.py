@@ -7,7 +7,10 @@
 
 Every field of train.config.TrainConfig and of its groups is an option by its flat name (underscores or
 dashes), listed below by group. Running the same command again resumes from the latest checkpoint in
-OUTPUT. Errors print one line on stderr and exit with 2.
+OUTPUT. An OUTPUT holding a finished run, another run's files or a checkpoint of other settings is refused
+(--overwrite true deletes them and starts over). An update whose loss or gradients are not finite is never
+applied; --nan-policy stop (default) ends the run there, skip goes on. Errors print one line on stderr and
+exit with 2.
 """
 
 from __future__ import annotations
@@ -54,6 +57,14 @@ def parse(argv: list[str]) -> TrainConfig:
     return from_args(config, pairs)
 
 
+def _one_line(err: BaseException) -> str:
+    """An expected error as one line: its message's first line (OS errors: the reason and the path)."""
+    if isinstance(err, OSError) and err.strerror and err.filename:
+        return f"{err.strerror}: {err.filename}"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     handler = logging.StreamHandler(sys.stderr)
@@ -64,8 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     log.propagate = False
     try:
         config = parse(argv)
-    except (ValueError, FileNotFoundError, TypeError) as err:
-        print(f"python -m train: error: {err}", file=sys.stderr)
+    except (ValueError, OSError, TypeError) as err:
+        print(f"python -m train: error: {_one_line(err)}", file=sys.stderr)
         return 2
     from sdjax import sharding
 
@@ -75,9 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         from train.loop import run
 
         final = run(config)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"python -m train: error: {str(err).splitlines()[0]}", file=sys.stderr)
+    except (ValueError, OSError) as err:  # bad input, a refused output folder, a stopped run, disk errors
+        print(f"python -m train: error: {_one_line(err)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("python -m train: interrupted (run the same command again to resume)", file=sys.stderr)
+        return 130
     print(f"done: {final}", file=sys.stderr)
     return 0
 

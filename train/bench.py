@@ -158,7 +158,7 @@ def target_report(
         step = jax.jit(
             functools.partial(train_step, setup=setup, optimizer=optimizer),
             in_shardings=shardings,
-            out_shardings=(shardings[0], {"loss": replicated, "grad_norm": replicated}),
+            out_shardings=(shardings[0], {"loss": replicated, "grad_norm": replicated, "skipped": replicated}),
             donate_argnums=(0,),
         )
         with jax.set_mesh(mesh):

@@ -4,12 +4,13 @@ the latest one restored when the same command runs again.
 A checkpoint `OUTPUT/checkpoints/<step>/` holds the state pytree (step, params, optimizer state, EMA, PRNG
 key; each process writes its own shards) and a JSON item with the data position and the run config.
 Orbax writes into a temporary directory and renames it when complete, so a run killed in the middle of a
-save leaves the previous checkpoint as the latest (the partial one is ignored and cleaned up).
+save leaves the previous checkpoint as the latest. The partial one is removed before the manager starts
+(`remove_partial`), so a later save of the same step never meets its remains.
 """
 
 from __future__ import annotations
 
-import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,12 @@ class Checkpoints:
 
     def __init__(self, directory: str | Path, *, keep: int, asynchronous: bool = True):
         self.directory = Path(directory).absolute()
+        if jax.process_index() == 0:
+            remove_partial(self.directory)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("checkpoints: partial saves removed")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=asynchronous,
@@ -32,6 +39,15 @@ class Checkpoints:
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
+
+    def steps(self) -> list[int]:
+        """The steps of the complete checkpoints, newest first."""
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def meta(self, step: int) -> dict:
+        """The JSON item (data position, run config) of checkpoint `step`, without reading the state."""
+        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(restored["meta"])
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Starts writing a checkpoint of `state` at `step` (returns once the arrays are copied off the
@@ -59,31 +75,10 @@ class Checkpoints:
         self.manager.close()
 
 
-# the settings (flat names of train.config) that shape the train state or the data order
-STATE_KEYS = (
-    "mode",
-    "batch_size",
-    "grad_accum",
-    "seed",
-    "lora_rank",
-    "lora_targets",
-    "lora_text_encoder",
-    "num_vectors",
-    "train_text_encoder",
-    "ema_decay",
-    "resolution",
-)
-
-
-def check_compatible(meta: dict, config_json: dict) -> None:
-    """Refuses to resume a checkpoint written by a run with different STATE_KEYS settings (a clear message
-    instead of a silently different run). Both configs are flat (`train.config.to_json`), as config.json
-    has always been, so checkpoints written before the config's fields were grouped compare too."""
-    saved = meta.get("config", {})
-    changed = [k for k in STATE_KEYS if k in saved and json.dumps(saved[k]) != json.dumps(config_json.get(k))]
-    if changed:
-        diffs = ", ".join(f"{k}: {saved[k]!r} -> {config_json.get(k)!r}" for k in changed)
-        raise ValueError(
-            f"the checkpoint in this output folder was written with other settings ({diffs}); "
-            "use a new --output or the original settings"
-        )
+def remove_partial(directory: Path) -> list[Path]:
+    """Removes the temporary folders of saves that a killed process left under `directory` (Orbax's
+    `*.orbax-checkpoint-tmp*`); returns them."""
+    found = sorted(directory.glob("*.orbax-checkpoint-tmp*")) if directory.is_dir() else []
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return found

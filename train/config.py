@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import importlib.util
+import math
 import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
+
+import numpy as np
 
 
 class Mode(enum.StrEnum):
@@ -71,6 +75,11 @@ class UNetInit(enum.StrEnum):
     IDENTITY = "identity"
 
 
+class NanPolicy(enum.StrEnum):
+    STOP = "stop"
+    SKIP = "skip"
+
+
 EXPORT_DTYPES = (None, "float32", "float16", "bfloat16")
 
 
@@ -85,6 +94,64 @@ def _choose(config, field: str, kind: type[enum.StrEnum]) -> None:
         object.__setattr__(config, field, kind(value))
     except ValueError:
         raise ValueError(f"{field} must be one of {_values(kind)}, got {value!r}") from None
+
+
+def _flat_name(owner: type, field: str) -> str:
+    return getattr(owner, "FLAG_PREFIX", "") + field
+
+
+def _typed(owner: type, field: str, hint, value):
+    """`value` checked against the field's type hint (int, float, bool, str, enums, optional, tuples) and
+    normalised (an integral float for an int, a list for a tuple); a one-line ValueError naming the field
+    otherwise. Floats must be finite: a NaN learning rate would train a model of NaNs."""
+    name = _flat_name(owner, field)
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        if isinstance(value, str) or not isinstance(value, list | tuple):
+            raise ValueError(f"{name} takes a list of values, got {type(value).__name__} {value!r}")
+        item = typing.get_args(hint)[0]
+        return tuple(_typed(owner, field, item, v) for v in value)
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return value  # checked against its members by `_choose`
+    if hint is bool:
+        if not isinstance(value, bool | np.bool_):
+            raise ValueError(f"{name} takes true or false, got {type(value).__name__} {value!r}")
+        return bool(value)
+    if hint is int:
+        if isinstance(value, float | np.floating) and math.isfinite(value) and float(value).is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int | np.integer):
+            raise ValueError(f"{name} takes an integer, got {type(value).__name__} {value!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+            raise ValueError(f"{name} takes a number, got {type(value).__name__} {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        return float(value)
+    if hint is str and not isinstance(value, str):
+        raise ValueError(f"{name} takes a string, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _check_types(config) -> None:
+    """Checks (and normalises) every field of a config dataclass against its type hint (see `_typed`)."""
+    owner = type(config)
+    for field, hint in _hints(owner).items():
+        if dataclasses.is_dataclass(hint):  # a group: checked by its own __post_init__
+            continue
+        object.__setattr__(config, field, _typed(owner, field, hint, getattr(config, field)))
+
+
+@functools.cache
+def _hints(owner: type) -> dict[str, Any]:
+    """The type hints of a config dataclass's fields (ClassVars excluded)."""
+    names = {f.name for f in dataclasses.fields(owner)}
+    return {k: v for k, v in typing.get_type_hints(owner).items() if k in names}
 
 
 def _check(*checks: tuple[bool, str]) -> None:
@@ -113,13 +180,25 @@ class Optim:
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0  # 0 disables clipping
     ema_decay: float = 0.0  # 0 disables the EMA of the trained parameters
+    # an update whose loss or gradients are not finite is never applied; "stop" then ends the run with an
+    # error (its checkpoints are all finite), "skip" goes on with the next batch (and stops after
+    # MAX_SKIPPED_IN_A_ROW such updates in a row)
+    nan_policy: NanPolicy = NanPolicy.STOP
 
     def __post_init__(self):
+        _check_types(self)
         _choose(self, "lr_schedule", LRSchedule)
+        _choose(self, "nan_policy", NanPolicy)
         _check(
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
+            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (0.0 <= self.adam_b1 < 1.0 and 0.0 <= self.adam_b2 < 1.0, "adam_b1 and adam_b2 must be in [0, 1)"),
+            (self.adam_eps > 0, f"adam_eps must be > 0, got {self.adam_eps}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}"),
             (0.0 <= self.ema_decay < 1.0, "ema_decay must be in [0, 1)"),
         )
 
@@ -140,6 +219,7 @@ class Images:
     instance_prompt: str | None = None  # caption of every image (default: the data set's captions)
 
     def __post_init__(self):
+        _check_types(self)
         _check(
             (self.resolution >= 8 and self.resolution % 8 == 0, "resolution must be a positive multiple of 8"),
             (0.0 <= self.caption_dropout <= 1.0, "caption_dropout must be in [0, 1]"),
@@ -170,8 +250,11 @@ class Objective:
     kl_weight: float = 1e-6  # mode vae: reconstruction MSE + kl_weight * KL
 
     def __post_init__(self):
+        _check_types(self)
         _choose(self, "timestep_bias_strategy", TimestepBias)
         _check(
+            (self.noise_offset >= 0, f"noise_offset must be >= 0, got {self.noise_offset}"),
+            (self.kl_weight >= 0, f"kl_weight must be >= 0, got {self.kl_weight}"),
             (self.min_snr_gamma >= 0 and self.snr_floor >= 0, "min_snr_gamma and snr_floor must be >= 0"),
             (
                 not (self.min_snr_gamma and self.snr_floor > self.min_snr_gamma),
@@ -198,7 +281,10 @@ class LoRA:
     text_encoder: bool = False  # also adapt the text encoder's q/k/v/out projections
 
     def __post_init__(self):
-        _check((self.rank >= 1, "lora_rank must be >= 1"))
+        _check_types(self)
+        _check(
+            (self.rank >= 1, "lora_rank must be >= 1"), (self.alpha > 0, f"lora_alpha must be > 0, got {self.alpha}")
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +298,14 @@ class DreamBooth:
     class_sample_steps: int = 25
     lora: bool = False  # train a LoRA adapter (`adapter`) instead of the UNet
 
+    def __post_init__(self):
+        _check_types(self)
+        _check(
+            (self.num_class_images >= 0, f"num_class_images must be >= 0, got {self.num_class_images}"),
+            (self.prior_loss_weight >= 0, f"prior_loss_weight must be >= 0, got {self.prior_loss_weight}"),
+            (self.class_sample_steps >= 1, f"class_sample_steps must be >= 1, got {self.class_sample_steps}"),
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class TextualInversion:
@@ -222,7 +316,11 @@ class TextualInversion:
     num_vectors: int = 1
 
     def __post_init__(self):
-        _check((self.num_vectors >= 1, "num_vectors must be >= 1"))
+        _check_types(self)
+        _check(
+            (self.num_vectors >= 1, "num_vectors must be >= 1"),
+            (bool(self.placeholder_token.strip()), "placeholder_token must not be empty"),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +331,9 @@ class Parallel:
     coordinator: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+
+    def __post_init__(self):
+        _check_types(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,11 +349,18 @@ class Outputs:
     sample_steps: int = 20
     sample_seed: int = 0
     export_dtype: str | None = None  # weights of the exported diffusers folder (e.g. float16); default float32
+    # start over in an output folder that holds a finished run, another run's files, or a checkpoint written
+    # with other settings (their files are deleted); a compatible unfinished checkpoint is always resumed
+    overwrite: bool = False
 
     def __post_init__(self):
+        _check_types(self)
         _check(
             (self.checkpoint_every >= 1, "checkpoint_every must be >= 1"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.sample_every >= 0, f"sample_every must be >= 0 (0: only at the end), got {self.sample_every}"),
+            (self.sample_steps >= 1, f"sample_steps must be >= 1, got {self.sample_steps}"),
             (
                 self.export_dtype in EXPORT_DTYPES,
                 f"export_dtype must be float32, float16 or bfloat16, got {self.export_dtype!r}",
@@ -291,6 +399,11 @@ class TrainConfig:
     outputs: Outputs = dataclasses.field(default_factory=Outputs)
 
     def __post_init__(self):
+        _check_types(self)
+        for name, kind in _hints(TrainConfig).items():
+            group = getattr(self, name)
+            if dataclasses.is_dataclass(kind) and not isinstance(group, kind):
+                raise ValueError(f"{name} must be a train.config.{kind.__name__}, got {type(group).__name__}")
         _choose(self, "mode", Mode)
         try:
             object.__setattr__(self, "scratch", tuple(Component(c) for c in self.scratch))

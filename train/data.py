@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from sdjax import images as image_io
 from sdjax import sharding
 
 if TYPE_CHECKING:
@@ -53,10 +54,12 @@ class Example:
 
 
 def _check_image(path: Path) -> str | None:
-    """None if `path` opens as an image, else why not."""
+    """None if `path` opens as an image in a mode `load_image` reads (header and checksums only, no
+    decoding), else why not."""
     try:
         with Image.open(path) as img:
             img.verify()
+            image_io.check_mode(img.mode)
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
         return f"cannot read image {path}: {err}"
     return None
@@ -137,14 +140,16 @@ def scan_folder(folder: str | Path, *, skip_bad: bool = False, need_captions: bo
 
 
 def load_image(path: Path, resolution: int, crop_xy: tuple[float, float] | None, flip: bool) -> np.ndarray:
-    """An image -> float32 (resolution, resolution, 3) in [-1, 1].
+    """An image of any mode -> float32 (resolution, resolution, 3) in [-1, 1], read as 8-bit RGB by value
+    range (`sdjax.images.to_rgb8`: 16-bit and float images scaled, alpha dropped; of an animation the first
+    frame).
 
     The shorter side is resized to `resolution` (bilinear), then a square is cut: centered when `crop_xy` is
     None, else at fractions (x, y) in [0, 1] of the free range. `flip` mirrors it left-right.
     """
     try:
         with Image.open(path) as img:
-            img = img.convert("RGB")
+            img = image_io.to_rgb8(img)
             w, h = img.size
             scale = resolution / min(w, h)
             size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))

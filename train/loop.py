@@ -21,12 +21,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax import sharding
+from sdjax import files, sharding
 from sdjax.compile_cache import enable_default_cache
 from sdjax.nn.vae import posterior_sample
 from train import data as data_lib
-from train import export, model, plots
-from train.checkpoint import Checkpoints, check_compatible
+from train import export, model, plots, run_folder
+from train.checkpoint import Checkpoints
 from train.config import TrainConfig, to_json
 from train.step import compile_step, init_state, learning_rate_schedule, make_optimizer, shardings_of
 
@@ -116,16 +116,20 @@ def _class_examples(setup: model.Setup, output: Path) -> list[data_lib.Example]:
 
 
 def _read_metrics(path: Path, upto: int) -> list[dict]:
+    """The metrics rows up to step `upto` (a line cut short by a killed run is dropped)."""
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if r["step"] <= upto]
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in rows if isinstance(r, dict) and r.get("step", upto + 1) <= upto]
 
 
 def _write_metrics(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(path)
+    files.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def _samples(setup: model.Setup, trainable_host, output: Path, step: int) -> None:
@@ -163,16 +167,33 @@ def calibrate_scaling_factor(setup: model.Setup, vae_params, examples, count: in
     return float(f"{1.0 / std:.5g}")
 
 
+# with nan_policy "skip", a run still stops after this many skipped updates in a row
+MAX_SKIPPED_IN_A_ROW = 10
+
+
+class TrainingStopped(ValueError):
+    """Training stopped because its numbers stopped being finite; the checkpoints hold the last good state."""
+
+
 def run(cfg: TrainConfig) -> Path:
-    """Trains as `cfg` says (resuming from OUTPUT's latest checkpoint) and exports; returns OUTPUT/final."""
-    if not cfg.output:
-        raise model.SetupError("no output folder given: pass --output DIR")
+    """Trains as `cfg` says (resuming from OUTPUT's latest checkpoint) and exports; returns OUTPUT/final.
+    Nothing is written into OUTPUT before the run is known to be allowed there (`train.run_folder`)."""
     if not cfg.data:
         raise model.SetupError("no data given: pass --data DIR (images with metadata.jsonl or .txt captions)")
-    output = Path(cfg.output).expanduser()
-    output.mkdir(parents=True, exist_ok=True)
-    enable_default_cache()  # a resumed run reuses the compiled step (SDJAX_CACHE_DIR moves or disables it)
+    output = run_folder.open_output(cfg.output)
     optim, images, outputs = cfg.optim, cfg.images, cfg.outputs
+    config_json = to_json(cfg)
+    checkpoints = None
+    if (output / "checkpoints").is_dir():
+        checkpoints = Checkpoints(output / "checkpoints", keep=outputs.keep_checkpoints)
+    latest = checkpoints.latest_step() if checkpoints else None
+    saved = checkpoints.meta(latest).get("config", {}) if latest is not None else None
+    start_plan = run_folder.decide(output, latest, saved, config_json, overwrite=outputs.overwrite)
+    if start_plan.action == "done":
+        log.info("this run is finished (checkpoint of step %d, final/ written): nothing to do", latest)
+        return output / "final"
+
+    enable_default_cache()  # a resumed run reuses the compiled step (SDJAX_CACHE_DIR moves or disables it)
     need_captions = not (images.instance_prompt or cfg.mode == "vae")
     examples = data_lib.scan_folder(cfg.data, skip_bad=images.skip_bad_images, need_captions=need_captions)
     if cfg.mode == "textual_inversion":
@@ -187,8 +208,23 @@ def run(cfg: TrainConfig) -> Path:
     mesh = sharding.make_mesh(cfg.parallel.mesh)
     pipe = model.load_start(cfg)
     setup = model.make_setup(cfg, pipe)
+    # the run is allowed here and its inputs are good: from now on it writes into OUTPUT
     if _is_main():
-        (output / "config.json").write_text(json.dumps(to_json(cfg), indent=2) + "\n")
+        if start_plan.clear:
+            log.info("--overwrite: deleting the earlier run's files in %s", output)
+            if checkpoints is not None:
+                checkpoints.close()
+                checkpoints = None
+            run_folder.clear_run_files(output)
+        files.remove_temporaries(output)
+        if start_plan.action == "train" and start_plan.step is not None:
+            kept = run_folder.keep_earlier_final(output, start_plan.step)
+            if kept is not None:
+                log.info("the result of step %d is kept as %s", start_plan.step, kept.name)
+        files.write_text(output / "config.json", json.dumps(config_json, indent=2) + "\n")
+    _sync("output folder ready")
+    if checkpoints is None or start_plan.clear:
+        checkpoints = Checkpoints(output / "checkpoints", keep=outputs.keep_checkpoints)
     class_examples = _class_examples(setup, output)
     optimizer = make_optimizer(optim)
     base_key = jax.random.key(cfg.seed)
@@ -201,11 +237,9 @@ def run(cfg: TrainConfig) -> Path:
     frozen_shardings = shardings_of(frozen, mesh)
     frozen = jax.tree.map(jax.device_put, frozen, frozen_shardings)
 
-    checkpoints = Checkpoints(output / "checkpoints", keep=outputs.keep_checkpoints)
-    latest = checkpoints.latest_step()
-    meta_base = {"config": to_json(cfg)}
+    meta_base = {"config": config_json}
     with jax.set_mesh(mesh):
-        if latest is None:
+        if start_plan.step is None:
             trainable_placed = jax.tree.map(jax.device_put, trainable, shardings_of(trainable, mesh))
             state = jax.jit(init, out_shardings=state_shardings)(trainable_placed)
             start = 0
@@ -213,74 +247,163 @@ def run(cfg: TrainConfig) -> Path:
             like = jax.tree.map(
                 lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_shardings
             )
-            state, meta = checkpoints.restore(latest, like)
-            check_compatible(meta, meta_base["config"])
+            state = _restore_latest_readable(checkpoints, start_plan.step, like)
             start = int(jax.device_get(state["step"]))
             log.info("resuming from the checkpoint of step %d", start)
         del trainable
-
-        metrics_path = output / "metrics.jsonl"
-        history = _read_metrics(metrics_path, start)
-        if _is_main():
-            _write_metrics(metrics_path, history)
-
-        local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-        encode = images.cache_latents and start < optim.steps
-        cache = data_lib.encode_latent_cache(setup, examples) if encode else None
-        batches = data_lib.Batches(setup, examples, class_examples, local_devices, cache)
-        schedule = learning_rate_schedule(optim)
-        step_fn = None
-        progress = Progress(optim.steps, start, outputs.progress)
-        images_per_step = optim.batch_size * optim.grad_accum
-        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(batches.step, start) if start < optim.steps else None
-            t_last = time.perf_counter()
-            for step in range(start, optim.steps):
-                host = pending.result()
-                pending = pool.submit(batches.step, step + 1) if step + 1 < optim.steps else None
-                batch = data_lib.global_batch(host, mesh)
-                if step_fn is None:
-                    step_fn = compile_step(setup, optimizer, state_shardings, frozen_shardings, batch, mesh)
-                state, metrics = step_fn(state, frozen, batch)
-                done = step + 1
-                if done % outputs.log_every == 0 or done == optim.steps:
-                    values = jax.device_get(metrics)
-                    now = time.perf_counter()
-                    row = {
-                        "step": done,
-                        "loss": float(values["loss"]),
-                        "lr": float(schedule(step)),
-                        "grad_norm": float(values["grad_norm"]),
-                        "images_per_s": images_per_step * outputs.log_every / max(now - t_last, 1e-9),
-                    }
-                    t_last = now
-                    history.append(row)
-                    if _is_main():
-                        with metrics_path.open("a") as f:
-                            f.write(json.dumps(row) + "\n")
-                    progress.update(done, row["loss"], row["lr"])
-                if done % outputs.checkpoint_every == 0 or done == optim.steps:
-                    checkpoints.save(done, state, {**meta_base, "data_position": done * images_per_step})
-                    if _is_main():
-                        plots.loss_curve(history, output / "loss.png")
-                if outputs.sample_every and done % outputs.sample_every == 0 and done != optim.steps:
-                    _samples(setup, _to_host(_sample_params(state)), output, done)
-        checkpoints.close()
+        try:
+            fixed = _LoopInputs(
+                setup, output, checkpoints, frozen, examples, class_examples, optimizer, state_shardings,
+                frozen_shardings, mesh, meta_base,
+            )  # fmt: skip
+            state = _train(fixed, state, start)
+        finally:
+            checkpoints.close()  # in-flight saves (all of finite states) complete, also when training stopped
         final_params = _to_host(_sample_params(state))
     if _is_main():
-        plots.loss_curve(history, output / "loss.png")
         if cfg.mode == "vae":
             factor = calibrate_scaling_factor(setup, final_params["vae"], examples)
             vae = setup.pipe.vae.clone(config=dataclasses.replace(setup.pipe.vae.config, scaling_factor=factor))
             setup = dataclasses.replace(setup, pipe=dataclasses.replace(setup.pipe, vae=vae))
             log.info("VAE scaling factor %.5g", factor)
-        export.export_final(setup, final_params, output / "final")
+        with files.folder_replacing(output / "final") as folder:  # final/ appears whole, or not at all
+            export.export_final(setup, final_params, folder)
         _samples(setup, final_params, output, optim.steps)
+    _sync("export")
+    return output / "final"
+
+
+def _sync(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices("export")
-    return output / "final"
+        multihost_utils.sync_global_devices(name)
+
+
+def _restore_latest_readable(checkpoints: Checkpoints, step: int, like):
+    """The state of checkpoint `step`, or of the newest older one that can be read (a damaged one is
+    reported and skipped: a disk that filled up or a copy cut short must not end the run)."""
+    for candidate in [s for s in checkpoints.steps() if s <= step]:
+        try:
+            state, _ = checkpoints.restore(candidate, like)
+            return state
+        except Exception as err:  # noqa: BLE001 - any failure to read a checkpoint means: try the one before
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            log.warning("checkpoint %d cannot be read (%s); trying the one before", candidate, reason)
+    raise run_folder.OutputFolderError(
+        f"no checkpoint in {checkpoints.directory} can be read: pass --overwrite true to start over, or a new --output"
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class _LoopInputs:
+    """What the update loop works with besides the state: the model set-up, the output folder and its
+    checkpoints, the frozen parameters, the data, the optimizer, the placements and the checkpoint meta."""
+
+    setup: model.Setup
+    output: Path
+    checkpoints: Checkpoints
+    frozen: dict
+    examples: list
+    class_examples: list
+    optimizer: object
+    state_shardings: object
+    frozen_shardings: object
+    mesh: object
+    meta: dict
+
+
+def _train(fixed: _LoopInputs, state, start: int):
+    """The update loop from step `start` to the configured steps: metrics, checkpoints, periodic samples and
+    the non-finite policy. Returns the final state."""
+    setup, output, checkpoints, mesh = fixed.setup, fixed.output, fixed.checkpoints, fixed.mesh
+    cfg = setup.config
+    optim, outputs = cfg.optim, cfg.outputs
+    metrics_path = output / "metrics.jsonl"
+    history = _read_metrics(metrics_path, start)
+    if _is_main():
+        _write_metrics(metrics_path, history)
+    local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    encode = cfg.images.cache_latents and start < optim.steps
+    cache = data_lib.encode_latent_cache(setup, fixed.examples) if encode else None
+    batches = data_lib.Batches(setup, fixed.examples, fixed.class_examples, local_devices, cache)
+    schedule = learning_rate_schedule(optim)
+    step_fn = None
+    progress = Progress(optim.steps, start, outputs.progress)
+    images_per_step = optim.batch_size * optim.grad_accum
+    last_checkpoint = checkpoints.latest_step() or 0
+    unchecked: list[tuple[int, dict]] = []  # (step, metrics on the device) not yet looked at
+    skipped_in_a_row = 0
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(batches.step, start) if start < optim.steps else None
+        t_last = time.perf_counter()
+        for step in range(start, optim.steps):
+            host = pending.result()
+            pending = pool.submit(batches.step, step + 1) if step + 1 < optim.steps else None
+            batch = data_lib.global_batch(host, mesh)
+            if step_fn is None:
+                step_fn = compile_step(
+                    setup, fixed.optimizer, fixed.state_shardings, fixed.frozen_shardings, batch, mesh
+                )
+            state, metrics = step_fn(state, fixed.frozen, batch)
+            done = step + 1
+            unchecked.append((done, metrics))
+            log_now = done % outputs.log_every == 0 or done == optim.steps
+            checkpoint_now = done % outputs.checkpoint_every == 0 or done == optim.steps
+            sample_now = outputs.sample_every and done % outputs.sample_every == 0 and done != optim.steps
+            if not (log_now or checkpoint_now or sample_now):
+                continue
+            # the metrics since the last look: a non-finite update never reaches a checkpoint or a sample
+            for at, values in jax.device_get(unchecked):
+                if not values["skipped"]:
+                    skipped_in_a_row = 0
+                    continue
+                skipped_in_a_row += 1
+                _on_non_finite(cfg, at, values, skipped_in_a_row, last_checkpoint)
+            unchecked.clear()
+            if log_now:
+                values = jax.device_get(metrics)
+                now = time.perf_counter()
+                row = {
+                    "step": done,
+                    "loss": float(values["loss"]),
+                    "lr": float(schedule(step)),
+                    "grad_norm": float(values["grad_norm"]),
+                    "images_per_s": images_per_step * outputs.log_every / max(now - t_last, 1e-9),
+                }
+                if values["skipped"]:
+                    row["skipped"] = True
+                t_last = now
+                history.append(row)
+                if _is_main():
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                progress.update(done, row["loss"], row["lr"])
+            if checkpoint_now:
+                checkpoints.save(done, state, {**fixed.meta, "data_position": done * images_per_step})
+                last_checkpoint = done
+                if _is_main():
+                    plots.loss_curve(history, output / "loss.png")
+            if sample_now:
+                _samples(setup, _to_host(_sample_params(state)), output, done)
+    if _is_main():
+        plots.loss_curve(history, output / "loss.png")
+    return state
+
+
+def _on_non_finite(cfg: TrainConfig, step: int, values: dict, in_a_row: int, last_checkpoint: int) -> None:
+    """What a skipped (non-finite) update at `step` does: with nan_policy "stop", or after
+    MAX_SKIPPED_IN_A_ROW in a row, stops the run (TrainingStopped); else a warning."""
+    numbers = f"loss {float(values['loss'])}, gradient norm {float(values['grad_norm'])}"
+    if cfg.optim.nan_policy == "skip" and in_a_row < MAX_SKIPPED_IN_A_ROW:
+        log.warning("step %d: %s: update skipped (--nan-policy skip)", step, numbers)
+        return
+    why = "is not finite" if in_a_row == 1 else f"was not finite {in_a_row} times in a row"
+    raise TrainingStopped(
+        f"training stopped at step {step}: the update {why} ({numbers}) and was not applied; the checkpoints "
+        f"(latest: step {last_checkpoint}) hold finite weights: resume with a lower --learning-rate or "
+        "--max-grad-norm, or pass --nan-policy skip"
+    )
 
 
 def _sample_params(state):

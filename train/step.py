@@ -2,8 +2,9 @@
 
 State (a pytree of arrays, what a checkpoint holds): step (int32), params (the trainable float32 master
 weights), opt (optax state), ema (the parameters' exponential moving average, or None), key (the run's
-base PRNG key data, uint32). The step is pure: state + batch -> new state + metrics, with the state
-donated; the randomness of update s is fold_in(key, s), so it depends on nothing but the state.
+base PRNG key data, uint32). The step is pure: state + batch -> new state + metrics (loss, grad_norm,
+skipped), with the state donated; the randomness of update s is fold_in(key, s), so it depends on nothing
+but the state. An update whose loss or gradient norm is not finite is not applied (metrics "skipped").
 
 Sharding: parameters, EMA, optimizer moments and the frozen parameters are placed by
 `sdjax.sharding.param_specs` (replicated, or split over "fsdp" along their largest divisible axis);
@@ -118,8 +119,15 @@ def train_step(state, frozen, batch, *, setup, optimizer) -> tuple[dict, dict]:
     if ema is not None:
         d = _ema_decay(cfg.optim.ema_decay, state["step"])
         ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
-    new_state = {**state, "step": state["step"] + 1, "params": params, "opt": opt, "ema": ema}
-    metrics = {"loss": total / count, "grad_norm": grad_norm}
+    loss = total / count
+    # an update from a non-finite loss or gradient is not applied (the parameters, optimizer moments and
+    # EMA stay those of the last good step); the host decides whether to stop (Optim.nan_policy)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updated = {"params": params, "opt": opt, "ema": ema}
+    kept = {"params": state["params"], "opt": state["opt"], "ema": state["ema"]}
+    guarded = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)
+    new_state = {**state, **guarded, "step": state["step"] + 1}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": ~finite}
     return new_state, metrics
 
 
@@ -131,6 +139,6 @@ def compile_step(setup, optimizer, state_shardings, frozen_shardings, batch_exam
         step,
         compiler_options=compiler_options(),
         in_shardings=(state_shardings, frozen_shardings, batch_shardings(batch_example, mesh)),
-        out_shardings=(state_shardings, {"loss": replicated, "grad_norm": replicated}),
+        out_shardings=(state_shardings, {"loss": replicated, "grad_norm": replicated, "skipped": replicated}),
         donate_argnums=(0,),
     )

@@ -143,7 +143,7 @@ def run_jax(job: Job) -> dict:
     _free(programs, "vae")
 
     start = time.perf_counter()
-    images = np.asarray(jax.block_until_ready(programs["image"](pipe.params, inputs)))
+    images = np.asarray(jax.block_until_ready(programs["image"](pipe.params, inputs).images))
     out["image_s"] = time.perf_counter() - start
     out["images_per_s"] = job.batch / out["image_s"]
     np.save(job.image_out, images)

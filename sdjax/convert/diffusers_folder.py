@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sdjax import files
 from sdjax.convert.keymap import Entry, build_keymap, params_to_torch, torch_to_params
 from sdjax.convert.parts import ModelParts
 from sdjax.convert.tensor_files import ShardedTensors, save_safetensors
@@ -161,7 +162,7 @@ def save_component(root: Path, spec: ComponentSpec, module, params, dtype=None) 
         tensors = {f"text_model.{k}": v for k, v in tensors.items()}
         config["torch_dtype"] = next(iter(tensors.values())).dtype.name
     save_safetensors(directory / f"{spec.stem}.safetensors", tensors, {"format": "pt"})
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    files.write_text(directory / "config.json", json.dumps(config, indent=2) + "\n")
 
 
 def load_folder(root: Path, dtype, variant: str | None = None, *, weights: bool = True) -> ModelParts:
@@ -191,7 +192,8 @@ def load_folder(root: Path, dtype, variant: str | None = None, *, weights: bool 
 
 def save_folder(out: Path, parts: ModelParts, dtype=None) -> Path:
     """Writes `parts` as a diffusers-format folder that diffusers/transformers `from_pretrained` load, the
-    weights in `dtype` (default: the parts' dtype) under the standard file names."""
+    weights in `dtype` (default: the parts' dtype) under the standard file names. Every file is written
+    atomically (`sdjax.files`), model_index.json last."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = None if dtype is None else resolve_dtype(dtype)
@@ -199,7 +201,7 @@ def save_folder(out: Path, parts: ModelParts, dtype=None) -> Path:
         save_component(out, spec, getattr(parts, spec.folder), parts.params[spec.folder], store)
     parts.tokenizer.save(out / "tokenizer")
     (out / "scheduler").mkdir(exist_ok=True)
-    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(parts.scheduler_config, indent=2) + "\n")
+    files.write_text(out / "scheduler" / "scheduler_config.json", json.dumps(parts.scheduler_config, indent=2) + "\n")
     index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": "0.42.1",
@@ -212,5 +214,5 @@ def save_folder(out: Path, parts: ModelParts, dtype=None) -> Path:
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    files.write_text(out / "model_index.json", json.dumps(index, indent=2) + "\n")  # last: the folder is complete
     return out

@@ -4,7 +4,9 @@ sdjax modules are named after the diffusers/transformers attributes, so a parame
 is the PyTorch module name; only the leaf differs (`kernel`/`scale`/`embedding` are PyTorch's `weight`).
 The map is built from the abstract parameter tree of the model (its shapes, from `jax.eval_shape`) and
 pairs each parameter with one PyTorch key and one layout transform. Conversion is total and checked in
-both directions: every key of the file is used once, every parameter is filled, every shape verified.
+both directions: every key of the file is used once, every parameter is filled, every shape verified;
+every tensor is a float tensor (F64 ... F8_*, upcast or cast to the model's dtype) and every converted
+value finite (`TensorDataError` names the file and tensor otherwise).
 """
 
 from __future__ import annotations
@@ -17,7 +19,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.convert.tensor_files import HOST_ALIGNMENT, aligned_empty, shape_of
+from sdjax.convert.tensor_files import (
+    HOST_ALIGNMENT,
+    aligned_empty,
+    all_finite,
+    check_float,
+    dtype_of,
+    non_finite_error,
+    origin_of,
+    shape_of,
+)
 
 # Layout transforms: PyTorch tensor -> sdjax array, and back.
 _TO_JAX: dict[str, Callable[[np.ndarray], np.ndarray]] = {
@@ -89,13 +100,47 @@ def _jax_layout(array: np.ndarray, layout: str, dtype, reuse: bool = False) -> n
     """A PyTorch-layout tensor in sdjax's layout (`_TO_JAX`) and `dtype`, in a fresh HOST_ALIGNMENT-aligned
     C-contiguous buffer (one the CPU device adopts without a copy), or with `reuse` (`array` is nobody
     else's) `array` itself when it already is one."""
+    return _to_jax(array, layout, dtype, reuse)[0]
+
+
+# The copy into sdjax's layout is made in slabs of about this size along the stored tensor's leading axes
+# (its memory order), each tested for NaN/Inf right after it is written, while still in cache: the test
+# costs little, and the blocked copy is no slower than numpy's copy of the whole transposed view.
+_SLAB_BYTES = 1 << 20
+
+
+def _to_jax(array: np.ndarray, layout: str, dtype, reuse: bool = False) -> tuple[np.ndarray, bool]:
+    """(`_jax_layout`'s result, whether all its values are finite)."""
     dtype = np.dtype(dtype)
-    array = _TO_JAX[layout](array)
-    if reuse and array.dtype == dtype and array.flags.c_contiguous and array.ctypes.data % HOST_ALIGNMENT == 0:
-        return array
-    out = aligned_empty(array.shape, dtype)
-    np.copyto(out, array, casting="unsafe")
-    return out
+    jax_array = _TO_JAX[layout](array)
+    if reuse and jax_array.dtype == dtype and jax_array.flags.c_contiguous:
+        if jax_array.ctypes.data % HOST_ALIGNMENT == 0:
+            return jax_array, all_finite(jax_array)
+    out = aligned_empty(jax_array.shape, dtype)
+    stored_order = _TO_TORCH[layout](out)  # `out` seen in `array`'s axis order
+    finite = True
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow to Inf is reported by the caller
+        for index in _slabs(array.shape, dtype.itemsize):
+            np.copyto(stored_order[index], array[index], casting="unsafe")
+            finite = finite and all_finite(stored_order[index])
+    return out, finite
+
+
+def _slabs(shape: tuple[int, ...], itemsize: int):
+    """Indices cutting a C-contiguous array of `shape` into contiguous slabs of at most about _SLAB_BYTES:
+    ranges of rows along the first axis whose rows are small enough, every index of the axes before it."""
+    if not shape:
+        yield (...,)
+        return
+    axis = next(a for a in range(len(shape)) if a == len(shape) - 1 or _bytes(shape[a + 1 :], itemsize) <= _SLAB_BYTES)
+    rows = max(1, _SLAB_BYTES // max(1, _bytes(shape[axis + 1 :], itemsize)))
+    for outer in np.ndindex(*shape[:axis]):
+        for start in range(0, shape[axis], rows):
+            yield outer + (slice(start, start + rows),)
+
+
+def _bytes(shape: tuple[int, ...], itemsize: int) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * itemsize
 
 
 def torch_to_params(
@@ -115,7 +160,8 @@ def torch_to_params(
       aliases: old key -> current key, for legacy names of the same tensor.
       ignore: keys of the file that are not parameters (e.g. position-id buffers) and are skipped.
     Raises:
-      ConversionError naming every missing, unexpected and mis-shaped key.
+      ConversionError naming every missing, unexpected and mis-shaped key; TensorDataError naming the first
+      tensor (file and key) that is not a float tensor or holds NaN/Inf.
     """
     aliases = aliases or {}
     source: dict[str, str] = {}
@@ -142,24 +188,29 @@ def torch_to_params(
     if problems:
         raise ConversionError(f"{what} do not fit the model: " + "; ".join(problems))
 
+    for key in keymap:  # before any conversion: dtypes come from the headers
+        check_float(dtype_of(tensors, source[key]), *origin_of(tensors, source[key], what))
+
     def convert(key: str) -> jax.Array:
         # At most one host copy (layout change and cast together) into an aligned buffer, which a CPU device
         # then adopts without copying (`aligned_empty`); elsewhere a plain transfer. jnp.asarray would run an
         # eager convert per distinct shape (a tiny compile for each of SD 1.5's ~1,100 shapes: README, Memory).
         layout = keymap[key].layout
         if mapped is not None and layout != "copy":  # a layout change reads the file's bytes once
-            array = _jax_layout(mapped(source[key]), layout, dtype)
+            stored = mapped(source[key])
+            array, finite = _to_jax(stored, layout, dtype)
         else:
-            array = _jax_layout(tensors[source[key]], layout, dtype, reuse=fresh)
+            stored = tensors[source[key]]
+            array, finite = _to_jax(stored, layout, dtype, reuse=fresh)
+        if not finite:
+            raise non_finite_error(array, *origin_of(tensors, source[key], what), source=stored)
         return jax.device_put(array, may_alias=True)
 
     mapped = getattr(tensors, "mapped", None)
     fresh = getattr(tensors, "fresh_arrays", False)
-
     keys = list(keymap)
     if getattr(tensors, "thread_safe", False):  # file reads, copies and transfers release the GIL
-        with concurrent.futures.ThreadPoolExecutor(LOAD_THREADS) as pool:
-            arrays = dict(zip(keys, pool.map(convert, keys), strict=True))
+        arrays = _in_threads(convert, keys)
     else:
         arrays = {key: convert(key) for key in keys}
     params: dict = {}
@@ -169,6 +220,19 @@ def torch_to_params(
             node = node.setdefault(name, {})
         node[entry.path[-1]] = arrays[key]
     return params
+
+
+def _in_threads(convert: Callable[[str], jax.Array], keys: list[str]) -> dict[str, jax.Array]:
+    """key -> convert(key) over LOAD_THREADS threads; on the first error (in key order) the conversions
+    not yet started are cancelled, so a bad tensor is reported without reading the rest of the model."""
+    with concurrent.futures.ThreadPoolExecutor(LOAD_THREADS) as pool:
+        futures = [pool.submit(convert, key) for key in keys]
+        try:
+            return {key: future.result() for key, future in zip(keys, futures, strict=True)}
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def params_to_torch(params: Mapping, keymap: Mapping[str, Entry], dtype=None) -> dict[str, np.ndarray]:

@@ -33,7 +33,7 @@ import numpy as np
 
 from sdjax.convert import ldm_keys
 from sdjax.convert.parts import ModelParts
-from sdjax.convert.tensor_files import read_checkpoint
+from sdjax.convert.tensor_files import check_finite, check_float, dtype_of, read_checkpoint
 
 _KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
 _KOHYA_SDXL_PREFIXES = ("lora_te1_", "lora_te2_")
@@ -125,9 +125,9 @@ def _peft_alpha(name: str, config: Mapping[str, Any]) -> float | None:
     return None if alpha is None else float(alpha)
 
 
-def _group(tensors: Mapping[str, np.ndarray], path: Path, fmt: str) -> dict[str, dict[str, dict[str, Any]]]:
-    """component -> module name -> {"down", "up", "alpha"} arrays, from the file's keys."""
-    grouped: dict[str, dict[str, dict[str, Any]]] = {}
+def _group(tensors: Mapping[str, np.ndarray], path: Path, fmt: str) -> dict[str, dict[str, dict[str, str]]]:
+    """component -> module name -> {"down", "up", "alpha"} -> the file's key."""
+    grouped: dict[str, dict[str, dict[str, str]]] = {}
     suffixes = _KOHYA_SUFFIXES if fmt == "kohya" else _PEFT_SUFFIXES
     for key in tensors:
         split = _split_key(key, suffixes)
@@ -145,15 +145,31 @@ def _group(tensors: Mapping[str, np.ndarray], path: Path, fmt: str) -> dict[str,
             part, name = (_PEFT_PREFIXES[prefix], name[len(prefix) :]) if prefix else ("unet", name)
             if part == "text_encoder":
                 name = name.removeprefix("text_model.")
-        grouped.setdefault(part, {}).setdefault(name, {})[role] = tensors[key]
+        grouped.setdefault(part, {}).setdefault(name, {})[role] = key
     return grouped
+
+
+def _factor(tensors: Mapping[str, np.ndarray], key: str, path: Path) -> np.ndarray:
+    """A down or up weight as float32, refused when it is not a float tensor or holds NaN/Inf."""
+    check_float(dtype_of(tensors, key), str(path), key)
+    array = np.asarray(tensors[key], np.float32)
+    check_finite(array, str(path), key)
+    return array
+
+
+def _alpha(tensors: Mapping[str, np.ndarray], key: str, path: Path) -> float:
+    """A module's alpha (a 0-d tensor, float or integer: a number, not a weight), refused when NaN/Inf."""
+    alpha = np.asarray(tensors[key], np.float64).reshape(())
+    check_finite(alpha, str(path), key)
+    return float(alpha)
 
 
 def read_lora(path: str | Path) -> LoraFile:
     """Reads a kohya-ss/A1111 or diffusers/PEFT LoRA file (`.safetensors`; `.pt` through torch's safe loader).
 
     Raises `LoraError` (one line) for SDXL LoRAs, LyCORIS LoHa/LoKr, DoRA, unknown keys, a module with a
-    down but no up weight (or the reverse), or ranks that disagree.
+    down but no up weight (or the reverse), or ranks that disagree; `TensorDataError` for a weight that is
+    not a float tensor or holds NaN/Inf.
     """
     path = Path(path).expanduser()
     tensors = read_checkpoint(path)
@@ -181,11 +197,11 @@ def read_lora(path: str | Path) -> LoraFile:
             if "down" not in roles or "up" not in roles:
                 missing = "up" if "down" in roles else "down"
                 raise LoraError(f"{path}: module {name} has no {missing} weight")
-            down, up = np.asarray(roles["down"], np.float32), np.asarray(roles["up"], np.float32)
+            down, up = _factor(tensors, roles["down"], path), _factor(tensors, roles["up"], path)
             if down.ndim not in (2, 4) or up.ndim not in (2, 4) or up.shape[1] != down.shape[0]:
                 raise LoraError(f"{path}: module {name} has down {down.shape} and up {up.shape} of different ranks")
             if "alpha" in roles:
-                alpha = float(np.asarray(roles["alpha"], np.float64).reshape(()))
+                alpha = _alpha(tensors, roles["alpha"], path)
             elif fmt == "peft":
                 alpha = _peft_alpha(name, peft.get(part, {}))
             else:

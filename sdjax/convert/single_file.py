@@ -33,7 +33,14 @@ from sdjax.convert import ldm_keys
 from sdjax.convert.diffusers_folder import TEXT_ENCODER, UNET, VAE, keymap_for, load_component
 from sdjax.convert.keymap import ConversionError, listing, params_to_torch, torch_to_params
 from sdjax.convert.parts import ModelParts
-from sdjax.convert.tensor_files import CheckpointError, read_checkpoint, save_safetensors, shape_of
+from sdjax.convert.tensor_files import (
+    CheckpointError,
+    dtype_of,
+    origin_of,
+    read_checkpoint,
+    save_safetensors,
+    shape_of,
+)
 from sdjax.nn.clip import CLIPTextConfig, CLIPTextModel
 from sdjax.nn.config_utils import read_json, resolve_dtype
 from sdjax.nn.unet import UNet2DConditionModel, UNetConfig
@@ -216,6 +223,14 @@ class _DiffusersView(Mapping[str, np.ndarray]):
     def shape(self, key: str) -> tuple[int, ...]:
         entry, _ = self._where[key]
         return ldm_keys.diffusers_shape(entry, shape_of(self._tensors, entry.ldm_key))
+
+    def dtype(self, key: str) -> np.dtype:
+        return dtype_of(self._tensors, self._where[key][0].ldm_key)
+
+    def origin(self, key: str) -> tuple[str, str]:
+        """(file, LDM name) of the tensor a diffusers-named one is taken from, for messages."""
+        ldm_key = self._where[key][0].ldm_key
+        return origin_of(self._tensors, ldm_key, "checkpoint")
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)

@@ -4,11 +4,13 @@ running code. Every other module of sdjax reads weights through `read_checkpoint
 Safetensors layout: an 8-byte little-endian header size N, N bytes of JSON
 ({name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}), then the tensor bytes.
 Reading parses the header once and reads each tensor on demand, so a model is converted one tensor at
-a time. PyTorch pickles (`.ckpt`, `.pt`, `.bin`) go only through `torch.load(weights_only=True)`.
+a time. PyTorch pickles (`.ckpt`, `.pt`, `.bin`) go only through `torch.load(weights_only=True)`, and a
+pickle named `.safetensors` is refused unread (`MisnamedPickleError`).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -19,19 +21,34 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-_DTYPES = {
+# Safetensors dtype names (the `Dtype` enum of the safetensors crate) that numpy can hold. Packed sub-byte
+# floats (F4, F6_*) are not among them. fp8 names follow PyTorch's: F8_E4M3 is float8_e4m3fn.
+_FLOAT_DTYPES = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
     "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+    "F8_E4M3FNUZ": np.dtype(ml_dtypes.float8_e4m3fnuz),
+    "F8_E5M2FNUZ": np.dtype(ml_dtypes.float8_e5m2fnuz),
+    "F8_E8M0": np.dtype(ml_dtypes.float8_e8m0fnu),
+}
+_DTYPES = {
+    **_FLOAT_DTYPES,
     "I64": np.dtype(np.int64),
     "I32": np.dtype(np.int32),
     "I16": np.dtype(np.int16),
     "I8": np.dtype(np.int8),
+    "U64": np.dtype(np.uint64),
+    "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16),
     "U8": np.dtype(np.uint8),
     "BOOL": np.dtype(np.bool_),
+    "C64": np.dtype(np.complex64),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
+FLOAT_DTYPES = frozenset(_FLOAT_DTYPES.values())
 _MAX_HEADER = 100 * 2**20
 
 
@@ -65,10 +82,13 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
             raise FileNotFoundError(f"missing weight file {self.path}")
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
-            head = f.read(8)
+            head = f.read(9)
+            if _is_pickle_head(head, size):
+                raise MisnamedPickleError(misnamed_pickle_message(self.path))
             if len(head) < 8:
                 raise SafetensorsError(f"{self.path}: not a safetensors file ({size} bytes, too short)")
-            (n,) = struct.unpack("<Q", head)
+            (n,) = struct.unpack("<Q", head[:8])
+            f.seek(8)
             if n > min(_MAX_HEADER, size - 8):
                 raise SafetensorsError(
                     f"{self.path}: not a safetensors file, or truncated inside its header "
@@ -84,12 +104,7 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
         needed = 0
         for name, info in header.items():
-            try:
-                dtype = _DTYPES[info["dtype"]]
-                shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(x) for x in info["data_offsets"])
-            except (KeyError, TypeError, ValueError) as err:
-                raise SafetensorsError(f"{self.path}: corrupt header entry for {name!r}") from err
+            dtype, shape, begin, end = self._entry(name, info)
             if end - begin != dtype.itemsize * int(np.prod(shape, dtype=np.int64)):
                 raise SafetensorsError(f"{self.path}: tensor {name!r} has a byte range that does not fit its shape")
             needed = max(needed, end)
@@ -99,6 +114,22 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
                 f"{self.path}: truncated file: its header promises {needed} bytes of tensor data but only "
                 f"{data_len} are present; download or copy it again"
             )
+
+    def _entry(self, name: str, info) -> tuple[np.dtype, tuple[int, ...], int, int]:
+        """(dtype, shape, begin, end) of one header entry; a dtype numpy cannot hold is named as such."""
+        dtype_name = info.get("dtype") if isinstance(info, dict) else None
+        if isinstance(dtype_name, str) and dtype_name not in _DTYPES:
+            raise UnsupportedDtypeError(
+                f"{self.path}: unsupported tensor dtype {dtype_name} for tensor {name!r}; sdjax reads "
+                f"{', '.join(_DTYPES)} (convert the file to F32, F16 or BF16)"
+            )
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = tuple(int(d) for d in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise SafetensorsError(f"{self.path}: corrupt header entry for {name!r}") from err
+        return dtype, shape, begin, end
 
     def __getitem__(self, name: str) -> np.ndarray:
         """A fresh array holding the tensor, read from the file on each access (unlike a memory map, no
@@ -129,6 +160,13 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
 
     def shape(self, name: str) -> tuple[int, ...]:
         return self._entries[name][1]
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._entries[name][0]
+
+    def origin(self, name: str) -> tuple[str, str]:
+        """(file, name in the file) of a tensor, for messages."""
+        return str(self.path), name
 
 
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata=None) -> None:
@@ -169,6 +207,79 @@ def shape_of(tensors: Mapping[str, np.ndarray], key: str) -> tuple[int, ...]:
     return tuple(shape(key)) if callable(shape) else tuple(tensors[key].shape)
 
 
+def dtype_of(tensors: Mapping[str, np.ndarray], key: str) -> np.dtype:
+    """A tensor's dtype without reading it, when the mapping can tell (`SafetensorsFile.dtype`)."""
+    dtype = getattr(tensors, "dtype", None)
+    return np.dtype(dtype(key) if callable(dtype) else tensors[key].dtype)
+
+
+def origin_of(tensors: Mapping[str, np.ndarray], key: str, default: str) -> tuple[str, str]:
+    """(file, name in that file) of a tensor for messages, when the mapping can tell; else (`default`, key)."""
+    origin = getattr(tensors, "origin", None)
+    return origin(key) if callable(origin) else (default, key)
+
+
+class UnsupportedDtypeError(SafetensorsError):
+    """A tensor stored in a dtype sdjax cannot read (packed fp4/fp6, or a name it does not know)."""
+
+
+class TensorDataError(ValueError):
+    """A tensor that cannot be a model weight: integer or boolean where a float is expected, or NaN/Inf."""
+
+
+def dtype_name(dtype) -> str:
+    """The safetensors name of a dtype ("F16", "I64", ...), else numpy's."""
+    dtype = np.dtype(dtype)
+    return _NAMES.get(dtype, dtype.name)
+
+
+def check_float(dtype, where: str, key: str) -> None:
+    """Raises `TensorDataError` unless `dtype` is a float dtype (F64 ... F8_*): integer tensors in place of
+    weights mean another kind of file, or quantized weights, which a cast would silently garble."""
+    if np.dtype(dtype) not in FLOAT_DTYPES:
+        raise TensorDataError(
+            f"{where}: tensor {key!r} is {dtype_name(dtype)}, not a float tensor: this is not a model weight "
+            "file (or quantized weights sdjax cannot read)"
+        )
+
+
+_HALF_BITS = {np.dtype(np.float16): 0x7C00, np.dtype(ml_dtypes.bfloat16): 0x7F80}  # +Inf's bit pattern
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """Whether every value is finite. 16-bit floats are tested on their bits (|bits| < +Inf's bits):
+    numpy's isfinite is slow on float16 and bfloat16 (4-5x and 2x the float32 time per byte)."""
+    inf_bits = _HALF_BITS.get(array.dtype)
+    if inf_bits is None or array.size == 0:
+        return bool(np.isfinite(array).all())
+    return bool(np.bitwise_and(array.view(np.uint16), 0x7FFF).max() < inf_bits)
+
+
+def count_non_finite(array: np.ndarray) -> int:
+    return int(array.size - np.count_nonzero(np.isfinite(array)))
+
+
+def non_finite_error(array: np.ndarray, where: str, key: str, source: np.ndarray | None = None) -> TensorDataError:
+    """The error for `array` (tensor `key` of file `where`) holding NaN or Inf; when `source` (the tensor as
+    stored, before a cast to `array`'s dtype) is finite, the cast overflowed instead."""
+    bad = count_non_finite(array)
+    if source is not None and source.dtype != array.dtype and count_non_finite(source) == 0:
+        return TensorDataError(
+            f"{where}: tensor {key!r} has {bad} values beyond the range of {array.dtype.name}, which become "
+            "Inf: load the model in float32 or bfloat16"
+        )
+    return TensorDataError(
+        f"{where}: tensor {key!r} has {bad} NaN/Inf values; the file is damaged or was saved from a diverged "
+        "training run"
+    )
+
+
+def check_finite(array: np.ndarray, where: str, key: str, source: np.ndarray | None = None) -> None:
+    """Raises `non_finite_error` unless every value of `array` is finite."""
+    if not all_finite(array):
+        raise non_finite_error(array, where, key, source)
+
+
 class ShardedTensors(Mapping[str, np.ndarray]):
     """One mapping over the tensors of several safetensors files (the shards of one component)."""
 
@@ -189,6 +300,12 @@ class ShardedTensors(Mapping[str, np.ndarray]):
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._where[key].shape(key)
+
+    def dtype(self, key: str) -> np.dtype:
+        return self._where[key].dtype(key)
+
+    def origin(self, key: str) -> tuple[str, str]:
+        return self._where[key].origin(key)
 
     def mapped(self, key: str) -> np.ndarray:
         return self._where[key].mapped(key)
@@ -220,15 +337,32 @@ class _Tensors(Mapping[str, np.ndarray]):
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._arrays[key].shape)
 
+    def dtype(self, key: str) -> np.dtype:
+        return self._arrays[key].dtype
+
+    def origin(self, key: str) -> tuple[str, str]:
+        return str(self.path), key
+
+
+@functools.cache
+def _ml_dtypes_of_torch() -> dict:
+    """torch dtype -> numpy dtype for the float types torch's `.numpy()` refuses (bfloat16, float8_*)."""
+    import torch
+
+    names = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu")
+    return {getattr(torch, n): np.dtype(getattr(ml_dtypes, n)) for n in names if hasattr(torch, n)}
+
 
 def _torch_to_numpy(obj: Any) -> Any:
-    """torch tensors (bf16 included) -> numpy, recursively through dicts, lists and tuples."""
+    """torch tensors (bf16 and fp8 included) -> numpy, recursively through dicts, lists and tuples."""
     import torch
 
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu()
-        if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        special = _ml_dtypes_of_torch().get(t.dtype)
+        if special is not None:
+            bits = torch.int16 if special.itemsize == 2 else torch.uint8
+            return t.view(bits).numpy().view(special)
         return t.numpy()
     if isinstance(obj, dict):
         return {k: _torch_to_numpy(v) for k, v in obj.items()}
@@ -246,6 +380,8 @@ def load_torch_pickle(path: str | Path) -> Any:
     """A PyTorch pickle (`.ckpt`, `.pt`, `.bin`) read only through `torch.load(weights_only=True)`, which
     refuses to run code; tensors become numpy arrays. Never plain unpickling: without torch, an error."""
     path = Path(path)
+    if path.suffix.lower() == ".safetensors":  # never unpickle what claims to be safe to open
+        raise MisnamedPickleError(misnamed_pickle_message(path))
     try:
         import torch
     except ImportError:
@@ -268,16 +404,35 @@ def load_torch_pickle(path: str | Path) -> Any:
     return _torch_to_numpy(obj)
 
 
+def _is_pickle_head(head: bytes, size: int) -> bool:
+    """Whether a file's first 9 bytes (of `size`) open a PyTorch pickle rather than a safetensors file: a
+    safetensors file starts with its 8-byte header size and a JSON "{" (the size's first byte may be 0x80)."""
+    (header_size,) = struct.unpack("<Q", head[:8].ljust(8, b"\0"))
+    if head[8:9] == b"{" and header_size <= size - 8:
+        return False
+    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"  # torch >= 1.6 zip, or pickle protocol >= 2
+
+
 def is_torch_pickle(path: str | Path) -> bool:
     """Whether a file is a PyTorch pickle (zip archive or legacy pickle) rather than a safetensors file,
-    told by content: a safetensors file starts with its 8-byte header size and a JSON "{"."""
+    told by content."""
     path = Path(path)
     with open(path, "rb") as f:
         head = f.read(9)
-    (header_size,) = struct.unpack("<Q", head[:8].ljust(8, b"\0"))
-    if head[8:9] == b"{" and header_size <= path.stat().st_size - 8:
-        return False
-    return head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"  # torch >= 1.6 zip, or pickle protocol >= 2
+    return _is_pickle_head(head, path.stat().st_size)
+
+
+class MisnamedPickleError(SafetensorsError, CheckpointError):
+    """A pickle (which could run code when loaded) where a safetensors file is expected."""
+
+
+def misnamed_pickle_message(path: Path) -> str:
+    if path.suffix.lower() != ".safetensors":
+        return f"{path} is a PyTorch pickle, not a safetensors file; convert it to .safetensors with a trusted tool"
+    return (
+        f"{path} is a PyTorch pickle named .safetensors, not a safetensors file; sdjax does not unpickle files "
+        "named .safetensors (convert it with a trusted tool)"
+    )
 
 
 def read_checkpoint(path: str | Path) -> Mapping[str, np.ndarray]:

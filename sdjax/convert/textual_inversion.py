@@ -25,7 +25,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.convert.tensor_files import is_torch_pickle, load_torch_pickle, read_checkpoint
+from sdjax.convert.tensor_files import check_finite, check_float, is_torch_pickle, load_torch_pickle, read_checkpoint
 from sdjax.nn.clip import CLIPTextModel
 from sdjax.tokenizer import CLIPTokenizer
 
@@ -61,11 +61,13 @@ class MultiVectorTokenizer(CLIPTokenizer):
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _vectors(value: Any, path: Path) -> np.ndarray:
+def _vectors(value: Any, path: Path, key: str) -> np.ndarray:
+    """The tensor `key` of an embedding file as float32 vectors (n, D); refused when it is not a float tensor
+    or holds NaN/Inf."""
     array = np.asarray(value)
-    if array.dtype.kind != "f" and str(array.dtype) != "bfloat16":
-        raise EmbeddingError(f"{path}: the embedding is not a float tensor ({array.dtype})")
+    check_float(array.dtype, str(path), key)
     array = array.astype(np.float32)
+    check_finite(array, str(path), key)
     if array.ndim == 1:
         array = array[None]
     if array.ndim != 2 or array.shape[0] == 0:
@@ -85,7 +87,7 @@ def read_embedding(path: str | Path, token: str | None = None) -> tuple[str, np.
         if isinstance(obj, np.ndarray):  # a bare tensor (diffusers accepts one with an explicit token)
             if token is None:
                 raise EmbeddingError(f"{path} holds a bare tensor without a trigger word: pass token=")
-            return token, _vectors(obj, path)
+            return token, _vectors(obj, path, "<bare tensor>")
         if not isinstance(obj, dict):
             raise EmbeddingError(f"{path}: a PyTorch file holding a {type(obj).__name__}, not an embedding")
         tensors = obj
@@ -98,13 +100,13 @@ def read_embedding(path: str | Path, token: str | None = None) -> tuple[str, np.
         params = tensors["string_to_param"]
         if not isinstance(params, dict) or not params:
             raise EmbeddingError(f"{path}: string_to_param holds no tensor")
-        value = params["*"] if "*" in params else next(iter(params.values()))
-        return token or path.stem, _vectors(value, path)
+        name = "*" if "*" in params else next(iter(params))
+        return token or path.stem, _vectors(params[name], path, f"string_to_param.{name}")
     if "emb_params" in keys:
-        return token or path.stem, _vectors(tensors["emb_params"], path)
+        return token or path.stem, _vectors(tensors["emb_params"], path, "emb_params")
     arrays = [k for k in keys if isinstance(tensors[k], np.ndarray)]
     if len(keys) == 1 and arrays:
-        return token or keys[0], _vectors(tensors[keys[0]], path)
+        return token or keys[0], _vectors(tensors[keys[0]], path, keys[0])
     shown = ", ".join(sorted(keys)[:4])
     raise EmbeddingError(f"{path} is not a textual-inversion embedding (keys: {shown})")
 

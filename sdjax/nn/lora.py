@@ -10,6 +10,7 @@ and written by `sdjax.convert.lora`; training makes A and B directly (train/mode
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -66,10 +67,32 @@ def apply_adapters(params: Mapping, adapters: Sequence[Mapping], scales) -> dict
     return out
 
 
+def component_scales(scale) -> dict[str, float]:
+    """A LoRA scale (a finite number, or {"unet": a, "text_encoder": b}, a missing part at 1 as in diffusers)
+    -> {component: float}; a one-line ValueError for anything else."""
+    if isinstance(scale, Mapping):
+        unknown = set(scale) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"LoRA scale has unknown parts {sorted(unknown)}: use {list(COMPONENTS)}")
+        return {part: _scale_number(scale.get(part, 1.0)) for part in COMPONENTS}
+    value = _scale_number(scale)
+    return dict.fromkeys(COMPONENTS, value)
+
+
+def _scale_number(value) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = None
+    if number is None or isinstance(value, bool) or not math.isfinite(number):
+        raise ValueError(f"a LoRA scale must be a finite number (or {{'unet': a, 'text_encoder': b}}), got {value!r}")
+    return number
+
+
 def merge_lora(params: Mapping, adapter: Mapping, scale: float | Mapping[str, float] = 1.0) -> dict:
     """New params with one adapter folded in at `scale` (a float, or {"unet": s, "text_encoder": s})."""
-    scales = {p: [scale[p]] for p in COMPONENTS} if isinstance(scale, Mapping) else [scale]
+    scales = {part: [value] for part, value in component_scales(scale).items()}
     return apply_adapters(params, [adapter], scales)
 
 
-__all__ = ["COMPONENTS", "apply_adapters", "merge_lora"]
+__all__ = ["COMPONENTS", "apply_adapters", "component_scales", "merge_lora"]
