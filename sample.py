@@ -123,6 +123,8 @@ def check_inputs(args) -> None:
 def read_prompts(path: str) -> list[str]:
     """Non-empty lines of a prompts file (UTF-8 text) that do not start with '#'."""
     file = Path(path)
+    if file.is_dir():
+        raise IsADirectoryError(f"prompts file {file} is a folder: give a text file, one prompt per line")
     if not file.is_file():
         raise FileNotFoundError(f"prompts file {file} does not exist")
     data = file.read_bytes()

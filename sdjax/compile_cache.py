@@ -38,6 +38,8 @@ def enable_compilation_cache(directory: str | os.PathLike | None = "default") ->
     if path is None:
         jax.config.update("jax_enable_compilation_cache", False)
         return None
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"compilation cache {path} is a file: pass a folder, or 'off' (--cache-dir off)")
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     info = path.stat()
     if info.st_uid != os.getuid() or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):

@@ -154,6 +154,8 @@ def open_image(source: str | os.PathLike | Image.Image | np.ndarray, what: str =
     if isinstance(source, np.ndarray):
         return array_to_image(source, what)
     path = Path(source)
+    if path.is_dir():
+        raise IsADirectoryError(f"{what} {path} is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} file {path} does not exist")
     try:

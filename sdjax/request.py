@@ -185,6 +185,8 @@ def _scheduler(pipe, scheduler):
         return schedulers.from_name(scheduler, pipe.scheduler_config)
     if scheduler is None:
         return schedulers.from_diffusers_config(pipe.scheduler_config)
+    if not isinstance(scheduler, schedulers.Scheduler):
+        raise TypeError(f"scheduler must be a name ({', '.join(schedulers.NAMES)}) or a Scheduler, got {scheduler!r}")
     return scheduler
 
 
@@ -326,14 +328,23 @@ def _noise_rows(pipe, latents, batch: int, canvas: _Canvas) -> np.ndarray | None
 
 
 def _seed_rows(seed, batch: int) -> np.ndarray:
-    """uint32 (B,) seeds: seed + k for image k, or the given one per image."""
-    if isinstance(seed, int | np.integer):
-        seeds = np.arange(batch, dtype=np.int64) + int(seed)
+    """uint32 (B,) seeds: seed + k for image k, or the given one per image. Seeds are 32-bit: one outside
+    [0, 2**32) is an error (it would silently draw the image of another seed)."""
+    if isinstance(seed, int | np.integer) and not isinstance(seed, bool):
+        seeds = [int(seed) + k for k in range(batch)]
     else:
-        seeds = np.asarray(seed, np.int64)
-        if seeds.shape != (batch,):
+        seeds = list(np.atleast_1d(np.asarray(seed, object)))
+        if len(seeds) != batch:
             raise ValueError(f"{len(seeds)} seeds for {batch} images")
-    return (seeds % 2**32).astype(np.uint32)
+    for value in seeds:
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or not 0 <= int(value) < 2**32:
+            hint = (
+                " (there is no random seed -1: pick one)" if isinstance(value, int | np.integer) and value < 0 else ""
+            )
+            raise ValueError(
+                f"seeds are integers in [0, {2**32 - 1}] (image k of a run uses seed + k), got {value!r}{hint}"
+            )
+    return np.asarray([int(v) for v in seeds], np.uint32)
 
 
 def _row_count(batch: int, pad_to: int | None, mesh: Mesh | None) -> int:

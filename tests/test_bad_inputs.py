@@ -123,6 +123,16 @@ SAMPLE_CASES = [
     ("out-is-a-file", ["a cat", "--out", "FILES/a_file"], ["is a file, not a folder"]),
     ("out-cannot-be-made", ["a cat", "--out", "/proc/sdjax-out"], ["/proc/sdjax-out"]),
     ("mesh-bad", ["a cat", "--mesh", "data=three"], ["mesh"]),
+    ("mesh-too-many-devices", ["a cat", "--mesh", "data=3"], ["has 3 devices but there are"]),
+    ("seed-negative", ["a cat", "--seed", "-1"], ["seeds are integers in [0, 4294967295]", "no random seed -1"]),
+    ("seed-too-large", ["a cat", "--seed", "99999999999999999999"], ["seeds are integers in [0, 4294967295]"]),
+    ("seed-overflows-the-batch", ["a cat", "--seed", "4294967295", "-n", "2"], ["got 4294967296"]),
+    ("micro-batch-zero", ["a cat", "--micro-batch", "0"], ["micro_batch_size must be >= 1"]),
+    ("init-is-a-folder", ["a cat", "--init-image", "FILES/"], ["is a folder, not an image file"]),
+    ("prompts-is-a-folder", ["--prompts-file", "FILES/"], ["is a folder"]),
+    ("cache-dir-is-a-file", ["a cat", "--cache-dir", "FILES/a_file"], ["compilation cache", "is a file"]),
+    ("model-is-an-image", ["a cat", "--model", "FILES/init.png"], ["init.png"]),
+    ("multi-host-half-given", ["a cat", "--num-processes", "2"], ["--coordinator"]),
 ]
 
 
@@ -147,6 +157,21 @@ def test_sample_weights_that_are_not_finite_are_refused_at_load(capsys, tmp_path
     broken, name = _altered_copy(tiny_folder, tmp_path / "nan-model", "unet", poison)
     assert_one_line(sample(capsys, "a cat", "--model", broken, "--out", tmp_path / "o", "--steps", 2), name, "NaN")
     assert not list((tmp_path / "o").glob("*.png"))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("layers_per_block", "two", "layers_per_block"), ("block_out_channels", 32, "block_out_channels")],
+)
+def test_sample_a_config_field_of_the_wrong_type_is_named(capsys, tmp_path, tiny_folder, field, value, message):
+    import shutil
+
+    broken = tmp_path / "bad-config"
+    shutil.copytree(tiny_folder, broken)
+    config = json.loads((broken / "unet" / "config.json").read_text())
+    config[field] = value
+    (broken / "unet" / "config.json").write_text(json.dumps(config))
+    assert_one_line(sample(capsys, "a cat", "--model", broken, "--out", tmp_path / "o"), "config.json", message)
 
 
 def test_sample_integer_weights_are_refused(capsys, tmp_path, tiny_folder):
@@ -265,12 +290,25 @@ API_CASES = [
     ("latents-nan", dict(latents=np.full((1, 16, 16, 4), np.nan, np.float32)), "NaN/Inf"),
     ("loras-bad-scale", dict(loras=[({}, "abc")]), "LoRA scale must be a finite number"),
     ("seeds-wrong-count", dict(seed=[1, 2, 3]), "seeds"),
+    ("seed-negative", dict(seed=-1), "seeds are integers in [0, 4294967295]"),
+    ("seed-fraction", dict(seed=[0.5]), "seeds are integers"),
+    ("rescale-above-one", dict(guidance_rescale=1.5), "guidance_rescale must be in [0, 1]"),
+    ("mask-without-image", dict(mask_image=np.zeros((64, 64), np.uint8)), "mask_image needs an init image"),
+    ("init-wrong-dtype", dict(image=np.zeros((64, 64, 3), np.int32)), "int32"),
+    ("init-wrong-shape", dict(image=np.zeros((64, 64, 5), np.uint8)), "(H, W, 3)"),
+    ("scheduler-not-a-scheduler", dict(scheduler=5), "scheduler must be a name"),
+    ("scheduler-unknown", dict(scheduler="eulerr"), "unknown scheduler 'eulerr'"),
+    ("mesh-bad", dict(mesh="data=x"), "bad mesh spec"),
+    ("no-init-images", dict(image=[]), "0 init images for 1 prompts"),
+    ("strength-zero", dict(image=np.zeros((64, 64, 3), np.uint8), strength=0.0), "leaves no denoising step"),
+    ("latents-shape", dict(latents=np.zeros((1, 3, 3, 4), np.float32)), "latents must have shape"),
+    ("unknown-option", dict(guidance=7.0), "unknown option 'guidance'"),
 ]
 
 
 @pytest.mark.parametrize(("options", "message"), [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES])
 def test_api_refuses_bad_options_in_one_line(demo, options, message):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises((ValueError, TypeError)) as info:  # TypeError: an argument of the wrong kind
         demo.generate("an emoji of red apple", num_inference_steps=options.pop("num_inference_steps", 2), **options)
     text = str(info.value)
     assert message in text and "\n" not in text, text
@@ -344,6 +382,15 @@ TRAIN_CASES = [
     ("model-missing", ["--model", "FILES/nope"], ["does not exist"]),
     ("output-is-a-file", ["--output", "FILES/a_file"], ["is a file, not a folder"]),
     ("output-cannot-be-made", ["--output", "/proc/sdjax-run"], ["cannot create the output folder"]),
+    ("data-is-a-file", ["--data", "FILES/a_file"], ["is a file: give the folder of training images"]),
+    ("seed-negative", ["--seed", "-5"], ["seed must be in [0, 4294967295]"]),
+    ("mesh-too-many-devices", ["--mesh", "data=3"], ["has 3 devices but there are"]),
+    ("random-architecture-unknown", ["--model", "random:nope"], ["unknown architecture 'nope'"]),
+    ("scratch-unknown", ["--scratch", "foo"], ["scratch takes components of"]),
+    ("placeholder-empty", ["--placeholder-token", " "], ["placeholder_token must not be empty"]),
+    ("sample-every-negative", ["--sample-every", "-1"], ["sample_every must be >= 0"]),
+    ("config-variant-unknown", ["--config", "configs/sd15_full.py:huge"], ["unknown variant 'huge'"]),
+    ("export-dtype-unknown", ["--export-dtype", "int8"], ["export_dtype must be float32, float16 or bfloat16"]),
 ]
 
 

@@ -404,6 +404,7 @@ class TrainConfig:
             group = getattr(self, name)
             if dataclasses.is_dataclass(kind) and not isinstance(group, kind):
                 raise ValueError(f"{name} must be a train.config.{kind.__name__}, got {type(group).__name__}")
+        _check((0 <= self.seed < 2**32, f"seed must be in [0, {2**32 - 1}], got {self.seed}"))
         _choose(self, "mode", Mode)
         try:
             object.__setattr__(self, "scratch", tuple(Component(c) for c in self.scratch))

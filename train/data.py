@@ -114,6 +114,8 @@ def scan_folder(folder: str | Path, *, skip_bad: bool = False, need_captions: bo
     textual inversion with a fixed prompt).
     """
     root = Path(folder).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--data {root} is a file: give the folder of training images")
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist")
     problems: list[str] = []

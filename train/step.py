@@ -113,20 +113,23 @@ def train_step(state, frozen, batch, *, setup, optimizer) -> tuple[dict, dict]:
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     grad_norm = optax.tree.norm(grads)
-    updates, opt = optimizer.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    ema = state["ema"]
-    if ema is not None:
-        d = _ema_decay(cfg.optim.ema_decay, state["step"])
-        ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
     loss = total / count
     # an update from a non-finite loss or gradient is not applied (the parameters, optimizer moments and
     # EMA stay those of the last good step); the host decides whether to stop (Optim.nan_policy)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updated = {"params": params, "opt": opt, "ema": ema}
+
+    def apply_update(kept):
+        updates, opt = optimizer.update(grads, kept["opt"], kept["params"])
+        params = optax.apply_updates(kept["params"], updates)
+        ema = kept["ema"]
+        if ema is not None:
+            d = _ema_decay(cfg.optim.ema_decay, state["step"])
+            ema = jax.tree.map(lambda e, p: d * e + (1.0 - d) * p, ema, params)
+        return {"params": params, "opt": opt, "ema": ema}
+
     kept = {"params": state["params"], "opt": state["opt"], "ema": state["ema"]}
-    guarded = jax.tree.map(lambda new, old: jnp.where(finite, new, old), updated, kept)
-    new_state = {**state, **guarded, "step": state["step"] + 1}
+    updated = jax.lax.cond(finite, apply_update, lambda kept: kept, kept)
+    new_state = {**state, **updated, "step": state["step"] + 1}
     metrics = {"loss": loss, "grad_norm": grad_norm, "skipped": ~finite}
     return new_state, metrics
 
