@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     describe = functools.partial(image_parameters, args, prompts, seeds, model_name, sampler)
     done = [i for i in own if paths[i].exists()]
     if args.prompts_file:  # resume by content: an image there must be the one this command would draw
-        done = [i for i in done if not _redraw(paths[i], describe(i, None), args.overwrite)]
+        size = planned_size(base, args)
+        done = [i for i in done if not _redraw(paths[i], describe(i, size), args.overwrite)]
     todo = [i for i in own if i not in set(done)]
     if done:
         progress.say(f"{len(done)} of {len(own)} images already in {out}: skipping them")
@@ -367,9 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def image_parameters(args, prompts, seeds, model_name, sampler, i: int, size: tuple[int, int] | None) -> str:
-    """The A1111 `parameters` text of image i; `size` (width, height) None leaves out the Size field (for
-    comparing with an image already drawn before the plan's size is known)."""
+def image_parameters(args, prompts, seeds, model_name, sampler, i: int, size: tuple[int, int]) -> str:
+    """The A1111 `parameters` text of image i, (width, height) `size`."""
     from sdjax import images as image_io
 
     extra = {}
@@ -377,31 +377,43 @@ def image_parameters(args, prompts, seeds, model_name, sampler, i: int, size: tu
         extra["Denoising strength"] = args.strength
     if args.clip_skip:
         extra["Clip skip"] = args.clip_skip + 1
-    text = image_io.a1111_parameters(
+    return image_io.a1111_parameters(
         prompts[i],
         args.negative_prompt,
         steps=args.steps,
         sampler=sampler,
         guidance=args.guidance,
         seed=seeds[i],
-        width=size[0] if size else 0,
-        height=size[1] if size else 0,
+        width=size[0],
+        height=size[1],
         model=model_name,
         extra=extra,
     )
-    return text if size else _without_size(text)
 
 
-def _without_size(text: str) -> str:
-    head, _, fields = text.rpartition("\n")
-    kept = [f for f in fields.split(", ") if not f.startswith("Size: ")]
-    return f"{head}\n{', '.join(kept)}"
+def planned_size(pipe, args) -> tuple[int, int]:
+    """The (width, height) this command draws at (--height/--width, else the init image's or the model's
+    size), from the request alone (no compile)."""
+    from sdjax.request import prepare
+
+    plan, _ = prepare(
+        pipe,
+        [""],
+        num_inference_steps=args.steps,
+        scheduler=args.scheduler,
+        height=args.height,
+        width=args.width,
+        image=args.init_image,
+        strength=args.strength,
+        mask_image=args.mask,
+        mesh=None,
+    )
+    return plan.width, plan.height
 
 
 def _redraw(path: Path, expected: str, overwrite: bool) -> bool:
     """Whether the image at `path` (of a --prompts-file run) must be drawn again: False when it records
-    exactly `expected` (sizes aside: --height/--width decide them); True with `overwrite` otherwise; an
-    error naming the difference without it."""
+    exactly `expected`; True with `overwrite` otherwise; an error naming the image without it."""
     from PIL import Image
 
     try:
@@ -409,7 +421,7 @@ def _redraw(path: Path, expected: str, overwrite: bool) -> bool:
             recorded = img.info.get("parameters")
     except OSError:
         recorded = None
-    if recorded is not None and (_without_size(recorded) == expected):
+    if recorded == expected:
         return False
     if overwrite:
         return True

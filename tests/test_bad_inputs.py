@@ -261,6 +261,7 @@ def test_sample_prompts_file_resumes_by_content(capsys, tmp_path):
     assert_one_line(sample(capsys, *args), "00001-1.png", "blue heart", "--overwrite")
     assert {p.name: p.read_bytes() for p in out.glob("*.png")} == first
     assert_one_line(sample(capsys, *args[:2], "--steps", "3", "--out", out), "00000-0.png")
+    assert_one_line(sample(capsys, *args, "--height", "32", "--width", "32"), "00000-0.png")  # another size
 
     assert sample(capsys, *args, "--overwrite")[0] == 0
     after = {p.name: p.read_bytes() for p in out.glob("*.png")}

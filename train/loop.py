@@ -133,21 +133,28 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
 
 
 def _samples(setup: model.Setup, trainable_host, output: Path, step: int) -> None:
+    """OUTPUT/samples/step-NNNNNN-K.png of the sample prompts; samples that come out NaN/Inf are reported
+    and not written (a warning: they must not end the run, whose weights are finite)."""
     cfg = setup.config
     outputs = cfg.outputs
     if not outputs.sample_prompts or not _is_main() or cfg.mode == "vae":
         return
     from sdjax import images as image_io
+    from sdjax.generate import NonFiniteImageError
 
     pipe = model.trained_pipeline(setup, trainable_host)
-    images = pipe.generate(
-        list(outputs.sample_prompts),
-        num_inference_steps=outputs.sample_steps,
-        seed=outputs.sample_seed,
-        height=cfg.images.resolution,
-        width=cfg.images.resolution,
-        mesh=None,
-    )
+    try:
+        images = pipe.generate(
+            list(outputs.sample_prompts),
+            num_inference_steps=outputs.sample_steps,
+            seed=outputs.sample_seed,
+            height=cfg.images.resolution,
+            width=cfg.images.resolution,
+            mesh=None,
+        )
+    except NonFiniteImageError as err:
+        log.warning("samples of step %d not written: %s", step, err)
+        return
     folder = output / "samples"
     folder.mkdir(parents=True, exist_ok=True)
     for k, image in enumerate(images):
