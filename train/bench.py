@@ -208,7 +208,9 @@ def main(argv=None) -> int:
             None if "," in args.remat else args.remat,  # default: the run config's own (full)
         )
         if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+            from sdjax import files
+
+            files.write_text(args.json, json.dumps(rows, indent=2) + "\n")
         return 0
     if args.worker:
         print(json.dumps(worker(args.arch, args.resolution, args.batch_size, args.steps, args.dtype, args.remat)))
@@ -249,7 +251,9 @@ def main(argv=None) -> int:
                 flush=True,
             )
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        from sdjax import files
+
+        files.write_text(args.json, json.dumps(rows, indent=2) + "\n")
     return 0
 
 

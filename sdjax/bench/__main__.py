@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sdjax import files
 from sdjax.bench.workers import Job
 
 TIMES = ("load_s", "text_s", "unet_step_s", "vae_decode_s", "image_s", "images_per_s", "peak_rss")
@@ -103,7 +104,7 @@ def _target(args) -> int:
     )
     print(target.table(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        files.write_text(args.json, json.dumps(result, indent=2) + "\n")
     return 0
 
 
@@ -257,7 +258,7 @@ def main(argv=None) -> int:
         return 2
     print(table(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        files.write_text(args.json, json.dumps(report, indent=2) + "\n")
     if args.plot:
         plot(report, args.plot)
     return 0
