@@ -3,8 +3,8 @@
 Parameters are plain pytrees kept apart from the (stateless) Flax modules; images and latents are NHWC.
 """
 
-from sdjax.pipeline import StableDiffusionPipeline, load_pipeline
+from sdjax.pipeline import ControlNet, StableDiffusionPipeline, load_controlnet, load_pipeline
 from sdjax.request import GenerateOptions
 
-__all__ = ["GenerateOptions", "StableDiffusionPipeline", "load_pipeline"]
+__all__ = ["ControlNet", "GenerateOptions", "StableDiffusionPipeline", "load_controlnet", "load_pipeline"]
 __version__ = "0.1.0"

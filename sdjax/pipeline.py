@@ -18,6 +18,8 @@ from sdjax.convert.parts import ModelParts
 from sdjax.convert.textual_inversion import EmbeddingError, add_embedding, read_embedding
 from sdjax.generate import draw_images
 from sdjax.memory import release_free_memory
+from sdjax.nn.config_utils import resolve_dtype
+from sdjax.nn.controlnet import ControlNetConfig, ControlNetModel
 from sdjax.nn.lora import component_scales, merge_lora
 from sdjax.request import prepare
 from sdjax.schedulers import with_prediction_type
@@ -165,4 +167,33 @@ def load_pipeline(
     return pipe
 
 
-__all__ = ["DEMO_MODEL", "StableDiffusionPipeline", "load_pipeline"]
+@dataclasses.dataclass(frozen=True)
+class ControlNet:
+    """A ControlNet: its module (a stateless Flax definition) and its parameters."""
+
+    module: ControlNetModel
+    params: dict
+
+    @property
+    def config(self) -> ControlNetConfig:
+        return self.module.config
+
+    def save_pretrained(self, directory: str | Path, dtype=None) -> Path:
+        """Writes a diffusers ControlNet folder (config.json, diffusion_pytorch_model.safetensors) that
+        diffusers' `ControlNetModel.from_pretrained` loads; weights in `dtype` (default: this one's)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        store = None if dtype is None else resolve_dtype(dtype)
+        diffusers_folder.save_component(out, diffusers_folder.CONTROLNET, self.module, self.params, store)
+        return out
+
+
+def load_controlnet(path: str | Path, dtype=jnp.float32) -> ControlNet:
+    """A ControlNet from a diffusers folder (config.json + diffusion_pytorch_model.safetensors), parameters
+    in `dtype` (float32, bfloat16 or float16)."""
+    module, params = diffusers_folder.load_controlnet_folder(Path(path), dtype)
+    release_free_memory()
+    return ControlNet(module, params)
+
+
+__all__ = ["DEMO_MODEL", "ControlNet", "StableDiffusionPipeline", "load_controlnet", "load_pipeline"]

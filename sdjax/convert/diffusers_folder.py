@@ -24,6 +24,7 @@ from sdjax.convert.tensor_files import ShardedTensors, save_safetensors
 from sdjax.convert.textual_inversion import restore_multi_vector
 from sdjax.nn.clip import CLIPTextConfig, CLIPTextModel
 from sdjax.nn.config_utils import read_json, resolve_dtype
+from sdjax.nn.controlnet import ControlNetConfig, ControlNetModel
 from sdjax.nn.unet import UNet2DConditionModel, UNetConfig
 from sdjax.nn.vae import AutoencoderKL, VAEConfig
 from sdjax.tokenizer import CLIPTokenizer
@@ -46,6 +47,8 @@ UNET = ComponentSpec("unet", "diffusion_pytorch_model", UNetConfig, UNet2DCondit
 VAE = ComponentSpec("vae", "diffusion_pytorch_model", VAEConfig, AutoencoderKL)
 TEXT_ENCODER = ComponentSpec("text_encoder", "model", CLIPTextConfig, CLIPTextModel)
 MODEL_COMPONENTS = (UNET, VAE, TEXT_ENCODER)
+# a ControlNet folder holds config.json and its weights at the top (folder "")
+CONTROLNET = ComponentSpec("", "diffusion_pytorch_model", ControlNetConfig, ControlNetModel)
 
 
 def weight_files(directory: Path, stem: str, variant: str | None = None) -> list[Path]:
@@ -163,6 +166,18 @@ def save_component(root: Path, spec: ComponentSpec, module, params, dtype=None) 
         config["torch_dtype"] = next(iter(tensors.values())).dtype.name
     save_safetensors(directory / f"{spec.stem}.safetensors", tensors, {"format": "pt"})
     files.write_text(directory / "config.json", json.dumps(config, indent=2) + "\n")
+
+
+def load_controlnet_folder(root: Path, dtype, variant: str | None = None) -> tuple[ControlNetModel, dict]:
+    """A diffusers ControlNet folder (config.json of `ControlNetModel` + diffusion_pytorch_model.safetensors)
+    -> (module, params cast to `dtype`)."""
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"ControlNet folder {root} does not exist")
+    config = read_json(root / "config.json")
+    if config.get("_class_name", "ControlNetModel") != "ControlNetModel":
+        raise ValueError(f"{root} holds a {config['_class_name']}, not a ControlNetModel")
+    return load_component(root, CONTROLNET, resolve_dtype(dtype), variant)
 
 
 def load_folder(root: Path, dtype, variant: str | None = None, *, weights: bool = True) -> ModelParts:

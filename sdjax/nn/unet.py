@@ -280,8 +280,9 @@ class _MidBlock(nn.Module):
 class UNet2DConditionModel(nn.Module):
     """Noise/velocity predictor eps(x_t, t, context).
 
-    __call__(sample (B, H, W, in_channels), timesteps (B,) or scalar, context (B, L, cross_attention_dim))
-    -> (B, H, W, out_channels). H and W need not be divisible by 2^(blocks - 1): as diffusers, upsampling then
+    __call__(sample (B, H, W, in_channels), timesteps (B,) or scalar, context (B, L, cross_attention_dim),
+    optional ControlNet residuals: down_residuals (one per skip connection), mid_residual) -> (B, H, W,
+    out_channels). H and W need not be divisible by 2^(blocks - 1): as diffusers, upsampling then
     resizes to each skip connection's size.
 
     `remat` (training): gradient checkpointing of every resnet and transformer block with a policy of
@@ -293,7 +294,14 @@ class UNet2DConditionModel(nn.Module):
     remat: str | None = None
 
     @nn.compact
-    def __call__(self, sample_BHWC: jax.Array, timesteps_B: jax.Array, context_BLD: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        sample_BHWC: jax.Array,
+        timesteps_B: jax.Array,
+        context_BLD: jax.Array,
+        down_residuals: tuple[jax.Array, ...] | None = None,
+        mid_residual: jax.Array | None = None,
+    ) -> jax.Array:
         cfg = self.config
         n = cfg.num_blocks
         batch = sample_BHWC.shape[0]
@@ -330,7 +338,14 @@ class UNet2DConditionModel(nn.Module):
             )(h, temb, context_BLD)
             skips.extend(outs)
 
+        if down_residuals is not None:  # a ControlNet's, added to every skip (diffusers' additional residuals)
+            if len(down_residuals) != len(skips):
+                raise ValueError(f"{len(down_residuals)} down residuals for the UNet's {len(skips)} skip connections")
+            skips = [s + r.astype(s.dtype) for s, r in zip(skips, down_residuals, strict=True)]
+
         h = _MidBlock(cfg, self.dtype, self.remat, name="mid_block")(h, temb, context_BLD)
+        if mid_residual is not None:
+            h = h + mid_residual.astype(h.dtype)
 
         for i, block_type in enumerate(cfg.up_block_types):
             r = n - 1 - i  # the down level this up block mirrors

@@ -1,0 +1,172 @@
+"""ControlNet against diffusers' ControlNetModel on the same random weights: every down-block residual and the
+mid residual (plain, scaled, guess mode, BGR order, pooled), the UNet with those residuals added, and the
+export back to a diffusers folder. Tiny architectures by default; the real SD 1.5 / SD 2.1 ControlNet
+architectures (sdjax/data/models/controlnet-sd15, -sd21) in the `slow` tests."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from reference import TINY_UNET, _clean, build_unet, nchw, nhwc, randomize_, rel_l2
+
+import sdjax
+from sdjax import testing
+
+CONFIGS = {
+    # SD 1.x style, the ControlNet diffusers' from_unet makes of the tiny UNet, condition at 8x the latents
+    "sd1": dict(_clean(TINY_UNET), conditioning_embedding_out_channels=[8, 8, 16, 16]),
+    # SD 2.x style: per-block heads, linear projections, upcast attention; BGR condition, 2x condition stack
+    "sd2_bgr": dict(
+        _clean(TINY_UNET),
+        attention_head_dim=[2, 4],
+        use_linear_projection=True,
+        upcast_attention=True,
+        controlnet_conditioning_channel_order="bgr",
+        conditioning_embedding_out_channels=[8, 16],
+    ),
+    # global_pool_conditions (the "shuffle" models): residuals averaged over space
+    "pooled": dict(_clean(TINY_UNET), global_pool_conditions=True, conditioning_embedding_out_channels=[8, 16]),
+}
+UNET_ONLY = ("out_channels", "up_block_types", "sample_size", "center_input_sample", "time_embedding_dim")
+
+
+def build_controlnet(config: dict, seed: int = 3):
+    """diffusers' ControlNetModel with seeded random weights; the condition stack's convolutions at a fan-in
+    scale (randomize_ would give them the large scale of token embeddings)."""
+    from diffusers import ControlNetModel
+
+    model = randomize_(ControlNetModel(**{k: v for k, v in config.items() if k not in UNET_ONLY}), seed)
+    gen = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for p in model.controlnet_cond_embedding.parameters():
+            if p.ndim == 4:
+                p.copy_(torch.randn(p.shape, generator=gen) / int(np.prod(p.shape[1:])) ** 0.5)
+    return model
+
+
+def controlnet_inputs(model, latent_size: int = 16, batch: int = 2, seed: int = 0):
+    cfg = model.config
+    rng = np.random.default_rng(seed)
+    factor = 2 ** (len(cfg.conditioning_embedding_out_channels) - 1)
+    x = rng.standard_normal((batch, latent_size, latent_size, cfg.in_channels)).astype(np.float32)
+    t = np.array([3.0, 981.0][:batch], np.float32)
+    ctx = rng.standard_normal((batch, 77, cfg.cross_attention_dim)).astype(np.float32)
+    cond = rng.uniform(0, 1, (batch, latent_size * factor, latent_size * factor, cfg.conditioning_channels))
+    return x, t, ctx, cond.astype(np.float32)
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def pair(request, tmp_path_factory):
+    """(torch ControlNetModel, sdjax ControlNet loaded from its saved folder)."""
+    model = build_controlnet(CONFIGS[request.param])
+    folder = tmp_path_factory.mktemp(request.param) / "controlnet"
+    model.save_pretrained(folder)
+    return model, sdjax.load_controlnet(folder)
+
+
+def _residuals_torch(model, inputs, scale=1.0, guess_mode=False):
+    x, t, ctx, cond = inputs
+    with torch.no_grad():
+        down, mid = model(
+            nchw(x),
+            torch.from_numpy(t),
+            torch.from_numpy(ctx),
+            nchw(cond),
+            conditioning_scale=scale,
+            guess_mode=guess_mode,
+            return_dict=False,
+        )
+    return [nhwc(r) for r in down], nhwc(mid)
+
+
+def _residuals_sdjax(cn, inputs, scale=1.0, guess_mode=False):
+    import jax
+
+    apply = jax.jit(
+        lambda p, x, t, c, cond, s: cn.module.apply({"params": p}, x, t, c, cond, s, guess_mode),
+    )
+    down, mid = apply(cn.params, *inputs, scale)
+    return [np.asarray(r) for r in down], np.asarray(mid)
+
+
+@pytest.mark.parametrize(("scale", "guess_mode"), [(1.0, False), (0.65, False), (0.8, True)])
+def test_residuals_match_diffusers(pair, scale, guess_mode):
+    model, cn = pair
+    inputs = controlnet_inputs(model)
+    want_down, want_mid = _residuals_torch(model, inputs, scale, guess_mode)
+    got_down, got_mid = _residuals_sdjax(cn, inputs, scale, guess_mode)
+    assert len(got_down) == len(want_down) == cn.config.residual_count
+    errors = [rel_l2(g, w) for g, w in zip(got_down, want_down, strict=True)] + [rel_l2(got_mid, want_mid)]
+    print("relative L2 per residual:", [f"{e:.1e}" for e in errors])
+    assert max(errors) <= 1e-5
+    assert all(g.shape == w.shape for g, w in zip(got_down, want_down, strict=True))
+
+
+def test_unet_with_controlnet_residuals_matches_diffusers(tmp_path):
+    """The UNet adds the residuals to its skips and mid block as diffusers' down_block_additional_residuals."""
+    import jax
+
+    from sdjax.convert import diffusers_folder
+
+    unet_config = dict(TINY_UNET, sample_size=16)
+    unet = build_unet(unet_config)
+    model = build_controlnet(dict(_clean(unet_config), conditioning_embedding_out_channels=[8, 16]))
+    inputs = controlnet_inputs(model)
+    down, mid = _residuals_torch(model, inputs, 0.9)
+    x, t, ctx, _ = inputs
+    with torch.no_grad():
+        want = unet(
+            nchw(x),
+            torch.from_numpy(t),
+            torch.from_numpy(ctx),
+            down_block_additional_residuals=[nchw(r) for r in down],
+            mid_block_additional_residual=nchw(mid),
+        ).sample
+    unet.save_pretrained(tmp_path / "unet")
+    module, params = diffusers_folder.load_component(tmp_path, diffusers_folder.UNET, "float32")
+    got = jax.jit(module.apply)({"params": params}, x, t, ctx, tuple(down), mid)
+    assert rel_l2(np.asarray(got), nhwc(want)) <= 1e-5
+    with pytest.raises(ValueError, match="down residuals"):
+        module.apply({"params": params}, x, t, ctx, tuple(down[:-1]), mid)
+
+
+def test_export_loads_in_diffusers_with_the_same_residuals(pair, tmp_path):
+    from diffusers import ControlNetModel
+
+    model, cn = pair
+    out = cn.save_pretrained(tmp_path / "exported")
+    again = ControlNetModel.from_pretrained(out).eval()
+    inputs = controlnet_inputs(model, seed=5)
+    want_down, want_mid = _residuals_torch(model, inputs)
+    got_down, got_mid = _residuals_torch(again, inputs)
+    assert all(np.array_equal(g, w) for g, w in zip(got_down, want_down, strict=True))
+    assert np.array_equal(got_mid, want_mid)
+    assert json.loads((out / "config.json").read_text())["_class_name"] == "ControlNetModel"
+
+
+def test_bad_controlnet_folders_are_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sdjax.load_controlnet(tmp_path / "nowhere")
+    unet_folder = testing.random_pipeline("tiny").save_pretrained(tmp_path / "model") / "unet"
+    with pytest.raises(ValueError, match="not a ControlNetModel"):
+        sdjax.load_controlnet(unet_folder)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["controlnet-sd15", "controlnet-sd21"])
+def test_real_architectures_match_diffusers(name, tmp_path):
+    """The real SD 1.5 / SD 2.1 ControlNet architectures (lllyasviel's v1.1 layout), random weights, at a
+    32x32 latent (256x256 condition image)."""
+    config = json.loads((testing.DATA / name / "config.json").read_text())
+    model = build_controlnet(_clean(config))
+    model.save_pretrained(tmp_path / name)
+    cn = sdjax.load_controlnet(tmp_path / name)
+    inputs = controlnet_inputs(model, latent_size=32, batch=1)
+    want_down, want_mid = _residuals_torch(model, inputs)
+    got_down, got_mid = _residuals_sdjax(cn, inputs)
+    errors = [rel_l2(g, w) for g, w in zip(got_down, want_down, strict=True)] + [rel_l2(got_mid, want_mid)]
+    print(name, "relative L2 max", max(errors), "per residual:", [f"{e:.1e}" for e in errors])
+    assert len(errors) == 13 and max(errors) <= 1e-5
