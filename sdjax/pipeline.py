@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from sdjax.convert import diffusers_folder, single_file
+from sdjax.convert import controlnet_file, diffusers_folder, single_file
 from sdjax.convert.lora import lora_adapter
 from sdjax.convert.parts import ModelParts
 from sdjax.convert.textual_inversion import EmbeddingError, add_embedding, read_embedding
@@ -188,10 +188,13 @@ class ControlNet:
         return out
 
 
-def load_controlnet(path: str | Path, dtype=jnp.float32) -> ControlNet:
-    """A ControlNet from a diffusers folder (config.json + diffusion_pytorch_model.safetensors), parameters
-    in `dtype` (float32, bfloat16 or float16)."""
-    module, params = diffusers_folder.load_controlnet_folder(Path(path), dtype)
+def load_controlnet(path: str | Path, dtype=jnp.float32, config: str | Path | None = None) -> ControlNet:
+    """A ControlNet, parameters in `dtype` (float32, bfloat16 or float16), from a diffusers folder
+    (config.json + diffusion_pytorch_model.safetensors) or a single file as users download them
+    (`control_v11p_sd15_canny.safetensors` or `.pth`; lllyasviel's `control_model.*` names, or bare): its
+    architecture is the SD 1.5 or SD 2.1 ControlNet, told by its cross-attention width, unless `config`
+    names a folder with its config.json."""
+    module, params = controlnet_file.load_controlnet(Path(path), dtype, config)
     release_free_memory()
     return ControlNet(module, params)
 

@@ -170,3 +170,55 @@ def test_real_architectures_match_diffusers(name, tmp_path):
     errors = [rel_l2(g, w) for g, w in zip(got_down, want_down, strict=True)] + [rel_l2(got_mid, want_mid)]
     print(name, "relative L2 max", max(errors), "per residual:", [f"{e:.1e}" for e in errors])
     assert len(errors) == 13 and max(errors) <= 1e-5
+
+    # the same weights as a downloaded single file: its architecture detected from the file alone
+    from sdjax.convert.controlnet_file import to_single_file_tensors
+    from sdjax.convert.tensor_files import save_safetensors
+
+    path = tmp_path / f"control_{name}.safetensors"
+    save_safetensors(path, to_single_file_tensors(cn.module, cn.params))
+    del cn
+    single = sdjax.load_controlnet(path)
+    assert single.config == sdjax.load_controlnet(tmp_path / name).config
+    got_down, got_mid = _residuals_sdjax(single, inputs)
+    assert max(rel_l2(g, w) for g, w in zip(got_down, want_down, strict=True)) <= 1e-5
+
+
+@pytest.mark.parametrize("prefix", ["control_model.", ""])
+def test_single_files_in_lllyasviels_layout(pair, tmp_path, prefix):
+    """A ControlNet written under lllyasviel's names (`control_model.*`, or bare as thibaud's SD 2.1 files)
+    loads in diffusers' own single-file loader to the same model (so the names are right) and in sdjax to
+    the same residuals; a diffusers-named file or another model is refused in one line."""
+    from diffusers import ControlNetModel
+
+    from sdjax.convert.controlnet_file import to_single_file_tensors
+    from sdjax.convert.tensor_files import save_safetensors
+
+    model, cn = pair
+    tensors = to_single_file_tensors(cn.module, cn.params)
+    tensors = {prefix + k.removeprefix("control_model."): v for k, v in tensors.items()}
+    path = save_safetensors(tmp_path / "control_tiny.safetensors", tensors) or tmp_path / "control_tiny.safetensors"
+    folder = tmp_path / "config"
+    cn.save_pretrained(folder)
+    inputs = controlnet_inputs(model, seed=7)
+    want = _residuals_torch(model, inputs)
+
+    # diffusers' converter reads the `control_model.` layout with lllyasviel's 4-level condition stack (it
+    # takes the last hint convolution to be input_hint_block.14)
+    if prefix and len(model.config.conditioning_embedding_out_channels) == 4:
+        theirs = ControlNetModel.from_single_file(str(path), config=str(folder), local_files_only=True).eval()
+        got = _residuals_torch(theirs, inputs)
+        assert all(rel_l2(g, w) <= 1e-6 for g, w in zip(got[0], want[0], strict=True))
+    ours = sdjax.load_controlnet(path, config=folder)
+    got_down, got_mid = _residuals_sdjax(ours, inputs)
+    assert max(rel_l2(g, w) for g, w in zip(got_down, want[0], strict=True)) <= 1e-5
+    assert rel_l2(got_mid, want[1]) <= 1e-5
+
+    renamed = tmp_path / "diffusers_named.safetensors"
+    save_safetensors(renamed, {"controlnet_cond_embedding.conv_in.weight": np.zeros((8, 3, 3, 3), np.float32)})
+    with pytest.raises(ValueError, match="diffusers' names"):
+        sdjax.load_controlnet(renamed)
+    unet = tmp_path / "unet.safetensors"
+    save_safetensors(unet, {"conv_in.weight": np.zeros((8, 4, 3, 3), np.float32)})
+    with pytest.raises(ValueError, match="not a ControlNet file"):
+        sdjax.load_controlnet(unet)

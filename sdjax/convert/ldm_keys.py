@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 
+from sdjax.nn.controlnet import ControlNetConfig
 from sdjax.nn.unet import UNetConfig
 from sdjax.nn.vae import VAEConfig
 
@@ -26,6 +27,7 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPENCLIP_PREFIX = "cond_stage_model.model."
+CONTROLNET_PREFIX = "control_model."
 
 # Tensors real single files carry that are not model parameters (DDPM schedule buffers, EMA copies,
 # CLIP position ids, the OpenCLIP contrastive head that SD does not use).
@@ -143,6 +145,20 @@ def unet_rules(config: UNetConfig) -> list[Rule]:
                 slot = 2 if attention else 1
                 rules.append(Rule(f"up_blocks.{i}.upsamplers.0.conv", f"output_blocks.{index}.{slot}.conv"))
             index += 1
+    return rules
+
+
+def controlnet_rules(config: ControlNetConfig) -> list[Rule]:
+    """ControlNet module renames (lllyasviel's layout, under `control_model.` or bare): the UNet encoder's
+    (`unet_rules`), the condition stack `input_hint_block.{0, 2, ..}` (convolutions at the even indices,
+    SiLUs between), `zero_convs.{k}.0` for the down residuals and `middle_block_out.0` for the mid one."""
+    encoder = ("time_embedding.", "conv_in", "mid_block.", "down_blocks.")
+    rules = [r for r in unet_rules(config.unet_config()) if r.diffusers.startswith(encoder)]
+    convs = ["conv_in"] + [f"blocks.{j}" for j in range(2 * (len(config.conditioning_embedding_out_channels) - 1))]
+    convs.append("conv_out")
+    rules += [Rule(f"controlnet_cond_embedding.{name}", f"input_hint_block.{2 * i}") for i, name in enumerate(convs)]
+    rules += [Rule(f"controlnet_down_blocks.{k}", f"zero_convs.{k}.0") for k in range(config.residual_count)]
+    rules.append(Rule("controlnet_mid_block", "middle_block_out.0"))
     return rules
 
 
