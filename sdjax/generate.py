@@ -60,6 +60,8 @@ class Plan:
     vae_tiling: bool = False  # decode in overlapping tiles (diffusers' enable_tiling): bounded memory
     mesh: Mesh | None = None  # the batch is split over its ("data", "fsdp") devices; None: one device
     on_step: Callable[[int, int], None] | None = None  # host progress callback (calls done, total)
+    controlnets: tuple = ()  # ControlNetModel modules (their parameters and inputs are traced)
+    guess_mode: bool = False  # diffusers' guess_mode (ControlNet on the conditional half only)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -82,6 +84,9 @@ class Inputs:
     adapters, adapter_scales: unmerged LoRAs (`sdjax.nn.lora` adapter pytrees) and their scales
       {"unet": (n,), "text_encoder": (n,)}, applied inside the program (another LoRA of the same shapes or
       another scale does not recompile), else None.
+    control_image: (B, n, H, W, 3) condition images in [0, 1], one per ControlNet of `plan.controlnets`;
+    control_params: their parameters (a tuple); control_scale, control_start, control_end: f32 (n,)
+      conditioning scales and the fractions of the model calls where each acts ([start, end)); else None.
     """
 
     ids: jax.Array
@@ -97,6 +102,11 @@ class Inputs:
     mask: jax.Array | None = None
     adapters: tuple | None = None
     adapter_scales: dict[str, jax.Array] | None = None
+    control_image: jax.Array | None = None
+    control_params: tuple | None = None
+    control_scale: jax.Array | None = None
+    control_start: jax.Array | None = None
+    control_end: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(
@@ -104,8 +114,8 @@ jax.tree_util.register_dataclass(
     data_fields=[f.name for f in dataclasses.fields(Inputs)],
     meta_fields=[],
 )
-_PER_IMAGE = ("ids", "weights", "seeds", "valid", "noise", "image", "mask")
-_SHARED = ("guidance", "guidance_rescale", "num_steps", "strength")
+_PER_IMAGE = ("ids", "weights", "seeds", "valid", "noise", "image", "mask", "control_image")
+_SHARED = ("guidance", "guidance_rescale", "num_steps", "strength", "control_scale", "control_start", "control_end")
 
 
 def rescale_guidance(cfg_BHWC, text_BHWC, rescale):
@@ -117,18 +127,52 @@ def rescale_guidance(cfg_BHWC, text_BHWC, rescale):
     return rescale * (cfg_BHWC * (std_text / std_cfg)) + (1 - rescale) * cfg_BHWC
 
 
-def _guided_model(unet, unet_params, context_2BLD, extra_2BHWC):
-    """model_fn for the loop: one UNet call on [uncond; cond], then classifier-free guidance.
+def _control_residuals(control, x_BHWC, t, context_2BLD, call):
+    """The summed down and mid residuals of every ControlNet for the [uncond; cond] UNet call, as diffusers'
+    ControlNet pipelines: each scaled by its conditioning scale while this call's fraction of the run lies
+    in its [start, end] (diffusers' controlnet_keep); in guess mode computed on the conditional half only
+    and zero for the unconditional one."""
+    modules, params, images_BnHWC, scales, starts, ends, guess_mode = control
+    k, calls = call
+    calls = jnp.maximum(calls, 1).astype(jnp.float32)
+    first, last = k.astype(jnp.float32) / calls, (k + 1).astype(jnp.float32) / calls
+    batch = x_BHWC.shape[0]
+    down_sum, mid_sum = None, None
+    for c, module in enumerate(modules):
+        keep = jnp.where((first < starts[c]) | (last > ends[c]), 0.0, 1.0)
+        scale = scales[c] * keep
+        image = images_BnHWC[:, c].astype(module.dtype)
+        if guess_mode:
+            x_in, context, cond = x_BHWC, context_2BLD[batch:], image
+        else:
+            x_in = jnp.concatenate([x_BHWC, x_BHWC], axis=0)
+            context, cond = context_2BLD, jnp.concatenate([image, image], axis=0)
+        down, mid = module.apply({"params": params[c]}, x_in, t, context, cond, scale, guess_mode)
+        if guess_mode:
+            down = tuple(jnp.concatenate([jnp.zeros_like(r), r], axis=0) for r in down)
+            mid = jnp.concatenate([jnp.zeros_like(mid), mid], axis=0)
+        down_sum = down if down_sum is None else tuple(a + b for a, b in zip(down_sum, down, strict=True))
+        mid_sum = mid if mid_sum is None else mid_sum + mid
+    return down_sum, mid_sum
+
+
+def _guided_model(unet, unet_params, context_2BLD, extra_2BHWC, control=None):
+    """model_fn for the loop: one UNet call on [uncond; cond] (with the residuals of `control`'s ControlNets,
+    see `_control_residuals`), then classifier-free guidance.
 
     With guidance <= 1 the result is the conditional prediction, as diffusers (which then skips the
     unconditional half); with guidance_rescale == 0 it is plain CFG, bit for bit.
     """
 
-    def model_fn(x_BHWC, t, guidance, rescale):
+    def model_fn(x_BHWC, t, guidance, rescale, call=None):
         x2 = jnp.concatenate([x_BHWC, x_BHWC], axis=0)
+        residuals = {}
+        if control is not None:
+            down, mid = _control_residuals(control, x_BHWC, t, context_2BLD, call)
+            residuals = {"down_residuals": down, "mid_residual": mid}
         if extra_2BHWC is not None:
             x2 = jnp.concatenate([x2, extra_2BHWC.astype(x2.dtype)], axis=-1)
-        out = unet.apply({"params": unet_params}, x2, t, context_2BLD)
+        out = unet.apply({"params": unet_params}, x2, t, context_2BLD, **residuals)
         uncond, text = jnp.split(out, 2, axis=0)
         cfg = uncond + guidance.astype(out.dtype) * (text - uncond)
         cfg = jnp.where(rescale > 0, rescale_guidance(cfg, text, rescale.astype(out.dtype)), cfg)
@@ -167,6 +211,8 @@ def _run(params: dict[str, Any], inputs: Inputs, *, unet, vae, text_encoder, pla
     """
     if inputs.adapters:
         params = apply_adapters(params, inputs.adapters, inputs.adapter_scales)
+    if plan.controlnets:
+        params = {**params, "controlnets": inputs.control_params}
     per_image = {k: getattr(inputs, k) for k in _PER_IMAGE if getattr(inputs, k) is not None}
     shared = {k: getattr(inputs, k) for k in _SHARED}
     draw = functools.partial(_draw_rows, unet=unet, vae=vae, text_encoder=text_encoder, plan=plan)
@@ -288,7 +334,18 @@ def _generate_group(
                     proper = jnp.where(last, image_latents, scheduler.add_noise(state, image_latents, noise))
                     return (1 - mask_lat) * proper + mask_lat * x
 
-    model_fn = _guided_model(unet, params["unet"], context, extra)
+    control = None
+    if plan.controlnets:
+        control = (
+            plan.controlnets,
+            params["controlnets"],
+            group["control_image"],
+            shared["control_scale"],
+            shared["control_start"],
+            shared["control_end"],
+            plan.guess_mode,
+        )
+    model_fn = _guided_model(unet, params["unet"], context, extra, control)
     latents = loop.sample(
         scheduler,
         model_fn,
@@ -302,6 +359,7 @@ def _generate_group(
         post_step=post_step,
         on_call=plan.on_step,
         model_dtype=dtype,
+        pass_call=bool(plan.controlnets),
     )
     return _decode(vae, params["vae"], latents, sf, tiled=plan.vae_tiling)
 

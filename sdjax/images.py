@@ -175,6 +175,15 @@ def image_to_array(image: Image.Image, height: int, width: int) -> np.ndarray:
     return (np.asarray(image, np.float32) / 255.0 * 2.0 - 1.0)[None]
 
 
+def control_image_to_array(image: Image.Image, height: int, width: int) -> np.ndarray:
+    """A ControlNet condition image of any mode -> float32 (1, height, width, 3) in [0, 1], Lanczos-resized
+    if needed (diffusers' control image processor: RGB, no normalisation to [-1, 1])."""
+    image = to_rgb8(image, "control image")
+    if image.size != (width, height):
+        image = image.resize((width, height), resample=Image.LANCZOS)
+    return (np.asarray(image, np.float32) / 255.0)[None]
+
+
 def mask_to_array(mask: Image.Image, height: int, width: int) -> np.ndarray:
     """Mask of any mode -> float32 (1, height, width, 1) of 0/1 (1 where the image is repainted): 8-bit
     grayscale by value range (`to_gray8`), Lanczos-resized if needed, then >= 0.5."""

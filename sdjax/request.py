@@ -64,6 +64,14 @@ class GenerateOptions:
       a float or {"unet": a, "text_encoder": b}.
     vae_tiling: decode the latents in overlapping 512-pixel tiles, as diffusers' `enable_vae_tiling`:
       bounded memory for large images.
+    controlnet, control_image: a `sdjax.ControlNet` (or a list: their residuals are summed) and its
+      condition image (or a list, one per ControlNet); each is one image for every prompt, or a list with
+      one per prompt; resized to the output size, read as RGB in [0, 1] (diffusers' control image
+      processor). Works with txt2img, img2img and inpainting.
+    controlnet_conditioning_scale, control_guidance_start, control_guidance_end: per ControlNet (or one
+      for all): the residuals' scale and the fractions of the model calls where it acts, as diffusers.
+    guess_mode: diffusers' guess mode (the ControlNet sees the conditional half only, its residuals scaled
+      from 0.1 at the shallowest to 1 at the mid block). Traced: the condition images, scales, start/end.
     """
 
     num_inference_steps: int = 50
@@ -84,6 +92,12 @@ class GenerateOptions:
     mesh: Any = "all"
     loras: Sequence | None = None
     vae_tiling: bool = False
+    controlnet: Any = None
+    control_image: Any = None
+    controlnet_conditioning_scale: float | Sequence[float] = 1.0
+    control_guidance_start: float | Sequence[float] = 0.0
+    control_guidance_end: float | Sequence[float] = 1.0
+    guess_mode: bool = False
 
     def __post_init__(self):
         steps, per_prompt = (
@@ -280,6 +294,100 @@ def _canvas(pipe, options: GenerateOptions, count: int, batch: int) -> _Canvas:
     return _Canvas(height, width, "inpaint", image, mask)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Controls:
+    """The ControlNets of a request: modules (static), parameters, per-image condition rows (B, n, H, W, 3)
+    and per-ControlNet scale, start and end (f32 (n,))."""
+
+    modules: tuple = ()
+    params: tuple | None = None
+    images: np.ndarray | None = None
+    scale: np.ndarray | None = None
+    start: np.ndarray | None = None
+    end: np.ndarray | None = None
+    guess_mode: bool = False
+
+
+def _per_controlnet(name: str, value, n: int) -> np.ndarray:
+    """A float option given once or once per ControlNet -> f32 (n,), finite; a one-line error otherwise."""
+    values = list(value) if isinstance(value, list | tuple) else [value] * n
+    if len(values) != n:
+        raise ValueError(f"{name} has {len(values)} values for {n} ControlNets: give one, or one per ControlNet")
+    return np.asarray([_finite(name, v) for v in values], np.float32)
+
+
+def _check_controlnet(pipe, module, index: int) -> None:
+    """Refuses a ControlNet whose encoder does not fit the pipeline's UNet, naming both sides."""
+    cfg, unet = module.config, pipe.unet.config
+    what = f"ControlNet {index}"
+    width, context = cfg.unet_config().context_dims()[0], unet.context_dims()[0]
+    if width != context:
+        raise ValueError(
+            f"{what} takes text states of width {width} but the model's UNet uses {context} "
+            "(an SD 1.x ControlNet on an SD 2.x model, or the reverse)"
+        )
+    if tuple(cfg.block_out_channels) != tuple(unet.block_out_channels) or cfg.unet_config().layers() != unet.layers():
+        raise ValueError(
+            f"{what} has blocks {list(cfg.block_out_channels)} x {list(cfg.unet_config().layers())} layers but the "
+            f"UNet has {list(unet.block_out_channels)} x {list(unet.layers())}: it is not a ControlNet of this model"
+        )
+    factor = 2 ** (len(cfg.conditioning_embedding_out_channels) - 1)
+    if factor != pipe.vae_scale_factor:
+        raise ValueError(
+            f"{what} reads condition images at {factor}x the latent size but the VAE's factor is "
+            f"{pipe.vae_scale_factor}"
+        )
+
+
+def _controls(pipe, opts: GenerateOptions, count: int, batch: int, canvas: _Canvas) -> _Controls:
+    """The ControlNets of a request, checked against the pipeline and each other (see `GenerateOptions`)."""
+    if opts.controlnet is None:
+        if opts.control_image is not None:
+            raise ValueError("control_image needs a ControlNet: pass controlnet=sdjax.load_controlnet(...)")
+        return _Controls()
+    nets = list(opts.controlnet) if isinstance(opts.controlnet, list | tuple) else [opts.controlnet]
+    for i, net in enumerate(nets):
+        if not hasattr(net, "module") or not hasattr(net.module, "config") or not hasattr(net, "params"):
+            raise TypeError(
+                f"controlnet {i} must be a sdjax.ControlNet (sdjax.load_controlnet), got {type(net).__name__}"
+            )
+        _check_controlnet(pipe, net.module, i)
+    if opts.control_image is None:
+        raise ValueError(f"{len(nets)} ControlNet(s) need control_image: one condition image per ControlNet")
+    images = opts.control_image
+    if len(nets) == 1:
+        images = [images]  # one ControlNet: its image, or a list of one per prompt
+    elif not isinstance(images, list | tuple) or len(images) != len(nets):
+        got = len(images) if isinstance(images, list | tuple) else 1
+        raise ValueError(f"{got} control images for {len(nets)} ControlNets: give one per ControlNet")
+    per_prompt = int(opts.num_images_per_prompt)
+    rows = []
+    for image in images:
+        opened = _images_per_prompt(image, count, "control image")
+        arrays = [image_io.control_image_to_array(img, canvas.height, canvas.width) for img in opened]
+        rows.append(_rows_per_image(arrays, per_prompt, batch))
+    n = len(nets)
+    scale = _per_controlnet("controlnet_conditioning_scale", opts.controlnet_conditioning_scale, n)
+    start = _per_controlnet("control_guidance_start", opts.control_guidance_start, n)
+    end = _per_controlnet("control_guidance_end", opts.control_guidance_end, n)
+    for c in range(n):
+        if not 0.0 <= start[c] < end[c] <= 1.0:
+            raise ValueError(
+                f"ControlNet {c}: control_guidance_start {start[c]:g} must be below control_guidance_end "
+                f"{end[c]:g}, both in [0, 1]"
+            )
+    guess = bool(opts.guess_mode) or bool(nets[0].module.config.global_pool_conditions)
+    return _Controls(
+        modules=tuple(net.module for net in nets),
+        params=tuple(net.params for net in nets),
+        images=np.stack(rows, axis=1),
+        scale=scale,
+        start=start,
+        end=end,
+        guess_mode=guess,
+    )
+
+
 def _bytes_per_pixel(pipe, tiled: bool) -> float:
     """A lower bound of the memory one image needs per output pixel, in bytes: the two largest full-size
     activations of the VAE decoder (its last block's input and output channels at full size; with tiling
@@ -415,6 +523,7 @@ def prepare(
     batch, count = len(prompts), len(prompts) // per_prompt
     scheduler = _scheduler(pipe, opts.scheduler)
     canvas = _canvas(pipe, opts, count, batch)
+    controls = _controls(pipe, opts, count, batch, canvas)
     mesh = resolve_mesh(opts.mesh)
     rows = _row_count(batch, pad_to, mesh)
     per_image = {
@@ -425,6 +534,7 @@ def prepare(
         "noise": _noise_rows(pipe, opts.latents, batch, canvas),
         "image": canvas.image,
         "mask": canvas.mask,
+        "control_image": controls.images,
     }
     per_image = _pad_rows(per_image, rows)
     per_image["valid"][batch:] = False
@@ -441,6 +551,8 @@ def prepare(
         micro_batch=_micro_batch(opts.micro_batch_size, rows, mesh),
         vae_tiling=bool(opts.vae_tiling),
         mesh=mesh,
+        controlnets=controls.modules,
+        guess_mode=controls.guess_mode,
     )
     adapters, adapter_scales = _adapters(pipe, opts.loras)
     inputs = Inputs(
@@ -451,6 +563,10 @@ def prepare(
         guidance_rescale=np.float32(opts.guidance_rescale),
         num_steps=np.int32(opts.steps),
         strength=np.float32(opts.strength),
+        control_params=controls.params,
+        control_scale=controls.scale,
+        control_start=controls.start,
+        control_end=controls.end,
     )
     return plan, inputs
 

@@ -7,7 +7,8 @@ own layer or anything above (imports inside functions and under TYPE_CHECKING co
   0  sdjax.files (atomic writes, fresh names)
   1  sdjax.xla_options, sdjax.memory, sdjax.compile_cache, sdjax.keys, sdjax.images, sdjax.tokenizer,
      sdjax.targets
-  2  sdjax.nn (modules, layers, LoRA math), sdjax.schedulers
+  2  sdjax.nn (modules, layers, LoRA math), sdjax.schedulers, sdjax.control_images (ControlNet condition
+     images, read through sdjax.images)
   3  sdjax.convert (file formats <-> model parts), sdjax.prompts, sdjax.sharding
   4  sdjax.generate (the compiled program)
   5  sdjax.request (generation options -> plan and inputs)
@@ -36,7 +37,7 @@ LAYERS = (
         "sdjax.tokenizer",
         "sdjax.targets",
     ),
-    ("sdjax.nn", "sdjax.schedulers"),
+    ("sdjax.nn", "sdjax.schedulers", "sdjax.control_images"),
     ("sdjax.convert", "sdjax.prompts", "sdjax.sharding"),
     ("sdjax.generate",),
     ("sdjax.request",),

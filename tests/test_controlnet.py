@@ -222,3 +222,198 @@ def test_single_files_in_lllyasviels_layout(pair, tmp_path, prefix):
     save_safetensors(unet, {"conv_in.weight": np.zeros((8, 4, 3, 3), np.float32)})
     with pytest.raises(ValueError, match="not a ControlNet file"):
         sdjax.load_controlnet(unet)
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+@pytest.fixture(scope="module")
+def controlled(tmp_path_factory):
+    """(folder, torch unet, vae, text encoder, sdjax pipeline, [torch ControlNets], [sdjax ControlNets]):
+    the tiny model of test_generate and two ControlNets of its UNet (condition at the VAE's 8x)."""
+    from reference import SD15, TINY_CLIP, TINY_VAE, build_text_encoder, build_vae, save_folder
+    from test_generate import _quiet_vae
+
+    unet, vae, text = build_unet(TINY_UNET), _quiet_vae(build_vae(TINY_VAE)), build_text_encoder(TINY_CLIP)
+    folder = save_folder(tmp_path_factory.mktemp("cn-model"), unet, vae, text, scheduler_from=SD15)
+    config = dict(_clean(TINY_UNET), conditioning_embedding_out_channels=[8, 8, 16, 16])
+    torch_nets, nets = [], []
+    for seed in (3, 4):
+        model = build_controlnet(config, seed=seed)
+        model.save_pretrained(folder.parent / f"cn{seed}")
+        torch_nets.append(model)
+        nets.append(sdjax.load_controlnet(folder.parent / f"cn{seed}"))
+    return folder, unet, vae, text, sdjax.load_pipeline(folder), torch_nets, nets
+
+
+def _condition(seed: int, size: int = 64) -> np.ndarray:
+    """A condition map: white shapes on black, uint8 (size, size, 3)."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((size, size, 3), np.uint8)
+    for _ in range(3):
+        x, y = rng.integers(0, size - 16, 2)
+        image[y : y + 16, x : x + 16] = 255
+    return image
+
+
+def _diffusers_controlnet(pipeline_cls, folder, unet, vae, text, nets, scheduler, **kwargs):
+    from diffusers import ControlNetModel  # noqa: F401 - the class the pipeline holds
+    from test_generate import _tokenizer, to_uint8
+
+    pipe = pipeline_cls(
+        vae=vae,
+        text_encoder=text,
+        tokenizer=_tokenizer(folder),
+        unet=unet,
+        controlnet=nets if len(nets) > 1 else nets[0],
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return to_uint8(pipe(output_type="np", **kwargs).images)
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("euler", dict(controlnet_conditioning_scale=0.8)),
+        ("dpmpp_2m_karras", dict(control_guidance_start=0.2, control_guidance_end=0.7)),
+        ("heun", dict(guess_mode=True, guidance_scale=5.0)),
+        ("ddim", dict(multi=True, controlnet_conditioning_scale=[0.6, 1.2], control_guidance_end=[1.0, 0.5])),
+    ],
+    ids=["scale", "start-end", "guess-mode", "multi"],
+)
+def test_txt2img_with_controlnet_matches_diffusers(controlled, name, options):
+    from diffusers import StableDiffusionControlNetPipeline
+    from PIL import Image
+    from test_generate import NEGATIVES, PROMPTS, assert_close_images, diffusers_scheduler, noise_for
+
+    folder, unet, vae, text, pipe, torch_nets, nets = controlled
+    options = dict(options)
+    multi = options.pop("multi", False)
+    count = 2 if multi else 1
+    conditions = [_condition(seed) for seed in range(count)]
+    noise = noise_for(pipe, 2, seed=2)
+    steps = 6
+    ours = pipe.generate(
+        PROMPTS,
+        NEGATIVES,
+        num_inference_steps=steps,
+        scheduler=name,
+        latents=noise,
+        controlnet=nets[:count] if multi else nets[0],
+        control_image=conditions if multi else conditions[0],
+        **options,
+    )
+    images = [Image.fromarray(c) for c in conditions]
+    theirs = _diffusers_controlnet(
+        StableDiffusionControlNetPipeline,
+        folder,
+        unet,
+        vae,
+        text,
+        torch_nets[:count],
+        diffusers_scheduler(name, pipe.scheduler_config),
+        prompt=PROMPTS,
+        negative_prompt=NEGATIVES,
+        image=images if multi else images[0],
+        num_inference_steps=steps,
+        latents=nchw(noise),
+        **{"guidance_scale": 7.5, **options},
+    )
+    assert_close_images(ours, theirs)
+    plain = pipe.generate(PROMPTS, NEGATIVES, num_inference_steps=steps, scheduler=name, latents=noise)
+    assert np.abs(plain.astype(int) - ours.astype(int)).mean() > 1  # the ControlNet changed the images
+
+
+@pytest.mark.parametrize("mode", ["img2img", "inpaint"])
+def test_img2img_and_inpainting_with_controlnet_match_diffusers(controlled, mode, monkeypatch):
+    """StableDiffusionControlNetImg2ImgPipeline / ...InpaintPipeline (a regular UNet: latent blending). Their
+    `latents=` replaces the noised init image, so the same noise goes in through their noise draw."""
+    import diffusers.pipelines.controlnet.pipeline_controlnet_img2img as img2img_module
+    import diffusers.pipelines.controlnet.pipeline_controlnet_inpaint as inpaint_module
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetInpaintPipeline
+    from PIL import Image
+    from test_generate import PROMPTS, _init_image, _mask, assert_close_images, diffusers_scheduler, noise_for
+
+    folder, unet, vae, text, pipe, torch_nets, nets = controlled
+    image, condition = _init_image(seed=3), Image.fromarray(_condition(9))
+    noise = noise_for(pipe, 1, seed=6)
+    for module in (img2img_module, inpaint_module):
+        monkeypatch.setattr(module, "randn_tensor", lambda *a, **k: nchw(noise))
+    kwargs = dict(num_inference_steps=8, strength=0.7)
+    extra = {"mask_image": _mask()} if mode == "inpaint" else {}
+    ours = pipe.generate(
+        PROMPTS[1],
+        scheduler="ddim",
+        image=image,
+        latents=noise,
+        controlnet=nets[1],
+        control_image=condition,
+        controlnet_conditioning_scale=0.9,
+        **extra,
+        **kwargs,
+    )
+    cls = StableDiffusionControlNetInpaintPipeline if mode == "inpaint" else StableDiffusionControlNetImg2ImgPipeline
+    theirs = _diffusers_controlnet(
+        cls,
+        folder,
+        unet,
+        vae,
+        text,
+        [torch_nets[1]],
+        diffusers_scheduler("ddim", pipe.scheduler_config),
+        prompt=PROMPTS[1],
+        image=image,
+        control_image=condition,
+        controlnet_conditioning_scale=0.9,
+        **extra,
+        **kwargs,
+    )
+    assert_close_images(ours, theirs)
+
+
+def test_control_inputs_are_traced_not_recompiled(controlled):
+    """Another condition image, scale, start/end or ControlNet of the same architecture: no recompile."""
+    from sdjax.generate import program
+
+    run = program()
+    *_, pipe, _, nets = controlled
+    kwargs = dict(num_inference_steps=3, controlnet=nets[0], control_image=_condition(1))
+    pipe.generate("a cat", **kwargs)
+    compiled = run._cache_size()
+    pipe.generate("a dog", **{**kwargs, "control_image": _condition(2)}, controlnet_conditioning_scale=0.3)
+    pipe.generate("a dog", **{**kwargs, "controlnet": nets[1]}, control_guidance_start=0.5)
+    assert run._cache_size() == compiled
+
+
+def test_bad_controlnet_requests_are_one_line(controlled, tmp_path):
+    *_, pipe, _, nets = controlled
+    condition = _condition(0)
+    cases = [
+        (dict(control_image=condition), "control_image needs a ControlNet"),
+        (dict(controlnet=nets[0]), "need control_image"),
+        (dict(controlnet=nets, control_image=condition), "1 control images for 2 ControlNets"),
+        (dict(controlnet=nets, control_image=[condition] * 2, controlnet_conditioning_scale=[1.0]), "1 values for 2"),
+        (
+            dict(controlnet=nets[0], control_image=condition, control_guidance_start=0.6, control_guidance_end=0.4),
+            "below",
+        ),
+        (dict(controlnet=nets[0], control_image=condition, controlnet_conditioning_scale=float("nan")), "finite"),
+        (dict(controlnet="canny", control_image=condition), "must be a sdjax.ControlNet"),
+    ]
+    for options, message in cases:
+        with pytest.raises((ValueError, TypeError)) as info:
+            pipe.generate("a cat", num_inference_steps=2, **options)
+        assert message in str(info.value) and "\n" not in str(info.value), (options, str(info.value))
+    sd21_like = build_controlnet(
+        dict(_clean(TINY_UNET), cross_attention_dim=48, conditioning_embedding_out_channels=[8, 8, 16, 16])
+    )
+    sd21_like.save_pretrained(tmp_path / "wide")
+    with pytest.raises(ValueError, match="text states of width 48 but the model's UNet uses 32"):
+        pipe.generate(
+            "a cat", num_inference_steps=2, controlnet=sdjax.load_controlnet(tmp_path / "wide"), control_image=condition
+        )

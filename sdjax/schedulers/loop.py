@@ -45,6 +45,7 @@ def sample(
     on_call: Callable[[int, int], None] | None = None,
     model_dtype=None,
     return_trajectory: bool = False,
+    pass_call: bool = False,
 ):
     """Runs a whole schedule: txt2img from `noise`, or img2img from `init_latents` noised to `start_step`.
 
@@ -72,6 +73,8 @@ def sample(
       model_dtype: dtype of the model input (default: noise's dtype). Scheduler arithmetic is float32.
       return_trajectory: also return f32[C, B, H, W, C] with the sample after each model call (C = calls of
         the max_steps schedule; rows past the calls made are 0).
+      pass_call: also pass `call=(k, calls)` to model_fn: this call's index among the `calls` model calls
+        the run makes (from the start step; diffusers' `i` over `timesteps`), traced i32[]s.
 
     Returns the final latents [B, H, W, C] in noise's dtype (and the trajectory). A traced num_steps or
     start_step out of range gives NaN latents (Python ints raise ValueError instead).
@@ -98,7 +101,8 @@ def sample(
     def body(i, carry):
         x, state, trajectory = carry
         model_input = scheduler.scale_model_input(state, x).astype(model_dtype)
-        output = model_fn(model_input, state.timestep, *model_args)
+        extra = {"call": (i, calls)} if pass_call else {}
+        output = model_fn(model_input, state.timestep, *model_args, **extra)
         x, state = scheduler.step(state, output, x, draw(state.counter) if scheduler.stochastic else None)
         if post_step is not None:
             x = post_step(x, state).astype(jnp.float32)
