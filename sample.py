@@ -78,6 +78,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-image", default=None, help="img2img / inpainting start image")
     p.add_argument("--strength", type=float, default=0.8, help="img2img denoising strength in [0, 1]")
     p.add_argument("--mask", default=None, help="inpainting mask (white = repaint), the init image's size")
+    p.add_argument(
+        "--controlnet", action="append", default=[], metavar="PATH", help="a ControlNet folder or file (repeatable)"
+    )
+    p.add_argument("--control-image", action="append", default=[], metavar="IMG", help="one per --controlnet")
+    p.add_argument(
+        "--preprocess",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="turn --control-image into the condition: canny, scribble, tile, gray or none (once, or per ControlNet)",
+    )
+    p.add_argument("--control-scale", action="append", type=float, default=[], help="conditioning scale (default 1)")
+    p.add_argument("--control-start", action="append", type=float, default=[], help="fraction of the steps (default 0)")
+    p.add_argument("--control-end", action="append", type=float, default=[], help="fraction of the steps (default 1)")
+    p.add_argument(
+        "--guess-mode", action="store_true", help="diffusers' guess mode (A1111: ControlNet is more important)"
+    )
     p.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
     p.add_argument("--out", default="outputs", help="output folder (default: outputs)")
     p.add_argument(
@@ -104,6 +121,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--batch-size must be >= 1")
     if args.mask and not args.init_image:
         p.error("--mask needs --init-image")
+    n = len(args.controlnet)
+    if len(args.control_image) != n:
+        p.error(f"{len(args.control_image)} --control-image for {n} --controlnet: give one per ControlNet")
+    for name in ("preprocess", "control_scale", "control_start", "control_end"):
+        given = getattr(args, name)
+        if len(given) not in (0, 1, n) or (given and not n):
+            p.error(
+                f"--{name.replace('_', '-')} given {len(given)} times for {n} --controlnet: once, or per ControlNet"
+            )
     return args
 
 
@@ -111,10 +137,20 @@ def check_inputs(args) -> None:
     """Reads the --lora arguments into `args.loras` [(path, scale)] and checks that every input file exists,
     before anything is loaded or compiled (a typo costs no compile)."""
     args.loras = [parse_lora_arg(arg) for arg in args.lora]
+    if args.preprocess:
+        from sdjax.control_images import PREPROCESSORS
+
+        known = ["none", *PREPROCESSORS]
+        for name in args.preprocess:
+            if name not in known:
+                raise ValueError(f"unknown --preprocess {name!r}; choose one of {', '.join(known)}")
     named = [("LoRA file", path) for path, _ in args.loras] + [("embedding", Path(e)) for e in args.embedding]
     named += [("VAE", Path(args.vae))] if args.vae else []
     named += [("init image", Path(args.init_image))] if args.init_image else []
     named += [("mask", Path(args.mask))] if args.mask else []
+    named += [("ControlNet", Path(c)) for c in args.controlnet] + [
+        ("control image", Path(c)) for c in args.control_image
+    ]
     for what, path in named:
         if not path.expanduser().exists():
             raise FileNotFoundError(f"{what} {path} does not exist")
@@ -170,11 +206,11 @@ def model_dtype(args) -> str:
 
 def model_shapes(args):
     """The pipeline of --model with its parameters as shapes (configs only), when the program can be compiled
-    before the weights are read: a diffusers folder (or the demo model) without --embedding or --vae (they
-    change the text encoder's shapes or need the weights). None otherwise."""
+    before the weights are read: a diffusers folder (or the demo model) without --embedding, --vae or
+    --controlnet (they change the text encoder's shapes or need weights). None otherwise."""
     import sdjax
 
-    if args.embedding or args.vae or (args.model and not Path(args.model).expanduser().is_dir()):
+    if args.embedding or args.vae or args.controlnet or (args.model and not Path(args.model).expanduser().is_dir()):
         return None
     return sdjax.load_pipeline(args.model, dtype=model_dtype(args), prediction_type=args.prediction_type, weights=False)
 
@@ -195,6 +231,66 @@ def load_model(args, progress: Progress):
         pipe = pipe.load_lora(path, scale)
     progress.say(f"loaded in {time.perf_counter() - started:.1f} s")
     return pipe
+
+
+def _per_net(values: list, n: int, default) -> list:
+    """A repeatable option's values, one per ControlNet (given once: for all; never: the default)."""
+    return values * n if len(values) == 1 else (values or [default] * n)
+
+
+def load_controls(args, dtype: str, progress: Progress) -> dict:
+    """The ControlNet options of `generate` from --controlnet/--control-image/--preprocess/--control-*
+    (empty without --controlnet): the ControlNets, their condition images (preprocessed) and settings."""
+    if not args.controlnet:
+        return {}
+    import numpy as np
+
+    import sdjax
+    from sdjax import control_images
+    from sdjax import images as image_io
+
+    n = len(args.controlnet)
+    nets, conditions = [], []
+    for path, image, method in zip(
+        args.controlnet, args.control_image, _per_net(args.preprocess, n, "none"), strict=True
+    ):
+        progress.say(f"loading ControlNet {path}")
+        nets.append(sdjax.load_controlnet(path, dtype=dtype))
+        opened = image_io.open_image(image, "control image")
+        conditions.append(
+            opened if method == "none" else control_images.preprocess(method, np.asarray(opened.convert("RGB")))
+        )
+    return dict(
+        controlnet=nets,
+        control_image=conditions,
+        controlnet_conditioning_scale=_per_net(args.control_scale, n, 1.0),
+        control_guidance_start=_per_net(args.control_start, n, 0.0),
+        control_guidance_end=_per_net(args.control_end, n, 1.0),
+        guess_mode=args.guess_mode,
+    )
+
+
+def control_parameters(args) -> dict[str, str]:
+    """The PNG `parameters` fields of the ControlNets, as A1111's ControlNet extension writes them."""
+    n = len(args.controlnet)
+    fields = {}
+    for i, (path, method, scale, start, end) in enumerate(
+        zip(
+            args.controlnet,
+            _per_net(args.preprocess, n, "none"),
+            _per_net(args.control_scale, n, 1.0),
+            _per_net(args.control_start, n, 0.0),
+            _per_net(args.control_end, n, 1.0),
+            strict=True,
+        )
+    ):
+        mode = "ControlNet is more important" if args.guess_mode else "Balanced"
+        model = Path(path).name.removesuffix(".safetensors").removesuffix(".pth")
+        fields[f"ControlNet {i}"] = (
+            f'"Module: {method}, Model: {model}, Weight: {scale:g}, Guidance Start: {start:g}, '
+            f'Guidance End: {end:g}, Control Mode: {mode}"'
+        )
+    return fields
 
 
 def parse_lora_arg(arg: str) -> tuple[Path, float]:
@@ -295,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = int(_host_max(len(chunks))) if multi else len(chunks)
     if steps == 0:
         return 0
+    controls = load_controls(args, model_dtype(args), progress)
     compiled = None
     failed: list[Path] = []  # images that came out non-finite (not written)
     merged = {(): base}  # LoRA tag set -> pipeline with those LoRAs merged (parameters only: no recompile)
@@ -320,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
             pad_to=rows,  # a short last batch runs in the same program, drawing only its own images
             min_windows=windows,  # every prompt as long as the longest: one program for the whole job
             mesh=mesh,
+            **controls,
         )
 
     def compile_for(pipe, plan, inputs, params):
@@ -377,6 +475,7 @@ def image_parameters(args, prompts, seeds, model_name, sampler, i: int, size: tu
         extra["Denoising strength"] = args.strength
     if args.clip_skip:
         extra["Clip skip"] = args.clip_skip + 1
+    extra.update(control_parameters(args))
     return image_io.a1111_parameters(
         prompts[i],
         args.negative_prompt,

@@ -417,3 +417,56 @@ def test_bad_controlnet_requests_are_one_line(controlled, tmp_path):
         pipe.generate(
             "a cat", num_inference_steps=2, controlnet=sdjax.load_controlnet(tmp_path / "wide"), control_image=condition
         )
+
+
+def test_sample_cli_with_controlnet(controlled, tmp_path, capsys):
+    """sample.py --controlnet/--control-image/--preprocess canny: the API's image, and the settings in the PNG
+    as A1111's ControlNet extension writes them; bad ControlNet arguments are one line."""
+    from PIL import Image
+
+    import sample
+    from sdjax.control_images import canny
+
+    folder, *_, pipe, _, nets = controlled
+    source = tmp_path / "photo.png"
+    Image.fromarray(np.clip(_condition(5).astype(int) * 0.7 + 40, 0, 255).astype(np.uint8)).save(source)
+    out = tmp_path / "out"
+    args = ["a red cube", "--model", folder, "--controlnet", folder.parent / "cn3", "--control-image", source]
+    args += ["--preprocess", "canny", "--control-scale", "0.8", "--steps", "3", "--out", out, "--no-progress"]
+    assert sample.cli([str(a) for a in args]) == 0, capsys.readouterr().err
+    written = out / "00000-0.png"
+    text = Image.open(written).info["parameters"]
+    assert 'ControlNet 0: "Module: canny, Model: cn3, Weight: 0.8, Guidance Start: 0, Guidance End: 1' in text
+    want = pipe.generate(
+        "a red cube",
+        num_inference_steps=3,
+        seed=0,
+        controlnet=nets[0],
+        control_image=canny(np.asarray(Image.open(source).convert("RGB"))),
+        controlnet_conditioning_scale=0.8,
+    )[0]
+    assert np.abs(np.asarray(Image.open(written)).astype(int) - want.astype(int)).max() <= 1
+
+    for extra, message in [
+        (["--controlnet", folder.parent / "cn3"], "0 --control-image for 1 --controlnet"),
+        (
+            ["--controlnet", folder.parent / "cn3", "--control-image", source, "--preprocess", "hed"],
+            "unknown --preprocess",
+        ),
+        (["--controlnet", tmp_path / "nope", "--control-image", source], "ControlNet"),
+        (["--control-scale", "0.5"], "--control-scale given 1 times for 0 --controlnet"),
+    ]:
+        try:
+            code = sample.cli([str(a) for a in ["a cat", "--model", folder, "--out", tmp_path / "o", *extra]])
+        except SystemExit as stop:
+            code = stop.code
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and message in lines[0], (extra, lines)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name", ["ddim", "pndm", "lms", "lms_karras", "euler", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
+)
+def test_every_scheduler_with_controlnet_matches_diffusers(controlled, name):
+    test_txt2img_with_controlnet_matches_diffusers(controlled, name, dict(controlnet_conditioning_scale=0.7))
