@@ -470,3 +470,52 @@ def test_sample_cli_with_controlnet(controlled, tmp_path, capsys):
 )
 def test_every_scheduler_with_controlnet_matches_diffusers(controlled, name):
     test_txt2img_with_controlnet_matches_diffusers(controlled, name, dict(controlnet_conditioning_scale=0.7))
+
+
+_EIGHT_DEVICES = """
+import sys
+import numpy as np, jax
+sys.path.insert(0, {tests!r})
+import sdjax
+from test_controlnet import _condition
+assert jax.device_count() == 8
+pipe, cn = sdjax.load_pipeline({folder!r}), sdjax.load_controlnet({cn!r})
+out = {{}}
+for spec in ("data=8", "data=2,fsdp=4"):
+    out[spec] = pipe.on_mesh(spec).generate(
+        ["a red cube", "a blue ball"] * 4, num_inference_steps=3, seed=5, mesh=spec, controlnet=cn,
+        control_image=[_condition(k) for k in range(8)], controlnet_conditioning_scale=0.8)
+np.savez({out!r}, data8=out["data=8"], fsdp=out["data=2,fsdp=4"])
+"""
+
+
+def test_eight_devices_with_controlnet_give_the_one_device_images(controlled, tmp_path):
+    """The sharded program (data=8, and FSDP-split UNet weights) draws with a ControlNet the images of one
+    device, bit for bit."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    folder, *_, pipe, _, nets = controlled
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "eight.npz"
+    code = _EIGHT_DEVICES.format(
+        tests=str(root / "tests"), folder=str(folder), cn=str(folder.parent / "cn3"), out=str(out)
+    )
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+    env = {**os.environ, "XLA_FLAGS": flags, "PYTHONPATH": str(root)}
+    job = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert job.returncode == 0, job.stderr[-3000:]
+    eight = np.load(out)
+    one = pipe.generate(
+        ["a red cube", "a blue ball"] * 4,
+        num_inference_steps=3,
+        seed=5,
+        mesh=None,
+        controlnet=nets[0],
+        control_image=[_condition(k) for k in range(8)],
+        controlnet_conditioning_scale=0.8,
+    )
+    np.testing.assert_array_equal(eight["data8"], one)
+    np.testing.assert_array_equal(eight["fsdp"], one)
