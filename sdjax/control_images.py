@@ -135,10 +135,11 @@ def canny_edges(levels_HWC: np.ndarray, low_threshold: float, high_threshold: fl
     return _hysteresis(candidates, candidates & (magnitude > high))
 
 
-def canny(image: ImageLike, low_threshold: float = 100, high_threshold: float = 200, color: bool = False) -> np.ndarray:
-    """uint8 (H, W, 3) Canny edge map, 255 on 0: `cv2.Canny(gray, low, high)` on the image's OpenCV
-    grayscale, or `cv2.Canny(rgb, low, high)` on its three channels with `color=True` (the ControlNet
-    annotator's and diffusers' docs' recipe); thresholds on |gx| + |gy| of 3x3 Sobel, in levels."""
+def canny(image: ImageLike, low_threshold: float = 100, high_threshold: float = 200, color: bool = True) -> np.ndarray:
+    """uint8 (H, W, 3) Canny edge map, 255 on 0: `cv2.Canny(rgb, low, high)` on the image's three channels
+    (the default: the ControlNet annotator's and diffusers' docs' recipe, what ControlNet canny models were
+    trained on), or `cv2.Canny(gray, low, high)` on its OpenCV grayscale with `color=False`; thresholds on
+    |gx| + |gy| of 3x3 Sobel, in levels."""
     _check_threshold(low_threshold, "low_threshold")
     _check_threshold(high_threshold, "high_threshold")
     rgb = _rgb(image)
