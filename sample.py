@@ -379,7 +379,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompts_file:  # resume by content: an image there must be the one this command would draw
         size = planned_size(base, args)
         done = [i for i in done if not _redraw(paths[i], describe(i, size), args.overwrite)]
-    todo = [i for i in own if i not in set(done)]
+    skipped = set(done)
+    todo = [i for i in own if i not in skipped]
     if done:
         progress.say(f"{len(done)} of {len(own)} images already in {out}: skipping them")
     rows = -(-args.batch_size // hosts)  # this host's rows per batch
@@ -401,22 +402,11 @@ def main(argv: list[str] | None = None) -> int:
             pipe,
             rows_prompts,
             args.negative_prompt,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance,
-            scheduler=args.scheduler,
-            height=args.height,
-            width=args.width,
             seed=[seeds[i] for i in chunk] or [seeds[0]],
-            image=args.init_image,
-            strength=args.strength,
-            mask_image=args.mask,
-            guidance_rescale=args.guidance_rescale,
-            clip_skip=args.clip_skip,
-            micro_batch_size=args.micro_batch,
-            vae_tiling=args.vae_tiling,
             pad_to=rows,  # a short last batch runs in the same program, drawing only its own images
             min_windows=windows,  # every prompt as long as the longest: one program for the whole job
             mesh=mesh,
+            **generate_options(args),
             **controls,
         )
 
@@ -490,23 +480,30 @@ def image_parameters(args, prompts, seeds, model_name, sampler, i: int, size: tu
     )
 
 
-def planned_size(pipe, args) -> tuple[int, int]:
-    """The (width, height) this command draws at (--height/--width, else the init image's or the model's
-    size), from the request alone (no compile)."""
-    from sdjax.request import prepare
-
-    plan, _ = prepare(
-        pipe,
-        [""],
+def generate_options(args) -> dict:
+    """The `generate` options this command sets for every image (seeds, mesh and ControlNets aside)."""
+    return dict(
         num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
         scheduler=args.scheduler,
         height=args.height,
         width=args.width,
         image=args.init_image,
         strength=args.strength,
         mask_image=args.mask,
-        mesh=None,
+        guidance_rescale=args.guidance_rescale,
+        clip_skip=args.clip_skip,
+        micro_batch_size=args.micro_batch,
+        vae_tiling=args.vae_tiling,
     )
+
+
+def planned_size(pipe, args) -> tuple[int, int]:
+    """The (width, height) this command draws at (--height/--width, else the init image's or the model's
+    size), from the request alone (no compile)."""
+    from sdjax.request import prepare
+
+    plan, _ = prepare(pipe, [""], mesh=None, **generate_options(args))
     return plan.width, plan.height
 
 
@@ -568,20 +565,14 @@ def batches(items: list[int], size: int, key) -> list[list[int]]:
     return out
 
 
-def _one_line(err: BaseException) -> str:
-    """An expected error as one line: its message's first line (OS errors: the reason and the path)."""
-    if isinstance(err, OSError) and err.strerror and err.filename:
-        return f"{err.strerror}: {err.filename}"
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def cli(argv: list[str] | None = None) -> int:
     """main() with every expected failure reduced to one line on stderr and exit status 2."""
+    from sdjax.errors import one_line
+
     try:
         return main(argv)
     except (ValueError, OSError) as err:  # bad input: missing/corrupt files, bad sizes, unknown names
-        print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
+        print(f"{PROG}: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)

@@ -127,7 +127,7 @@ def rescale_guidance(cfg_BHWC, text_BHWC, rescale):
     return rescale * (cfg_BHWC * (std_text / std_cfg)) + (1 - rescale) * cfg_BHWC
 
 
-def _control_residuals(control, x_BHWC, t, context_2BLD, call):
+def _control_residuals(control, x_2BHWC, t, context_2BLD, call):
     """The summed down and mid residuals of every ControlNet for the [uncond; cond] UNet call, as diffusers'
     ControlNet pipelines: each scaled by its conditioning scale while this call's fraction of the run lies
     in its [start, end] (diffusers' controlnet_keep); in guess mode computed on the conditional half only
@@ -136,17 +136,16 @@ def _control_residuals(control, x_BHWC, t, context_2BLD, call):
     k, calls = call
     calls = jnp.maximum(calls, 1).astype(jnp.float32)
     first, last = k.astype(jnp.float32) / calls, (k + 1).astype(jnp.float32) / calls
-    batch = x_BHWC.shape[0]
+    batch = x_2BHWC.shape[0] // 2
     down_sum, mid_sum = None, None
     for c, module in enumerate(modules):
         keep = jnp.where((first < starts[c]) | (last > ends[c]), 0.0, 1.0)
         scale = scales[c] * keep
         image = images_BnHWC[:, c].astype(module.dtype)
         if guess_mode:
-            x_in, context, cond = x_BHWC, context_2BLD[batch:], image
+            x_in, context, cond = x_2BHWC[batch:], context_2BLD[batch:], image
         else:
-            x_in = jnp.concatenate([x_BHWC, x_BHWC], axis=0)
-            context, cond = context_2BLD, jnp.concatenate([image, image], axis=0)
+            x_in, context, cond = x_2BHWC, context_2BLD, jnp.concatenate([image, image], axis=0)
         down, mid = module.apply({"params": params[c]}, x_in, t, context, cond, scale, guess_mode)
         if guess_mode:
             down = tuple(jnp.concatenate([jnp.zeros_like(r), r], axis=0) for r in down)
@@ -168,7 +167,7 @@ def _guided_model(unet, unet_params, context_2BLD, extra_2BHWC, control=None):
         x2 = jnp.concatenate([x_BHWC, x_BHWC], axis=0)
         residuals = {}
         if control is not None:
-            down, mid = _control_residuals(control, x_BHWC, t, context_2BLD, call)
+            down, mid = _control_residuals(control, x2, t, context_2BLD, call)
             residuals = {"down_residuals": down, "mid_residual": mid}
         if extra_2BHWC is not None:
             x2 = jnp.concatenate([x2, extra_2BHWC.astype(x2.dtype)], axis=-1)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 
+from sdjax.errors import one_line
 from train.config import FIELDS, GROUPS, TrainConfig, from_args, load_config_file
 
 
@@ -57,14 +58,6 @@ def parse(argv: list[str]) -> TrainConfig:
     return from_args(config, pairs)
 
 
-def _one_line(err: BaseException) -> str:
-    """An expected error as one line: its message's first line (OS errors: the reason and the path)."""
-    if isinstance(err, OSError) and err.strerror and err.filename:
-        return f"{err.strerror}: {err.filename}"
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     handler = logging.StreamHandler(sys.stderr)
@@ -76,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse(argv)
     except (ValueError, OSError, TypeError) as err:
-        print(f"python -m train: error: {_one_line(err)}", file=sys.stderr)
+        print(f"python -m train: error: {one_line(err)}", file=sys.stderr)
         return 2
     from sdjax import sharding
 
@@ -87,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
         final = run(config)
     except (ValueError, OSError) as err:  # bad input, a refused output folder, a stopped run, disk errors
-        print(f"python -m train: error: {_one_line(err)}", file=sys.stderr)
+        print(f"python -m train: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("python -m train: interrupted (run the same command again to resume)", file=sys.stderr)

@@ -23,6 +23,7 @@ import numpy as np
 
 from sdjax import files, sharding
 from sdjax.compile_cache import enable_default_cache
+from sdjax.errors import one_line
 from sdjax.nn.vae import posterior_sample
 from train import data as data_lib
 from train import export, model, plots, run_folder
@@ -295,8 +296,7 @@ def _restore_latest_readable(checkpoints: Checkpoints, step: int, like):
             state, _ = checkpoints.restore(candidate, like)
             return state
         except Exception as err:  # noqa: BLE001 - any failure to read a checkpoint means: try the one before
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            log.warning("checkpoint %d cannot be read (%s); trying the one before", candidate, reason)
+            log.warning("checkpoint %d cannot be read (%s); trying the one before", candidate, one_line(err))
     raise run_folder.OutputFolderError(
         f"no checkpoint in {checkpoints.directory} can be read: pass --overwrite true to start over, or a new --output"
     )
@@ -361,7 +361,8 @@ def _train(fixed: _LoopInputs, state, start: int):
             if not (log_now or checkpoint_now or sample_now):
                 continue
             # the metrics since the last look: a non-finite update never reaches a checkpoint or a sample
-            for at, values in jax.device_get(unchecked):
+            fetched = jax.device_get(unchecked)  # one transfer; the last entry is this step's metrics
+            for at, values in fetched:
                 if not values["skipped"]:
                     skipped_in_a_row = 0
                     continue
@@ -369,7 +370,7 @@ def _train(fixed: _LoopInputs, state, start: int):
                 _on_non_finite(cfg, at, values, skipped_in_a_row, last_checkpoint)
             unchecked.clear()
             if log_now:
-                values = jax.device_get(metrics)
+                values = fetched[-1][1]
                 now = time.perf_counter()
                 row = {
                     "step": done,

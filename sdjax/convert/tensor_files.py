@@ -21,6 +21,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from sdjax.errors import one_line
+
 # Safetensors dtype names (the `Dtype` enum of the safetensors crate) that numpy can hold. Packed sub-byte
 # floats (F4, F6_*) are not among them. fp8 names follow PyTorch's: F8_E4M3 is float8_e4m3fn.
 _FLOAT_DTYPES = {
@@ -371,11 +373,6 @@ def _torch_to_numpy(obj: Any) -> Any:
     return obj
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def load_torch_pickle(path: str | Path) -> Any:
     """A PyTorch pickle (`.ckpt`, `.pt`, `.bin`) read only through `torch.load(weights_only=True)`, which
     refuses to run code; tensors become numpy arrays. Never plain unpickling: without torch, an error."""
@@ -397,9 +394,9 @@ def load_torch_pickle(path: str | Path) -> Any:
         if "weights_only" in str(err) or "Unsupported global" in str(err):
             raise CheckpointError(
                 f"{path}: the safe loader refuses this pickle (it holds Python objects besides tensors): "
-                f"{_first_line(err)}"
+                f"{one_line(err)}"
             ) from None
-        reason = _first_line(err)
+        reason = one_line(err)
         raise CheckpointError(f"{path}: cannot read this PyTorch file (truncated or corrupt?): {reason}") from None
     return _torch_to_numpy(obj)
 

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.nn.config_utils import config_from_dict, config_to_dict
-from sdjax.nn.layers import TimestepEmbedding, conv, timestep_embedding
-from sdjax.nn.unet import UNET_UNSUPPORTED_DEFAULTS, UNetConfig, _MidBlock, _UNetBlock
+from sdjax.nn.layers import conv
+from sdjax.nn.unet import UNET_UNSUPPORTED_DEFAULTS, UNetConfig, _MidBlock, down_blocks, time_embedding
 
 # diffusers options of ControlNetModel sdjax does not implement, at the values where they change nothing
 CONTROLNET_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
@@ -142,15 +142,9 @@ class ControlNetModel(nn.Module):
     ) -> tuple[tuple[jax.Array, ...], jax.Array]:
         cfg = self.config
         unet = cfg.unet_config()
-        n = unet.num_blocks
         if cfg.controlnet_conditioning_channel_order == "bgr":
             cond_BHWC = cond_BHWC[..., ::-1]
-        batch = sample_BHWC.shape[0]
-        timesteps_B = jnp.broadcast_to(jnp.asarray(timesteps_B), (batch,))
-        t_emb = timestep_embedding(timesteps_B, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        temb = TimestepEmbedding(unet.time_embed_dim, cfg.act_fn, self.dtype, name="time_embedding")(
-            t_emb.astype(self.dtype)
-        )
+        temb = time_embedding(unet, timesteps_B, sample_BHWC.shape[0], self.dtype)
         context_BLD = context_BLD.astype(self.dtype)
         h = conv(cfg.block_out_channels[0], 3, "conv_in", self.dtype)(sample_BHWC.astype(self.dtype))
         h = h + ConditioningEmbedding(
@@ -159,23 +153,7 @@ class ControlNetModel(nn.Module):
             self.dtype,
             name="controlnet_cond_embedding",
         )(cond_BHWC)
-
-        heads, layers, t_layers, only_cross = unet.heads(), unet.layers(), unet.transformer_layers(), unet.only_cross()
-        skips = [h]
-        for i, block_type in enumerate(cfg.down_block_types):
-            h, outs = _UNetBlock(
-                cfg.block_out_channels[i],
-                layers[i],
-                heads[i] if block_type == "CrossAttnDownBlock2D" else None,
-                t_layers[i],
-                only_cross[i],
-                unet,
-                "down" if i < n - 1 else None,
-                self.dtype,
-                self.remat,
-                name=f"down_blocks.{i}",
-            )(h, temb, context_BLD)
-            skips.extend(outs)
+        h, skips = down_blocks(unet, h, temb, context_BLD, self.dtype, self.remat)
         h = _MidBlock(unet, self.dtype, self.remat, name="mid_block")(h, temb, context_BLD)
 
         down = tuple(

@@ -277,6 +277,38 @@ class _MidBlock(nn.Module):
         return resnet("resnets.1")(h, temb)
 
 
+def time_embedding(cfg: UNetConfig, timesteps_B, batch: int, dtype) -> jax.Array:
+    """The timestep embedding (B, time_embed_dim) of timesteps (B,) or a scalar: sinusoidal features, then
+    the `time_embedding` MLP (a submodule of the calling module: the UNet's, or a ControlNet's copy)."""
+    timesteps_B = jnp.broadcast_to(jnp.asarray(timesteps_B), (batch,))
+    t_emb = timestep_embedding(timesteps_B, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+    return TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, dtype, name="time_embedding")(t_emb.astype(dtype))
+
+
+def down_blocks(cfg: UNetConfig, h, temb, context_BLD, dtype, remat) -> tuple[jax.Array, list[jax.Array]]:
+    """The encoder's down blocks `down_blocks.{i}` (submodules of the calling module) from conv_in's output
+    -> (the lowest-resolution activation, the skip activations: conv_in's, every layer's, every
+    downsampler's)."""
+    n = cfg.num_blocks
+    heads, layers, t_layers, only_cross = cfg.heads(), cfg.layers(), cfg.transformer_layers(), cfg.only_cross()
+    skips = [h]
+    for i, block_type in enumerate(cfg.down_block_types):
+        h, outs = _UNetBlock(
+            cfg.block_out_channels[i],
+            layers[i],
+            heads[i] if block_type == "CrossAttnDownBlock2D" else None,
+            t_layers[i],
+            only_cross[i],
+            cfg,
+            "down" if i < n - 1 else None,
+            dtype,
+            remat,
+            name=f"down_blocks.{i}",
+        )(h, temb, context_BLD)
+        skips.extend(outs)
+    return h, skips
+
+
 class UNet2DConditionModel(nn.Module):
     """Noise/velocity predictor eps(x_t, t, context).
 
@@ -304,12 +336,7 @@ class UNet2DConditionModel(nn.Module):
     ) -> jax.Array:
         cfg = self.config
         n = cfg.num_blocks
-        batch = sample_BHWC.shape[0]
-        timesteps_B = jnp.broadcast_to(jnp.asarray(timesteps_B), (batch,))
-        t_emb = timestep_embedding(timesteps_B, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
-        temb = TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, self.dtype, name="time_embedding")(
-            t_emb.astype(self.dtype)
-        )
+        temb = time_embedding(cfg, timesteps_B, sample_BHWC.shape[0], self.dtype)
         context_BLD = context_BLD.astype(self.dtype)
         if cfg.addition_embed_type == "text":
             temb = temb + TextTimeEmbedding(
@@ -319,24 +346,7 @@ class UNet2DConditionModel(nn.Module):
         if cfg.center_input_sample:
             h = 2 * h - 1.0
         h = conv(cfg.block_out_channels[0], cfg.conv_in_kernel, "conv_in", self.dtype)(h)
-
-        heads, layers, t_layers = cfg.heads(), cfg.layers(), cfg.transformer_layers()
-        only_cross = cfg.only_cross()
-        skips = [h]
-        for i, block_type in enumerate(cfg.down_block_types):
-            h, outs = _UNetBlock(
-                cfg.block_out_channels[i],
-                layers[i],
-                heads[i] if block_type == "CrossAttnDownBlock2D" else None,
-                t_layers[i],
-                only_cross[i],
-                cfg,
-                "down" if i < n - 1 else None,
-                self.dtype,
-                self.remat,
-                name=f"down_blocks.{i}",
-            )(h, temb, context_BLD)
-            skips.extend(outs)
+        h, skips = down_blocks(cfg, h, temb, context_BLD, self.dtype, self.remat)
 
         if down_residuals is not None:  # a ControlNet's, added to every skip (diffusers' additional residuals)
             if len(down_residuals) != len(skips):
@@ -347,6 +357,7 @@ class UNet2DConditionModel(nn.Module):
         if mid_residual is not None:
             h = h + mid_residual.astype(h.dtype)
 
+        heads, layers, t_layers, only_cross = cfg.heads(), cfg.layers(), cfg.transformer_layers(), cfg.only_cross()
         for i, block_type in enumerate(cfg.up_block_types):
             r = n - 1 - i  # the down level this up block mirrors
             h, _ = _UNetBlock(
