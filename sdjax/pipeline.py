@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sdjax.convert import controlnet_file, diffusers_folder, single_file
 from sdjax.convert.lora import lora_adapter
@@ -19,7 +21,7 @@ from sdjax.convert.textual_inversion import EmbeddingError, add_embedding, read_
 from sdjax.generate import draw_images
 from sdjax.memory import release_free_memory
 from sdjax.nn.config_utils import resolve_dtype
-from sdjax.nn.controlnet import ControlNetConfig, ControlNetModel
+from sdjax.nn.controlnet import ControlNetConfig, ControlNetModel, params_from_unet
 from sdjax.nn.lora import component_scales, merge_lora
 from sdjax.request import prepare
 from sdjax.schedulers import with_prediction_type
@@ -177,6 +179,34 @@ class ControlNet:
     @property
     def config(self) -> ControlNetConfig:
         return self.module.config
+
+    @classmethod
+    def from_unet(
+        cls,
+        pipe: StableDiffusionPipeline,
+        seed: int = 0,
+        *,
+        conditioning_channels: int = 3,
+        conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256),
+    ) -> ControlNet:
+        """A new float32 ControlNet of `pipe`'s UNet, to be trained (diffusers' `ControlNetModel.from_unet`):
+        the UNet's encoder copied, the output convolutions zero (its residuals start at 0), the condition
+        embedding drawn from `seed`. The embedding's 2^(len - 1) must be the VAE's downscale factor."""
+        factor = 2 ** (len(conditioning_embedding_out_channels) - 1)
+        if factor != pipe.vae_scale_factor:
+            raise ValueError(
+                f"conditioning_embedding_out_channels {tuple(conditioning_embedding_out_channels)} downscale "
+                f"condition images {factor}x but the VAE's factor is {pipe.vae_scale_factor}: give "
+                f"{int(np.log2(pipe.vae_scale_factor)) + 1} channel counts"
+            )
+        config = ControlNetConfig.from_unet(
+            pipe.unet.config,
+            conditioning_channels=conditioning_channels,
+            conditioning_embedding_out_channels=conditioning_embedding_out_channels,
+        )
+        module = ControlNetModel(config)
+        unet_params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), pipe.params["unet"])
+        return cls(module, params_from_unet(module, unet_params, jax.random.key(seed)))
 
     def save_pretrained(self, directory: str | Path, dtype=None) -> Path:
         """Writes a diffusers ControlNet folder (config.json, diffusion_pytorch_model.safetensors) that

@@ -316,7 +316,7 @@ def _per_controlnet(name: str, value, n: int) -> np.ndarray:
     return np.asarray([_finite(name, v) for v in values], np.float32)
 
 
-def _check_controlnet(pipe, module, index: int) -> None:
+def check_controlnet(pipe, module, index: int) -> None:
     """Refuses a ControlNet whose encoder does not fit the pipeline's UNet, naming both sides."""
     cfg, unet = module.config, pipe.unet.config
     what = f"ControlNet {index}"
@@ -351,7 +351,7 @@ def _controls(pipe, opts: GenerateOptions, count: int, batch: int, canvas: _Canv
             raise TypeError(
                 f"controlnet {i} must be a sdjax.ControlNet (sdjax.load_controlnet), got {type(net).__name__}"
             )
-        _check_controlnet(pipe, net.module, i)
+        check_controlnet(pipe, net.module, i)
     if opts.control_image is None:
         raise ValueError(f"{len(nets)} ControlNet(s) need control_image: one condition image per ControlNet")
     images = opts.control_image
@@ -571,4 +571,4 @@ def prepare(
     return plan, inputs
 
 
-__all__ = ["GenerateOptions", "default_max_steps", "prepare", "resolve_mesh"]
+__all__ = ["GenerateOptions", "check_controlnet", "default_max_steps", "prepare", "resolve_mesh"]

@@ -38,6 +38,24 @@ def test_bench_tiny_against_torch(tmp_path):
     assert (tmp_path / "models" / "tiny" / "model_index.json").is_file()  # cached for the next run
 
 
+def test_bench_tiny_with_a_controlnet_against_torch(tmp_path):
+    """--controlnet: both frameworks draw with the same random ControlNet (cached beside the model) and time
+    the ControlNet + UNet step beside the UNet step."""
+    env = {**os.environ, "SDJAX_BENCH_DIR": str(tmp_path / "models")}
+    argv = [sys.executable, "-m", "sdjax.bench", "--arch", "tiny", "--height", "64", "--width", "64", "--steps", "3"]
+    argv += ["--against", "torch", "--repeats", "1", "--controlnet", "--json", str(tmp_path / "r.json")]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    print(done.stdout)
+    report = json.loads((tmp_path / "r.json").read_text())
+    for side in ("jax", "torch"):
+        assert report[side]["control_step_s"]["median"] > 0
+        assert report["control_cost"][side] > 0
+    assert report["pixel_difference"]["max"] <= 3
+    assert (tmp_path / "models" / "tiny-controlnet" / "config.json").is_file()
+    assert "ControlNet + UNet step / UNet step: sdjax" in done.stdout
+
+
 def test_random_weights_have_the_real_shapes():
     pipe = random_pipeline("tiny")
     kernel = pipe.params["unet"]["conv_in"]["kernel"]

@@ -519,3 +519,43 @@ def test_eight_devices_with_controlnet_give_the_one_device_images(controlled, tm
     )
     np.testing.assert_array_equal(eight["data8"], one)
     np.testing.assert_array_equal(eight["fsdp"], one)
+
+
+def test_from_unet_matches_diffusers(tmp_path):
+    """sdjax.ControlNet.from_unet gives diffusers' ControlNetModel.from_unet: the same config, the UNet's
+    conv_in, time embedding, down and mid blocks bit for bit, zero output convolutions (so the UNet's images
+    are unchanged), and the condition embedding drawn as PyTorch draws a conv (uniform, fan-in bound)."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    pipe = testing.random_pipeline("tiny")
+    pipe.save_pretrained(tmp_path / "model")
+    want = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(tmp_path / "model" / "unet"))
+    cn = sdjax.ControlNet.from_unet(pipe, seed=1)
+    got = ControlNetModel.from_pretrained(cn.save_pretrained(tmp_path / "cn"))
+    differing = {
+        k for k, v in want.config.items() if not k.startswith("_") and json.dumps(got.config[k]) != json.dumps(v)
+    }
+    assert not differing, {k: (want.config[k], got.config[k]) for k in differing}
+    theirs, ours = want.state_dict(), got.state_dict()
+    assert theirs.keys() == ours.keys()
+    for name, value in theirs.items():
+        if name.startswith("controlnet_cond_embedding.") and ".conv_out." not in name:
+            fan_in = (
+                int(np.prod(value.shape[1:]))
+                if value.ndim > 1
+                else int(np.prod(theirs[name.replace("bias", "weight")].shape[1:]))
+            )
+            assert np.abs(ours[name].numpy()).max() <= fan_in**-0.5 and ours[name].numpy().std() > 0.4 * fan_in**-0.5
+        else:
+            assert torch.equal(ours[name], value), name
+    rng = np.random.default_rng(0)
+    inputs = (
+        rng.standard_normal((1, 8, 8, 4)).astype(np.float32),
+        np.array([500.0], np.float32),
+        rng.standard_normal((1, 77, 32)).astype(np.float32),
+        rng.uniform(0, 1, (1, 64, 64, 3)).astype(np.float32),
+    )
+    down, mid = _residuals_sdjax(cn, inputs)
+    assert all(not r.any() for r in down) and not mid.any()
+    with pytest.raises(ValueError, match="VAE's factor is 8: give 4 channel counts"):
+        sdjax.ControlNet.from_unet(pipe, conditioning_embedding_out_channels=(16, 32))

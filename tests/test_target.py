@@ -21,20 +21,24 @@ def test_bad_targets_are_one_line_errors():
 
 
 def test_tiny_report_for_a_v5e_slice(tmp_path):
+    """The tiny model drawn with a ControlNet (random, of its UNet) compiled for a v5e:2x2 slice."""
     out = tmp_path / "report.json"
     argv = [sys.executable, "-m", "sdjax.bench", "--target", "tpu:v5e:2x2", "--arch", "tiny", "--height", "64"]
-    argv += ["--width", "64", "--dtype", "bfloat16", "--steps", "3", "--batch", "2", "--json", str(out)]
+    argv += ["--width", "64", "--dtype", "bfloat16", "--steps", "3", "--batch", "2", "--json", str(out), "--controlnet"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=900, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert done.returncode == 0, done.stderr[-3000:]
     print(done.stdout)
     report = json.loads(out.read_text())
     assert report["chips"] == 4 and report["largest_fitting_batch"] == 2
     (row,) = report["rows"]
-    for program in ("unet_step", "vae_decode", "image"):
+    for program in ("unet_step", "control_step", "vae_decode", "image"):
         assert row[program]["flops"] > 0 and row[program]["bytes_accessed"] > 0 and row[program]["compile_s"] > 0
         assert row[program]["time_s"] > 0 and row[program]["total_bytes"] > 0
-    # Euler a: 3 model calls and a decode per batch of 2 images, 4 chips in the slice
-    expected = 3 * row["unet_step"]["time_s"] + row["vae_decode"]["time_s"]
+    # drawn with the ControlNet of the tiny UNet: each model call costs more than the UNet's alone
+    assert report["controlnet"] and row["control_cost"] > 1.0
+    assert row["control_step"]["flops"] > row["unet_step"]["flops"]
+    # Euler a: 3 model calls (ControlNet + UNet) and a decode per batch of 2 images, 4 chips in the slice
+    expected = 3 * row["control_step"]["time_s"] + row["vae_decode"]["time_s"]
     assert row["image_batch_s"] == pytest.approx(expected)
     assert row["images_per_s_slice"] == pytest.approx(4 * 2 / expected)
     assert "largest per-chip batch that fits: 2" in done.stdout

@@ -26,6 +26,7 @@ from sdjax.convert.tensor_files import SafetensorsFile
 from train.__main__ import parse
 from train.config import (
     FIELDS,
+    ControlNetTraining,
     DreamBooth,
     Images,
     LoRA,
@@ -743,6 +744,9 @@ EVERY_FIELD_SET = TrainConfig(
         lora=True,
     ),
     inversion=TextualInversion(placeholder_token="<x>", initializer_token="toy", num_vectors=2),
+    controlnet=ControlNetTraining(
+        model="runs/cn/final", conditioning_column="edges", embedding_channels=(8, 16, 32, 64), sample_images=("e.png",)
+    ),
     parallel=Parallel(mesh="data=2,fsdp=4", coordinator="127.0.0.1:1234", num_processes=2, process_id=1),
     outputs=Outputs(
         checkpoint_every=5,
@@ -766,7 +770,7 @@ def _flag_text(value) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, tuple):
-        return ",".join(value)
+        return ",".join(str(v) for v in value)
     return str(value)
 
 
@@ -862,7 +866,7 @@ def test_a_config_json_from_before_the_groups_still_resumes():
 
     old = json.loads((ROOT / "tests" / "data" / "config_before_groups.json").read_text())
     now = load_config_file(f"{ROOT / 'configs' / 'sd15_lora.py'}:tiny").replace(data=old["data"], output=old["output"])
-    added_since = {"nan_policy", "overwrite"}
+    added_since = {"nan_policy", "overwrite", *(k for k in FIELDS if k.startswith("controlnet_"))}
     written = json.loads(json.dumps(to_json(now)))
     assert {k: v for k, v in written.items() if k not in added_since} == old
     output = ROOT / "tests" / "data"  # holds no run files: only the checkpoint's settings decide

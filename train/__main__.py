@@ -1,7 +1,7 @@
 """python -m train: fine-tune (or train from scratch) a Stable Diffusion model with sdjax.
 
     python -m train --model PATH --data DIR --output DIR [--config configs/NAME.py[:tiny]]
-        [--mode full|lora|dreambooth|textual_inversion|vae] [--steps N] [--batch-size B]
+        [--mode full|lora|dreambooth|textual_inversion|vae|controlnet] [--steps N] [--batch-size B]
         [--learning-rate LR] [--resolution R] [--mesh data=2,fsdp=4] [--checkpoint-every K] [--seed S]
         [--any-config-key VALUE ...]
 

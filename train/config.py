@@ -38,6 +38,7 @@ class Mode(enum.StrEnum):
     DREAMBOOTH = "dreambooth"
     TEXTUAL_INVERSION = "textual_inversion"
     VAE = "vae"
+    CONTROLNET = "controlnet"
 
 
 class LRSchedule(enum.StrEnum):
@@ -324,6 +325,36 @@ class TextualInversion:
 
 
 @dataclasses.dataclass(frozen=True)
+class ControlNetTraining:
+    """Mode controlnet: where the ControlNet starts and where the condition images are; flags controlnet_*."""
+
+    FLAG_PREFIX: ClassVar[str] = "controlnet_"
+
+    # a ControlNet (diffusers folder or single file) to train further; default: a new one made from the
+    # UNet (its encoder copied, zero output convolutions: diffusers' ControlNetModel.from_unet)
+    model: str | None = None
+    # the metadata.jsonl key of each image's condition image, a path relative to the data folder (as
+    # diffusers' train_controlnet.py --conditioning_image_column; Hugging Face imagefolder's
+    # "conditioning_image_file_name" is read too)
+    conditioning_column: str = "conditioning_image"
+    # a new ControlNet's condition embedding: channels per level; 2^(levels - 1) is the VAE's downscale
+    embedding_channels: tuple[int, ...] = (16, 32, 96, 256)
+    # condition images of the sample prompts (one, or one per prompt); default: those of the first
+    # training images
+    sample_images: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        _check_types(self)
+        _check(
+            (bool(self.conditioning_column.strip()), "controlnet_conditioning_column must not be empty"),
+            (
+                len(self.embedding_channels) >= 1 and all(c >= 1 for c in self.embedding_channels),
+                f"controlnet_embedding_channels takes positive channel counts, got {list(self.embedding_channels)}",
+            ),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
 class Parallel:
     """Devices and hosts: the mesh and the multi-host rendezvous (as sample.py's flags)."""
 
@@ -395,6 +426,7 @@ class TrainConfig:
     adapter: LoRA = dataclasses.field(default_factory=LoRA)
     dreambooth: DreamBooth = dataclasses.field(default_factory=DreamBooth)
     inversion: TextualInversion = dataclasses.field(default_factory=TextualInversion)
+    controlnet: ControlNetTraining = dataclasses.field(default_factory=ControlNetTraining)
     parallel: Parallel = dataclasses.field(default_factory=Parallel)
     outputs: Outputs = dataclasses.field(default_factory=Outputs)
 
@@ -413,6 +445,18 @@ class TrainConfig:
         _choose(self, "unet_init", UNetInit)
         _choose(self, "dtype", DType)
         _choose(self, "remat", Remat)
+        if self.mode == Mode.CONTROLNET:
+            _check(
+                (not self.train_text_encoder, "mode controlnet trains the ControlNet alone: drop --train-text-encoder")
+            )
+            images, prompts = self.controlnet.sample_images, self.outputs.sample_prompts
+            _check(
+                (
+                    not images or len(images) in (1, len(prompts)),
+                    f"{len(images)} controlnet_sample_images for {len(prompts)} sample_prompts: "
+                    "give one, or one per prompt",
+                )
+            )
 
     @property
     def uses_lora(self) -> bool:
@@ -535,7 +579,16 @@ def parse_value(name: str, text: str):
             return False
         raise ValueError(f"--{name.replace('_', '-')} takes true or false, got {text!r}")
     if typing.get_origin(base) is tuple:
-        return tuple(part.strip() for part in text.split(",") if part.strip()) if text else ()
+        parts = tuple(part.strip() for part in text.split(",") if part.strip()) if text else ()
+        item = typing.get_args(base)[0]
+        if item in (int, float):
+            try:
+                return tuple(item(part) for part in parts)
+            except ValueError:
+                raise ValueError(
+                    f"--{name.replace('_', '-')} takes comma-separated {item.__name__}s, got {text!r}"
+                ) from None
+        return parts
     if issubclass(base, str):
         return text
     try:

@@ -3,7 +3,8 @@
 Captions come from `metadata.jsonl` (one `{"file_name": ..., "text": ...}` per line, the Hugging Face
 imagefolder convention) or, without it, from a `.txt` file beside each image (the kohya convention).
 Images are resized (shorter side to the resolution, bilinear, as diffusers' training scripts), center- or
-randomly cropped, optionally flipped, and scaled to [-1, 1], NHWC float32.
+randomly cropped, optionally flipped, and scaled to [-1, 1], NHWC float32. In mode controlnet each image's
+condition image (named in metadata.jsonl) goes through the same resize, crop and flip, in [0, 1].
 
 Order: the data set is a sequence of epochs, each a permutation drawn from (seed, epoch); global position p
 is image perm_{p // N}[p % N]. With sampling weights (a "weight" per image in metadata.jsonl, raised to
@@ -51,6 +52,7 @@ class Example:
     path: Path
     caption: str
     weight: float = 1.0  # relative sampling frequency (metadata.jsonl "weight"; used with sampling weights)
+    condition: Path | None = None  # mode controlnet: the condition image (metadata.jsonl conditioning column)
 
 
 def _check_image(path: Path) -> str | None:
@@ -65,7 +67,21 @@ def _check_image(path: Path) -> str | None:
     return None
 
 
-def _from_metadata(folder: Path, problems: list[str]) -> list[Example]:
+def _condition_of(folder: Path, record: dict, column: str, where: str, problems: list[str]) -> Path | None:
+    """The condition image path of a metadata record (key `column`, or imagefolder's `column`_file_name),
+    or None after noting the problem."""
+    name = record.get(column, record.get(f"{column}_file_name"))
+    if not isinstance(name, str) or not name.strip():
+        problems.append(f'{where}: no condition image ("{column}") for {folder / record["file_name"]}')
+        return None
+    path = folder / name
+    if not path.is_file():
+        problems.append(f"{where}: condition image {path} does not exist")
+        return None
+    return path
+
+
+def _from_metadata(folder: Path, problems: list[str], condition_column: str | None = None) -> list[Example]:
     examples = []
     for number, line in enumerate((folder / "metadata.jsonl").read_text().splitlines(), 1):
         if not line.strip():
@@ -86,8 +102,10 @@ def _from_metadata(folder: Path, problems: list[str]) -> list[Example]:
             problems.append(f'{where}: no caption ("text") for {path}')
         elif not path.is_file():
             problems.append(f"{where}: image {path} does not exist")
-        else:
+        elif condition_column is None:
             examples.append(Example(path, caption.strip(), float(weight)))
+        elif (condition := _condition_of(folder, record, condition_column, where, problems)) is not None:
+            examples.append(Example(path, caption.strip(), float(weight), condition))
     return examples
 
 
@@ -106,12 +124,15 @@ def _from_sidecars(folder: Path, problems: list[str], need_captions: bool) -> li
     return examples
 
 
-def scan_folder(folder: str | Path, *, skip_bad: bool = False, need_captions: bool = True) -> list[Example]:
+def scan_folder(
+    folder: str | Path, *, skip_bad: bool = False, need_captions: bool = True, condition_column: str | None = None
+) -> list[Example]:
     """The captioned images of `folder`, sorted by path.
 
     Unreadable images and missing captions raise `DataError` naming the file, or with `skip_bad` are
     logged (each one) and left out. `need_captions=False` accepts images without captions (DreamBooth and
-    textual inversion with a fixed prompt).
+    textual inversion with a fixed prompt). With `condition_column` (mode controlnet) every image also
+    needs a readable condition image named in metadata.jsonl under that key.
     """
     root = Path(folder).expanduser()
     if root.exists() and not root.is_dir():
@@ -120,12 +141,19 @@ def scan_folder(folder: str | Path, *, skip_bad: bool = False, need_captions: bo
         raise DataError(f"data folder {root} does not exist")
     problems: list[str] = []
     if (root / "metadata.jsonl").is_file():
-        examples = _from_metadata(root, problems)
+        examples = _from_metadata(root, problems, condition_column)
+    elif condition_column is not None:
+        raise DataError(
+            f"data folder {root} has no metadata.jsonl: mode controlnet reads each image's condition image from "
+            f'its "{condition_column}" key ({{"file_name": ..., "{condition_column}": ..., "text": ...}} per line)'
+        )
     else:
         examples = _from_sidecars(root, problems, need_captions)
     readable = []
     for example in examples:
         problem = _check_image(example.path)
+        if problem is None and example.condition is not None:
+            problem = _check_image(example.condition)
         if problem:
             problems.append(problem)
         else:
@@ -165,6 +193,13 @@ def load_image(path: Path, resolution: int, crop_xy: tuple[float, float] | None,
     if flip:
         array = array[:, ::-1]
     return array / 127.5 - 1.0
+
+
+def load_condition(path: Path, resolution: int, crop_xy: tuple[float, float] | None, flip: bool) -> np.ndarray:
+    """A condition image -> float32 (resolution, resolution, 3) in [0, 1] (as diffusers' train_controlnet.py:
+    no normalisation), resized, cropped and flipped exactly as `load_image` does its training image, so
+    the two stay aligned pixel for pixel when they have the same size."""
+    return (load_image(path, resolution, crop_xy, flip) + 1.0) * 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,6 +315,15 @@ class Batches:
             out["pixels"] = np.stack(
                 [
                     load_image(examples[i].path, images.resolution, None if images.center_crop else tuple(c), bool(f))
+                    for i, c, f in zip(rows.indices, rows.crops, rows.flips, strict=True)
+                ]
+            )
+        if not class_rows and examples[0].condition is not None:
+            out["control"] = np.stack(
+                [
+                    load_condition(
+                        examples[i].condition, images.resolution, None if images.center_crop else tuple(c), bool(f)
+                    )
                     for i, c, f in zip(rows.indices, rows.crops, rows.flips, strict=True)
                 ]
             )

@@ -5,6 +5,7 @@ lora                    pytorch_lora_weights.safetensors (diffusers/PEFT keys, w
                         header's lora_adapter_metadata) and pytorch_lora_weights_kohya.safetensors
                         (kohya-ss/A1111 keys with .alpha)
 textual_inversion       learned_embeds.safetensors ({placeholder: (num_vectors, D)}, diffusers' format)
+controlnet              a diffusers ControlNet folder (config.json, diffusion_pytorch_model.safetensors)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 from sdjax.convert.lora import lora_file_tensors
 from sdjax.convert.tensor_files import save_safetensors
-from train.model import TEXT_LORA_TARGETS, Setup, trained_pipeline
+from train.model import TEXT_LORA_TARGETS, Setup, trained_controlnet, trained_pipeline
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 KOHYA_FILE = "pytorch_lora_weights_kohya.safetensors"
@@ -40,6 +41,9 @@ def export_final(setup: Setup, trainable: dict, directory: str | Path) -> Path:
     if cfg.mode == "textual_inversion":
         vectors = np.asarray(trainable["embeddings"], np.float32)
         save_safetensors(out / EMBEDDINGS_FILE, {cfg.inversion.placeholder_token: vectors})
+        return out
+    if cfg.mode == "controlnet":
+        trained_controlnet(setup, trainable).save_pretrained(out, dtype=cfg.outputs.export_dtype)
         return out
     trained_pipeline(setup, trainable).save_pretrained(out, dtype=cfg.outputs.export_dtype)
     return out

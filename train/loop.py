@@ -133,17 +133,42 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
     files.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _samples(setup: model.Setup, trainable_host, output: Path, step: int) -> None:
-    """OUTPUT/samples/step-NNNNNN-K.png of the sample prompts; samples that come out NaN/Inf are reported
-    and not written (a warning: they must not end the run, whose weights are finite)."""
+def _sample_controls(cfg: TrainConfig, examples) -> list[Path]:
+    """Mode controlnet: the condition image of each sample prompt (controlnet_sample_images, one for all
+    or one per prompt; default: those of the first training images, in the data set's order)."""
+    prompts = cfg.outputs.sample_prompts
+    given = [Path(p).expanduser() for p in cfg.controlnet.sample_images]
+    if given:
+        for path in given:
+            if not path.is_file():
+                raise model.SetupError(f"controlnet sample image {path} does not exist")
+        return given * len(prompts) if len(given) == 1 else given
+    return [examples[k % len(examples)].condition for k in range(len(prompts))]
+
+
+def _samples(setup: model.Setup, trainable_host, output: Path, step: int, controls=()) -> None:
+    """OUTPUT/samples/step-NNNNNN-K.png of the sample prompts (with `controls`, their condition images, in
+    mode controlnet); samples that come out NaN/Inf are reported and not written (a warning: they must not
+    end the run, whose weights are finite)."""
     cfg = setup.config
     outputs = cfg.outputs
     if not outputs.sample_prompts or not _is_main() or cfg.mode == "vae":
         return
+    from PIL import Image
+
     from sdjax import images as image_io
     from sdjax.generate import NonFiniteImageError
 
-    pipe = model.trained_pipeline(setup, trainable_host)
+    control = {}
+    if cfg.mode == "controlnet":
+        pipe = setup.pipe
+        opened = []
+        for path in controls:
+            with Image.open(path) as img:
+                opened.append(img.copy())
+        control = {"controlnet": model.trained_controlnet(setup, trainable_host), "control_image": opened}
+    else:
+        pipe = model.trained_pipeline(setup, trainable_host)
     try:
         images = pipe.generate(
             list(outputs.sample_prompts),
@@ -152,6 +177,7 @@ def _samples(setup: model.Setup, trainable_host, output: Path, step: int) -> Non
             height=cfg.images.resolution,
             width=cfg.images.resolution,
             mesh=None,
+            **control,
         )
     except NonFiniteImageError as err:
         log.warning("samples of step %d not written: %s", step, err)
@@ -203,7 +229,11 @@ def run(cfg: TrainConfig) -> Path:
 
     enable_default_cache()  # a resumed run reuses the compiled step (SDJAX_CACHE_DIR moves or disables it)
     need_captions = not (images.instance_prompt or cfg.mode == "vae")
-    examples = data_lib.scan_folder(cfg.data, skip_bad=images.skip_bad_images, need_captions=need_captions)
+    condition_column = cfg.controlnet.conditioning_column if cfg.mode == "controlnet" else None
+    examples = data_lib.scan_folder(
+        cfg.data, skip_bad=images.skip_bad_images, need_captions=need_captions, condition_column=condition_column
+    )
+    controls = _sample_controls(cfg, examples) if cfg.mode == "controlnet" else []
     if cfg.mode == "textual_inversion":
         token = cfg.inversion.placeholder_token
         captions = [images.instance_prompt or e.caption for e in examples]
@@ -262,7 +292,7 @@ def run(cfg: TrainConfig) -> Path:
         try:
             fixed = _LoopInputs(
                 setup, output, checkpoints, frozen, examples, class_examples, optimizer, state_shardings,
-                frozen_shardings, mesh, meta_base,
+                frozen_shardings, mesh, meta_base, controls,
             )  # fmt: skip
             state = _train(fixed, state, start)
         finally:
@@ -276,7 +306,7 @@ def run(cfg: TrainConfig) -> Path:
             log.info("VAE scaling factor %.5g", factor)
         with files.folder_replacing(output / "final") as folder:  # final/ appears whole, or not at all
             export.export_final(setup, final_params, folder)
-        _samples(setup, final_params, output, optim.steps)
+        _samples(setup, final_params, output, optim.steps, controls)
     _sync("export")
     return output / "final"
 
@@ -318,6 +348,7 @@ class _LoopInputs:
     frozen_shardings: object
     mesh: object
     meta: dict
+    controls: list  # mode controlnet: the condition image of each sample prompt
 
 
 def _train(fixed: _LoopInputs, state, start: int):
@@ -393,7 +424,7 @@ def _train(fixed: _LoopInputs, state, start: int):
                 if _is_main():
                     plots.loss_curve(history, output / "loss.png")
             if sample_now:
-                _samples(setup, _to_host(_sample_params(state)), output, done)
+                _samples(setup, _to_host(_sample_params(state)), output, done, fixed.controls)
     if _is_main():
         plots.loss_curve(history, output / "loss.png")
     return state

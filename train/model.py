@@ -6,6 +6,7 @@ Trainable pytrees per mode:
   lora (or dreambooth with lora)  {"lora": {"unet": {path: {"A", "B"}}, "text_encoder": {...}}}
   textual_inversion   {"embeddings": (num_vectors, D)}: the new token rows only
   vae                 {"vae": ...}
+  controlnet          {"controlnet": ...}: a ControlNet of the UNet (new from it, or loaded), the UNet frozen
 Everything else is frozen. LoRA factors use `sdjax.nn.lora`'s adapter layout (A (in, r) or
 (kh, kw, in, r), B (r, out)), so the adapter applies through `apply_adapters` and exports to PEFT/kohya
 files (`sdjax.convert.lora.lora_file_tensors`).
@@ -48,6 +49,8 @@ class Setup:
     schedule: NoiseSchedule
     token_ids: tuple[int, ...] = ()  # textual inversion: ids of the new tokens
     lora_multiplier: float = 1.0
+    controlnet: Any = None  # mode controlnet: the ControlNet module in the compute dtype
+    controlnet_start: Any = None  # ... and the float32 sdjax.ControlNet training starts from
 
     @property
     def prediction_type(self) -> str:
@@ -195,6 +198,10 @@ def make_setup(config: TrainConfig, pipe: StableDiffusionPipeline) -> Setup:
     schedule = from_diffusers_config(pipe.scheduler_config).schedule
     multiplier = config.adapter.alpha / config.adapter.rank
     remat = None if config.remat == "none" else config.remat
+    controlnet, start = None, None
+    if config.mode == "controlnet":
+        start = _controlnet_start(config, pipe)
+        controlnet = start.module.clone(dtype=dtype, remat=remat)
     return Setup(
         config=config,
         pipe=pipe,
@@ -204,7 +211,27 @@ def make_setup(config: TrainConfig, pipe: StableDiffusionPipeline) -> Setup:
         schedule=schedule,
         token_ids=token_ids,
         lora_multiplier=multiplier,
+        controlnet=controlnet,
+        controlnet_start=start,
     )
+
+
+def _controlnet_start(config: TrainConfig, pipe: StableDiffusionPipeline):
+    """The float32 ControlNet a controlnet run starts from: `controlnet_model` (checked against the UNet),
+    or a new one made from the UNet (`sdjax.ControlNet.from_unet`, condition embedding keyed by the seed)."""
+    from sdjax.request import check_controlnet
+
+    options = config.controlnet
+    try:
+        if options.model is None:
+            return sdjax.ControlNet.from_unet(
+                pipe, seed=config.seed, conditioning_embedding_out_channels=options.embedding_channels
+            )
+        net = sdjax.load_controlnet(Path(options.model).expanduser())
+        check_controlnet(pipe, net.module, 0)
+    except ValueError as err:
+        raise SetupError(f"--controlnet-model: {err}" if options.model else str(err)) from None
+    return net
 
 
 def _add_placeholder(config: TrainConfig, pipe: StableDiffusionPipeline):
@@ -290,6 +317,10 @@ def split_params(setup: Setup, key: jax.Array) -> tuple[dict, dict]:
         return {"vae": params["vae"]}, {}
     if need_vae:
         frozen["vae"] = params["vae"]
+    if cfg.mode == "controlnet":
+        frozen["unet"] = params["unet"]
+        frozen["text_encoder"] = params["text_encoder"]
+        return {"controlnet": setup.controlnet_start.params}, frozen
     if cfg.uses_lora:
         frozen["unet"] = params["unet"]
         frozen["text_encoder"] = params["text_encoder"]
@@ -326,6 +357,12 @@ def assemble(setup: Setup, trainable: dict, frozen: dict) -> dict:
         return params
     params.update(trainable)
     return params
+
+
+def trained_controlnet(setup: Setup, trainable: dict):
+    """The float32 sdjax.ControlNet with the trained parameters (mode controlnet), for samples and export."""
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), jax.device_get(trainable["controlnet"]))
+    return dataclasses.replace(setup.controlnet_start, params=params)
 
 
 def trained_pipeline(setup: Setup, trainable: dict) -> StableDiffusionPipeline:

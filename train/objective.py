@@ -1,7 +1,8 @@
 """Training losses: the diffusion (noise-prediction) loss of the UNet and the VAE's reconstruction + KL loss.
 
 A micro-batch is a dict of per-row arrays (leading axis b): "ids" (b, 77) token ids, "pixels" (b, R, R, 3)
-in [-1, 1] or "moments" (b, h, w, 2C) cached VAE posteriors, "row" int32 (b,) a row id unique within the
+in [-1, 1] or "moments" (b, h, w, 2C) cached VAE posteriors, "control" (b, R, R, 3) condition images in
+[0, 1] (mode controlnet), "row" int32 (b,) a row id unique within the
 run (it keys the row's randomness), "weight" float32 (b,) the row's loss weight (1 for instance images,
 prior_loss_weight for DreamBooth class images, 0 for padding) and "count" (b,) 1 for the rows the loss is
 averaged over (instance images). Losses come back as (sum of weight * row loss, sum of count), so that
@@ -101,7 +102,11 @@ def diffusion_loss(setup, params, batch, key) -> tuple[jax.Array, jax.Array]:
     abar = jnp.asarray(alphas_cumprod(setup.schedule))[t]
     noisy = add_noise(setup.schedule, x0, noise, t)
     context = setup.text_encoder.apply({"params": params["text_encoder"]}, batch["ids"])[0]
-    pred = setup.unet.apply({"params": params["unet"]}, noisy, t, context).astype(jnp.float32)
+    residuals = {}
+    if "controlnet" in params:  # as train_controlnet.py: the ControlNet's residuals into the frozen UNet
+        down, mid = setup.controlnet.apply({"params": params["controlnet"]}, noisy, t, context, batch["control"])
+        residuals = {"down_residuals": down, "mid_residual": mid}
+    pred = setup.unet.apply({"params": params["unet"]}, noisy, t, context, **residuals).astype(jnp.float32)
     if setup.prediction_type == "epsilon":
         target = noise
     elif setup.prediction_type == "v_prediction":

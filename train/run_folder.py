@@ -42,6 +42,7 @@ STATE_KEYS = (
     "train_text_encoder",
     "ema_decay",
     "resolution",
+    "controlnet_embedding_channels",
 )
 
 

@@ -27,8 +27,8 @@ import numpy as np
 from sdjax import files
 from sdjax.bench.workers import Job
 
-TIMES = ("load_s", "text_s", "unet_step_s", "vae_decode_s", "image_s", "images_per_s", "peak_rss")
-COMPILES = ("text_compile_s", "unet_compile_s", "vae_compile_s", "image_compile_s")
+TIMES = ("load_s", "text_s", "unet_step_s", "control_step_s", "vae_decode_s", "image_s", "images_per_s", "peak_rss")
+COMPILES = ("text_compile_s", "unet_compile_s", "control_compile_s", "vae_compile_s", "image_compile_s")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,6 +51,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--scheduler", choices=NAMES, default="euler")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--against", choices=["torch"], default=None, help="also run PyTorch diffusers")
+    p.add_argument(
+        "--controlnet",
+        nargs="?",
+        const="random",
+        default=None,
+        metavar="PATH",
+        help="draw with a ControlNet (a diffusers ControlNet folder; without PATH: random weights of the "
+        "ControlNet of the model's UNet) and time the ControlNet + UNet step beside the plain UNet step",
+    )
     p.add_argument("--repeats", type=int, default=3, help="processes per framework (default 3)")
     p.add_argument("--inner", type=int, default=1, help="timed calls per component per process (median)")
     p.add_argument("--json", default=None, help="write every number to this file")
@@ -93,8 +102,17 @@ def _target(args) -> int:
         pipe = sdjax.load_pipeline(args.model, dtype=args.dtype, weights=False)
     else:
         pipe = abstract_pipeline(args.arch or "sd15", dtype=args.dtype)
+    controlnet = None
+    if args.controlnet:
+        from sdjax.bench.workers import abstract_controlnet
+        from sdjax.nn.controlnet import ControlNetConfig
+
+        random = args.controlnet == "random"
+        source = ControlNetConfig.from_unet(pipe.unet.config) if random else _controlnet_folder(args)
+        controlnet = abstract_controlnet(source, args.dtype)
     result = target.report(
         pipe,
+        controlnet=controlnet,
         target=args.target,
         batches=args.batch,
         height=args.height,
@@ -106,6 +124,22 @@ def _target(args) -> int:
     if args.json:
         files.write_text(args.json, json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _controlnet_folder(args) -> str | None:
+    """--controlnet: the folder given, or the cached random ControlNet of the model's UNet."""
+    from sdjax.bench.models import cache_dir, controlnet_folder, random_controlnet_folder
+
+    if args.controlnet is None:
+        return None
+    if args.controlnet != "random":
+        if not (Path(args.controlnet) / "config.json").is_file():
+            raise ValueError(f"--controlnet {args.controlnet} is not a diffusers ControlNet folder (no config.json)")
+        return args.controlnet
+    if args.model:
+        name = Path(args.model).resolve().name
+        return str(random_controlnet_folder(args.model, cache_dir() / f"{name}-controlnet"))
+    return str(controlnet_folder(args.arch or "sd15"))
 
 
 def _run_worker(framework: str, job: Job) -> dict:
@@ -131,6 +165,7 @@ def run(args) -> dict:
     from sdjax.bench.models import model_folder
 
     model = args.model or str(model_folder(args.arch or "sd15"))
+    controlnet = _controlnet_folder(args)
     work = Path(tempfile.mkdtemp(prefix="sdjax-bench-"))
     frameworks = ["jax"] + (["torch"] if args.against else [])
     runs: dict[str, list[dict]] = {f: [] for f in frameworks}
@@ -147,6 +182,7 @@ def run(args) -> dict:
                 inner=args.inner,
                 image_out=str(work / f"{framework}-{repeat}.npy"),
                 cache_dir=str(work / "xla-cache"),
+                controlnet=controlnet,
             )
             print(f"[{repeat + 1}/{args.repeats}] {framework} ...", file=sys.stderr, flush=True)
             runs[framework].append(_run_worker(framework, job))
@@ -154,9 +190,15 @@ def run(args) -> dict:
     for framework, results in runs.items():
         report[framework] = {k: _summary([r[k] for r in results]) for k in TIMES if k in results[0]}
     jax_runs = runs["jax"]
-    report["jax"]["compile_cold"] = {k: jax_runs[0][k] for k in COMPILES}
+    report["jax"]["compile_cold"] = {k: jax_runs[0][k] for k in COMPILES if k in jax_runs[0]}
     if len(jax_runs) > 1:
-        report["jax"]["compile_warm"] = {k: statistics.median(r[k] for r in jax_runs[1:]) for k in COMPILES}
+        compiled = [k for k in COMPILES if k in jax_runs[0]]
+        report["jax"]["compile_warm"] = {k: statistics.median(r[k] for r in jax_runs[1:]) for k in compiled}
+    if controlnet:
+        report["controlnet"] = controlnet
+        report["control_cost"] = {
+            f: report[f]["control_step_s"]["median"] / report[f]["unet_step_s"]["median"] for f in frameworks
+        }
     flops = jax_runs[0]["unet_flops"]
     rate = statistics.median(r["gemm_flops_per_s"] for r in jax_runs)
     step = report["jax"]["unet_step_s"]["median"]
@@ -183,15 +225,18 @@ def _cell(x: dict | None, scale: float) -> str:
 def table(report: dict) -> str:
     """The report as text; peak_rss in GiB, times in seconds."""
     s = report["settings"]
+    control = ", with a ControlNet" if "controlnet" in report else ""
     lines = [
-        f"sdjax vs PyTorch: {report['model']}, {s['width']}x{s['height']}, batch {s['batch']}, {s['steps']} steps "
-        f"{s['scheduler']}, {s['dtype']}, {s['repeats']} repeats, device {report['device']}",
+        f"sdjax vs PyTorch: {report['model']}{control}, {s['width']}x{s['height']}, batch {s['batch']}, "
+        f"{s['steps']} steps {s['scheduler']}, {s['dtype']}, {s['repeats']} repeats, device {report['device']}",
         f"{'':22}{'sdjax':>28}{'pytorch':>28}{'sdjax/pytorch':>15}",
     ]
     torch_side = report.get("torch", {})
     for key in TIMES:
         ours = report["jax"].get(key)
         theirs = torch_side.get(key)
+        if ours is None and theirs is None:
+            continue
         scale = 2**30 if key == "peak_rss" else 1
         cell = functools.partial(_cell, scale=scale)
         ratio = f"{ours['median'] / theirs['median']:>15.2f}" if ours and theirs else f"{'-':>15}"
@@ -199,6 +244,8 @@ def table(report: dict) -> str:
     cold = report["jax"]["compile_cold"]
     warm = report["jax"].get("compile_warm", {})
     for key in COMPILES:
+        if key not in cold:
+            continue
         w = f", warm {warm[key]:.2f} s" if key in warm else ""
         lines.append(f"{key:22} cold {cold[key]:.2f} s{w}")
     floor = report["floor"]
@@ -207,6 +254,9 @@ def table(report: dict) -> str:
         f"GEMM {floor['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s measured; "
         f"floor {floor['floor_s']:.2f} s; step / floor = {floor['ratio']:.2f}"
     )
+    if "control_cost" in report:
+        costs = ", ".join(f"{'sdjax' if f == 'jax' else 'pytorch'} {r:.2f}x" for f, r in report["control_cost"].items())
+        lines.append(f"ControlNet + UNet step / UNet step: {costs} ({report['controlnet']})")
     if "pixel_difference" in report:
         d = report["pixel_difference"]
         lines.append(f"image difference sdjax vs pytorch (uint8): max {d['max']}, mean {d['mean']:.3f}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sdjax.testing import ARCHS, random_pipeline
 
-__all__ = ["ARCHS", "cache_dir", "model_folder"]
+__all__ = ["ARCHS", "cache_dir", "controlnet_folder", "model_folder", "random_controlnet_folder"]
 
 
 def cache_dir() -> Path:
@@ -27,3 +27,31 @@ def model_folder(arch: str) -> Path:
     random_pipeline(arch).save_pretrained(tmp)
     tmp.rename(target)
     return target
+
+
+def random_controlnet_folder(model: str | Path, target: Path) -> Path:
+    """A diffusers ControlNet folder at `target` with random weights (every parameter, the output
+    convolutions too, so its residuals are not zero) of the ControlNet diffusers' from_unet makes of the
+    UNet of `model` (a diffusers folder): lllyasviel's layout for SD 1.5 and SD 2.1. Built once."""
+    import jax
+
+    import sdjax
+    from sdjax.convert.diffusers_folder import abstract_params
+    from sdjax.nn.controlnet import ControlNetConfig, ControlNetModel
+    from sdjax.testing import random_like
+
+    if (target / "config.json").is_file():
+        return target
+    unet = sdjax.load_pipeline(model, weights=False).unet
+    module = ControlNetModel(ControlNetConfig.from_unet(unet.config))
+    params = jax.tree.map(jax.numpy.asarray, random_like(abstract_params(module), seed=17))
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    sdjax.ControlNet(module, params).save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def controlnet_folder(arch: str) -> Path:
+    """The cached random ControlNet of architecture `arch`'s UNet (see `random_controlnet_folder`)."""
+    return random_controlnet_folder(model_folder(arch), cache_dir() / f"{arch}-controlnet")

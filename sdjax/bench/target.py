@@ -17,6 +17,7 @@ and "fits" compares the whole-image program's memory with the chip's HBM.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +27,13 @@ from sdjax.targets import CHIPS, analyse, on_device, parse_target, topology_devi
 PROMPT = "a photo of an astronaut riding a horse on mars"
 
 
-def report(pipe, *, target: str, batches, height: int, width: int, steps: int, scheduler: str) -> dict:
-    """The deviceless report of `pipe` (parameters may be shapes) for each per-chip batch."""
+def report(pipe, *, target: str, batches, height: int, width: int, steps: int, scheduler: str, controlnet=None) -> dict:
+    """The deviceless report of `pipe` (parameters may be shapes) for each per-chip batch; with `controlnet`
+    (a sdjax.ControlNet, parameters may be shapes) the images are drawn with it and the ControlNet + UNet
+    step is compiled and priced beside the plain one."""
+    import numpy as np
+
+    from sdjax.bench.workers import controlled_unet_step
     from sdjax.generate import place_inputs, program
     from sdjax.request import prepare
 
@@ -46,6 +52,17 @@ def report(pipe, *, target: str, batches, height: int, width: int, steps: int, s
         context = jax.ShapeDtypeStruct((2 * batch, 77, pipe.unet.config.cross_attention_dim), pipe.dtype)
         unet = jax.jit(lambda p, x, t, c: pipe.unet.apply({"params": p}, x, t, c))
         row["unet_step"] = analyse(unet.lower(params["unet"], *on_device(device, (x, t, context))), chip)
+        step = row["unet_step"]
+        control = {}
+        if controlnet is not None:
+            cond = jax.ShapeDtypeStruct((2 * batch, height, width, 3), jnp.float32)
+            controlled = jax.jit(functools.partial(controlled_unet_step, pipe.unet, controlnet.module))
+            control_params = on_device(device, controlnet.params)
+            lowered = controlled.lower(params["unet"], control_params, *on_device(device, (x, t, context, cond)))
+            step = row["control_step"] = analyse(lowered, chip)
+            row["control_cost"] = step["time_s"] / row["unet_step"]["time_s"]
+            edges = np.zeros((height, width, 3), np.uint8)
+            control = {"controlnet": controlnet, "control_image": edges}
         z = jax.ShapeDtypeStruct((batch, *latent, pipe.vae.config.latent_channels), pipe.dtype)
         decode = jax.jit(lambda p, z: pipe.vae.apply({"params": p}, z, method="decode"))
         row["vae_decode"] = analyse(decode.lower(params["vae"], on_device(device, z)), chip)
@@ -59,12 +76,16 @@ def report(pipe, *, target: str, batches, height: int, width: int, steps: int, s
             scheduler=scheduler,
             micro_batch_size=batch,
             mesh=None,
+            **control,
         )
         static = dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, plan=plan)
-        image = program("tpu").lower(params, on_device(device, place_inputs(inputs, None)), **static)
+        placed = on_device(device, place_inputs(dataclasses.replace(inputs, control_params=None), None))
+        if controlnet is not None:
+            placed = dataclasses.replace(placed, control_params=(control_params,))
+        image = program("tpu").lower(params, placed, **static)
         row["image"] = analyse(image, chip)
         calls = plan.scheduler.num_model_calls(steps)
-        seconds = calls * row["unet_step"]["time_s"] + row["vae_decode"]["time_s"]
+        seconds = calls * step["time_s"] + row["vae_decode"]["time_s"]
         row["image_batch_s"] = seconds
         row["images_per_s_chip"] = batch / seconds
         row["images_per_s_slice"] = batch * len(devices) / seconds
@@ -79,6 +100,7 @@ def report(pipe, *, target: str, batches, height: int, width: int, steps: int, s
         "steps": steps,
         "scheduler": scheduler,
         "dtype": str(pipe.dtype),
+        "controlnet": controlnet is not None,
         "rows": rows,
         "largest_fitting_batch": max((r["batch"] for r in rows if r["fits"]), default=0),
     }
@@ -86,9 +108,10 @@ def report(pipe, *, target: str, batches, height: int, width: int, steps: int, s
 
 def table(result: dict) -> str:
     """The report as a text table, one line per per-chip batch."""
+    control = ", with a ControlNet (step = ControlNet + UNet)" if result.get("controlnet") else ""
     head = (
         f"{result['target']} ({result['chips']} chips), {result['width']}x{result['height']}, {result['dtype']}, "
-        f"{result['steps']} steps ({result['scheduler']}); per chip:"
+        f"{result['steps']} steps ({result['scheduler']}){control}; per chip:"
     )
     lines = [
         head,
@@ -96,7 +119,7 @@ def table(result: dict) -> str:
         "images/s slice | memory GiB (temp) | fits | compile s (step, image)",
     ]
     for r in result["rows"]:
-        u, d, i = r["unet_step"], r["vae_decode"], r["image"]
+        u, d, i = r.get("control_step", r["unet_step"]), r["vae_decode"], r["image"]
         est = f"{u['optimal_seconds'] * 1e3:.2f}" if u["optimal_seconds"] > 0 else "-"
         lines.append(
             f"{r['batch']:5d} | {est} / {u['roofline_s'] * 1e3:.2f} | {u['flops'] / 1e12:.2f} | "
@@ -105,5 +128,12 @@ def table(result: dict) -> str:
             f"({i['temp_bytes'] / 2**30:.2f}) | {'yes' if r['fits'] else 'NO'} | "
             f"{u['compile_s']:.0f}, {i['compile_s']:.0f}"
         )
+    for r in result["rows"]:
+        if "control_cost" in r:
+            plain = r["unet_step"]
+            lines.append(
+                f"batch {r['batch']}: ControlNet + UNet step / UNet step = {r['control_cost']:.2f} "
+                f"({r['control_step']['time_s'] * 1e3:.2f} / {plain['time_s'] * 1e3:.2f} ms)"
+            )
     lines.append(f"largest per-chip batch that fits: {result['largest_fitting_batch']} of those tried")
     return "\n".join(lines)

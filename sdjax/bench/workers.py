@@ -7,6 +7,8 @@ are waited for with `block_until_ready`. Peak RSS is the process's VmHWM.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import statistics
 import time
@@ -32,6 +34,14 @@ class Job:
     inner: int
     image_out: str
     cache_dir: str | None = None
+    controlnet: str | None = None  # a ControlNet folder: every image and the extra "control step" use it
+
+
+def control_image(job: Job) -> np.ndarray:
+    """The shared condition image, uint8 (H, W, 3): sparse white strokes on black, like an edge map."""
+    rng = np.random.default_rng(99)
+    edges = (rng.random((job.height // 8, job.width // 8)) < 0.15).repeat(8, 0).repeat(8, 1)
+    return np.repeat(edges[..., None] * np.uint8(255), 3, axis=-1)
 
 
 def peak_rss() -> int:
@@ -109,6 +119,14 @@ def run_jax(job: Job) -> dict:
     cost = programs["unet"].cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     out["unet_flops"] = float(cost.get("flops", 0.0)) if cost else 0.0
+    control = None
+    if job.controlnet:
+        control = abstract_controlnet(job.controlnet, job.dtype)
+        cond = sds((rows, job.height, job.width, 3), jnp.float32)
+        control_fn = xla_options.jit(functools.partial(controlled_unet_step, shapes.unet, control.module))
+        out["control_compile_s"], programs["control"] = _compile(
+            control_fn, shapes.params["unet"], control.params, x, t, context, cond
+        )
 
     z = sds(noise.shape, shapes.dtype)
     decode_fn = xla_options.jit(lambda p, z: shapes.vae.apply({"params": p}, z, method="decode"))
@@ -117,10 +135,14 @@ def run_jax(job: Job) -> dict:
     prompts = [PROMPT] * job.batch
     settings = dict(num_inference_steps=job.steps, guidance_scale=GUIDANCE, scheduler=job.scheduler)
     settings.update(height=job.height, width=job.width, latents=noise, mesh=None)
+    if control is not None:
+        settings.update(controlnet=control, control_image=control_image(job))
     plan, inputs = prepare(shapes, prompts, NEGATIVE, **settings)
-    inputs = place_inputs(inputs, None)
+    # the ControlNet's parameters are inputs of the program: shapes to compile, its weights to run
+    inputs = place_inputs(dataclasses.replace(inputs, control_params=None), None)
+    abstract_inputs = dataclasses.replace(inputs, control_params=(control.params,) if control else None)
     start = time.perf_counter()
-    programs["image"] = compile_generate(shapes, plan, inputs, params=shapes.params)
+    programs["image"] = compile_generate(shapes, plan, abstract_inputs, params=shapes.params)
     out["image_compile_s"] = time.perf_counter() - start
     del text_fn, step_fn, decode_fn
     jax.clear_caches()  # the tracing caches of the programs above; the executables stay valid
@@ -138,6 +160,13 @@ def run_jax(job: Job) -> dict:
     x = jnp.asarray(np.concatenate([noise, noise]), pipe.dtype)
     out["unet_step_s"] = _timed(lambda: programs["unet"](unet, x, t, embedded).block_until_ready(), job.inner)
     _free(programs, "unet")
+    if control is not None:
+        net = sdjax.load_controlnet(job.controlnet, dtype=job.dtype)
+        inputs = dataclasses.replace(inputs, control_params=(net.params,))
+        cond = jnp.asarray(np.repeat(control_image(job)[None] / 255.0, 2 * job.batch, axis=0), jnp.float32)
+        step = lambda: programs["control"](unet, net.params, x, t, embedded, cond)  # noqa: E731
+        out["control_step_s"] = _timed(lambda: jax.block_until_ready(step()), job.inner)
+        _free(programs, "control")
     z = jnp.asarray(noise / pipe.vae.config.scaling_factor, pipe.dtype)
     out["vae_decode_s"] = _timed(lambda: programs["vae"](vae, z).block_until_ready(), job.inner)
     _free(programs, "vae")
@@ -151,6 +180,29 @@ def run_jax(job: Job) -> dict:
     out["gemm_flops_per_s"] = gemm_rate(job.dtype)
     out["peak_rss"] = peak_rss()
     return out
+
+
+def controlled_unet_step(unet, controlnet, unet_params, control_params, x, t, context, cond):
+    """One UNet call with a ControlNet's residuals added (what a controlled sampler step costs)."""
+    down, mid = controlnet.apply({"params": control_params}, x, t, context, cond)
+    return unet.apply({"params": unet_params}, x, t, context, down_residuals=down, mid_residual=mid)
+
+
+def abstract_controlnet(config, dtype: str):
+    """A sdjax.ControlNet of `config` (a ControlNetConfig, or a ControlNet folder whose config.json to read)
+    whose parameters are shapes: enough to compile its programs, no weights read."""
+    import jax
+
+    import sdjax
+    from sdjax.convert.diffusers_folder import abstract_params
+    from sdjax.nn.config_utils import read_json
+    from sdjax.nn.controlnet import ControlNetConfig, ControlNetModel
+
+    if not isinstance(config, ControlNetConfig):
+        config = ControlNetConfig.from_dict(read_json(Path(config) / "config.json"), what=f"{config}/config.json")
+    module = ControlNetModel(config, dtype=jax.numpy.dtype(dtype))
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, module.dtype), abstract_params(module))
+    return sdjax.ControlNet(module, params)
 
 
 def _free(programs: dict, name: str) -> None:
@@ -175,14 +227,19 @@ def _compile(fn, *args):
 def run_torch(job: Job) -> dict:
     import diffusers
     import torch
+    from PIL import Image
 
     from sdjax.schedulers import SCHEDULERS
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[job.dtype]
     out: dict = {"framework": "pytorch", "device": "cpu", "threads": torch.get_num_threads()}
     start = time.perf_counter()
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(
-        job.model, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+    extra, pipeline_class = {}, diffusers.StableDiffusionPipeline
+    if job.controlnet:
+        extra["controlnet"] = diffusers.ControlNetModel.from_pretrained(job.controlnet, torch_dtype=torch_dtype)
+        pipeline_class = diffusers.StableDiffusionControlNetPipeline
+    pipe = pipeline_class.from_pretrained(
+        job.model, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False, **extra
     )
     family, options = SCHEDULERS[job.scheduler]
     pipe.scheduler = getattr(diffusers, family.diffusers_class).from_config(pipe.scheduler.config, **options)
@@ -199,10 +256,22 @@ def run_torch(job: Job) -> dict:
         x = torch.cat([noise, noise]).to(torch_dtype)
         t = torch.full((2 * job.batch,), 500.0)
         out["unet_step_s"] = _timed(lambda: pipe.unet(x, t, encoder_hidden_states=context).sample, job.inner)
+        if job.controlnet:
+            cond = torch.from_numpy(control_image(job).transpose(2, 0, 1)[None] / 255.0).to(torch_dtype)
+            cond = cond.repeat(2 * job.batch, 1, 1, 1)
+
+            def controlled():
+                down, mid = pipe.controlnet(x, t, context, cond, return_dict=False)
+                residuals = dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+                return pipe.unet(x, t, encoder_hidden_states=context, **residuals).sample
+
+            out["control_step_s"] = _timed(controlled, job.inner)
         z = (noise / pipe.vae.config.scaling_factor).to(torch_dtype)
         out["vae_decode_s"] = _timed(lambda: pipe.vae.decode(z).sample, job.inner)
         start = time.perf_counter()
+        condition = {"image": Image.fromarray(control_image(job))} if job.controlnet else {}
         result = pipe(
+            **condition,
             prompt=prompts,
             negative_prompt=negatives,
             num_inference_steps=job.steps,

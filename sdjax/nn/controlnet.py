@@ -93,6 +93,25 @@ class ControlNetConfig:
         up = tuple(_UP_OF_DOWN.get(t, t) for t in reversed(self.down_block_types))
         return UNetConfig(**fields, up_block_types=up)
 
+    @classmethod
+    def from_unet(
+        cls,
+        unet: UNetConfig,
+        *,
+        conditioning_channels: int = 3,
+        conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256),
+        controlnet_conditioning_channel_order: str = "rgb",
+    ) -> ControlNetConfig:
+        """The ControlNet of `unet`'s encoder, as diffusers' `ControlNetModel.from_unet` configures it: every
+        encoder field copied, the condition embedding as given (its 2^(len - 1) must be the VAE's factor)."""
+        shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(UNetConfig)}
+        return cls(
+            **{name: getattr(unet, name) for name in shared},
+            conditioning_channels=conditioning_channels,
+            conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels),
+            controlnet_conditioning_channel_order=controlnet_conditioning_channel_order,
+        )
+
     @property
     def residual_count(self) -> int:
         """The number of down-block residuals: conv_in's output, every layer's, every downsampler's."""
@@ -188,4 +207,52 @@ class ControlNetModel(nn.Module):
         )
 
 
-__all__ = ["ConditioningEmbedding", "ControlNetConfig", "ControlNetModel"]
+# the parameters a ControlNet shares with its UNet (diffusers' from_unet copies these)
+SHARED_WITH_UNET = ("conv_in", "time_embedding", "mid_block")
+
+
+def _torch_default(key: jax.Array, shape: tuple[int, ...], fan_in: int) -> jax.Array:
+    """PyTorch's default draw for a conv's weight and bias: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / np.sqrt(fan_in)
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+def params_from_unet(module: ControlNetModel, unet_params: dict, key: jax.Array) -> dict:
+    """Float32 starting parameters of `module` from its UNet's (diffusers' `from_unet` + the ControlNet's own
+    initialisation): conv_in, the time embedding, the down blocks and the mid block copied; the condition
+    embedding drawn as PyTorch initialises a conv (keyed by `key`) except its conv_out, which is zero as are
+    every `controlnet_down_blocks.k` and `controlnet_mid_block`, so the residuals start at exactly 0 and
+    training starts from the UNet's own images."""
+    shapes = jax.eval_shape(module.init, jax.random.key(0), *module.dummy_inputs())["params"]
+    copied = [name for name in shapes if name in SHARED_WITH_UNET or name.startswith("down_blocks.")]
+    params: dict[str, Any] = {}
+    for name in copied:
+        if name not in unet_params:
+            raise ValueError(f"the UNet has no {name} to copy into the ControlNet: not the UNet of this ControlNet")
+        want = jax.tree.map(lambda s: s.shape, shapes[name])
+        got = jax.tree.map(lambda a: tuple(a.shape), unet_params[name])
+        if want != got:
+            raise ValueError(
+                f"the UNet's {name} has other shapes than the ControlNet's: not the UNet of this ControlNet"
+            )
+        params[name] = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), unet_params[name])
+    embedding = {}
+    for i, (conv_name, leaves) in enumerate(sorted(shapes["controlnet_cond_embedding"].items())):
+        kernel = leaves["kernel"].shape
+        fan_in = int(np.prod(kernel[:-1]))
+        if conv_name == "conv_out":
+            embedding[conv_name] = {"kernel": jnp.zeros(kernel), "bias": jnp.zeros(leaves["bias"].shape)}
+            continue
+        k_kernel, k_bias = jax.random.split(jax.random.fold_in(key, i))
+        embedding[conv_name] = {
+            "kernel": _torch_default(k_kernel, kernel, fan_in),
+            "bias": _torch_default(k_bias, leaves["bias"].shape, fan_in),
+        }
+    params["controlnet_cond_embedding"] = embedding
+    for name, leaves in shapes.items():
+        if name.startswith("controlnet_down_blocks.") or name == "controlnet_mid_block":
+            params[name] = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), leaves)
+    return params
+
+
+__all__ = ["SHARED_WITH_UNET", "ConditioningEmbedding", "ControlNetConfig", "ControlNetModel", "params_from_unet"]
