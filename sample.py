@@ -89,6 +89,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME",
         help="turn --control-image into the condition: canny, scribble, tile, gray or none (once, or per ControlNet)",
     )
+    p.add_argument(
+        "--control-resize",
+        action="append",
+        default=[],
+        choices=["crop", "resize", "pad"],
+        help="fit --control-image to the output size as A1111: crop (Crop and Resize, default), resize (Just "
+        "Resize: stretched, as diffusers) or pad (Resize and Fill); before --preprocess (once, or per ControlNet)",
+    )
     p.add_argument("--control-scale", action="append", type=float, default=[], help="conditioning scale (default 1)")
     p.add_argument("--control-start", action="append", type=float, default=[], help="fraction of the steps (default 0)")
     p.add_argument("--control-end", action="append", type=float, default=[], help="fraction of the steps (default 1)")
@@ -124,7 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     n = len(args.controlnet)
     if len(args.control_image) != n:
         p.error(f"{len(args.control_image)} --control-image for {n} --controlnet: give one per ControlNet")
-    for name in ("preprocess", "control_scale", "control_start", "control_end"):
+    for name in ("preprocess", "control_resize", "control_scale", "control_start", "control_end"):
         given = getattr(args, name)
         if len(given) not in (0, 1, n) or (given and not n):
             p.error(
@@ -238,28 +246,33 @@ def _per_net(values: list, n: int, default) -> list:
     return values * n if len(values) == 1 else (values or [default] * n)
 
 
-def load_controls(args, dtype: str, progress: Progress) -> dict:
-    """The ControlNet options of `generate` from --controlnet/--control-image/--preprocess/--control-*
-    (empty without --controlnet): the ControlNets, their condition images (preprocessed) and settings."""
+# --control-resize -> A1111's name of the resize mode (its PNG "Resize Mode" field)
+RESIZE_MODES = {"crop": "Crop and Resize", "resize": "Just Resize", "pad": "Resize and Fill"}
+
+
+def load_controls(args, dtype: str, progress: Progress, size: tuple[int, int]) -> dict:
+    """The ControlNet options of `generate` from --controlnet/--control-image/--control-resize/--preprocess/
+    --control-* (empty without --controlnet): the ControlNets, their condition images (fitted to `size`, the
+    (width, height) drawn, then preprocessed) and settings."""
     if not args.controlnet:
         return {}
-    import numpy as np
-
     import sdjax
     from sdjax import control_images
     from sdjax import images as image_io
 
     n = len(args.controlnet)
     nets, conditions = [], []
-    for path, image, method in zip(
-        args.controlnet, args.control_image, _per_net(args.preprocess, n, "none"), strict=True
+    for path, image, fit, method in zip(
+        args.controlnet,
+        args.control_image,
+        _per_net(args.control_resize, n, "crop"),
+        _per_net(args.preprocess, n, "none"),
+        strict=True,
     ):
         progress.say(f"loading ControlNet {path}")
         nets.append(sdjax.load_controlnet(path, dtype=dtype))
-        opened = image_io.open_image(image, "control image")
-        conditions.append(
-            opened if method == "none" else control_images.preprocess(method, np.asarray(opened.convert("RGB")))
-        )
+        fitted = control_images.fit_to_size(image_io.open_image(image, "control image"), *size, mode=fit)
+        conditions.append(fitted if method == "none" else control_images.preprocess(method, fitted))
     return dict(
         controlnet=nets,
         control_image=conditions,
@@ -274,10 +287,11 @@ def control_parameters(args) -> dict[str, str]:
     """The PNG `parameters` fields of the ControlNets, as A1111's ControlNet extension writes them."""
     n = len(args.controlnet)
     fields = {}
-    for i, (path, method, scale, start, end) in enumerate(
+    for i, (path, method, fit, scale, start, end) in enumerate(
         zip(
             args.controlnet,
             _per_net(args.preprocess, n, "none"),
+            _per_net(args.control_resize, n, "crop"),
             _per_net(args.control_scale, n, 1.0),
             _per_net(args.control_start, n, 0.0),
             _per_net(args.control_end, n, 1.0),
@@ -287,8 +301,8 @@ def control_parameters(args) -> dict[str, str]:
         mode = "ControlNet is more important" if args.guess_mode else "Balanced"
         model = Path(path).name.removesuffix(".safetensors").removesuffix(".pth")
         fields[f"ControlNet {i}"] = (
-            f'"Module: {method}, Model: {model}, Weight: {scale:g}, Guidance Start: {start:g}, '
-            f'Guidance End: {end:g}, Control Mode: {mode}"'
+            f'"Module: {method}, Model: {model}, Weight: {scale:g}, Resize Mode: {RESIZE_MODES[fit]}, '
+            f'Guidance Start: {start:g}, Guidance End: {end:g}, Control Mode: {mode}"'
         )
     return fields
 
@@ -392,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = int(_host_max(len(chunks))) if multi else len(chunks)
     if steps == 0:
         return 0
-    controls = load_controls(args, model_dtype(args), progress)
+    controls = load_controls(args, model_dtype(args), progress, planned_size(base, args))
     compiled = None
     failed: list[Path] = []  # images that came out non-finite (not written)
     merged = {(): base}  # LoRA tag set -> pipeline with those LoRAs merged (parameters only: no recompile)

@@ -425,27 +425,45 @@ def test_sample_cli_with_controlnet(controlled, tmp_path, capsys):
     from PIL import Image
 
     import sample
-    from sdjax.control_images import canny
+    from sdjax.control_images import canny, fit_to_size
 
     folder, *_, pipe, _, nets = controlled
-    source = tmp_path / "photo.png"
-    Image.fromarray(np.clip(_condition(5).astype(int) * 0.7 + 40, 0, 255).astype(np.uint8)).save(source)
+    source = tmp_path / "photo.png"  # wider than the 64x64 output: A1111's default crops its sides
+    photo = np.concatenate([_condition(5), _condition(6)[:, :32]], axis=1)
+    Image.fromarray(np.clip(photo.astype(int) * 0.7 + 40, 0, 255).astype(np.uint8)).save(source)
     out = tmp_path / "out"
     args = ["a red cube", "--model", folder, "--controlnet", folder.parent / "cn3", "--control-image", source]
     args += ["--preprocess", "canny", "--control-scale", "0.8", "--steps", "3", "--out", out, "--no-progress"]
     assert sample.cli([str(a) for a in args]) == 0, capsys.readouterr().err
     written = out / "00000-0.png"
     text = Image.open(written).info["parameters"]
-    assert 'ControlNet 0: "Module: canny, Model: cn3, Weight: 0.8, Guidance Start: 0, Guidance End: 1' in text
+    assert (
+        'ControlNet 0: "Module: canny, Model: cn3, Weight: 0.8, Resize Mode: Crop and Resize, Guidance Start: 0, '
+        "Guidance End: 1" in text
+    )
     want = pipe.generate(
         "a red cube",
         num_inference_steps=3,
         seed=0,
         controlnet=nets[0],
-        control_image=canny(np.asarray(Image.open(source).convert("RGB"))),
+        control_image=canny(fit_to_size(Image.open(source), 64, 64, mode="crop")),
         controlnet_conditioning_scale=0.8,
     )[0]
     assert np.abs(np.asarray(Image.open(written)).astype(int) - want.astype(int)).max() <= 1
+    # --control-resize resize: stretched to the output size as diffusers does
+    args[args.index(out)] = tmp_path / "stretched"
+    assert sample.cli([str(a) for a in [*args, "--control-resize", "resize"]]) == 0, capsys.readouterr().err
+    stretched = Image.open(tmp_path / "stretched" / "00000-0.png")
+    assert "Resize Mode: Just Resize" in stretched.info["parameters"]
+    want = pipe.generate(
+        "a red cube",
+        num_inference_steps=3,
+        seed=0,
+        controlnet=nets[0],
+        control_image=canny(fit_to_size(Image.open(source), 64, 64, mode="resize")),
+        controlnet_conditioning_scale=0.8,
+    )[0]
+    assert np.abs(np.asarray(stretched).astype(int) - want.astype(int)).max() <= 1
 
     for extra, message in [
         (["--controlnet", folder.parent / "cn3"], "0 --control-image for 1 --controlnet"),
