@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import ml_dtypes
@@ -272,3 +273,53 @@ def test_loaded_params_never_share_the_callers_arrays():
     params = keymap.torch_to_params(source, {"w": entry})
     source["w"][...] = 2.0
     np.testing.assert_array_equal(params["w"], np.ones((64, 64), np.float32))
+
+
+def test_parameter_shapes_are_traced_once_per_architecture(tmp_path, monkeypatch):
+    """abstract_params traces a module once, writes its shapes to the cache folder, and a later process (here:
+    the in-process memo cleared) reads them instead of tracing: the same tree, shapes and dtypes. Another
+    config is another entry; a damaged entry is traced again and rewritten; with the cache off nothing is
+    written. The folder is param-shapes/ in the compilation cache in use."""
+    from sdjax.convert import param_shapes
+    from sdjax.nn.unet import UNet2DConditionModel, UNetConfig
+
+    monkeypatch.setattr(param_shapes, "_directory", lambda: tmp_path / "cache" / "param-shapes")
+    module = UNet2DConditionModel(UNetConfig.from_dict(dict(TINY_UNET)))
+    param_shapes._remembered.cache_clear()
+    traced = param_shapes.abstract_params(module)
+    entries = list((tmp_path / "cache" / "param-shapes").glob("*.json"))
+    assert len(entries) == 1
+
+    param_shapes._remembered.cache_clear()
+    calls = []
+    real = jax.eval_shape
+    monkeypatch.setattr(jax, "eval_shape", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cached = param_shapes.abstract_params(module)
+    assert not calls
+    flat = lambda tree: [(p, s.shape, s.dtype) for p, s in jax.tree_util.tree_flatten_with_path(tree)[0]]  # noqa: E731
+    assert flat(cached) == flat(traced) and len(flat(cached)) > 50
+
+    wider = UNet2DConditionModel(UNetConfig.from_dict(dict(TINY_UNET, block_out_channels=[32, 96])))
+    param_shapes.abstract_params(wider)
+    assert len(calls) == 1 and len(list(entries[0].parent.glob("*.json"))) == 2
+
+    entries[0].write_text("{not json")
+    param_shapes._remembered.cache_clear()
+    assert flat(param_shapes.abstract_params(module)) == flat(traced)
+    assert len(calls) == 2 and json.loads(entries[0].read_text())["leaves"]
+
+    monkeypatch.setattr(param_shapes, "_directory", lambda: None)  # the compilation cache is off
+    param_shapes._remembered.cache_clear()
+    shutil.rmtree(tmp_path / "cache")
+    assert flat(param_shapes.abstract_params(module)) == flat(traced)
+    assert not (tmp_path / "cache").exists()
+    monkeypatch.undo()
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        assert param_shapes._directory() is None
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+    configured = jax.config.jax_compilation_cache_dir
+    if configured and enabled:
+        assert param_shapes._directory() == Path(configured) / "param-shapes"

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from sdjax import files
 from sdjax.convert.keymap import Entry, build_keymap, params_to_torch, torch_to_params
+from sdjax.convert.param_shapes import abstract_params
 from sdjax.convert.parts import ModelParts
 from sdjax.convert.tensor_files import ShardedTensors, save_safetensors
 from sdjax.convert.textual_inversion import restore_multi_vector
@@ -79,12 +80,6 @@ def weight_files(directory: Path, stem: str, variant: str | None = None) -> list
         )
     wanted = f"{stem}.{variant}.safetensors" if variant else f"{stem}.safetensors"
     raise FileNotFoundError(f"no weights in {directory}: expected {wanted} (or a sharded index)")
-
-
-def abstract_params(module) -> dict:
-    """Shapes and dtypes of every parameter of `module`, without allocating them."""
-    variables = jax.eval_shape(module.init, jax.random.key(0), *module.dummy_inputs())
-    return variables["params"]
 
 
 def keymap_for(spec: ComponentSpec, module) -> dict[str, Entry]:
