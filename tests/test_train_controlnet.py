@@ -295,6 +295,7 @@ def red_centre(image) -> np.ndarray | None:
     return np.array([(redness * xs).sum(), (redness * ys).sum()]) / redness.sum()
 
 
+@pytest.mark.slow  # 2.5 min alone, 6 beside another test file: long training (see the README)
 def test_a_trained_controlnet_puts_the_square_where_the_condition_says(tmp_path):
     """The workflow end to end on the bundled demo model (64x64 images, a trained VAE): a full fine-tune
     teaches its UNet red squares at random places (150 steps), then a ControlNet made from that UNet learns
