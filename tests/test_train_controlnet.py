@@ -334,3 +334,49 @@ def test_a_trained_controlnet_puts_the_square_where_the_condition_says(tmp_path)
     # the squares' centres lie within [10, 54]^2: a centre placed independently of the condition is ~20 px off
     assert errors[1.0] <= 8.0
     assert errors[0.0] >= 2.5 * errors[1.0]
+
+
+def test_condition_images_are_cropped_and_flipped_with_their_images(micro, tmp_path):
+    """With random crops and flips (and with cached latents), every row's condition image is cut and
+    mirrored exactly as its training image: here each condition is a copy of its image, so the two agree
+    pixel for pixel (the condition in [0, 1], the image in [-1, 1])."""
+    from train.data import Batches, scan_folder
+
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    lines = []
+    for i in range(4):
+        pixels = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)  # wider than tall: crops differ
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+        Image.fromarray(pixels).save(folder / f"{i}_c.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "conditioning_image": f"{i}_c.png", "text": "noise"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    examples = scan_folder(folder, condition_column="conditioning_image")
+    for center_crop, cache in ((False, False), (True, True)):
+        config = TrainConfig(
+            model=str(micro),
+            mode="controlnet",
+            images=Images(resolution=16, center_crop=center_crop, random_flip=True, cache_latents=cache),
+            optim=Optim(batch_size=4),
+            controlnet=ControlNetTraining(embedding_channels=(8, 16)),
+        )
+        setup = model.make_setup(config, model.load_start(config))
+        latents = None
+        if cache:
+            from train.data import encode_latent_cache
+
+            latents = encode_latent_cache(setup, examples)
+        batches = Batches(setup, examples, [], 1, latents)
+        controls = []
+        for step in range(4):
+            rows = batches.micro(step, 0)
+            assert rows["control"].shape == (4, 16, 16, 3)
+            controls += [c.tobytes() for c in rows["control"]]
+            if cache:
+                assert "moments" in rows and "pixels" not in rows
+            else:
+                np.testing.assert_allclose(rows["control"] * 2.0 - 1.0, rows["pixels"], atol=1e-6)
+        # 16 rows of 4 images: random crops and flips give more than 4 different conditions, center crops
+        # with flips at most 8
+        assert len(set(controls)) > 8 if not center_crop else 4 <= len(set(controls)) <= 8
