@@ -85,7 +85,8 @@ def train_step(state, frozen, batch, *, setup, optimizer) -> tuple[dict, dict]:
 
     Gradients of the summed weighted row losses are accumulated over the micro-batches (`lax.scan`) and
     divided by the number of counted rows, so the update is that of the mean loss over the whole
-    effective batch, whatever the micro-batch split or the device count.
+    effective batch, whatever the micro-batch split or the device count (each row's draws depend on the
+    step and its row id only).
     """
     from train.model import assemble
 
@@ -99,17 +100,17 @@ def train_step(state, frozen, batch, *, setup, optimizer) -> tuple[dict, dict]:
 
     grad_fn = jax.value_and_grad(summed_loss, has_aux=True)
 
-    def accumulate(carry, xs):
+    def accumulate(carry, micro):
         grads, total, count = carry
-        micro, index = xs
-        (loss_sum, n), g = grad_fn(state["params"], micro, jax.random.fold_in(key, index))
+        # every row's randomness comes from (step key, its row id), unique in the run: a row draws the same
+        # noise and timestep whichever micro-batch it is in, so accumulation equals the large batch
+        (loss_sum, n), g = grad_fn(state["params"], micro, key)
         grads = jax.tree.map(jnp.add, grads, g)
         return (grads, total + loss_sum, count + n), None
 
     zeros = jax.tree.map(jnp.zeros_like, state["params"])
-    accum = jax.tree.leaves(batch)[0].shape[0]
     init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (grads, total, count), _ = jax.lax.scan(accumulate, init, (batch, jnp.arange(accum)))
+    (grads, total, count), _ = jax.lax.scan(accumulate, init, batch)
     count = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / count, grads)
     grad_norm = optax.tree.norm(grads)
