@@ -390,8 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     sampler = args.scheduler or base.scheduler_config.get("_class_name", "default")
     describe = functools.partial(image_parameters, args, prompts, seeds, model_name, sampler)
     done = [i for i in own if paths[i].exists()]
+    size = planned_size(base, args)  # (width, height) drawn: for resuming and for fitting control images
     if args.prompts_file:  # resume by content: an image there must be the one this command would draw
-        size = planned_size(base, args)
         done = [i for i in done if not _redraw(paths[i], describe(i, size), args.overwrite)]
     skipped = set(done)
     todo = [i for i in own if i not in skipped]
@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = int(_host_max(len(chunks))) if multi else len(chunks)
     if steps == 0:
         return 0
-    controls = load_controls(args, model_dtype(args), progress, planned_size(base, args))
+    controls = load_controls(args, model_dtype(args), progress, size)
     compiled = None
     failed: list[Path] = []  # images that came out non-finite (not written)
     merged = {(): base}  # LoRA tag set -> pipeline with those LoRAs merged (parameters only: no recompile)

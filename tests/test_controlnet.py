@@ -441,29 +441,20 @@ def test_sample_cli_with_controlnet(controlled, tmp_path, capsys):
         'ControlNet 0: "Module: canny, Model: cn3, Weight: 0.8, Resize Mode: Crop and Resize, Guidance Start: 0, '
         "Guidance End: 1" in text
     )
-    want = pipe.generate(
-        "a red cube",
-        num_inference_steps=3,
-        seed=0,
-        controlnet=nets[0],
-        control_image=canny(fit_to_size(Image.open(source), 64, 64, mode="crop")),
-        controlnet_conditioning_scale=0.8,
-    )[0]
-    assert np.abs(np.asarray(Image.open(written)).astype(int) - want.astype(int)).max() <= 1
+
+    def drawn_with(fit: str) -> np.ndarray:
+        """The API's image for the control image fitted by `fit`, then canny."""
+        condition = canny(fit_to_size(Image.open(source), 64, 64, mode=fit))
+        kwargs = dict(controlnet=nets[0], control_image=condition, controlnet_conditioning_scale=0.8)
+        return pipe.generate("a red cube", num_inference_steps=3, seed=0, **kwargs)[0].astype(int)
+
+    assert np.abs(np.asarray(Image.open(written)).astype(int) - drawn_with("crop")).max() <= 1
     # --control-resize resize: stretched to the output size as diffusers does
     args[args.index(out)] = tmp_path / "stretched"
     assert sample.cli([str(a) for a in [*args, "--control-resize", "resize"]]) == 0, capsys.readouterr().err
     stretched = Image.open(tmp_path / "stretched" / "00000-0.png")
     assert "Resize Mode: Just Resize" in stretched.info["parameters"]
-    want = pipe.generate(
-        "a red cube",
-        num_inference_steps=3,
-        seed=0,
-        controlnet=nets[0],
-        control_image=canny(fit_to_size(Image.open(source), 64, 64, mode="resize")),
-        controlnet_conditioning_scale=0.8,
-    )[0]
-    assert np.abs(np.asarray(stretched).astype(int) - want.astype(int)).max() <= 1
+    assert np.abs(np.asarray(stretched).astype(int) - drawn_with("resize")).max() <= 1
 
     for extra, message in [
         (["--controlnet", folder.parent / "cn3"], "0 --control-image for 1 --controlnet"),

@@ -133,17 +133,21 @@ def _write_metrics(path: Path, rows: list[dict]) -> None:
     files.write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
-def _sample_controls(cfg: TrainConfig, examples) -> list[Path]:
-    """Mode controlnet: the condition image of each sample prompt (controlnet_sample_images, one for all
-    or one per prompt; default: those of the first training images, in the data set's order)."""
+def _sample_controls(cfg: TrainConfig, examples) -> list:
+    """Mode controlnet: the condition image (PIL, read once per run) of each sample prompt
+    (controlnet_sample_images, one for all or one per prompt; default: those of the first training
+    images, in the data set's order)."""
+    from sdjax import images as image_io
+
     prompts = cfg.outputs.sample_prompts
     given = [Path(p).expanduser() for p in cfg.controlnet.sample_images]
-    if given:
-        for path in given:
-            if not path.is_file():
-                raise model.SetupError(f"controlnet sample image {path} does not exist")
-        return given * len(prompts) if len(given) == 1 else given
-    return [examples[k % len(examples)].condition for k in range(len(prompts))]
+    for path in given:
+        if not path.is_file():
+            raise model.SetupError(f"controlnet sample image {path} does not exist")
+    if len(given) == 1:
+        given = given * len(prompts)
+    paths = given or [examples[k % len(examples)].condition for k in range(len(prompts))]
+    return [image_io.open_image(path, "controlnet sample image") for path in paths]
 
 
 def _samples(setup: model.Setup, trainable_host, output: Path, step: int, controls=()) -> None:
@@ -154,19 +158,13 @@ def _samples(setup: model.Setup, trainable_host, output: Path, step: int, contro
     outputs = cfg.outputs
     if not outputs.sample_prompts or not _is_main() or cfg.mode == "vae":
         return
-    from PIL import Image
-
     from sdjax import images as image_io
     from sdjax.generate import NonFiniteImageError
 
     control = {}
     if cfg.mode == "controlnet":
         pipe = setup.pipe
-        opened = []
-        for path in controls:
-            with Image.open(path) as img:
-                opened.append(img.copy())
-        control = {"controlnet": model.trained_controlnet(setup, trainable_host), "control_image": opened}
+        control = {"controlnet": model.trained_controlnet(setup, trainable_host), "control_image": list(controls)}
     else:
         pipe = model.trained_pipeline(setup, trainable_host)
     try:

@@ -194,13 +194,13 @@ def abstract_controlnet(config, dtype: str):
     import jax
 
     import sdjax
-    from sdjax.convert.diffusers_folder import abstract_params
-    from sdjax.nn.config_utils import read_json
+    from sdjax.convert.diffusers_folder import CONTROLNET, abstract_component, abstract_params
+    from sdjax.nn.config_utils import resolve_dtype
     from sdjax.nn.controlnet import ControlNetConfig, ControlNetModel
 
     if not isinstance(config, ControlNetConfig):
-        config = ControlNetConfig.from_dict(read_json(Path(config) / "config.json"), what=f"{config}/config.json")
-    module = ControlNetModel(config, dtype=jax.numpy.dtype(dtype))
+        return sdjax.ControlNet(*abstract_component(Path(config), CONTROLNET, resolve_dtype(dtype)))
+    module = ControlNetModel(config, dtype=resolve_dtype(dtype))
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, module.dtype), abstract_params(module))
     return sdjax.ControlNet(module, params)
 
