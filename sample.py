@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import json
 import math
 import os
 import sys
@@ -53,6 +54,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-dir", default=None, help="folder searched for the prompts' <lora:name:w> tags")
     p.add_argument("--embedding", action="append", default=[], metavar="FILE", help="textual inversion (repeatable)")
     p.add_argument("--negative-prompt", default="", help="negative prompt for every image")
+    p.add_argument("--prompt-2", default=None, help="SDXL: the second text encoder's prompt (default: the prompt)")
+    p.add_argument("--negative-prompt-2", default=None, help="SDXL: the second encoder's negative prompt")
+    for flag, what in (("original-size", "original size"), ("target-size", "target size"), ("crop", "crop top-left")):
+        p.add_argument(
+            f"--{flag}",
+            type=_pair,
+            default=None,
+            metavar="HxW" if flag != "crop" else "TOPxLEFT",
+            help=f"SDXL micro-conditioning: the {what} told to the UNet",
+        )
+    p.add_argument("--aesthetic-score", type=float, default=6.0, help="SDXL refiner micro-conditioning (default 6)")
     p.add_argument("--steps", type=int, default=30, help="inference steps (default 30)")
     p.add_argument("--scheduler", default=None, help=f"one of {', '.join(NAMES)} (default: the model's own)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
@@ -210,6 +222,14 @@ def model_dtype(args) -> str:
     import jax
 
     return args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+
+
+def _pair(text: str) -> tuple[int, int]:
+    """ "1024x768" -> (1024, 768) (for SDXL's sizes: height x width; crop: top x left)."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+        raise argparse.ArgumentTypeError(f"expected two integers such as 1024x1024, got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 def model_shapes(args):
@@ -415,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         return prepare(
             pipe,
             rows_prompts,
-            args.negative_prompt,
+            args.negative_prompt or None,  # none: SDXL's zero embeddings (A1111, diffusers); SD 1/2: ""
             seed=[seeds[i] for i in chunk] or [seeds[0]],
             pad_to=rows,  # a short last batch runs in the same program, drawing only its own images
             min_windows=windows,  # every prompt as long as the longest: one program for the whole job
@@ -480,6 +500,9 @@ def image_parameters(args, prompts, seeds, model_name, sampler, i: int, size: tu
     if args.clip_skip:
         extra["Clip skip"] = args.clip_skip + 1
     extra.update(control_parameters(args))
+    for name, value in sdxl_options(args).items():  # recorded so that resuming compares them
+        text = "x".join(map(str, value)) if isinstance(value, tuple) else str(value)
+        extra[SDXL_FIELDS[name]] = json.dumps(text) if any(c in text for c in ',:\n"') else text  # A1111's quoting
     return image_io.a1111_parameters(
         prompts[i],
         args.negative_prompt,
@@ -509,7 +532,34 @@ def generate_options(args) -> dict:
         clip_skip=args.clip_skip,
         micro_batch_size=args.micro_batch,
         vae_tiling=args.vae_tiling,
+        **sdxl_options(args),
     )
+
+
+# PNG `parameters` names of the SDXL options (A1111 records none of them; Size is the target size there)
+SDXL_FIELDS = {
+    "prompt_2": "Prompt 2",
+    "negative_prompt_2": "Negative prompt 2",
+    "original_size": "Original size",
+    "target_size": "Target size",
+    "crops_coords_top_left": "Crop top-left",
+    "aesthetic_score": "Aesthetic score",
+}
+
+
+def sdxl_options(args) -> dict:
+    """The SDXL `generate` options given on the command line (none by default: other models refuse them)."""
+    given = dict(
+        prompt_2=args.prompt_2,
+        negative_prompt_2=args.negative_prompt_2,
+        original_size=args.original_size,
+        target_size=args.target_size,
+        crops_coords_top_left=args.crop,
+    )
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.aesthetic_score != 6.0:
+        given["aesthetic_score"] = args.aesthetic_score
+    return given
 
 
 def planned_size(pipe, args) -> tuple[int, int]:

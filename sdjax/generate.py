@@ -28,7 +28,7 @@ from sdjax.keys import normal_rows, seed_keys, split_rows
 from sdjax.memory import release_free_memory
 from sdjax.nn.lora import apply_adapters
 from sdjax.nn.vae import decode_tiled, encode_sample
-from sdjax.prompts import encode_prompt_windows
+from sdjax.prompts import encode_prompt_windows, encode_sdxl_prompt_windows
 from sdjax.schedulers import Scheduler, loop
 from sdjax.sharding import BATCH_AXES, global_batch, local_rows, shard_params
 from sdjax.xla_options import compiler_options
@@ -84,6 +84,10 @@ class Inputs:
     adapters, adapter_scales: unmerged LoRAs (`sdjax.nn.lora` adapter pytrees) and their scales
       {"unet": (n,), "text_encoder": (n,)}, applied inside the program (another LoRA of the same shapes or
       another scale does not recompile), else None.
+    ids_2, weights_2: SDXL: (B, 2, windows*77) the second tokenizer's, else None.
+    time_ids: SDXL: float32 (B, 2, N) each image's [negative, positive] micro-conditioning, else None.
+    zero_negative: SDXL: bool[], True for zero unconditional embeddings (no negative prompt, on a model
+      with `force_zeros_for_empty_prompt`), else None.
     control_image: (B, n, H, W, 3) condition images in [0, 1], one per ControlNet of `plan.controlnets`;
     control_params: their parameters (a tuple); control_scale, control_start, control_end: f32 (n,)
       conditioning scales and the fractions of the model calls where each acts ([start, end)); else None.
@@ -107,6 +111,10 @@ class Inputs:
     control_scale: jax.Array | None = None
     control_start: jax.Array | None = None
     control_end: jax.Array | None = None
+    ids_2: jax.Array | None = None
+    weights_2: jax.Array | None = None
+    time_ids: jax.Array | None = None
+    zero_negative: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(
@@ -114,8 +122,29 @@ jax.tree_util.register_dataclass(
     data_fields=[f.name for f in dataclasses.fields(Inputs)],
     meta_fields=[],
 )
-_PER_IMAGE = ("ids", "weights", "seeds", "valid", "noise", "image", "mask", "control_image")
-_SHARED = ("guidance", "guidance_rescale", "num_steps", "strength", "control_scale", "control_start", "control_end")
+_PER_IMAGE = (
+    "ids",
+    "weights",
+    "seeds",
+    "valid",
+    "noise",
+    "image",
+    "mask",
+    "control_image",
+    "ids_2",
+    "weights_2",
+    "time_ids",
+)
+_SHARED = (
+    "guidance",
+    "guidance_rescale",
+    "num_steps",
+    "strength",
+    "control_scale",
+    "control_start",
+    "control_end",
+    "zero_negative",
+)
 
 
 def rescale_guidance(cfg_BHWC, text_BHWC, rescale):
@@ -155,9 +184,10 @@ def _control_residuals(control, x_2BHWC, t, context_2BLD, call):
     return down_sum, mid_sum
 
 
-def _guided_model(unet, unet_params, context_2BLD, extra_2BHWC, control=None):
+def _guided_model(unet, unet_params, context_2BLD, extra_2BHWC, control=None, added=None):
     """model_fn for the loop: one UNet call on [uncond; cond] (with the residuals of `control`'s ControlNets,
-    see `_control_residuals`), then classifier-free guidance.
+    see `_control_residuals`, and SDXL's `added` text embeddings and time ids), then classifier-free
+    guidance.
 
     With guidance <= 1 the result is the conditional prediction, as diffusers (which then skips the
     unconditional half); with guidance_rescale == 0 it is plain CFG, bit for bit.
@@ -171,7 +201,7 @@ def _guided_model(unet, unet_params, context_2BLD, extra_2BHWC, control=None):
             residuals = {"down_residuals": down, "mid_residual": mid}
         if extra_2BHWC is not None:
             x2 = jnp.concatenate([x2, extra_2BHWC.astype(x2.dtype)], axis=-1)
-        out = unet.apply({"params": unet_params}, x2, t, context_2BLD, **residuals)
+        out = unet.apply({"params": unet_params}, x2, t, context_2BLD, **residuals, **(added or {}))
         uncond, text = jnp.split(out, 2, axis=0)
         cfg = uncond + guidance.astype(out.dtype) * (text - uncond)
         cfg = jnp.where(rescale > 0, rescale_guidance(cfg, text, rescale.astype(out.dtype)), cfg)
@@ -180,10 +210,11 @@ def _guided_model(unet, unet_params, context_2BLD, extra_2BHWC, control=None):
     return model_fn
 
 
-def _decode(vae, vae_params, latents_BHWC, scaling_factor, tiled: bool = False):
+def _decode(vae, vae_params, latents_BHWC, scaling_factor, tiled: bool = False, upcast: bool = False):
     """Latents -> (uint8 images (B, H, W, 3), whether each image's decoded pixels are all finite (B,)); a
-    float16 VAE that overflows is re-run in float32. `tiled` decodes in overlapping tiles as diffusers'
-    `enable_tiling` (`sdjax.nn.vae.decode_tiled`)."""
+    float16 VAE that overflows is re-run in float32, and with `upcast` (SDXL's pipelines, for a VAE whose
+    config says `force_upcast`) a float16 VAE decodes in float32 from the start. `tiled` decodes in
+    overlapping tiles as diffusers' `enable_tiling` (`sdjax.nn.vae.decode_tiled`)."""
 
     def decode(params, module):
         z = (latents_BHWC / scaling_factor).astype(module.dtype)
@@ -191,16 +222,21 @@ def _decode(vae, vae_params, latents_BHWC, scaling_factor, tiled: bool = False):
             return decode_tiled(module, params, z).astype(jnp.float32)
         return module.apply({"params": params}, z, method="decode").astype(jnp.float32)
 
-    image = decode(vae_params, vae)
     if vae.dtype == jnp.float16:
         vae32 = vae.clone(dtype=jnp.float32)
         params32 = jax.tree.map(lambda p: p.astype(jnp.float32), vae_params)
-        image = jax.lax.cond(jnp.all(jnp.isfinite(image)), lambda: image, lambda: decode(params32, vae32))
+        if upcast:
+            image = decode(params32, vae32)
+        else:
+            image = decode(vae_params, vae)
+            image = jax.lax.cond(jnp.all(jnp.isfinite(image)), lambda: image, lambda: decode(params32, vae32))
+    else:
+        image = decode(vae_params, vae)
     finite = jnp.all(jnp.isfinite(image), axis=(1, 2, 3))
     return jnp.round(jnp.clip(image / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8), finite
 
 
-def _run(params: dict[str, Any], inputs: Inputs, *, unet, vae, text_encoder, plan: Plan) -> Drawn:
+def _run(params: dict[str, Any], inputs: Inputs, *, unet, vae, text_encoder, plan: Plan, text_encoder_2=None) -> Drawn:
     """One generation call -> Drawn(uint8 images (B, H, W, 3), finite (B,)). See the module docstring for
     what is traced.
 
@@ -214,7 +250,8 @@ def _run(params: dict[str, Any], inputs: Inputs, *, unet, vae, text_encoder, pla
         params = {**params, "controlnets": inputs.control_params}
     per_image = {k: getattr(inputs, k) for k in _PER_IMAGE if getattr(inputs, k) is not None}
     shared = {k: getattr(inputs, k) for k in _SHARED}
-    draw = functools.partial(_draw_rows, unet=unet, vae=vae, text_encoder=text_encoder, plan=plan)
+    encoders = (text_encoder, text_encoder_2)
+    draw = functools.partial(_draw_rows, unet=unet, vae=vae, text_encoders=encoders, plan=plan)
     if plan.mesh is None:
         return draw(params, per_image, shared)
     batch = PartitionSpec(BATCH_AXES)
@@ -233,12 +270,15 @@ def _run(params: dict[str, Any], inputs: Inputs, *, unet, vae, text_encoder, pla
 @functools.cache
 def program(backend: str | None = None):
     """`_run` jitted for a backend (default: JAX's default) with its compiler options
-    (`sdjax.xla_options`); static: unet, vae, text_encoder, plan."""
+    (`sdjax.xla_options`); static: unet, vae, text_encoder, plan, text_encoder_2 (SDXL's, else None)."""
     options = compiler_options(backend)
-    return jax.jit(_run, static_argnames=("unet", "vae", "text_encoder", "plan"), compiler_options=options)
+    static = ("unet", "vae", "text_encoder", "plan", "text_encoder_2")
+    return jax.jit(_run, static_argnames=static, compiler_options=options)
 
 
-def _draw_rows(params, per_image: dict[str, jax.Array], shared: dict[str, jax.Array], *, unet, vae, text_encoder, plan):
+def _draw_rows(
+    params, per_image: dict[str, jax.Array], shared: dict[str, jax.Array], *, unet, vae, text_encoders, plan
+):
     """The rows of one device -> Drawn(uint8 (rows, H, W, 3), finite (rows,)), in groups of
     `plan.micro_batch` images.
 
@@ -263,7 +303,7 @@ def _draw_rows(params, per_image: dict[str, jax.Array], shared: dict[str, jax.Ar
 
         def draw():
             images, finite = _generate_group(
-                params, group, shared, unet=unet, vae=vae, text_encoder=text_encoder, plan=plan
+                params, group, shared, unet=unet, vae=vae, text_encoders=text_encoders, plan=plan
             )
             valid = group["valid"]
             return Drawn(jnp.where(valid[:, None, None, None], images, 0), finite | ~valid)
@@ -277,7 +317,7 @@ def _draw_rows(params, per_image: dict[str, jax.Array], shared: dict[str, jax.Ar
 
 
 def _generate_group(
-    params, group: dict[str, jax.Array], shared: dict[str, jax.Array], *, unet, vae, text_encoder, plan
+    params, group: dict[str, jax.Array], shared: dict[str, jax.Array], *, unet, vae, text_encoders, plan
 ):
     """Text encoding, the denoising loop and the decode for one group of images -> (uint8 (m, H, W, 3),
     finite (m,)).
@@ -292,11 +332,15 @@ def _generate_group(
     noise_keys, sampler_keys, vae_keys = split_rows(seed_keys(group["seeds"]), 3)
     dtype = unet.dtype
 
-    te = params["text_encoder"]
-    ids, weights = group["ids"], group["weights"]
-    negative = encode_prompt_windows(text_encoder, te, ids[:, 0], weights[:, 0])
-    positive = encode_prompt_windows(text_encoder, te, ids[:, 1], weights[:, 1], clip_skip=plan.clip_skip)
-    context = jnp.concatenate([negative, positive], axis=0).astype(dtype)
+    if text_encoders[1] is None:
+        text_encoder, te = text_encoders[0], params["text_encoder"]
+        ids, weights = group["ids"], group["weights"]
+        negative = encode_prompt_windows(text_encoder, te, ids[:, 0], weights[:, 0])
+        positive = encode_prompt_windows(text_encoder, te, ids[:, 1], weights[:, 1], clip_skip=plan.clip_skip)
+        context = jnp.concatenate([negative, positive], axis=0).astype(dtype)
+        added = None
+    else:
+        context, added = _sdxl_conditioning(params, group, shared, text_encoders, plan.clip_skip, dtype)
 
     noise = group["noise"] if plan.noise_given else normal_rows(noise_keys, latent_shape)
     noise = noise.astype(jnp.float32)
@@ -344,7 +388,7 @@ def _generate_group(
             shared["control_end"],
             plan.guess_mode,
         )
-    model_fn = _guided_model(unet, params["unet"], context, extra, control)
+    model_fn = _guided_model(unet, params["unet"], context, extra, control, added)
     latents = loop.sample(
         scheduler,
         model_fn,
@@ -360,7 +404,32 @@ def _generate_group(
         model_dtype=dtype,
         pass_call=bool(plan.controlnets),
     )
-    return _decode(vae, params["vae"], latents, sf, tiled=plan.vae_tiling)
+    upcast = text_encoders[1] is not None and vae.config.force_upcast
+    return _decode(vae, params["vae"], latents, sf, tiled=plan.vae_tiling, upcast=upcast)
+
+
+def _sdxl_conditioning(params, group, shared, text_encoders, clip_skip, dtype):
+    """SDXL's UNet inputs for [negative; positive] rows (2m): the context (2m, W*77, D1 + D2), both
+    encoders' states side by side, and {"text_embeds_BD": the second encoder's pooled projection (2m, P),
+    "time_ids_BN": (2m, N)}. The negative half is zeros when `shared["zero_negative"]`, as diffusers."""
+    halves = []
+    for half, skip in ((0, None), (1, clip_skip)):
+        states, pooled = [], None
+        for encoder, name, suffix in zip(text_encoders, ("text_encoder", "text_encoder_2"), ("", "_2"), strict=True):
+            ids, weights = group["ids" + suffix][:, half], group["weights" + suffix][:, half]
+            z, pooled = encode_sdxl_prompt_windows(encoder, params[name], ids, weights, clip_skip=skip)
+            states.append(z.astype(jnp.float32))
+        halves.append((jnp.concatenate(states, axis=-1), pooled.astype(jnp.float32)))
+    zero = shared["zero_negative"]
+    (negative, negative_pooled), (positive, pooled) = halves
+    negative, negative_pooled = (jnp.where(zero, jnp.zeros_like(x), x) for x in (negative, negative_pooled))
+    context = jnp.concatenate([negative, positive], axis=0).astype(dtype)
+    time_ids = group["time_ids"]
+    added = {
+        "text_embeds_BD": jnp.concatenate([negative_pooled, pooled], axis=0).astype(dtype),
+        "time_ids_BN": jnp.concatenate([time_ids[:, 0], time_ids[:, 1]], axis=0),
+    }
+    return context, added
 
 
 def place_inputs(inputs: Inputs, mesh: Mesh | None) -> Inputs:
@@ -389,12 +458,17 @@ class Compiled:
         return self.executable(params, inputs)
 
 
+def modules(pipe) -> dict[str, Any]:
+    """The program's static module arguments of a pipeline: unet, vae, text_encoder, text_encoder_2."""
+    return dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, text_encoder_2=pipe.text_encoder_2)
+
+
 def compile_generate(pipe, plan: Plan, inputs: Inputs, on_step=None, params=None) -> Compiled:
     """Compiles the program for `plan` now (so that compile time can be reported apart from sampling time).
     `inputs` are placed ones (`place_inputs`); `params` default to the pipeline's."""
     plan = dataclasses.replace(plan, on_step=on_step)
     params = pipe.params if params is None else params
-    lowered = program().lower(params, inputs, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, plan=plan)
+    lowered = program().lower(params, inputs, plan=plan, **modules(pipe))
     compiled = Compiled(dataclasses.replace(plan, on_step=None), lowered.compile())
     release_free_memory()  # the compiler's freed memory (see sdjax.memory)
     return compiled
@@ -407,7 +481,7 @@ def draw_images(pipe, plan: Plan, inputs: Inputs) -> np.ndarray:
     drawn = int(inputs.valid.sum())
     params = place_params(pipe.params, plan.mesh)
     placed = place_inputs(inputs, plan.mesh)
-    out = program()(params, placed, unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, plan=plan)
+    out = program()(params, placed, plan=plan, **modules(pipe))
     images, finite = jax.device_get(out) if plan.mesh is None else jax.tree.map(local_rows, out)
     release_free_memory()  # what a first call's compile freed (see sdjax.memory)
     check_finite(finite[:drawn])

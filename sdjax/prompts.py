@@ -67,6 +67,7 @@ from sdjax.tokenizer import CLIPTokenizer
 __all__ = [
     "LoraTag",
     "encode_prompt_windows",
+    "encode_sdxl_prompt_windows",
     "parse_lora_tags",
     "prompt_pairs",
     "parse_prompt_attention",
@@ -378,22 +379,56 @@ def encode_prompt_windows(
     the shape (B and W) selects the compiled program.
     """
     cfg = text_encoder.config
-    length = cfg.max_position_embeddings
-    batch, n = ids_BN.shape
-    if weights_BN.shape != ids_BN.shape:
-        raise ValueError(f"weights shape {weights_BN.shape} != ids shape {ids_BN.shape}")
-    if n == 0 or n % length:
-        raise ValueError(f"ids length {n} is not a positive multiple of the {length}-token window")
-    if clip_skip is not None and not 0 <= clip_skip <= cfg.num_hidden_layers:
-        raise ValueError(f"clip_skip must be in [0, {cfg.num_hidden_layers}], got {clip_skip}")
-    windows = n // length
-
-    out = text_encoder.apply({"params": text_params}, ids_BN.reshape(batch * windows, length))
+    out, windows = _encode_windows(text_encoder, text_params, ids_BN, weights_BN, clip_skip, cfg.num_hidden_layers)
     if not clip_skip:
         z = out.last_hidden_state
     else:
         final_norm = layer_norm(cfg.layer_norm_eps, text_encoder.dtype, "final_layer_norm")
         z = final_norm.apply({"params": text_params["final_layer_norm"]}, out.hidden_states[-(clip_skip + 1)])
+    return _emphasized(z, weights_BN, windows)
+
+
+def encode_sdxl_prompt_windows(
+    text_encoder: CLIPTextModel,
+    text_params,
+    ids_BN: jax.Array,
+    weights_BN: jax.Array,
+    clip_skip: int | None = None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """One SDXL text encoder's part of the context: ids/weights (B, W*L) -> ((B, W*L, D), the projected
+    pooled embedding of the first window (B, P), or None for an encoder without projection).
+
+    As diffusers' SDXL `encode_prompt`: hidden_states[-(clip_skip + 2)] (the penultimate layer by
+    default), without the final layer norm; windows and emphasis as `encode_prompt_windows`.
+    """
+    layers = text_encoder.config.num_hidden_layers
+    out, windows = _encode_windows(text_encoder, text_params, ids_BN, weights_BN, clip_skip, layers - 1)
+    z = out.hidden_states[-((clip_skip or 0) + 2)]
+    pooled = None
+    if out.text_embeds is not None:
+        pooled = out.text_embeds.reshape(ids_BN.shape[0], windows, -1)[:, 0]
+    return _emphasized(z, weights_BN, windows), pooled
+
+
+def _encode_windows(text_encoder, text_params, ids_BN, weights_BN, clip_skip, max_skip: int):
+    """The text encoder's output on every L-token window of ids (B, W*L), one batched call on (B*W, L)
+    -> (CLIPTextOutput, W), after checking the shapes and clip_skip in [0, max_skip]."""
+    length = text_encoder.config.max_position_embeddings
+    batch, n = ids_BN.shape
+    if weights_BN.shape != ids_BN.shape:
+        raise ValueError(f"weights shape {weights_BN.shape} != ids shape {ids_BN.shape}")
+    if n == 0 or n % length:
+        raise ValueError(f"ids length {n} is not a positive multiple of the {length}-token window")
+    if clip_skip is not None and not 0 <= clip_skip <= max_skip:
+        raise ValueError(f"clip_skip must be in [0, {max_skip}], got {clip_skip}")
+    windows = n // length
+    return text_encoder.apply({"params": text_params}, ids_BN.reshape(batch * windows, length)), windows
+
+
+def _emphasized(z, weights_BN, windows: int) -> jax.Array:
+    """Per-window states (B*W, L, D) -> (B, W*L, D) with A1111's emphasis of `weights_BN` applied."""
+    batch, n = weights_BN.shape
+    length = n // windows
     z_BWLD = z.reshape(batch, windows, length, z.shape[-1])
     z_BWLD = _emphasize(z_BWLD, jnp.asarray(weights_BN).reshape(batch, windows, length))
     return z_BWLD.reshape(batch, n, z.shape[-1])

@@ -10,174 +10,20 @@ and the unmerged LoRAs. Images are NHWC uint8 at the edges, [-1, 1] floats insid
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-from collections.abc import Sequence
-from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
 from sdjax import images as image_io
-from sdjax import schedulers
+from sdjax import schedulers, sdxl
 from sdjax.convert.lora import lora_adapter
 from sdjax.generate import Inputs, Plan
 from sdjax.memory import device_memory_bytes
 from sdjax.nn.lora import component_scales
+from sdjax.options import GenerateOptions, default_max_steps, finite_number
 from sdjax.prompts import prompt_pairs, tokenize_prompts
 from sdjax.sharding import make_mesh
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class GenerateOptions:
-    """Every option of `StableDiffusionPipeline.generate` (as keyword arguments), with diffusers' names.
-
-    Traced (changing them does not recompile): prompts, seed, guidance_scale, guidance_rescale, strength,
-    num_inference_steps (up to max_steps), the init image and mask, LoRA scales and same-shaped LoRAs.
-
-    num_inference_steps: inference steps (default 50).
-    guidance_scale: classifier-free guidance scale (default 7.5; <= 1 uses the prompt alone, as diffusers).
-    scheduler: a name from `sdjax.schedulers.NAMES` (e.g. "euler_a", "dpmpp_2m_karras"), a Scheduler, or
-      None for the model's own scheduler config.
-    height, width: pixels, multiples of the VAE factor (8); default: the init image's size, else the
-      model's sample size.
-    num_images_per_prompt: images per prompt; B = len(prompts) * num_images_per_prompt.
-    seed: image k of the call uses seed + k (A1111's convention), whatever the batch size; or one seed per
-      image.
-    latents: optional (B, H/8, W/8, 4) NHWC standard-normal noise: the initial latents before scaling by
-      the scheduler's initial sigma (txt2img), or the noise added to the init image's latents.
-    image, mask_image: paths, PIL images or uint8 (H, W[, C]) arrays; the mask is white where to repaint.
-      A list (or a uint8 (N, H, W, C) array) gives one per prompt, all of one size. 9-channel inpainting
-      UNets work as diffusers' StableDiffusionInpaintPipeline; regular UNets blend the latents with the
-      re-noised init image after every step (diffusers' behaviour for them).
-    strength: img2img/inpaint denoising strength in [0, 1] (default 0.8).
-    guidance_rescale, clip_skip: as diffusers (clip_skip=1 is A1111's "Clip skip: 2").
-    max_steps: the step count the program is compiled for (default: the next multiple of 50).
-    micro_batch_size: images per UNet call. 1 makes each image bit-identical whatever the batch size (the
-      default on the CPU); larger groups are faster on GPUs/TPUs and change images only by float rounding
-      (the default there: every image of a device in one call).
-    mesh: "all" (default: the batch split over every device; plain on a single device), a spec such as
-      "data=2,fsdp=4", a `jax.sharding.Mesh`, or None (one device). Images are bit-identical whatever the
-      mesh.
-    loras: unmerged LoRAs applied inside the compiled program, [(file or adapter, scale), ...]; a scale is
-      a float or {"unet": a, "text_encoder": b}.
-    vae_tiling: decode the latents in overlapping 512-pixel tiles, as diffusers' `enable_vae_tiling`:
-      bounded memory for large images.
-    controlnet, control_image: a `sdjax.ControlNet` (or a list: their residuals are summed) and its
-      condition image (or a list, one per ControlNet); each is one image for every prompt, or a list with
-      one per prompt; resized to the output size, read as RGB in [0, 1] (diffusers' control image
-      processor). Works with txt2img, img2img and inpainting.
-    controlnet_conditioning_scale, control_guidance_start, control_guidance_end: per ControlNet (or one
-      for all): the residuals' scale and the fractions of the model calls where it acts, as diffusers.
-    guess_mode: diffusers' guess mode (the ControlNet sees the conditional half only, its residuals scaled
-      from 0.1 at the shallowest to 1 at the mid block). Traced: the condition images, scales, start/end.
-    """
-
-    num_inference_steps: int = 50
-    guidance_scale: float = 7.5
-    scheduler: Any = None
-    height: int | None = None
-    width: int | None = None
-    num_images_per_prompt: int = 1
-    seed: int | Sequence[int] = 0
-    latents: Any = None
-    image: Any = None
-    strength: float = 0.8
-    mask_image: Any = None
-    guidance_rescale: float = 0.0
-    clip_skip: int | None = None
-    max_steps: int | None = None
-    micro_batch_size: int | None = None
-    mesh: Any = "all"
-    loras: Sequence | None = None
-    vae_tiling: bool = False
-    controlnet: Any = None
-    control_image: Any = None
-    controlnet_conditioning_scale: float | Sequence[float] = 1.0
-    control_guidance_start: float | Sequence[float] = 0.0
-    control_guidance_end: float | Sequence[float] = 1.0
-    guess_mode: bool = False
-
-    def __post_init__(self):
-        steps, per_prompt = (
-            _integer("num_inference_steps", self.num_inference_steps),
-            _integer("num_images_per_prompt", self.num_images_per_prompt),
-        )
-        for name in ("guidance_scale", "guidance_rescale", "strength"):
-            _finite(name, getattr(self, name))
-        for name in ("micro_batch_size", "clip_skip", "max_steps", "height", "width"):
-            if getattr(self, name) is not None:
-                _integer(name, getattr(self, name))
-        checks = (
-            (steps >= 1, f"num_inference_steps must be >= 1, got {self.num_inference_steps}"),
-            (steps <= MAX_STEPS, f"num_inference_steps must be <= {MAX_STEPS}, got {self.num_inference_steps}"),
-            (per_prompt >= 1, f"num_images_per_prompt must be >= 1, got {self.num_images_per_prompt}"),
-            (0.0 <= float(self.strength) <= 1.0, f"strength must be in [0, 1], got {self.strength}"),
-            (
-                0.0 <= float(self.guidance_rescale) <= 1.0,
-                f"guidance_rescale must be in [0, 1], got {self.guidance_rescale}",
-            ),
-            (self.clip_skip is None or int(self.clip_skip) >= 0, f"clip_skip must be >= 0, got {self.clip_skip}"),
-            (
-                self.micro_batch_size is None or int(self.micro_batch_size) >= 1,
-                f"micro_batch_size must be >= 1, got {self.micro_batch_size}",
-            ),
-            (self.mask_image is None or self.image is not None, "mask_image needs an init image (image=...)"),
-        )
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
-        if self.max_steps is not None and steps > int(self.max_steps):
-            raise ValueError(f"num_inference_steps={steps} is above max_steps={self.max_steps}")
-
-    @classmethod
-    def from_kwargs(cls, options: dict[str, Any]) -> GenerateOptions:
-        """The options of a keyword-argument call, with a one-line error naming an unknown option."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        for name in options:
-            if name not in known:
-                close = difflib.get_close_matches(name, known, n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else ""
-                raise TypeError(f"generate() got an unknown option {name!r}{hint}; see sdjax.GenerateOptions")
-        return cls(**options)
-
-    @property
-    def steps(self) -> int:
-        return int(self.num_inference_steps)
-
-    @property
-    def padded_steps(self) -> int:
-        """The static step bound of the program (`max_steps`, or the next multiple of 50)."""
-        return default_max_steps(self.steps) if self.max_steps is None else int(self.max_steps)
-
-
-# the largest step count (the training schedule's length: more steps would repeat timesteps)
-MAX_STEPS = 1000
-
-
-def _integer(name: str, value) -> int:
-    """`value` as an int, or a one-line error naming the option (a bool or a fraction is not an integer)."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        if not (isinstance(value, float | np.floating) and math.isfinite(value) and float(value).is_integer()):
-            raise ValueError(f"{name} must be an integer, got {value!r}")
-    return int(value)
-
-
-def _finite(name: str, value) -> float:
-    """`value` as a finite float, or a one-line error naming the option."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return number
-
-
-def default_max_steps(num_steps: int) -> int:
-    """The padded table length for a step count: the next multiple of 50, so 1..50 steps share a program."""
-    return 50 * max(1, -(-num_steps // 50))
 
 
 def resolve_mesh(mesh) -> Mesh | None:
@@ -204,16 +50,31 @@ def _scheduler(pipe, scheduler):
     return scheduler
 
 
-def _prompt_rows(pipe, prompt, negative_prompt, per_prompt: int, min_windows: int):
-    """(prompts per image, ids (B, 2, W*77), weights (B, 2, W*77), W): each image's [negative, positive]
-    prompt tokens, the prompts repeated per_prompt times."""
+def _prompt_rows(pipe, prompt, negative_prompt, opts: GenerateOptions, min_windows: int) -> dict:
+    """Each image's [negative, positive] prompt tokens (the prompts repeated per image): {"ids", "weights"}
+    (B, 2, W*77), for SDXL also the second tokenizer's {"ids_2", "weights_2"} (of `prompt_2`), all with the
+    same window count W; and the prompts per image under "prompts"."""
+    per_prompt = int(opts.num_images_per_prompt)
     prompts, negatives = prompt_pairs(prompt, negative_prompt)
     prompts = [p for p in prompts for _ in range(per_prompt)]
     negatives = [p for p in negatives for _ in range(per_prompt)]
-    ids, weights = tokenize_prompts(pipe.tokenizer, prompts, negatives, min_windows=min_windows)
-    windows = ids.shape[1] // pipe.text_encoder.config.max_position_embeddings
-    ids, weights = (x.reshape(2, len(prompts), -1).swapaxes(0, 1) for x in (ids, weights))
-    return prompts, ids, weights, windows
+    length = pipe.text_encoder.config.max_position_embeddings
+    rows = {"prompts": prompts}
+    windows = min_windows
+    for _ in range(2):  # the second pass pads the first tokenizer's rows to the second's window count
+        ids, weights = tokenize_prompts(pipe.tokenizer, prompts, negatives, min_windows=windows)
+        windows = ids.shape[1] // length
+        if pipe.is_sdxl:
+            rows["ids_2"], rows["weights_2"], more = sdxl.second_prompt_rows(
+                pipe, prompts, negatives, opts, per_prompt, windows
+            )
+            if more > windows:
+                windows = more
+                continue
+        break
+    rows["ids"], rows["weights"] = (x.reshape(2, len(prompts), -1).swapaxes(0, 1) for x in (ids, weights))
+    rows["windows"] = windows
+    return rows
 
 
 def _images_per_prompt(source, count: int, what: str) -> list:
@@ -313,7 +174,7 @@ def _per_controlnet(name: str, value, n: int) -> np.ndarray:
     values = list(value) if isinstance(value, list | tuple) else [value] * n
     if len(values) != n:
         raise ValueError(f"{name} has {len(values)} values for {n} ControlNets: give one, or one per ControlNet")
-    return np.asarray([_finite(name, v) for v in values], np.float32)
+    return np.asarray([finite_number(name, v) for v in values], np.float32)
 
 
 def check_controlnet(pipe, module, index: int) -> None:
@@ -519,16 +380,22 @@ def prepare(
     """
     opts = GenerateOptions.from_kwargs(options)
     per_prompt = int(opts.num_images_per_prompt)
-    prompts, ids, weights, windows = _prompt_rows(pipe, prompt, negative_prompt, per_prompt, min_windows)
-    batch, count = len(prompts), len(prompts) // per_prompt
+    _check_sdxl_options(pipe, opts)
+    prompt_rows = _prompt_rows(pipe, prompt, negative_prompt, opts, min_windows)
+    batch = len(prompt_rows["prompts"])
+    count = batch // per_prompt
     scheduler = _scheduler(pipe, opts.scheduler)
     canvas = _canvas(pipe, opts, count, batch)
     controls = _controls(pipe, opts, count, batch, canvas)
     mesh = resolve_mesh(opts.mesh)
     rows = _row_count(batch, pad_to, mesh)
+    time_ids = sdxl.time_id_rows(pipe, opts, canvas.height, canvas.width, batch) if pipe.is_sdxl else None
     per_image = {
-        "ids": ids,
-        "weights": weights,
+        "ids": prompt_rows["ids"],
+        "weights": prompt_rows["weights"],
+        "ids_2": prompt_rows.get("ids_2"),
+        "weights_2": prompt_rows.get("weights_2"),
+        "time_ids": time_ids,
         "seeds": _seed_rows(opts.seed, batch),
         "valid": np.ones(batch, bool),
         "noise": _noise_rows(pipe, opts.latents, batch, canvas),
@@ -543,7 +410,7 @@ def prepare(
         batch=rows * (1 if mesh is None else jax.process_count()),
         height=canvas.height,
         width=canvas.width,
-        windows=windows,
+        windows=prompt_rows["windows"],
         max_steps=opts.padded_steps,
         mode=canvas.mode,
         clip_skip=None if opts.clip_skip is None else int(opts.clip_skip),
@@ -567,8 +434,19 @@ def prepare(
         control_scale=controls.scale,
         control_start=controls.start,
         control_end=controls.end,
+        zero_negative=np.bool_(negative_prompt is None and pipe.force_zeros_for_empty_prompt) if pipe.is_sdxl else None,
     )
     return plan, inputs
 
 
-__all__ = ["GenerateOptions", "check_controlnet", "default_max_steps", "prepare", "resolve_mesh"]
+def _check_sdxl_options(pipe, opts: GenerateOptions) -> None:
+    """Refuses SDXL-only options on other models, naming them."""
+    if pipe.is_sdxl:
+        return
+    defaults = GenerateOptions()
+    given = [name for name in sdxl.OPTIONS if getattr(opts, name) != getattr(defaults, name)]
+    if given:
+        raise ValueError(f"{', '.join(given)}: SDXL options, but this model is not an SDXL model")
+
+
+__all__ = ["GenerateOptions", "check_controlnet", "default_max_steps", "prepare", "resolve_mesh"]  # options re-exported

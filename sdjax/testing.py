@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.convert.diffusers_folder import MODEL_COMPONENTS, abstract_params
+from sdjax.convert.diffusers_folder import MODEL_COMPONENTS, TEXT_ENCODER_2, abstract_params
 from sdjax.nn.config_utils import read_json, resolve_dtype
 from sdjax.pipeline import StableDiffusionPipeline
 from sdjax.tokenizer import CLIPTokenizer
@@ -57,6 +57,35 @@ SMALL_VAE: Mapping[str, Any] = dict(
     sample_size=32,
 )
 SMALL_CLIP: Mapping[str, Any] = TINY_CLIP
+# The tiny SDXL: SDXL base's layout shrunk (DownBlock2D first, 1/2 transformer layers, linear projections,
+# time ids through add_embedding), a 16-wide first and a 32-wide projecting second text encoder.
+TINY_SDXL_UNET: Mapping[str, Any] = dict(
+    block_out_channels=[32, 64],
+    layers_per_block=1,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+    attention_head_dim=[2, 4],
+    transformer_layers_per_block=[1, 2],
+    cross_attention_dim=16 + 32,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=24 + 6 * 8,
+    norm_num_groups=8,
+    sample_size=8,
+)
+TINY_SDXL_CLIP: Mapping[str, Any] = dict(
+    hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, hidden_act="quick_gelu"
+)
+TINY_SDXL_CLIP_2: Mapping[str, Any] = dict(
+    architectures=["CLIPTextModelWithProjection"],
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    hidden_act="gelu",
+    projection_dim=24,
+)
 
 # Named architectures: a shipped config folder, or the tiny configs (with SD 1.5's tokenizer and scheduler).
 ARCHS = {
@@ -64,8 +93,16 @@ ARCHS = {
     "sd21": "stable-diffusion-2-1",
     "sd21-base": "stable-diffusion-2-1-base",
     "tiny": "stable-diffusion-v1-5",
+    "sdxl": "stable-diffusion-xl-base-1.0",
+    "tiny-sdxl": "stable-diffusion-xl-base-1.0",
 }
 TINY = {"unet": TINY_UNET, "vae": TINY_VAE, "text_encoder": TINY_CLIP}
+TINY_SDXL = {
+    "unet": TINY_SDXL_UNET,
+    "vae": TINY_VAE,
+    "text_encoder": TINY_SDXL_CLIP,
+    "text_encoder_2": TINY_SDXL_CLIP_2,
+}
 
 
 def random_like(tree, seed: int):
@@ -94,7 +131,8 @@ def random_pipeline(
     """An in-memory float32 pipeline with random weights (component k drawn with seed + k).
 
     `arch` is a name of ARCHS, or {"unet": config, "vae": config, "text_encoder": config} dicts (diffusers
-    config.json keys); the tokenizer and scheduler config are those of the shipped folder `base`.
+    config.json keys; SDXL: and "text_encoder_2", with `base` an SDXL folder); the tokenizer(s) and
+    scheduler config are those of the shipped folder `base`.
     """
     pipe = abstract_pipeline(arch, base=base)
     params = {
@@ -113,26 +151,33 @@ def abstract_pipeline(
         if arch not in ARCHS:
             raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
         folder = DATA / ARCHS[arch]
-        if arch == "tiny":
-            raw = {part: dict(config) for part, config in TINY.items()}
+        tiny = {"tiny": TINY, "tiny-sdxl": TINY_SDXL}.get(arch)
+        if tiny is not None:
+            raw = {part: dict(config) for part, config in tiny.items()}
         else:
-            raw = {spec.folder: read_json(folder / spec.folder / "config.json") for spec in MODEL_COMPONENTS}
+            specs = MODEL_COMPONENTS + ((TEXT_ENCODER_2,) if (folder / "text_encoder_2").is_dir() else ())
+            raw = {spec.folder: read_json(folder / spec.folder / "config.json") for spec in specs}
         label = arch
     else:
         folder, raw, label = DATA / base, {part: dict(config) for part, config in arch.items()}, "random"
     dtype = resolve_dtype(dtype)
     modules, params = {}, {}
-    for spec in MODEL_COMPONENTS:
+    sdxl = "text_encoder_2" in raw
+    for spec in MODEL_COMPONENTS + ((TEXT_ENCODER_2,) if sdxl else ()):
         config = spec.config_cls.from_dict(raw[spec.folder], what=f"{label} {spec.folder}")
         modules[spec.folder] = spec.module_cls(config, dtype=dtype)
         shapes = abstract_params(modules[spec.folder])
         params[spec.folder] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), shapes)
+    index = read_json(folder / "model_index.json")
     return StableDiffusionPipeline(
         **modules,
         tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
         scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
         params=params,
         dtype=dtype,
+        tokenizer_2=CLIPTokenizer.from_folder(folder / "tokenizer_2") if sdxl else None,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", sdxl)),
+        requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)),
     )
 
 
@@ -143,6 +188,10 @@ __all__ = [
     "SMALL_UNET",
     "SMALL_VAE",
     "TINY_CLIP",
+    "TINY_SDXL",
+    "TINY_SDXL_CLIP",
+    "TINY_SDXL_CLIP_2",
+    "TINY_SDXL_UNET",
     "TINY_UNET",
     "TINY_VAE",
     "abstract_pipeline",

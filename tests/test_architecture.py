@@ -6,11 +6,11 @@ own layer or anything above (imports inside functions and under TYPE_CHECKING co
 
   0  sdjax.files (atomic writes, fresh names), sdjax.errors (one-line messages)
   1  sdjax.xla_options, sdjax.memory, sdjax.compile_cache, sdjax.keys, sdjax.images, sdjax.tokenizer,
-     sdjax.targets
+     sdjax.targets, sdjax.options (the generation options, checked)
   2  sdjax.nn (modules, layers, LoRA math), sdjax.schedulers, sdjax.control_images (ControlNet condition
      images, read through sdjax.images)
   3  sdjax.convert (file formats <-> model parts), sdjax.prompts, sdjax.sharding
-  4  sdjax.generate (the compiled program)
+  4  sdjax.generate (the compiled program), sdjax.sdxl (SDXL's prompt rows and time ids)
   5  sdjax.request (generation options -> plan and inputs)
   6  sdjax.pipeline, the sdjax package itself
   7  sdjax.testing (random-weight models)
@@ -36,10 +36,11 @@ LAYERS = (
         "sdjax.images",
         "sdjax.tokenizer",
         "sdjax.targets",
+        "sdjax.options",
     ),
     ("sdjax.nn", "sdjax.schedulers", "sdjax.control_images"),
     ("sdjax.convert", "sdjax.prompts", "sdjax.sharding"),
-    ("sdjax.generate",),
+    ("sdjax.generate", "sdjax.sdxl"),
     ("sdjax.request",),
     ("sdjax.pipeline", "sdjax"),
     ("sdjax.testing",),

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from sdjax import testing
-from sdjax.generate import place_inputs, program
+from sdjax.generate import modules, place_inputs, program
 from sdjax.request import prepare
 
 PLATFORMS = ("cuda", "tpu")
@@ -45,7 +45,7 @@ def test_whole_image_program_exports(pipe, platform, mode):
     plan, inputs = prepare(pipe, ["a red cube", "a cat"], **options)
     assert plan.mode == mode
     jitted = program(platform)
-    static = dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, plan=plan)
+    static = dict(plan=plan, **modules(pipe))
     exported = jax.export.export(jitted, platforms=(platform,))(pipe.params, place_inputs(inputs, None), **static)
     targets = custom_call_targets(exported)
     assert not {t for t in targets if CPU_ONLY.search(t)}, targets

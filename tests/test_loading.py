@@ -146,7 +146,7 @@ def test_unknown_block_type(copy):
         ("class_embed_type", "timestep", "option class_embed_type='timestep' is not supported"),
         ("resnet_time_scale_shift", "scale_shift", "resnet_time_scale_shift='scale_shift' is not supported"),
         ("fancy_new_option", 3, "unknown option 'fancy_new_option'"),
-        ("addition_embed_type", "text_time", "addition_embed_type 'text_time' is not supported"),
+        ("addition_embed_type", "image", "addition_embed_type 'image' is not supported"),
     ],
 )
 def test_unsupported_unet_options_are_refused(copy, key, value, expected):

@@ -34,7 +34,7 @@ def report(pipe, *, target: str, batches, height: int, width: int, steps: int, s
     import numpy as np
 
     from sdjax.bench.workers import controlled_unet_step
-    from sdjax.generate import place_inputs, program
+    from sdjax.generate import modules, place_inputs, program
     from sdjax.request import prepare
 
     generation, topology = parse_target(target)
@@ -78,7 +78,7 @@ def report(pipe, *, target: str, batches, height: int, width: int, steps: int, s
             mesh=None,
             **control,
         )
-        static = dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, plan=plan)
+        static = dict(plan=plan, **modules(pipe))
         placed = on_device(device, place_inputs(dataclasses.replace(inputs, control_params=None), None))
         if controlnet is not None:
             placed = dataclasses.replace(placed, control_params=(control_params,))

@@ -48,6 +48,7 @@ UNET = ComponentSpec("unet", "diffusion_pytorch_model", UNetConfig, UNet2DCondit
 VAE = ComponentSpec("vae", "diffusion_pytorch_model", VAEConfig, AutoencoderKL)
 TEXT_ENCODER = ComponentSpec("text_encoder", "model", CLIPTextConfig, CLIPTextModel)
 MODEL_COMPONENTS = (UNET, VAE, TEXT_ENCODER)
+TEXT_ENCODER_2 = ComponentSpec("text_encoder_2", "model", CLIPTextConfig, CLIPTextModel)  # SDXL's second
 # a ControlNet folder holds config.json and its weights at the top (folder "")
 CONTROLNET = ComponentSpec("", "diffusion_pytorch_model", ControlNetConfig, ControlNetModel)
 
@@ -96,7 +97,7 @@ def _keymap_of(module_cls, config, dtype) -> dict[str, Entry]:
 def _aliases(spec: ComponentSpec, keymap: Mapping[str, Entry], tensors: Mapping) -> dict[str, str]:
     """Other names the same tensors are saved under: `text_model.`-prefixed text encoders (transformers
     < 5 and real SD checkpoints) and the pre-0.14 diffusers VAE attention names."""
-    if spec is TEXT_ENCODER:
+    if spec.config_cls is CLIPTextConfig:
         return {f"text_model.{k}": k for k in keymap}
     if spec is VAE:
         aliases = {}
@@ -156,8 +157,8 @@ def save_component(root: Path, spec: ComponentSpec, module, params, dtype=None) 
     keymap = keymap_for(spec, module)
     tensors = params_to_torch(params, keymap, dtype)
     config = module.config.to_dict()
-    if spec is TEXT_ENCODER:
-        tensors = {f"text_model.{k}": v for k, v in tensors.items()}
+    if spec.config_cls is CLIPTextConfig:  # CLIPTextModelWithProjection keeps text_projection at the top
+        tensors = {(k if k.startswith("text_projection.") else f"text_model.{k}"): v for k, v in tensors.items()}
         config["torch_dtype"] = next(iter(tensors.values())).dtype.name
     save_safetensors(directory / f"{spec.stem}.safetensors", tensors, {"format": "pt"})
     files.write_text(directory / "config.json", json.dumps(config, indent=2) + "\n")
@@ -180,16 +181,30 @@ def load_folder(root: Path, dtype, variant: str | None = None, *, weights: bool 
     configs (parameters as `jax.ShapeDtypeStruct`s, enough to compile)."""
     if not (root / "model_index.json").is_file():
         raise FileNotFoundError(f"{root} is not a diffusers model folder (no model_index.json)")
+    index = read_json(root / "model_index.json")
     dtype = resolve_dtype(dtype)
+    sdxl = _listed(index, "text_encoder_2")
+    if sdxl and not _listed(index, "text_encoder"):
+        raise ValueError(
+            f"{root} is an SDXL refiner (text_encoder_2 only); sdjax does not run refiners yet: use an SDXL base "
+            "model folder"
+        )
     modules, params = {}, {}
-    for spec in MODEL_COMPONENTS:
+    for spec in MODEL_COMPONENTS + ((TEXT_ENCODER_2,) if sdxl else ()):
         if weights:
             modules[spec.folder], params[spec.folder] = load_component(root, spec, dtype, variant)
         else:
             modules[spec.folder], params[spec.folder] = abstract_component(root, spec, dtype)
-    for folder in ("tokenizer", "scheduler"):
+    if modules["unet"].config.addition_embed_type == "text_time" and not sdxl:
+        raise ValueError(f"{root} has an SDXL UNet but model_index.json names no text_encoder_2")
+    folders = ("tokenizer", "scheduler") + (("tokenizer_2",) if sdxl else ())
+    for folder in folders:
         if not (root / folder).is_dir():
             raise FileNotFoundError(f"{root} has no '{folder}/' component folder")
+    if sdxl and modules["text_encoder_2"].config.projection_dim is None:
+        raise ValueError(
+            f"{root}/text_encoder_2 is a CLIPTextModel; SDXL's second encoder is a CLIPTextModelWithProjection"
+        )
     return ModelParts(
         **modules,
         tokenizer=restore_multi_vector(CLIPTokenizer.from_folder(root / "tokenizer")),
@@ -197,7 +212,16 @@ def load_folder(root: Path, dtype, variant: str | None = None, *, weights: bool 
         params=params,
         dtype=dtype,
         source=root,
+        tokenizer_2=CLIPTokenizer.from_folder(root / "tokenizer_2") if sdxl else None,
+        force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", sdxl)),
+        requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)),
     )
+
+
+def _listed(index: dict, component: str) -> bool:
+    """Whether model_index.json names a component (an entry of [library, class], not [null, null])."""
+    entry = index.get(component)
+    return isinstance(entry, list | tuple) and len(entry) == 2 and entry[0] is not None
 
 
 def save_folder(out: Path, parts: ModelParts, dtype=None) -> Path:
@@ -207,9 +231,12 @@ def save_folder(out: Path, parts: ModelParts, dtype=None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = None if dtype is None else resolve_dtype(dtype)
-    for spec in MODEL_COMPONENTS:
+    sdxl = parts.text_encoder_2 is not None
+    for spec in MODEL_COMPONENTS + ((TEXT_ENCODER_2,) if sdxl else ()):
         save_component(out, spec, getattr(parts, spec.folder), parts.params[spec.folder], store)
     parts.tokenizer.save(out / "tokenizer")
+    if sdxl:
+        parts.tokenizer_2.save(out / "tokenizer_2")
     (out / "scheduler").mkdir(exist_ok=True)
     files.write_text(out / "scheduler" / "scheduler_config.json", json.dumps(parts.scheduler_config, indent=2) + "\n")
     index = {
@@ -224,5 +251,14 @@ def save_folder(out: Path, parts: ModelParts, dtype=None) -> Path:
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
+    if sdxl:
+        index.update(
+            _class_name="StableDiffusionXLPipeline",
+            text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+            tokenizer_2=["transformers", "CLIPTokenizer"],
+            force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
+        )
+        for key in ("feature_extractor", "requires_safety_checker", "safety_checker"):
+            del index[key]
     files.write_text(out / "model_index.json", json.dumps(index, indent=2) + "\n")  # last: the folder is complete
     return out

@@ -1,4 +1,5 @@
-"""The CLIP text encoder (transformers' `CLIPTextModel`): token ids -> per-token embeddings for the UNet."""
+"""The CLIP text encoder (transformers' `CLIPTextModel`, and `CLIPTextModelWithProjection`: SDXL's second
+encoder): token ids -> per-token embeddings for the UNet (and a projected pooled embedding)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from sdjax.nn import kernels
 from sdjax.nn.config_utils import config_from_dict, config_to_dict
 from sdjax.nn.layers import Dense, layer_norm
 
+WITH_PROJECTION = "CLIPTextModelWithProjection"
+
 _ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -24,7 +27,7 @@ _ACTIVATIONS = {
 # that SD does not use, bookkeeping).
 CLIP_NO_EFFECT = frozenset(
     """architectures model_type torch_dtype dtype transformers_version initializer_range initializer_factor
-    dropout attention_dropout projection_dim bos_token_id pad_token_id sep_token_id decoder_start_token_id
+    dropout attention_dropout bos_token_id pad_token_id sep_token_id decoder_start_token_id
     return_dict output_hidden_states output_attentions torchscript use_bfloat16 tf_legacy_loss pruned_heads
     tie_word_embeddings chunk_size_feed_forward is_encoder_decoder is_decoder cross_attention_hidden_size
     add_cross_attention tie_encoder_decoder max_length min_length do_sample early_stopping num_beams
@@ -39,7 +42,12 @@ CLIP_NO_EFFECT = frozenset(
 
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
-    """Architecture of a `CLIPTextModel`; names and defaults are transformers' `CLIPTextConfig`."""
+    """Architecture of a `CLIPTextModel`; names and defaults are transformers' `CLIPTextConfig`.
+
+    `projection_dim` is set only for a `CLIPTextModelWithProjection` (config.json's `architectures`): the
+    pooled output then goes through `text_projection` (no bias) to `text_embeds`. Plain text-encoder
+    configs carry a `projection_dim` too, which changes nothing and is dropped.
+    """
 
     vocab_size: int = 49408
     hidden_size: int = 512
@@ -50,6 +58,7 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     eos_token_id: int = 49407
+    projection_dim: int | None = None
 
     def __post_init__(self):
         if self.hidden_act not in _ACTIVATIONS:
@@ -59,21 +68,32 @@ class CLIPTextConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, what: str = "text_encoder/config.json") -> CLIPTextConfig:
+        raw = dict(raw) if isinstance(raw, dict) else raw
+        if isinstance(raw, dict):
+            if WITH_PROJECTION in (raw.get("architectures") or ()):
+                raw.setdefault("projection_dim", 512)  # transformers' default
+            else:
+                raw.pop("projection_dim", None)
         return config_from_dict(cls, raw, what=what, unsupported_defaults={}, no_effect=CLIP_NO_EFFECT)
 
     def to_dict(self) -> dict[str, Any]:
-        meta = {"architectures": ["CLIPTextModel"], "model_type": "clip_text_model"}
-        return config_to_dict(self, {}, meta)
+        name = WITH_PROJECTION if self.projection_dim is not None else "CLIPTextModel"
+        out = config_to_dict(self, {}, {"architectures": [name], "model_type": "clip_text_model"})
+        if self.projection_dim is None:
+            del out["projection_dim"]
+        return out
 
 
 class CLIPTextOutput(NamedTuple):
     """last_hidden_state (B, L, D) after the final LayerNorm; pooler_output (B, D) at each EOS token;
     hidden_states: the embeddings then every layer's output, num_hidden_layers + 1 arrays of (B, L, D)
-    before the final LayerNorm (diffusers' clip_skip = k uses hidden_states[-(k + 1)])."""
+    before the final LayerNorm (diffusers' clip_skip = k uses hidden_states[-(k + 1)]); text_embeds
+    (B, projection_dim): `text_projection` of the pooled output, with a projection only (else None)."""
 
     last_hidden_state: jax.Array
     pooler_output: jax.Array
     hidden_states: tuple[jax.Array, ...]
+    text_embeds: jax.Array | None = None
 
 
 class _SelfAttention(nn.Module):
@@ -105,7 +125,9 @@ class _EncoderLayer(nn.Module):
 
 
 class CLIPTextModel(nn.Module):
-    """ids (B, L) int, L <= max_position_embeddings -> `CLIPTextOutput` (causal self-attention)."""
+    """ids (B, L) int, L <= max_position_embeddings -> `CLIPTextOutput` (causal self-attention); with
+    `config.projection_dim`, transformers' `CLIPTextModelWithProjection` (its `text_projection` as a
+    top-level parameter, beside the encoder's)."""
 
     config: CLIPTextConfig
     dtype: jnp.dtype = jnp.float32
@@ -135,7 +157,10 @@ class CLIPTextModel(nn.Module):
         else:
             eos_pos_B = jnp.argmax(input_ids_BL == cfg.eos_token_id, axis=-1)
         pooled = jnp.take_along_axis(last, eos_pos_B[:, None, None], axis=1)[:, 0]
-        return CLIPTextOutput(last, pooled, tuple(hidden_states))
+        text_embeds = None
+        if cfg.projection_dim is not None:
+            text_embeds = Dense(cfg.projection_dim, use_bias=False, dtype=self.dtype, name="text_projection")(pooled)
+        return CLIPTextOutput(last, pooled, tuple(hidden_states), text_embeds)
 
     def dummy_inputs(self) -> tuple[jax.Array]:
         return (jnp.zeros((1, self.config.max_position_embeddings), jnp.int32),)

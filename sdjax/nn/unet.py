@@ -1,5 +1,6 @@
-"""The Stable Diffusion UNet (diffusers' `UNet2DConditionModel`, the SD 1.x / 2.x / inpainting subset, plus the
-pooled-text addition to the timestep embedding, `addition_embed_type="text"`), NHWC."""
+"""The Stable Diffusion UNet (diffusers' `UNet2DConditionModel`, the SD 1.x / 2.x / inpainting / SDXL subset:
+plus the additions to the timestep embedding, `addition_embed_type="text"` (pooled text states) and
+`"text_time"` (SDXL: pooled text embedding and size/crop/aesthetic-score ids)), NHWC."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from sdjax.nn.layers import (
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn",)
-ADDITION_EMBED_TYPES = (None, "text")
+ADDITION_EMBED_TYPES = (None, "text", "text_time")
 
 # diffusers options sdjax does not implement, at the values where they change nothing.
 UNET_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
@@ -37,7 +38,6 @@ UNET_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "encoder_hid_dim_type": None,
     "dual_cross_attention": False,
     "class_embed_type": None,
-    "addition_time_embed_dim": None,
     "num_class_embeds": None,
     "resnet_time_scale_shift": "default",
     "resnet_skip_time_act": False,
@@ -46,7 +46,6 @@ UNET_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "time_embedding_act_fn": None,
     "timestep_post_act": None,
     "time_cond_proj_dim": None,
-    "projection_class_embeddings_input_dim": None,
     "attention_type": "default",
     "class_embeddings_concat": False,
     "cross_attention_norm": None,
@@ -99,9 +98,12 @@ class UNetConfig:
     time_embedding_dim: int | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
-    # "text": a pooled projection of the text states is added to the timestep embedding (TextTimeEmbedding)
+    # "text": a pooled projection of the text states is added to the timestep embedding (TextTimeEmbedding);
+    # "text_time" (SDXL): an MLP of [pooled text embedding, sinusoidal features of each time id] is added
     addition_embed_type: str | None = None
     addition_embed_type_num_heads: int = 64
+    addition_time_embed_dim: int | None = None
+    projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self):
         n = len(self.block_out_channels)
@@ -135,6 +137,14 @@ class UNetConfig:
                     f"addition_embed_type 'text' needs one int cross_attention_dim divisible by "
                     f"addition_embed_type_num_heads ({self.addition_embed_type_num_heads}), got {width}"
                 )
+
+        if self.addition_embed_type == "text_time" and (
+            not self.addition_time_embed_dim or not self.projection_class_embeddings_input_dim
+        ):
+            raise ValueError(
+                "addition_embed_type 'text_time' needs addition_time_embed_dim and "
+                "projection_class_embeddings_input_dim"
+            )
 
     @classmethod
     def from_dict(cls, raw: dict, what: str = "unet/config.json") -> UNetConfig:
@@ -285,6 +295,27 @@ def time_embedding(cfg: UNetConfig, timesteps_B, batch: int, dtype) -> jax.Array
     return TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, dtype, name="time_embedding")(t_emb.astype(dtype))
 
 
+def text_time_embedding(cfg: UNetConfig, text_embeds_BD, time_ids_BN, dtype) -> jax.Array:
+    """SDXL's addition to the timestep embedding, (B, time_embed_dim): the `add_embedding` MLP (a submodule
+    of the calling module) of [text_embeds (B, D), sinusoidal features of each of the N time ids (B, N *
+    addition_time_embed_dim)], N x addition_time_embed_dim + D = projection_class_embeddings_input_dim."""
+    if text_embeds_BD is None or time_ids_BN is None:
+        raise ValueError("an SDXL UNet (addition_embed_type 'text_time') needs text_embeds_BD and time_ids_BN")
+    b, n = time_ids_BN.shape
+    width = text_embeds_BD.shape[-1] + n * cfg.addition_time_embed_dim
+    if width != cfg.projection_class_embeddings_input_dim:
+        raise ValueError(
+            f"text embeddings of width {text_embeds_BD.shape[-1]} and {n} time ids make {width} features, but "
+            f"the UNet's add_embedding takes {cfg.projection_class_embeddings_input_dim} (projection_class_"
+            "embeddings_input_dim): a base model takes 6 time ids, a refiner 5 (with the aesthetic score)"
+        )
+    features = timestep_embedding(
+        time_ids_BN.reshape(-1), cfg.addition_time_embed_dim, cfg.flip_sin_to_cos, cfg.freq_shift
+    )
+    added = jnp.concatenate([text_embeds_BD.astype(jnp.float32), features.reshape(b, -1)], axis=-1)
+    return TimestepEmbedding(cfg.time_embed_dim, cfg.act_fn, dtype, name="add_embedding")(added.astype(dtype))
+
+
 def down_blocks(cfg: UNetConfig, h, temb, context_BLD, dtype, remat) -> tuple[jax.Array, list[jax.Array]]:
     """The encoder's down blocks `down_blocks.{i}` (submodules of the calling module) from conv_in's output
     -> (the lowest-resolution activation, the skip activations: conv_in's, every layer's, every
@@ -313,7 +344,9 @@ class UNet2DConditionModel(nn.Module):
     """Noise/velocity predictor eps(x_t, t, context).
 
     __call__(sample (B, H, W, in_channels), timesteps (B,) or scalar, context (B, L, cross_attention_dim),
-    optional ControlNet residuals: down_residuals (one per skip connection), mid_residual) -> (B, H, W,
+    optional ControlNet residuals: down_residuals (one per skip connection), mid_residual; SDXL
+    ("text_time") also text_embeds_BD (the pooled, projected text embedding) and time_ids_BN (original
+    size, crop top-left, target size or aesthetic score, as diffusers' `added_cond_kwargs`)) -> (B, H, W,
     out_channels). H and W need not be divisible by 2^(blocks - 1): as diffusers, upsampling then
     resizes to each skip connection's size.
 
@@ -333,6 +366,8 @@ class UNet2DConditionModel(nn.Module):
         context_BLD: jax.Array,
         down_residuals: tuple[jax.Array, ...] | None = None,
         mid_residual: jax.Array | None = None,
+        text_embeds_BD: jax.Array | None = None,
+        time_ids_BN: jax.Array | None = None,
     ) -> jax.Array:
         cfg = self.config
         n = cfg.num_blocks
@@ -342,6 +377,8 @@ class UNet2DConditionModel(nn.Module):
             temb = temb + TextTimeEmbedding(
                 cfg.time_embed_dim, cfg.addition_embed_type_num_heads, self.dtype, name="add_embedding"
             )(context_BLD)
+        elif cfg.addition_embed_type == "text_time":
+            temb = temb + text_time_embedding(cfg, text_embeds_BD, time_ids_BN, self.dtype)
         h = sample_BHWC.astype(self.dtype)
         if cfg.center_input_sample:
             h = 2 * h - 1.0
@@ -377,14 +414,19 @@ class UNet2DConditionModel(nn.Module):
         h = activation(cfg.act_fn)(h)
         return conv(cfg.out_channels, cfg.conv_out_kernel, "conv_out", self.dtype)(h)
 
-    def dummy_inputs(self, height: int = 8, width: int = 8) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Zero inputs of the right shapes for `init`/`eval_shape` (batch 1, 77 context tokens)."""
+    def dummy_inputs(self, height: int = 8, width: int = 8) -> tuple:
+        """Zero inputs of the right shapes for `init`/`eval_shape` (batch 1, 77 context tokens; SDXL: the
+        whole add_embedding input as text embedding, no time ids, which gives the same parameters)."""
         cfg = self.config
         ctx_dim = cfg.context_dims()[0]
         factor = 2 ** (cfg.num_blocks - 1)
         h, w = max(height, factor), max(width, factor)
-        return (
+        inputs = (
             jnp.zeros((1, h, w, cfg.in_channels), self.dtype),
             jnp.zeros((1,), jnp.float32),
             jnp.zeros((1, 77, ctx_dim), self.dtype),
         )
+        if cfg.addition_embed_type == "text_time":
+            added = (jnp.zeros((1, cfg.projection_class_embeddings_input_dim), self.dtype), jnp.zeros((1, 0)))
+            inputs += (None, None) + added
+        return inputs

@@ -1,0 +1,245 @@
+"""SDXL: parity of the models and of `pipe.generate` with diffusers' `StableDiffusionXLPipeline`.
+
+A tiny random-weight SDXL (SDXL base's layout shrunk: `sdjax.testing.TINY_SDXL`) is built in PyTorch, saved as
+a diffusers folder with SDXL base's tokenizers and scheduler, and loaded by `sdjax.load_pipeline`. Components
+must agree to 1e-5 relative L2 (fp32); images to the end-to-end tolerance of tests/test_generate.py.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+import torch
+from reference import DATA, build_text_encoder, build_unet, build_vae, nchw, nhwc, randomize_, rel_l2
+from test_generate import _quiet_vae, assert_close_images, diffusers_scheduler, noise_for, to_uint8
+
+import sdjax
+from sdjax import testing
+
+SDXL = DATA / "stable-diffusion-xl-base-1.0"
+PROMPTS = ["a photo of an astronaut riding a horse", "a red apple on a wooden table"]
+NEGATIVES = ["blurry", ""]
+TOL = 1e-5
+
+
+def build_text_encoder_2(config: dict, seed: int = 3):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = {k: v for k, v in config.items() if k != "architectures"}
+    return randomize_(CLIPTextModelWithProjection(CLIPTextConfig(**config)), seed)
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory):
+    """(folder, torch models {unet, vae, text_encoder, text_encoder_2}, sdjax pipeline) of the tiny SDXL.
+    Both reference text encoders pool at the largest token id (eos_token_id 2), as SDXL's own configs."""
+    models = {
+        "unet": build_unet(testing.TINY_SDXL_UNET),
+        "vae": _quiet_vae(build_vae(testing.TINY_VAE)),
+        "text_encoder": build_text_encoder(dict(testing.TINY_SDXL_CLIP, eos_token_id=2)),
+        "text_encoder_2": build_text_encoder_2(dict(testing.TINY_SDXL_CLIP_2, eos_token_id=2)),
+    }
+    folder = tmp_path_factory.mktemp("sdxl")
+    for name, model in models.items():
+        model.save_pretrained(folder / name)
+    for name in ("tokenizer", "tokenizer_2", "scheduler"):
+        shutil.copytree(SDXL / name, folder / name)
+    shutil.copy(SDXL / "model_index.json", folder / "model_index.json")
+    return folder, models, sdjax.load_pipeline(folder)
+
+
+def test_folder_is_recognised(sdxl):
+    _, _, pipe = sdxl
+    assert pipe.is_sdxl and pipe.force_zeros_for_empty_prompt and not pipe.requires_aesthetics_score
+    assert pipe.text_encoder_2.config.projection_dim == 24
+    assert pipe.tokenizer_2.pad_token_id == 0 and pipe.tokenizer.pad_token_id == 49407
+
+
+def test_unet_with_time_ids_matches_diffusers(sdxl):
+    _, models, pipe = sdxl
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    t = np.array([3.0, 981.0], np.float32)
+    context = rng.standard_normal((2, 77, 48)).astype(np.float32)
+    text_embeds = rng.standard_normal((2, 24)).astype(np.float32)
+    time_ids = np.array([[1024, 1024, 0, 0, 1024, 1024], [512, 768, 16, 32, 1024, 896]], np.float32)
+    ours = jax.jit(pipe.unet.apply)(
+        {"params": pipe.params["unet"]}, x, t, context, text_embeds_BD=text_embeds, time_ids_BN=time_ids
+    )
+    added = {"text_embeds": torch.from_numpy(text_embeds), "time_ids": torch.from_numpy(time_ids)}
+    with torch.no_grad():
+        theirs = models["unet"](nchw(x), torch.from_numpy(t), torch.from_numpy(context), added_cond_kwargs=added)
+    assert rel_l2(ours, nhwc(theirs.sample)) <= TOL
+
+
+def test_projecting_text_encoder_matches_transformers(sdxl, tmp_path):
+    from transformers import CLIPTextModelWithProjection
+
+    _, models, pipe = sdxl
+    ids = np.array([pipe.tokenizer_2(["a red apple", "an astronaut riding a horse on the moon"])][0])
+    out = jax.jit(pipe.text_encoder_2.apply)({"params": pipe.params["text_encoder_2"]}, ids)
+    with torch.no_grad():
+        ref = models["text_encoder_2"](torch.from_numpy(ids), output_hidden_states=True)
+    assert rel_l2(out.text_embeds, ref.text_embeds) <= TOL
+    assert rel_l2(out.hidden_states[-2], ref.hidden_states[-2]) <= TOL
+    out_dir = pipe.save_pretrained(tmp_path / "export")
+    index = json.loads((out_dir / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    again = CLIPTextModelWithProjection.from_pretrained(out_dir / "text_encoder_2").eval()
+    with torch.no_grad():
+        assert torch.equal(again(torch.from_numpy(ids)).text_embeds, ref.text_embeds)
+    reloaded = sdjax.load_pipeline(out_dir)
+    assert reloaded.is_sdxl and reloaded.text_encoder_2.config == pipe.text_encoder_2.config
+    for ours, theirs in zip(jax.tree.leaves(reloaded.params), jax.tree.leaves(pipe.params), strict=True):
+        assert np.array_equal(ours, theirs)
+
+
+def run_diffusers_sdxl(folder, models, scheduler, pipeline_class=None, **kwargs):
+    """uint8 images of a diffusers SDXL pipeline (default: StableDiffusionXLPipeline) over the torch models."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    pipe = (pipeline_class or StableDiffusionXLPipeline)(
+        **models,
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+        scheduler=scheduler,
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        return to_uint8(pipe(output_type="np", **kwargs).images)
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "euler",
+        "dpmpp_2m_karras",
+        pytest.param("ddim", marks=pytest.mark.slow),
+        pytest.param("unipc", marks=pytest.mark.slow),
+    ],
+)
+def test_txt2img_matches_diffusers(sdxl, name):
+    folder, models, pipe = sdxl
+    noise = noise_for(pipe, 2)
+    kwargs = dict(num_inference_steps=5, guidance_scale=5.0, height=64, width=64)
+    ours = pipe.generate(PROMPTS, NEGATIVES, scheduler=name, latents=noise, **kwargs)
+    theirs = run_diffusers_sdxl(
+        folder,
+        models,
+        diffusers_scheduler(name, pipe.scheduler_config),
+        prompt=PROMPTS,
+        negative_prompt=NEGATIVES,
+        latents=nchw(noise),
+        **kwargs,
+    )
+    assert_close_images(ours, theirs)
+
+
+def test_second_prompts_micro_conditioning_and_zero_negatives(sdxl):
+    """prompt_2, sizes and crops, guidance_rescale and clip_skip as diffusers; no negative prompt gives zero
+    unconditional embeddings (force_zeros_for_empty_prompt). One prompt: with several, diffusers 0.42 pairs
+    the negative time ids with the wrong rows (`cat([negative, positive]).repeat(batch)` against embeddings
+    ordered [negatives..., positives...]); sdjax gives each row its own."""
+    folder, models, pipe = sdxl
+    noise = noise_for(pipe, 1, seed=1)
+    kwargs = dict(
+        prompt_2="a watercolour painting",
+        original_size=(512, 768),
+        crops_coords_top_left=(16, 32),
+        target_size=(96, 64),
+        negative_original_size=(256, 256),
+        negative_target_size=(64, 64),
+        num_inference_steps=4,
+        guidance_scale=6.0,
+        guidance_rescale=0.6,
+        clip_skip=1,
+        height=64,
+        width=64,
+    )
+    ours = pipe.generate(PROMPTS[0], latents=noise, **kwargs)
+    scheduler = diffusers_scheduler("euler", pipe.scheduler_config)
+    theirs = run_diffusers_sdxl(folder, models, scheduler, prompt=PROMPTS[0], latents=nchw(noise), **kwargs)
+    assert_close_images(ours, theirs)
+    with_negative = pipe.generate(PROMPTS[0], "", latents=noise, **kwargs)
+    assert np.abs(with_negative.astype(int) - ours.astype(int)).max() > 3  # "" is encoded, None is zeros
+    first_prompt_only = pipe.generate(PROMPTS[0], latents=noise, **{**kwargs, "prompt_2": None})
+    assert np.abs(first_prompt_only.astype(int) - ours.astype(int)).max() > 3
+
+
+def test_sdxl_options_refused_elsewhere():
+    pipe = testing.random_pipeline("tiny")
+    with pytest.raises(ValueError, match="original_size, prompt_2: SDXL options|prompt_2, original_size: SDXL"):
+        pipe.generate("a cat", prompt_2="x", original_size=(64, 64), num_inference_steps=1)
+
+
+def test_refiner_sized_ids_are_refused(sdxl):
+    """Aesthetic-score ids (5) on a base UNet (6): one line naming both widths."""
+    import dataclasses
+
+    _, _, pipe = sdxl
+    refiner_like = dataclasses.replace(pipe, requires_aesthetics_score=True)
+    with pytest.raises(ValueError, match="5 time ids .* make 64 features, but the UNet's add_embedding takes 72"):
+        refiner_like.generate("a cat", num_inference_steps=1, height=64, width=64)
+
+
+def test_img2img_matches_diffusers(sdxl, monkeypatch):
+    """StableDiffusionXLImg2ImgPipeline with the base model: the init image's latents noised to the step
+    `strength` picks. (diffusers builds the img2img negative ids with crop (0, 0) even when the prompt's crop
+    is not; the default crop is (0, 0) on both sides.)"""
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img as img2img
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from test_generate import _init_image
+
+    folder, models, pipe = sdxl
+    noise = noise_for(pipe, 1, seed=2)
+    monkeypatch.setattr(img2img, "randn_tensor", lambda *a, **k: nchw(noise))
+    image = _init_image()
+    kwargs = dict(num_inference_steps=10, strength=0.6, guidance_scale=5.0, original_size=(128, 96))
+    ours = pipe.generate(PROMPTS[0], NEGATIVES[0], scheduler="euler", image=image, latents=noise, **kwargs)
+    scheduler = diffusers_scheduler("euler", pipe.scheduler_config)
+    theirs = run_diffusers_sdxl(
+        folder,
+        models,
+        scheduler,
+        StableDiffusionXLImg2ImgPipeline,
+        prompt=PROMPTS[0],
+        negative_prompt=NEGATIVES[0],
+        image=image,
+        **kwargs,
+    )
+    assert_close_images(ours, theirs)
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.7])
+def test_inpainting_matches_diffusers(sdxl, strength, monkeypatch):
+    """StableDiffusionXLInpaintPipeline with the (4-channel) base model: latents blended with the re-noised
+    init image outside the mask after every step."""
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_inpaint as inpaint
+    from diffusers import StableDiffusionXLInpaintPipeline
+    from test_generate import _init_image, _mask
+
+    folder, models, pipe = sdxl
+    noise = noise_for(pipe, 1, seed=3)
+    monkeypatch.setattr(inpaint, "randn_tensor", lambda *a, **k: nchw(noise))
+    image, mask = _init_image(seed=4), _mask()
+    kwargs = dict(num_inference_steps=8, strength=strength, guidance_scale=5.0)
+    ours = pipe.generate(PROMPTS[1], scheduler="ddim", image=image, mask_image=mask, latents=noise, **kwargs)
+    theirs = run_diffusers_sdxl(
+        folder,
+        models,
+        diffusers_scheduler("ddim", pipe.scheduler_config),
+        StableDiffusionXLInpaintPipeline,
+        prompt=PROMPTS[1],
+        image=image,
+        mask_image=mask,
+        height=64,
+        width=64,
+        **kwargs,
+    )
+    assert_close_images(ours, theirs)
