@@ -419,8 +419,9 @@ def main(argv: list[str] | None = None) -> int:
         progress.say(f"{len(done)} of {len(own)} images already in {out}: skipping them")
     rows = -(-args.batch_size // hosts)  # this host's rows per batch
     rows = min(rows, len(todo)) if not multi else rows
-    window = base.text_encoder.config.max_position_embeddings
-    windows = tokenize_prompts(base.tokenizer, [p for p, _ in tagged], args.negative_prompt)[0].shape[1] // window
+    tokenizer = base.tokenizer or base.tokenizer_2  # an SDXL refiner has the second only
+    window = (base.text_encoder or base.text_encoder_2).config.max_position_embeddings
+    windows = tokenize_prompts(tokenizer, [p for p, _ in tagged], args.negative_prompt)[0].shape[1] // window
     step_counter = progress.step if progress.tty and not args.no_step_counter else None
     chunks = batches(todo, max(rows, 1), key=lambda i: tagged[i][1])
     steps = int(_host_max(len(chunks))) if multi else len(chunks)

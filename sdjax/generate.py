@@ -410,12 +410,17 @@ def _generate_group(
 
 def _sdxl_conditioning(params, group, shared, text_encoders, clip_skip, dtype):
     """SDXL's UNet inputs for [negative; positive] rows (2m): the context (2m, W*77, D1 + D2), both
-    encoders' states side by side, and {"text_embeds_BD": the second encoder's pooled projection (2m, P),
-    "time_ids_BN": (2m, N)}. The negative half is zeros when `shared["zero_negative"]`, as diffusers."""
+    encoders' states side by side (a refiner's: the second encoder's alone), and {"text_embeds_BD": the
+    second encoder's pooled projection (2m, P), "time_ids_BN": (2m, N)}. The negative half is zeros when
+    `shared["zero_negative"]`, as diffusers."""
+    if text_encoders[0] is None:  # a refiner: the second encoder alone, on the "ids" rows
+        encoders = ((text_encoders[1], "text_encoder_2", ""),)
+    else:
+        encoders = ((text_encoders[0], "text_encoder", ""), (text_encoders[1], "text_encoder_2", "_2"))
     halves = []
     for half, skip in ((0, None), (1, clip_skip)):
         states, pooled = [], None
-        for encoder, name, suffix in zip(text_encoders, ("text_encoder", "text_encoder_2"), ("", "_2"), strict=True):
+        for encoder, name, suffix in encoders:
             ids, weights = group["ids" + suffix][:, half], group["weights" + suffix][:, half]
             z, pooled = encode_sdxl_prompt_windows(encoder, params[name], ids, weights, clip_skip=skip)
             states.append(z.astype(jnp.float32))

@@ -58,13 +58,17 @@ def _prompt_rows(pipe, prompt, negative_prompt, opts: GenerateOptions, min_windo
     prompts, negatives = prompt_pairs(prompt, negative_prompt)
     prompts = [p for p in prompts for _ in range(per_prompt)]
     negatives = [p for p in negatives for _ in range(per_prompt)]
-    length = pipe.text_encoder.config.max_position_embeddings
+    # an SDXL refiner has the second encoder only, which reads the prompt (not prompt_2), as diffusers
+    tokenizer, encoder = (
+        (pipe.tokenizer, pipe.text_encoder) if pipe.text_encoder else (pipe.tokenizer_2, pipe.text_encoder_2)
+    )
+    length = encoder.config.max_position_embeddings
     rows = {"prompts": prompts}
     windows = min_windows
     for _ in range(2):  # the second pass pads the first tokenizer's rows to the second's window count
-        ids, weights = tokenize_prompts(pipe.tokenizer, prompts, negatives, min_windows=windows)
+        ids, weights = tokenize_prompts(tokenizer, prompts, negatives, min_windows=windows)
         windows = ids.shape[1] // length
-        if pipe.is_sdxl:
+        if pipe.is_sdxl and pipe.text_encoder is not None:
             rows["ids_2"], rows["weights_2"], more = sdxl.second_prompt_rows(
                 pipe, prompts, negatives, opts, per_prompt, windows
             )
@@ -440,8 +444,13 @@ def prepare(
 
 
 def _check_sdxl_options(pipe, opts: GenerateOptions) -> None:
-    """Refuses SDXL-only options on other models, naming them."""
+    """Refuses SDXL-only options on other models, naming them, and a refiner without an init image."""
     if pipe.is_sdxl:
+        if pipe.requires_aesthetics_score and opts.image is None:
+            raise ValueError(
+                "this SDXL refiner (requires_aesthetics_score) refines images: pass image=... (an init image, or "
+                "the base model's output); use an SDXL base model for text-to-image"
+            )
         return
     defaults = GenerateOptions()
     given = [name for name in sdxl.OPTIONS if getattr(opts, name) != getattr(defaults, name)]

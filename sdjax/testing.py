@@ -74,6 +74,10 @@ TINY_SDXL_UNET: Mapping[str, Any] = dict(
     norm_num_groups=8,
     sample_size=8,
 )
+# The tiny SDXL refiner: the second encoder's states alone, aesthetic score instead of the target size.
+TINY_SDXL_REFINER_UNET: Mapping[str, Any] = dict(
+    TINY_SDXL_UNET, cross_attention_dim=32, projection_class_embeddings_input_dim=24 + 5 * 8
+)
 TINY_SDXL_CLIP: Mapping[str, Any] = dict(
     hidden_size=16, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2, hidden_act="quick_gelu"
 )
@@ -191,6 +195,7 @@ __all__ = [
     "TINY_SDXL",
     "TINY_SDXL_CLIP",
     "TINY_SDXL_CLIP_2",
+    "TINY_SDXL_REFINER_UNET",
     "TINY_SDXL_UNET",
     "TINY_UNET",
     "TINY_VAE",

@@ -21,6 +21,7 @@ import sdjax
 from sdjax import testing
 
 SDXL = DATA / "stable-diffusion-xl-base-1.0"
+REFINER = DATA / "stable-diffusion-xl-refiner-1.0"
 PROMPTS = ["a photo of an astronaut riding a horse", "a red apple on a wooden table"]
 NEGATIVES = ["blurry", ""]
 TOL = 1e-5
@@ -185,7 +186,7 @@ def test_refiner_sized_ids_are_refused(sdxl):
     _, _, pipe = sdxl
     refiner_like = dataclasses.replace(pipe, requires_aesthetics_score=True)
     with pytest.raises(ValueError, match="5 time ids .* make 64 features, but the UNet's add_embedding takes 72"):
-        refiner_like.generate("a cat", num_inference_steps=1, height=64, width=64)
+        refiner_like.generate("a cat", image=np.zeros((64, 64, 3), np.uint8), num_inference_steps=1)
 
 
 def test_img2img_matches_diffusers(sdxl, monkeypatch):
@@ -243,3 +244,63 @@ def test_inpainting_matches_diffusers(sdxl, strength, monkeypatch):
         **kwargs,
     )
     assert_close_images(ours, theirs)
+
+
+@pytest.fixture(scope="module")
+def refiner(sdxl, tmp_path_factory):
+    """(folder, torch models, sdjax pipeline) of a tiny SDXL refiner: text_encoder_2 only (the base's),
+    aesthetic-score micro-conditioning (refiner's model_index.json)."""
+    _, base_models, _ = sdxl
+    models = {
+        "unet": build_unet(testing.TINY_SDXL_REFINER_UNET, seed=5),
+        "vae": base_models["vae"],
+        "text_encoder_2": base_models["text_encoder_2"],
+    }
+    folder = tmp_path_factory.mktemp("refiner")
+    for name, model in models.items():
+        model.save_pretrained(folder / name)
+    for name in ("tokenizer_2", "scheduler"):
+        shutil.copytree(REFINER / name, folder / name)
+    shutil.copy(REFINER / "model_index.json", folder / "model_index.json")
+    return folder, models, sdjax.load_pipeline(folder)
+
+
+def test_refiner_matches_diffusers(refiner, monkeypatch):
+    """A refiner (StableDiffusionXLImg2ImgPipeline, requires_aesthetics_score) on an init image; its one text
+    encoder reads the prompt; aesthetic scores in the time ids; export keeps it a refiner."""
+    import diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img as img2img
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+    from test_generate import _init_image
+    from transformers import CLIPTokenizer
+
+    folder, models, pipe = refiner
+    assert pipe.text_encoder is None and pipe.requires_aesthetics_score and not pipe.force_zeros_for_empty_prompt
+    noise = noise_for(pipe, 2, seed=6)
+    monkeypatch.setattr(img2img, "randn_tensor", lambda *a, **k: nchw(noise))
+    image = _init_image(seed=7)
+    kwargs = dict(num_inference_steps=10, strength=0.3, guidance_scale=5.0, aesthetic_score=7.0)
+    ours = pipe.generate(PROMPTS, NEGATIVES, scheduler="euler", image=image, latents=noise, **kwargs)
+    theirs = StableDiffusionXLImg2ImgPipeline(
+        **models,
+        text_encoder=None,
+        tokenizer=None,
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+        scheduler=diffusers_scheduler("euler", pipe.scheduler_config),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
+    )
+    theirs.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        out = theirs(prompt=PROMPTS, negative_prompt=NEGATIVES, image=image, output_type="np", **kwargs)
+    assert_close_images(ours, to_uint8(out.images))
+    with pytest.raises(ValueError, match="SDXL refiner .* refines images: pass image="):
+        pipe.generate("a cat", num_inference_steps=2)
+
+
+def test_refiner_export_stays_a_refiner(refiner, tmp_path):
+    _, _, pipe = refiner
+    again = sdjax.load_pipeline(pipe.save_pretrained(tmp_path / "refiner"))
+    assert again.text_encoder is None and again.tokenizer is None and again.requires_aesthetics_score
+    for ours, theirs in zip(jax.tree.leaves(again.params), jax.tree.leaves(pipe.params), strict=True):
+        assert np.array_equal(ours, theirs)

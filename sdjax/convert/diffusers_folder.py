@@ -184,20 +184,16 @@ def load_folder(root: Path, dtype, variant: str | None = None, *, weights: bool 
     index = read_json(root / "model_index.json")
     dtype = resolve_dtype(dtype)
     sdxl = _listed(index, "text_encoder_2")
-    if sdxl and not _listed(index, "text_encoder"):
-        raise ValueError(
-            f"{root} is an SDXL refiner (text_encoder_2 only); sdjax does not run refiners yet: use an SDXL base "
-            "model folder"
-        )
-    modules, params = {}, {}
-    for spec in MODEL_COMPONENTS + ((TEXT_ENCODER_2,) if sdxl else ()):
+    first = not sdxl or _listed(index, "text_encoder")  # an SDXL refiner has text_encoder_2 only
+    modules, params = {"text_encoder": None}, {}
+    for spec in _components(first, sdxl):
         if weights:
             modules[spec.folder], params[spec.folder] = load_component(root, spec, dtype, variant)
         else:
             modules[spec.folder], params[spec.folder] = abstract_component(root, spec, dtype)
     if modules["unet"].config.addition_embed_type == "text_time" and not sdxl:
         raise ValueError(f"{root} has an SDXL UNet but model_index.json names no text_encoder_2")
-    folders = ("tokenizer", "scheduler") + (("tokenizer_2",) if sdxl else ())
+    folders = (("tokenizer",) if first else ()) + ("scheduler",) + (("tokenizer_2",) if sdxl else ())
     for folder in folders:
         if not (root / folder).is_dir():
             raise FileNotFoundError(f"{root} has no '{folder}/' component folder")
@@ -207,7 +203,7 @@ def load_folder(root: Path, dtype, variant: str | None = None, *, weights: bool 
         )
     return ModelParts(
         **modules,
-        tokenizer=restore_multi_vector(CLIPTokenizer.from_folder(root / "tokenizer")),
+        tokenizer=restore_multi_vector(CLIPTokenizer.from_folder(root / "tokenizer")) if first else None,
         scheduler_config=read_json(root / "scheduler" / "scheduler_config.json"),
         params=params,
         dtype=dtype,
@@ -216,6 +212,11 @@ def load_folder(root: Path, dtype, variant: str | None = None, *, weights: bool 
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", sdxl)),
         requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)),
     )
+
+
+def _components(first: bool, second: bool) -> tuple[ComponentSpec, ...]:
+    """The model components of a folder: UNet, VAE, and the text encoders it has."""
+    return (UNET, VAE) + ((TEXT_ENCODER,) if first else ()) + ((TEXT_ENCODER_2,) if second else ())
 
 
 def _listed(index: dict, component: str) -> bool:
@@ -231,10 +232,11 @@ def save_folder(out: Path, parts: ModelParts, dtype=None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = None if dtype is None else resolve_dtype(dtype)
-    sdxl = parts.text_encoder_2 is not None
-    for spec in MODEL_COMPONENTS + ((TEXT_ENCODER_2,) if sdxl else ()):
+    sdxl, first = parts.text_encoder_2 is not None, parts.text_encoder is not None
+    for spec in _components(first, sdxl):
         save_component(out, spec, getattr(parts, spec.folder), parts.params[spec.folder], store)
-    parts.tokenizer.save(out / "tokenizer")
+    if first:
+        parts.tokenizer.save(out / "tokenizer")
     if sdxl:
         parts.tokenizer_2.save(out / "tokenizer_2")
     (out / "scheduler").mkdir(exist_ok=True)
@@ -253,11 +255,15 @@ def save_folder(out: Path, parts: ModelParts, dtype=None) -> Path:
     }
     if sdxl:
         index.update(
-            _class_name="StableDiffusionXLPipeline",
+            _class_name="StableDiffusionXLImg2ImgPipeline" if not first else "StableDiffusionXLPipeline",
             text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
             tokenizer_2=["transformers", "CLIPTokenizer"],
             force_zeros_for_empty_prompt=parts.force_zeros_for_empty_prompt,
         )
+        if not first:
+            index.update(text_encoder=[None, None], tokenizer=[None, None], requires_aesthetics_score=True)
+        elif parts.requires_aesthetics_score:
+            index["requires_aesthetics_score"] = True
         for key in ("feature_extractor", "requires_safety_checker", "safety_checker"):
             del index[key]
     files.write_text(out / "model_index.json", json.dumps(index, indent=2) + "\n")  # last: the folder is complete

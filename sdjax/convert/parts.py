@@ -28,8 +28,8 @@ class ModelParts:
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel | None  # None: an SDXL refiner (text_encoder_2 only)
+    tokenizer: CLIPTokenizer | None
     scheduler_config: dict[str, Any]
     params: dict[str, Any]
     dtype: jnp.dtype
