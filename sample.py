@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--aesthetic-score", type=float, default=6.0, help="SDXL refiner micro-conditioning (default 6)")
     p.add_argument("--steps", type=int, default=30, help="inference steps (default 30)")
     p.add_argument("--scheduler", default=None, help=f"one of {', '.join(NAMES)} (default: the model's own)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default 7.5; SDXL 5)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="diffusers' guidance_rescale (default 0)")
     p.add_argument("--clip-skip", type=int, default=None, help="diffusers' clip_skip (1 = A1111 'Clip skip: 2')")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image k uses seed + k")
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     from sdjax.convert.lora import find_lora
     from sdjax.generate import NonFiniteImageError, compile_generate, place_inputs, place_params
     from sdjax.prompts import parse_lora_tags, tokenize_prompts
-    from sdjax.request import prepare
+    from sdjax.request import default_guidance, prepare
 
     multi = sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     host, hosts = jax.process_index(), jax.process_count()
@@ -408,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     own = sharding.host_share(range(len(prompts)))  # this host's images: every hosts-th one
     model_name = Path(args.model).resolve().name if args.model else "sdjax-demo"
     sampler = args.scheduler or base.scheduler_config.get("_class_name", "default")
+    if args.guidance is None:  # recorded in the PNGs as the value used
+        args.guidance = default_guidance(base)
     describe = functools.partial(image_parameters, args, prompts, seeds, model_name, sampler)
     done = [i for i in own if paths[i].exists()]
     size = planned_size(base, args)  # (width, height) drawn: for resuming and for fitting control images

@@ -62,6 +62,7 @@ class Plan:
     on_step: Callable[[int, int], None] | None = None  # host progress callback (calls done, total)
     controlnets: tuple = ()  # ControlNetModel modules (their parameters and inputs are traced)
     guess_mode: bool = False  # diffusers' guess_mode (ControlNet on the conditional half only)
+    output: str = "image"  # or "latent": the latents where sampling stopped, not decoded
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -88,6 +89,9 @@ class Inputs:
     time_ids: SDXL: float32 (B, 2, N) each image's [negative, positive] micro-conditioning, else None.
     zero_negative: SDXL: bool[], True for zero unconditional embeddings (no negative prompt, on a model
       with `force_zeros_for_empty_prompt`), else None.
+    image_latents: (B, h, w, C) the init image given as latents (img2img), else None.
+    start_cutoff, end_cutoff: i32[] diffusers' discrete timestep cutoffs of denoising_start (-1: none,
+      start from `strength`) and denoising_end (0: run to the end).
     control_image: (B, n, H, W, 3) condition images in [0, 1], one per ControlNet of `plan.controlnets`;
     control_params: their parameters (a tuple); control_scale, control_start, control_end: f32 (n,)
       conditioning scales and the fractions of the model calls where each acts ([start, end)); else None.
@@ -115,6 +119,9 @@ class Inputs:
     weights_2: jax.Array | None = None
     time_ids: jax.Array | None = None
     zero_negative: jax.Array | None = None
+    image_latents: jax.Array | None = None
+    start_cutoff: jax.Array | None = None
+    end_cutoff: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(
@@ -134,6 +141,7 @@ _PER_IMAGE = (
     "ids_2",
     "weights_2",
     "time_ids",
+    "image_latents",
 )
 _SHARED = (
     "guidance",
@@ -144,6 +152,8 @@ _SHARED = (
     "control_start",
     "control_end",
     "zero_negative",
+    "start_cutoff",
+    "end_cutoff",
 )
 
 
@@ -296,7 +306,8 @@ def _draw_rows(
         return jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)]) if pad else x
 
     per_image = jax.tree.map(padded, per_image)
-    blank = Drawn(jnp.zeros((m, plan.height, plan.width, 3), jnp.uint8), jnp.ones((m,), bool))
+    shape, dtype = _output_row(plan, unet, vae)
+    blank = Drawn(jnp.zeros((m, *shape), dtype), jnp.ones((m,), bool))
 
     def one_group(g, out: Drawn) -> Drawn:
         group = jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, g * m, m), per_image)
@@ -311,9 +322,24 @@ def _draw_rows(
         drawn = jax.lax.cond(jnp.any(group["valid"]), draw, lambda: blank)
         return jax.tree.map(lambda all_, new: jax.lax.dynamic_update_slice_in_dim(all_, new, g * m, axis=0), out, drawn)
 
-    out = Drawn(jnp.zeros((groups * m, plan.height, plan.width, 3), jnp.uint8), jnp.ones((groups * m,), bool))
+    out = Drawn(jnp.zeros((groups * m, *shape), dtype), jnp.ones((groups * m,), bool))
     out = jax.lax.fori_loop(0, groups, one_group, out)
     return Drawn(out.images[:rows], out.finite[:rows])
+
+
+def _end_call(scheduler, num_steps, shape, max_steps: int, cutoff):
+    """The model call where a run with diffusers' denoising_end `cutoff` stops (None: at the end)."""
+    if cutoff is None:
+        return None
+    return loop.calls_from(scheduler.init(num_steps, shape, max_steps=max_steps), cutoff)
+
+
+def _output_row(plan: Plan, unet, vae) -> tuple[tuple[int, ...], Any]:
+    """(shape, dtype) of one output row: a uint8 (H, W, 3) image, or float32 (h, w, C) latents."""
+    if plan.output == "latent":
+        factor = vae.config.downscale
+        return (plan.height // factor, plan.width // factor, unet.config.out_channels), jnp.float32
+    return (plan.height, plan.width, 3), jnp.uint8
 
 
 def _generate_group(
@@ -353,10 +379,21 @@ def _generate_group(
     start_step = jnp.zeros((), jnp.int32)
     if plan.mode != "txt2img":
         image_keys, masked_keys = split_rows(vae_keys, 2)
-        image_latents = encode_sample(vae, params["vae"], group["image"].astype(vae.dtype), image_keys) * sf
+        if "image_latents" in group:  # given as latents (e.g. another model's output_type="latent")
+            image_latents = group["image_latents"].astype(jnp.float32)
+        else:
+            image = group["image"].astype(vae.dtype)
+            image_latents = encode_sample(vae, params["vae"], image, image_keys) * sf
+        # diffusers' denoising_start: from the first timestep below the cutoff, the image as it is
         start_step = loop.img2img_start_step(num_steps, shared["strength"])
+        handed_over = False
+        if shared.get("start_cutoff") is not None:
+            handed_over = shared["start_cutoff"] >= 0
+            full = scheduler.init(num_steps, noise.shape, max_steps=plan.max_steps)
+            below = loop.start_step_below(scheduler, full, shared["start_cutoff"])
+            start_step = jnp.where(handed_over, below, start_step)
         state0 = scheduler.init(num_steps, noise.shape, max_steps=plan.max_steps, start_step=start_step)
-        noised = scheduler.add_noise(state0, image_latents, noise)
+        noised = jnp.where(handed_over, image_latents, scheduler.add_noise(state0, image_latents, noise))
         init_sample = noised
         if plan.mode == "inpaint":
             # diffusers' StableDiffusionInpaintPipeline: strength 1 starts from pure noise.
@@ -403,7 +440,10 @@ def _generate_group(
         on_call=plan.on_step,
         model_dtype=dtype,
         pass_call=bool(plan.controlnets),
+        end_call=_end_call(scheduler, num_steps, noise.shape, plan.max_steps, shared.get("end_cutoff")),
     )
+    if plan.output == "latent":
+        return latents.astype(jnp.float32), jnp.all(jnp.isfinite(latents), axis=(1, 2, 3))
     upcast = text_encoders[1] is not None and vae.config.force_upcast
     return _decode(vae, params["vae"], latents, sf, tiled=plan.vae_tiling, upcast=upcast)
 

@@ -19,7 +19,8 @@ class GenerateOptions:
     num_inference_steps (up to max_steps), the init image and mask, LoRA scales and same-shaped LoRAs.
 
     num_inference_steps: inference steps (default 50).
-    guidance_scale: classifier-free guidance scale (default 7.5; <= 1 uses the prompt alone, as diffusers).
+    guidance_scale: classifier-free guidance scale (default 7.5, SDXL models 5.0, as diffusers' pipelines; <= 1
+      uses the prompt alone, as diffusers).
     scheduler: a name from `sdjax.schedulers.NAMES` (e.g. "euler_a", "dpmpp_2m_karras"), a Scheduler, or
       None for the model's own scheduler config.
     height, width: pixels, multiples of the VAE factor (8); default: the init image's size, else the
@@ -66,10 +67,20 @@ class GenerateOptions:
       diffusers, which however uses them only when both negative sizes are given).
     aesthetic_score, negative_aesthetic_score: the refiner's (`requires_aesthetics_score`) instead of the
       target size (defaults 6.0 and 2.5).
+
+    Hand-over between models (diffusers' "ensemble of experts": SDXL base, then refiner; any model):
+    denoising_end: a fraction in (0, 1): stop once the timesteps fall below (1 - denoising_end) of the
+      training schedule, as diffusers (e.g. 0.8 with output_type="latent").
+    output_type: "image" (uint8 (B, H, W, 3)) or "latent": the latents where sampling stopped, float32
+      (B, H/8, W/8, 4) NHWC, in the UNet's (scaled) latent space, not decoded.
+    denoising_start: img2img: a fraction in (0, 1): start where the timesteps fall below (1 -
+      denoising_start) of the schedule, from `image` as it is (no noise added; `strength` is ignored), as
+      diffusers. `image` may then be latents: a float (B, h, w, 4) NHWC array (one per image), such as
+      another call's output_type="latent".
     """
 
     num_inference_steps: int = 50
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None
     scheduler: Any = None
     height: int | None = None
     width: int | None = None
@@ -102,6 +113,9 @@ class GenerateOptions:
     negative_target_size: tuple[int, int] | None = None
     aesthetic_score: float = 6.0
     negative_aesthetic_score: float = 2.5
+    denoising_start: float | None = None
+    denoising_end: float | None = None
+    output_type: str = "image"
 
     def __post_init__(self):
         steps, per_prompt = (
@@ -109,7 +123,19 @@ class GenerateOptions:
             integer("num_images_per_prompt", self.num_images_per_prompt),
         )
         for name in ("guidance_scale", "guidance_rescale", "strength", "aesthetic_score", "negative_aesthetic_score"):
-            finite_number(name, getattr(self, name))
+            if getattr(self, name) is not None:
+                finite_number(name, getattr(self, name))
+        for name in ("denoising_start", "denoising_end"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < finite_number(name, value) < 1.0:
+                raise ValueError(f"{name} must be a fraction strictly between 0 and 1, got {value!r}")
+        if self.denoising_start is not None and self.denoising_end is not None:
+            if float(self.denoising_end) <= float(self.denoising_start):
+                raise ValueError(
+                    f"denoising_end {self.denoising_end} must be above denoising_start {self.denoising_start}"
+                )
+        if self.output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {self.output_type!r}")
         for name in SIZE_OPTIONS:
             value = getattr(self, name)
             if value is not None:
@@ -172,6 +198,8 @@ def integer(name: str, value) -> int:
     return int(value)
 
 
+OUTPUT_TYPES = ("image", "latent")
+
 # SDXL's micro-conditioning (height, width) / (top, left) pairs
 SIZE_OPTIONS = (
     "original_size",
@@ -209,4 +237,13 @@ def default_max_steps(num_steps: int) -> int:
     return 50 * max(1, -(-num_steps // 50))
 
 
-__all__ = ["MAX_STEPS", "SIZE_OPTIONS", "GenerateOptions", "default_max_steps", "finite_number", "integer", "pair"]
+__all__ = [
+    "MAX_STEPS",
+    "OUTPUT_TYPES",
+    "SIZE_OPTIONS",
+    "GenerateOptions",
+    "default_max_steps",
+    "finite_number",
+    "integer",
+    "pair",
+]

@@ -114,6 +114,42 @@ class _Canvas:
     mode: str
     image: np.ndarray | None = None  # (B, H, W, 3) in [-1, 1]
     mask: np.ndarray | None = None  # (B, H, W, 1), 1 = repaint
+    latents: np.ndarray | None = None  # (B, h, w, C): the init image given as latents
+
+
+def _is_latents(pipe, image) -> bool:
+    """Whether an `image` option holds latents: a float (B, h, w, latent_channels) array."""
+    shape, dtype = getattr(image, "shape", None), getattr(image, "dtype", None)
+    return (
+        shape is not None
+        and len(shape) == 4
+        and shape[-1] == pipe.vae.config.latent_channels
+        and np.issubdtype(np.dtype(dtype), np.floating)
+    )
+
+
+def _latent_canvas(pipe, options: GenerateOptions, count: int, batch: int) -> _Canvas:
+    """img2img from latents (B, h, w, C): one for every image, one per prompt or one per image."""
+    latents = np.asarray(options.image, np.float32)
+    if options.mask_image is not None:
+        raise ValueError("image= holds latents: inpainting (mask_image) needs a picture as the init image")
+    if not np.isfinite(latents).all():
+        raise ValueError(f"the init latents hold {int((~np.isfinite(latents)).sum())} NaN/Inf values")
+    n = latents.shape[0]
+    if n not in (1, count, batch):
+        raise ValueError(
+            f"{n} init latents for {count} prompts x {batch // count} images: give 1, one per prompt or one per image"
+        )
+    rows = np.repeat(latents, batch // n, axis=0) if n != batch else latents
+    factor = pipe.vae_scale_factor
+    height, width = rows.shape[1] * factor, rows.shape[2] * factor
+    if (options.height or height, options.width or width) != (height, width):
+        raise ValueError(
+            f"the init latents are {rows.shape[2]}x{rows.shape[1]} ({width}x{height} pixels) but height x width is "
+            f"{options.height}x{options.width}: leave them out"
+        )
+    _check_fits(pipe, height, width, options.vae_tiling)
+    return _Canvas(height, width, "img2img", latents=rows)
 
 
 def _canvas(pipe, options: GenerateOptions, count: int, batch: int) -> _Canvas:
@@ -121,6 +157,12 @@ def _canvas(pipe, options: GenerateOptions, count: int, batch: int) -> _Canvas:
     masks resized to it, one row per image."""
     factor = pipe.vae_scale_factor
     height, width = options.height, options.width
+    if options.denoising_start is not None and options.image is None:
+        raise ValueError("denoising_start continues from an init image: pass image=... (pixels or latents)")
+    if options.denoising_start is not None and options.mask_image is not None:
+        raise ValueError("denoising_start is not supported with inpainting (mask_image) yet")
+    if options.image is not None and _is_latents(pipe, options.image):
+        return _latent_canvas(pipe, options, count, batch)
     inits = None
     if options.image is not None:
         inits = _images_per_prompt(options.image, count, "init image")
@@ -405,6 +447,7 @@ def prepare(
         "noise": _noise_rows(pipe, opts.latents, batch, canvas),
         "image": canvas.image,
         "mask": canvas.mask,
+        "image_latents": canvas.latents,
         "control_image": controls.images,
     }
     per_image = _pad_rows(per_image, rows)
@@ -424,13 +467,14 @@ def prepare(
         mesh=mesh,
         controlnets=controls.modules,
         guess_mode=controls.guess_mode,
+        output=opts.output_type,
     )
     adapters, adapter_scales = _adapters(pipe, opts.loras)
     inputs = Inputs(
         **per_image,
         adapters=adapters,
         adapter_scales=adapter_scales,
-        guidance=np.float32(opts.guidance_scale),
+        guidance=np.float32(default_guidance(pipe) if opts.guidance_scale is None else opts.guidance_scale),
         guidance_rescale=np.float32(opts.guidance_rescale),
         num_steps=np.int32(opts.steps),
         strength=np.float32(opts.strength),
@@ -438,9 +482,25 @@ def prepare(
         control_scale=controls.scale,
         control_start=controls.start,
         control_end=controls.end,
+        start_cutoff=np.int32(_cutoff(scheduler, opts.denoising_start, -1)),
+        end_cutoff=np.int32(_cutoff(scheduler, opts.denoising_end, 0)),
         zero_negative=np.bool_(negative_prompt is None and pipe.force_zeros_for_empty_prompt) if pipe.is_sdxl else None,
     )
     return plan, inputs
+
+
+def _cutoff(scheduler, fraction, default: int) -> int:
+    """diffusers' discrete timestep cutoff of denoising_start/end: round(T - fraction * T), T the training
+    schedule's length; `default` when the option is not given."""
+    if fraction is None:
+        return default
+    total = scheduler.schedule.num_train_timesteps
+    return int(round(total - float(fraction) * total))
+
+
+def default_guidance(pipe) -> float:
+    """The guidance scale of a request that names none: diffusers' pipeline default (SDXL 5.0, else 7.5)."""
+    return 5.0 if pipe.is_sdxl else 7.5
 
 
 def _check_sdxl_options(pipe, opts: GenerateOptions) -> None:
@@ -458,4 +518,11 @@ def _check_sdxl_options(pipe, opts: GenerateOptions) -> None:
         raise ValueError(f"{', '.join(given)}: SDXL options, but this model is not an SDXL model")
 
 
-__all__ = ["GenerateOptions", "check_controlnet", "default_max_steps", "prepare", "resolve_mesh"]  # options re-exported
+__all__ = [
+    "GenerateOptions",
+    "check_controlnet",
+    "default_guidance",
+    "default_max_steps",
+    "prepare",
+    "resolve_mesh",
+]  # options re-exported

@@ -304,3 +304,57 @@ def test_refiner_export_stays_a_refiner(refiner, tmp_path):
     assert again.text_encoder is None and again.tokenizer is None and again.requires_aesthetics_score
     for ours, theirs in zip(jax.tree.leaves(again.params), jax.tree.leaves(pipe.params), strict=True):
         assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("name", ["euler", pytest.param("dpmpp_2m_karras", marks=pytest.mark.slow)])
+def test_base_then_refiner_matches_diffusers(sdxl, refiner, name):
+    """diffusers' ensemble of experts: the base stops at denoising_end=0.8 and returns latents
+    (output_type="latent"); the refiner continues from them at denoising_start=0.8 (no noise added)."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    base_folder, base_models, base = sdxl
+    refiner_folder, refiner_models, refiner_pipe = refiner
+    noise = noise_for(base, 2, seed=8)
+    steps = dict(num_inference_steps=10, guidance_scale=5.0)
+    latents = base.generate(PROMPTS, scheduler=name, latents=noise, denoising_end=0.8, output_type="latent", **steps)
+    assert latents.shape == (2, 8, 8, 4) and latents.dtype == np.float32
+    ours = refiner_pipe.generate(PROMPTS, scheduler=name, image=latents, denoising_start=0.8, **steps)
+
+    tokenizer_2 = CLIPTokenizer.from_pretrained(base_folder / "tokenizer_2")
+    torch_base = StableDiffusionXLPipeline(
+        **base_models,
+        tokenizer=CLIPTokenizer.from_pretrained(base_folder / "tokenizer"),
+        tokenizer_2=tokenizer_2,
+        scheduler=diffusers_scheduler(name, base.scheduler_config),
+        add_watermarker=False,
+    )
+    torch_refiner = StableDiffusionXLImg2ImgPipeline(
+        **refiner_models,
+        text_encoder=None,
+        tokenizer=None,
+        tokenizer_2=tokenizer_2,
+        scheduler=diffusers_scheduler(name, refiner_pipe.scheduler_config),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+        add_watermarker=False,
+    )
+    for pipe in (torch_base, torch_refiner):
+        pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        handed = torch_base(
+            prompt=PROMPTS, latents=nchw(noise), denoising_end=0.8, output_type="latent", **steps
+        ).images
+        assert rel_l2(latents, nhwc(handed)) <= 1e-4
+        theirs = torch_refiner(prompt=PROMPTS, image=handed, denoising_start=0.8, output_type="np", **steps).images
+    assert_close_images(ours, to_uint8(theirs))
+
+
+def test_hand_over_options_are_checked(sdxl):
+    _, _, pipe = sdxl
+    with pytest.raises(ValueError, match="denoising_start continues from an init image"):
+        pipe.generate("a cat", denoising_start=0.5, num_inference_steps=2)
+    with pytest.raises(ValueError, match="denoising_end must be a fraction strictly between 0 and 1"):
+        pipe.generate("a cat", denoising_end=1.5, num_inference_steps=2)
+    with pytest.raises(ValueError, match="init latents are 8x8 .* but height x width is 128x128"):
+        pipe.generate("a cat", image=np.zeros((1, 8, 8, 4), np.float32), height=128, width=128)

@@ -64,13 +64,14 @@ class ControlNetConfig:
     attention_head_dim: int | tuple[int, ...] = 8
     num_attention_heads: int | tuple[int, ...] | None = None
     use_linear_projection: bool = False
-    upcast_attention: bool = False
+    upcast_attention: bool | None = False  # null: False, as diffusers reads it
     controlnet_conditioning_channel_order: str = "rgb"
     conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
     global_pool_conditions: bool = False
     addition_embed_type_num_heads: int = 64
 
     def __post_init__(self):
+        object.__setattr__(self, "upcast_attention", bool(self.upcast_attention))
         if self.controlnet_conditioning_channel_order not in CHANNEL_ORDERS:
             raise ValueError(
                 f"controlnet_conditioning_channel_order must be one of {CHANNEL_ORDERS}, "

@@ -94,7 +94,7 @@ class UNetConfig:
     attention_head_dim: int | tuple[int, ...] = 8
     num_attention_heads: int | tuple[int, ...] | None = None
     use_linear_projection: bool = False
-    upcast_attention: bool = False
+    upcast_attention: bool | None = False  # null in SDXL's configs: False, as diffusers reads it
     time_embedding_dim: int | None = None
     conv_in_kernel: int = 3
     conv_out_kernel: int = 3
@@ -106,6 +106,7 @@ class UNetConfig:
     projection_class_embeddings_input_dim: int | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "upcast_attention", bool(self.upcast_attention))
         n = len(self.block_out_channels)
         if len(self.down_block_types) != n or len(self.up_block_types) != n:
             raise ValueError(

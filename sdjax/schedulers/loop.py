@@ -17,6 +17,24 @@ import jax.numpy as jnp
 from sdjax.schedulers._base import Scheduler, SchedulerState
 
 
+def calls_from(state, cutoff) -> jax.Array:
+    """i32[]: the model calls of `state`'s schedule whose timestep is >= cutoff (diffusers' `denoising_end`:
+    the truncated `timesteps` list keeps those)."""
+    live = jnp.arange(state.timesteps.shape[0]) < state.num_calls
+    return jnp.sum(live & (state.timesteps >= cutoff)).astype(jnp.int32)
+
+
+def start_step_below(scheduler, state, cutoff) -> jax.Array:
+    """i32[]: inference steps to skip so that the run starts at the first timestep below `cutoff`, as
+    diffusers' img2img `get_timesteps` with `denoising_start` (second-order schedulers keep an odd number
+    of calls, so that a run never starts inside a step)."""
+    live = jnp.arange(state.timesteps.shape[0]) < state.num_calls
+    remaining = jnp.sum(live & (state.timesteps < cutoff)).astype(jnp.int32)
+    if scheduler.order == 2:
+        remaining = remaining + (remaining % 2 == 0)
+    return (state.num_calls - remaining) // scheduler.order
+
+
 def img2img_start_step(num_steps, strength):
     """Inference steps an img2img run skips, as diffusers' `get_timesteps`: n - min(int(n * strength), n).
 
@@ -46,6 +64,7 @@ def sample(
     model_dtype=None,
     return_trajectory: bool = False,
     pass_call: bool = False,
+    end_call=None,
 ):
     """Runs a whole schedule: txt2img from `noise`, or img2img from `init_latents` noised to `start_step`.
 
@@ -75,6 +94,8 @@ def sample(
         the max_steps schedule; rows past the calls made are 0).
       pass_call: also pass `call=(k, calls)` to model_fn: this call's index among the `calls` model calls
         the run makes (from the start step; diffusers' `i` over `timesteps`), traced i32[]s.
+      end_call: int or traced i32[]: stop before this model call of the full schedule (diffusers'
+        `denoising_end` truncation of `timesteps`); default: run to the end.
 
     Returns the final latents [B, H, W, C] in noise's dtype (and the trajectory). A traced num_steps or
     start_step out of range gives NaN latents (Python ints raise ValueError instead).
@@ -96,7 +117,8 @@ def sample(
     draw = _noise_drawer(key, noise.shape)
     trajectory = jnp.zeros((state.timesteps.shape[0], *noise.shape), jnp.float32) if return_trajectory else None
 
-    calls = state.num_calls - state.index
+    last = state.num_calls if end_call is None else jnp.minimum(state.num_calls, end_call)
+    calls = jnp.maximum(last - state.index, 0)
 
     def body(i, carry):
         x, state, trajectory = carry
