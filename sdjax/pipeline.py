@@ -17,7 +17,7 @@ import numpy as np
 from sdjax.convert import controlnet_file, diffusers_folder, single_file
 from sdjax.convert.lora import lora_adapter
 from sdjax.convert.parts import ModelParts
-from sdjax.convert.textual_inversion import EmbeddingError, add_embedding, read_embedding
+from sdjax.convert.textual_inversion import EmbeddingError, add_embedding, read_embedding, read_sdxl_embedding
 from sdjax.generate import draw_images
 from sdjax.memory import release_free_memory
 from sdjax.nn.config_utils import resolve_dtype
@@ -86,17 +86,27 @@ class StableDiffusionPipeline(ModelParts):
 
     def load_textual_inversion(self, path: str | Path, token: str | None = None) -> StableDiffusionPipeline:
         """A new pipeline that knows a textual-inversion embedding (A1111 `.pt`/`.safetensors` or diffusers
-        `learned_embeds`) under `token` (default: the file's own trigger word, else its file name)."""
-        trigger, vectors = read_embedding(path, token)
-        try:
-            tokenizer, module, params = add_embedding(
-                self.tokenizer, self.text_encoder, self.params["text_encoder"], trigger, vectors
-            )
-        except EmbeddingError as err:
-            raise EmbeddingError(f"{path}: {err}") from None
-        return dataclasses.replace(
-            self, tokenizer=tokenizer, text_encoder=module, params={**self.params, "text_encoder": params}
-        )
+        `learned_embeds`; for SDXL a `clip_l`/`clip_g` pair, one set of vectors per text encoder) under `token`
+        (default: the file's own trigger word, else its file name)."""
+        if self.is_sdxl:
+            trigger, clip_l, clip_g = read_sdxl_embedding(path, token)
+            encoders = {"": clip_l, "_2": clip_g} if self.text_encoder is not None else {"_2": clip_g}
+        else:
+            trigger, vectors = read_embedding(path, token)
+            encoders = {"": vectors}
+        changes, params = {}, dict(self.params)
+        for suffix, vectors in encoders.items():
+            if vectors is None:
+                raise EmbeddingError(f"{path} has no clip_l vectors for the first text encoder")
+            name = f"text_encoder{suffix}"
+            try:
+                tokenizer, module, params[name] = add_embedding(
+                    getattr(self, f"tokenizer{suffix}"), getattr(self, name), params[name], trigger, vectors
+                )
+            except EmbeddingError as err:
+                raise EmbeddingError(f"{path}: {err}") from None
+            changes.update({f"tokenizer{suffix}": tokenizer, name: module})
+        return dataclasses.replace(self, params=params, **changes)
 
     def save_single_file(self, path: str | Path, dtype=None) -> Path:
         """Writes one `.safetensors` checkpoint in the original CompVis/Stability layout (A1111, ComfyUI)."""

@@ -358,3 +358,75 @@ def test_hand_over_options_are_checked(sdxl):
         pipe.generate("a cat", denoising_end=1.5, num_inference_steps=2)
     with pytest.raises(ValueError, match="init latents are 8x8 .* but height x width is 128x128"):
         pipe.generate("a cat", image=np.zeros((1, 8, 8, 4), np.float32), height=128, width=128)
+
+
+def test_textual_inversion_pairs_match_diffusers(sdxl, tmp_path):
+    """An SDXL embedding file (clip_l for the first encoder, clip_g for the second, two vectors each) gives
+    diffusers' image (diffusers loads each half into its encoder, as its SDXL docs show)."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    from sdjax.convert.tensor_files import save_safetensors
+
+    folder, models, pipe = sdxl
+    rng = np.random.default_rng(9)
+    pair = {
+        "clip_l": rng.standard_normal((2, 16)).astype(np.float32),
+        "clip_g": rng.standard_normal((2, 32)).astype(np.float32),
+    }
+    path = tmp_path / "shiny.safetensors"
+    save_safetensors(path, pair)
+    styled = pipe.load_textual_inversion(path)
+    assert styled.tokenizer_2.encode_plain("shiny") != pipe.tokenizer_2.encode_plain("shiny")
+    prompt = "a shiny apple"
+    noise = noise_for(pipe, 1, seed=10)
+    kwargs = dict(num_inference_steps=4, guidance_scale=5.0, height=64, width=64)
+    ours = styled.generate(prompt, latents=noise, scheduler="euler", **kwargs)
+
+    import copy
+
+    theirs_pipe = StableDiffusionXLPipeline(
+        **{k: copy.deepcopy(v) for k, v in models.items()},
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+        scheduler=diffusers_scheduler("euler", pipe.scheduler_config),
+        add_watermarker=False,
+    )
+    theirs_pipe.set_progress_bar_config(disable=True)
+    for key, encoder, tokenizer in (
+        ("clip_l", "text_encoder", "tokenizer"),
+        ("clip_g", "text_encoder_2", "tokenizer_2"),
+    ):
+        theirs_pipe.load_textual_inversion(
+            torch.from_numpy(pair[key]),
+            token="shiny",
+            text_encoder=getattr(theirs_pipe, encoder),
+            tokenizer=getattr(theirs_pipe, tokenizer),
+        )
+    with torch.no_grad():
+        theirs = theirs_pipe(prompt=prompt, latents=nchw(noise), output_type="np", **kwargs).images
+    assert_close_images(ours, to_uint8(theirs))
+
+
+def test_embeddings_of_the_other_family_are_refused(sdxl, tmp_path):
+    from sdjax.convert.tensor_files import save_safetensors
+
+    _, _, pipe = sdxl
+    sd1 = tmp_path / "sd1.safetensors"
+    save_safetensors(sd1, {"emb_params": np.ones((1, 16), np.float32)})
+    with pytest.raises(ValueError, match="not an SDXL embedding .* does not fit SDXL"):
+        pipe.load_textual_inversion(sd1)
+    pair = tmp_path / "pair.safetensors"
+    save_safetensors(pair, {"clip_l": np.ones((1, 32), np.float32), "clip_g": np.ones((1, 32), np.float32)})
+    with pytest.raises(ValueError, match="SDXL embedding .* fits SDXL models only"):
+        testing.random_pipeline("tiny").load_textual_inversion(pair)
+
+
+def test_loras_are_refused_for_now(sdxl, tmp_path):
+    from sdjax.convert.tensor_files import save_safetensors
+
+    _, _, pipe = sdxl
+    path = tmp_path / "style.safetensors"
+    save_safetensors(path, {"lora_unet_x.lora_down.weight": np.ones((1, 4), np.float32)})
+    with pytest.raises(ValueError, match="LoRAs on SDXL models are not supported yet"):
+        pipe.load_lora(path)

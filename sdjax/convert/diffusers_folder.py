@@ -208,7 +208,7 @@ def load_folder(root: Path, dtype, variant: str | None = None, *, weights: bool 
         params=params,
         dtype=dtype,
         source=root,
-        tokenizer_2=CLIPTokenizer.from_folder(root / "tokenizer_2") if sdxl else None,
+        tokenizer_2=restore_multi_vector(CLIPTokenizer.from_folder(root / "tokenizer_2")) if sdxl else None,
         force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt", sdxl)),
         requires_aesthetics_score=bool(index.get("requires_aesthetics_score", False)),
     )

@@ -272,6 +272,11 @@ def lora_adapter(parts: ModelParts, lora: LoraFile | str | Path) -> dict:
     """The LoRA as an adapter pytree (`sdjax.nn.lora`) for this model, every module matched and
     shape-checked: A and B float32 as described in `_fit`, `multiplier` = alpha / rank as an f32[] array.
     """
+    if parts.unet.config.addition_embed_type == "text_time":
+        raise LoraError(
+            f"{lora if not isinstance(lora, LoraFile) else lora.path}: LoRAs on SDXL models are not supported yet "
+            "(sdjax applies SD 1.x and 2.x LoRAs)"
+        )
     lora = lora if isinstance(lora, LoraFile) else read_lora(lora)
     adapter: dict[str, dict[str, dict[str, jax.Array]]] = {}
     for part, modules in lora.modules.items():

@@ -75,27 +75,48 @@ def _vectors(value: Any, path: Path, key: str) -> np.ndarray:
     return array
 
 
-def read_embedding(path: str | Path, token: str | None = None) -> tuple[str, np.ndarray]:
-    """(trigger word, vectors (n, D) float32) of an A1111 or diffusers embedding file; `token` overrides
-    the trigger word. Raises `EmbeddingError` for SDXL (clip_l/clip_g) and unknown layouts."""
-    path = Path(path).expanduser()
+def _read_tensors(path: Path) -> Mapping[str, Any] | np.ndarray:
+    """The tensors of an embedding file (safetensors or a weights-only PyTorch pickle), or a bare tensor."""
     if not path.is_file():
         raise FileNotFoundError(f"embedding file {path} does not exist")
-    tensors: Mapping[str, Any]
     if is_torch_pickle(path):
         obj = load_torch_pickle(path)
-        if isinstance(obj, np.ndarray):  # a bare tensor (diffusers accepts one with an explicit token)
-            if token is None:
-                raise EmbeddingError(f"{path} holds a bare tensor without a trigger word: pass token=")
-            return token, _vectors(obj, path, "<bare tensor>")
-        if not isinstance(obj, dict):
+        if not isinstance(obj, dict | np.ndarray):
             raise EmbeddingError(f"{path}: a PyTorch file holding a {type(obj).__name__}, not an embedding")
-        tensors = obj
-    else:
-        tensors = read_checkpoint(path)
+        return obj
+    return read_checkpoint(path)
+
+
+def read_sdxl_embedding(path: str | Path, token: str | None = None) -> tuple[str, np.ndarray | None, np.ndarray]:
+    """(trigger word, clip_l vectors (n, 768) or None, clip_g vectors (n, 1280)) of an SDXL embedding file
+    (`clip_l` for the first text encoder, `clip_g` for the second; trigger word: the file's name unless
+    `token`). Raises `EmbeddingError` for SD 1.x/2.x files and other layouts."""
+    path = Path(path).expanduser()
+    tensors = _read_tensors(path)
+    if not isinstance(tensors, Mapping) or "clip_g" not in tensors:
+        raise EmbeddingError(
+            f"{path} is not an SDXL embedding (no clip_g/clip_l pair): an SD 1.x/2.x embedding does not fit SDXL"
+        )
+    clip_l = _vectors(tensors["clip_l"], path, "clip_l") if "clip_l" in tensors else None
+    clip_g = _vectors(tensors["clip_g"], path, "clip_g")
+    if clip_l is not None and clip_l.shape[0] != clip_g.shape[0]:
+        raise EmbeddingError(f"{path}: clip_l has {clip_l.shape[0]} vectors but clip_g {clip_g.shape[0]}")
+    return token or path.stem, clip_l, clip_g
+
+
+def read_embedding(path: str | Path, token: str | None = None) -> tuple[str, np.ndarray]:
+    """(trigger word, vectors (n, D) float32) of an A1111 or diffusers embedding file; `token` overrides
+    the trigger word. Raises `EmbeddingError` for SDXL (clip_l/clip_g: `read_sdxl_embedding`) and unknown
+    layouts."""
+    path = Path(path).expanduser()
+    tensors = _read_tensors(path)
+    if isinstance(tensors, np.ndarray):  # a bare tensor (diffusers accepts one with an explicit token)
+        if token is None:
+            raise EmbeddingError(f"{path} holds a bare tensor without a trigger word: pass token=")
+        return token, _vectors(tensors, path, "<bare tensor>")
     keys = list(tensors)
     if "clip_l" in keys or "clip_g" in keys:
-        raise EmbeddingError(f"{path} is an SDXL embedding (clip_l/clip_g); sdjax loads SD 1.x and 2.x embeddings")
+        raise EmbeddingError(f"{path} is an SDXL embedding (clip_l/clip_g); it fits SDXL models only")
     if "string_to_param" in keys:
         params = tensors["string_to_param"]
         if not isinstance(params, dict) or not params:
@@ -180,5 +201,6 @@ __all__ = [
     "MultiVectorTokenizer",
     "add_embedding",
     "read_embedding",
+    "read_sdxl_embedding",
     "restore_multi_vector",
 ]
