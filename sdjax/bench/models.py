@@ -8,7 +8,8 @@ import os
 import shutil
 from pathlib import Path
 
-from sdjax.testing import ARCHS, random_pipeline
+from sdjax.convert.diffusers_folder import model_components, save_component, save_folder_index
+from sdjax.testing import ARCHS, abstract_pipeline, random_like
 
 __all__ = ["ARCHS", "cache_dir", "controlnet_folder", "model_folder", "random_controlnet_folder"]
 
@@ -24,7 +25,13 @@ def model_folder(arch: str) -> Path:
         return target
     tmp = target.with_name(f".{arch}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    random_pipeline(arch).save_pretrained(tmp)
+    shapes = abstract_pipeline(arch)
+    # one component's random weights in memory at a time (SDXL's UNet alone is 10 GB in float32)
+    for seed, spec in enumerate(model_components(shapes)):
+        params = random_like(shapes.params[spec.folder], seed)
+        save_component(tmp, spec, getattr(shapes, spec.folder), params)
+        del params
+    save_folder_index(tmp, shapes)
     tmp.rename(target)
     return target
 

@@ -96,7 +96,6 @@ def run_jax(job: Job) -> dict:
     from sdjax.compile_cache import enable_compilation_cache
     from sdjax.generate import compile_generate, place_inputs
     from sdjax.memory import release_free_memory
-    from sdjax.prompts import encode_prompt_windows, tokenize_prompts
     from sdjax.request import prepare
 
     enable_compilation_cache(job.cache_dir or "off")
@@ -105,17 +104,17 @@ def run_jax(job: Job) -> dict:
     noise = latents(job)
     sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype))  # noqa: E731
 
-    ids, weights = tokenize_prompts(shapes.tokenizer, [PROMPT] * job.batch, [NEGATIVE] * job.batch)
-    text_fn = xla_options.jit(lambda p, i, w: encode_prompt_windows(shapes.text_encoder, p, i, w))
+    text_fn, text_inputs = text_program(shapes, job.batch)
     programs = {}  # compiled executables, each freed after its measurement
-    out["text_compile_s"], programs["text"] = _compile(text_fn, shapes.params["text_encoder"], ids, weights)
+    out["text_compile_s"], programs["text"] = _compile(text_fn, text_params(shapes.params), *text_inputs)
 
     rows = 2 * job.batch
-    context = sds((rows, ids.shape[1], shapes.text_encoder.config.hidden_size), shapes.dtype)
+    context = sds((rows, text_inputs[0].shape[1], shapes.unet.config.context_dims()[0]), shapes.dtype)
     x = sds((rows, *noise.shape[1:]), shapes.dtype)
     t = jnp.full((rows,), 500.0, jnp.float32)
-    step_fn = xla_options.jit(lambda p, x, t, c: shapes.unet.apply({"params": p}, x, t, c))
-    out["unet_compile_s"], programs["unet"] = _compile(step_fn, shapes.params["unet"], x, t, context)
+    added = added_conditioning(shapes, rows, job)  # SDXL's pooled embedding and time ids, else {}
+    step_fn = xla_options.jit(lambda p, x, t, c, a: shapes.unet.apply({"params": p}, x, t, c, **a))
+    out["unet_compile_s"], programs["unet"] = _compile(step_fn, shapes.params["unet"], x, t, context, added)
     cost = programs["unet"].cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     out["unet_flops"] = float(cost.get("flops", 0.0)) if cost else 0.0
@@ -153,12 +152,14 @@ def run_jax(job: Job) -> dict:
     jax.block_until_ready(pipe.params)
     out["load_s"] = time.perf_counter() - start
 
-    te, unet, vae = (pipe.params[k] for k in ("text_encoder", "unet", "vae"))
-    embedded = jax.block_until_ready(programs["text"](te, ids, weights)).astype(pipe.dtype)
-    out["text_s"] = _timed(lambda: programs["text"](te, ids, weights).block_until_ready(), job.inner)
+    te, unet, vae = text_params(pipe.params), pipe.params["unet"], pipe.params["vae"]
+    embedded = jax.block_until_ready(programs["text"](te, *text_inputs)).astype(pipe.dtype)
+    out["text_s"] = _timed(lambda: jax.block_until_ready(programs["text"](te, *text_inputs)), job.inner)
     _free(programs, "text")
     x = jnp.asarray(np.concatenate([noise, noise]), pipe.dtype)
-    out["unet_step_s"] = _timed(lambda: programs["unet"](unet, x, t, embedded).block_until_ready(), job.inner)
+    added = jax.tree.map(lambda a: jnp.ones(a.shape, a.dtype), added)
+    step = lambda: programs["unet"](unet, x, t, embedded, added).block_until_ready()  # noqa: E731
+    out["unet_step_s"] = _timed(step, job.inner)
     _free(programs, "unet")
     if control is not None:
         net = sdjax.load_controlnet(job.controlnet, dtype=job.dtype)
@@ -180,6 +181,46 @@ def run_jax(job: Job) -> dict:
     out["gemm_flops_per_s"] = gemm_rate(job.dtype)
     out["peak_rss"] = peak_rss()
     return out
+
+
+def text_program(shapes, batch: int):
+    """(jitted text encoding: (text params, *inputs) -> context (2B, L, D), its token inputs): the prompt and
+    negative prompt of `batch` images through the text encoder, or SDXL's two (states side by side)."""
+    import jax
+
+    from sdjax import xla_options
+    from sdjax.prompts import encode_prompt_windows, encode_sdxl_prompt_windows, tokenize_prompts
+
+    prompts, negatives = [PROMPT] * batch, [NEGATIVE] * batch
+    ids, weights = tokenize_prompts(shapes.tokenizer, prompts, negatives)
+    if not shapes.is_sdxl:
+        return xla_options.jit(lambda p, i, w: encode_prompt_windows(shapes.text_encoder, p, i, w)), (ids, weights)
+    ids_2, weights_2 = tokenize_prompts(shapes.tokenizer_2, prompts, negatives)
+
+    def encode(p, i, w, i2, w2):
+        first, _ = encode_sdxl_prompt_windows(shapes.text_encoder, p["text_encoder"], i, w)
+        second, _ = encode_sdxl_prompt_windows(shapes.text_encoder_2, p["text_encoder_2"], i2, w2)
+        return jax.numpy.concatenate([first, second.astype(first.dtype)], axis=-1)
+
+    return xla_options.jit(encode), (ids, weights, ids_2, weights_2)
+
+
+def text_params(params: dict):
+    """The text encoder parameters `text_program` takes: the encoder's, or SDXL's two."""
+    if "text_encoder_2" in params:
+        return {k: params[k] for k in ("text_encoder", "text_encoder_2")}
+    return params["text_encoder"]
+
+
+def added_conditioning(shapes, rows: int, job: Job) -> dict:
+    """SDXL's added UNet inputs for `rows` rows (pooled text embedding, time ids of the image size), or {}."""
+    import jax.numpy as jnp
+
+    if not shapes.is_sdxl:
+        return {}
+    ids = jnp.asarray([[job.height, job.width, 0, 0, job.height, job.width]] * rows, jnp.float32)
+    width = shapes.text_encoder_2.config.projection_dim
+    return {"text_embeds_BD": jnp.zeros((rows, width), shapes.dtype), "time_ids_BN": ids}
 
 
 def controlled_unet_step(unet, controlnet, unet_params, control_params, x, t, context, cond):
@@ -234,13 +275,14 @@ def run_torch(job: Job) -> dict:
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[job.dtype]
     out: dict = {"framework": "pytorch", "device": "cpu", "threads": torch.get_num_threads()}
     start = time.perf_counter()
-    extra, pipeline_class = {}, diffusers.StableDiffusionPipeline
+    sdxl = json.loads((Path(job.model) / "model_index.json").read_text())["_class_name"].startswith("StableDiffusionXL")
+    extra, pipeline_class = dict(safety_checker=None, requires_safety_checker=False), diffusers.StableDiffusionPipeline
+    if sdxl:
+        extra, pipeline_class = dict(add_watermarker=False), diffusers.StableDiffusionXLPipeline
     if job.controlnet:
         extra["controlnet"] = diffusers.ControlNetModel.from_pretrained(job.controlnet, torch_dtype=torch_dtype)
         pipeline_class = diffusers.StableDiffusionControlNetPipeline
-    pipe = pipeline_class.from_pretrained(
-        job.model, torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False, **extra
-    )
+    pipe = pipeline_class.from_pretrained(job.model, torch_dtype=torch_dtype, **extra)
     family, options = SCHEDULERS[job.scheduler]
     pipe.scheduler = getattr(diffusers, family.diffusers_class).from_config(pipe.scheduler.config, **options)
     pipe.set_progress_bar_config(disable=True)
@@ -249,13 +291,23 @@ def run_torch(job: Job) -> dict:
 
     with torch.inference_mode():
         prompts, negatives = [PROMPT] * job.batch, [NEGATIVE] * job.batch
-        encode = lambda: pipe.encode_prompt(prompts, "cpu", 1, True, negatives)  # noqa: E731
+        if sdxl:
+            encode = lambda: pipe.encode_prompt(prompts, None, "cpu", 1, True, negatives)  # noqa: E731
+        else:
+            encode = lambda: pipe.encode_prompt(prompts, "cpu", 1, True, negatives)  # noqa: E731
         out["text_s"] = _timed(encode, job.inner)
-        positive, negative = encode()
-        context = torch.cat([negative, positive])
+        encoded = encode()
+        context = torch.cat([encoded[1], encoded[0]])
         x = torch.cat([noise, noise]).to(torch_dtype)
-        t = torch.full((2 * job.batch,), 500.0)
-        out["unet_step_s"] = _timed(lambda: pipe.unet(x, t, encoder_hidden_states=context).sample, job.inner)
+        rows = 2 * job.batch
+        t = torch.full((rows,), 500.0)
+        added = {}
+        if sdxl:
+            ids = torch.tensor([[job.height, job.width, 0, 0, job.height, job.width]] * rows, dtype=torch_dtype)
+            pooled = torch.ones((rows, pipe.text_encoder_2.config.projection_dim), dtype=torch_dtype)
+            added = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": ids}}
+        step = lambda: pipe.unet(x, t, encoder_hidden_states=context, **added).sample  # noqa: E731
+        out["unet_step_s"] = _timed(step, job.inner)
         if job.controlnet:
             cond = torch.from_numpy(control_image(job).transpose(2, 0, 1)[None] / 255.0).to(torch_dtype)
             cond = cond.repeat(2 * job.batch, 1, 1, 1)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from sdjax import files
-from sdjax.convert.keymap import Entry, build_keymap, params_to_torch, torch_to_params
+from sdjax.convert.keymap import Entry, TorchTensors, build_keymap, torch_to_params
 from sdjax.convert.param_shapes import abstract_params
 from sdjax.convert.parts import ModelParts
 from sdjax.convert.tensor_files import ShardedTensors, save_safetensors
@@ -155,11 +155,11 @@ def save_component(root: Path, spec: ComponentSpec, module, params, dtype=None) 
     directory = root / spec.folder
     directory.mkdir(parents=True, exist_ok=True)
     keymap = keymap_for(spec, module)
-    tensors = params_to_torch(params, keymap, dtype)
+    tensors = TorchTensors(params, keymap, dtype)  # converted one at a time while written
     config = module.config.to_dict()
     if spec.config_cls is CLIPTextConfig:  # CLIPTextModelWithProjection keeps text_projection at the top
-        tensors = {(k if k.startswith("text_projection.") else f"text_model.{k}"): v for k, v in tensors.items()}
-        config["torch_dtype"] = next(iter(tensors.values())).dtype.name
+        tensors = tensors.renamed(lambda k: k if k.startswith("text_projection.") else f"text_model.{k}")
+        config["torch_dtype"] = tensors.dtype(next(iter(tensors))).name
     save_safetensors(directory / f"{spec.stem}.safetensors", tensors, {"format": "pt"})
     files.write_text(directory / "config.json", json.dumps(config, indent=2) + "\n")
 
@@ -232,9 +232,20 @@ def save_folder(out: Path, parts: ModelParts, dtype=None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     store = None if dtype is None else resolve_dtype(dtype)
-    sdxl, first = parts.text_encoder_2 is not None, parts.text_encoder is not None
-    for spec in _components(first, sdxl):
+    for spec in model_components(parts):
         save_component(out, spec, getattr(parts, spec.folder), parts.params[spec.folder], store)
+    return save_folder_index(out, parts)
+
+
+def model_components(parts: ModelParts) -> tuple[ComponentSpec, ...]:
+    """The weight components of a pipeline: UNet, VAE and its text encoders."""
+    return _components(parts.text_encoder is not None, parts.text_encoder_2 is not None)
+
+
+def save_folder_index(out: Path, parts: ModelParts) -> Path:
+    """Writes what a diffusers folder holds besides the weights: tokenizer(s), scheduler config and, last,
+    model_index.json (the components' weights must be written before: `save_component`)."""
+    sdxl, first = parts.text_encoder_2 is not None, parts.text_encoder is not None
     if first:
         parts.tokenizer.save(out / "tokenizer")
     if sdxl:

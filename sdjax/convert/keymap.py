@@ -235,15 +235,47 @@ def _in_threads(convert: Callable[[str], jax.Array], keys: list[str]) -> dict[st
             raise
 
 
-def params_to_torch(params: Mapping, keymap: Mapping[str, Entry], dtype=None) -> dict[str, np.ndarray]:
-    """The inverse of `torch_to_params`: torch key -> numpy array in PyTorch layout (optionally cast)."""
-    out = {}
-    for key, entry in keymap.items():
-        node = params
+class TorchTensors(Mapping):
+    """torch key -> numpy array in PyTorch layout (optionally cast), each converted when it is read, so that
+    a writer holds one converted tensor at a time; `shape(key)`/`dtype(key)` answer without converting.
+    `renamed(fn)` gives the same tensors under other keys."""
+
+    def __init__(self, params: Mapping, keymap: Mapping[str, Entry], dtype=None):
+        self._params, self._entries, self._dtype = params, dict(keymap), dtype
+        for entry in self._entries.values():
+            shape = tuple(self._leaf(entry).shape)
+            if shape != entry.shape:
+                raise ConversionError(f"parameter {'/'.join(entry.path)} has shape {shape}, not {entry.shape}")
+
+    def _leaf(self, entry: Entry):
+        node = self._params
         for name in entry.path:
             node = node[name]
-        array = np.asarray(jax.device_get(node))
-        if tuple(array.shape) != entry.shape:
-            raise ConversionError(f"parameter {'/'.join(entry.path)} has shape {array.shape}, not {entry.shape}")
-        out[key] = np.ascontiguousarray(_TO_TORCH[entry.layout](array if dtype is None else array.astype(dtype)))
-    return out
+        return node
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        entry = self._entries[key]
+        array = np.asarray(jax.device_get(self._leaf(entry)))
+        return np.ascontiguousarray(
+            _TO_TORCH[entry.layout](array if self._dtype is None else array.astype(self._dtype))
+        )
+
+    def __iter__(self):
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key].torch_shape
+
+    def dtype(self, key: str) -> np.dtype:
+        return np.dtype(self._dtype if self._dtype is not None else self._leaf(self._entries[key]).dtype)
+
+    def renamed(self, rename: Callable[[str], str]) -> TorchTensors:
+        return TorchTensors(self._params, {rename(k): e for k, e in self._entries.items()}, self._dtype)
+
+
+def params_to_torch(params: Mapping, keymap: Mapping[str, Entry], dtype=None) -> dict[str, np.ndarray]:
+    """The inverse of `torch_to_params`: torch key -> numpy array in PyTorch layout (optionally cast)."""
+    return dict(TorchTensors(params, keymap, dtype))

@@ -172,29 +172,31 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
 
 
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata=None) -> None:
-    """Writes `tensors` to `path` in the safetensors format (atomically: a temporary file, then a rename)."""
+    """Writes `tensors` to `path` in the safetensors format (atomically: a temporary file, then a rename).
+
+    The header comes from each tensor's shape and dtype (`shape_of`/`dtype_of`: a lazy mapping such as
+    `keymap.TorchTensors` is not read for it); then the tensors are read and written one at a time."""
     path = Path(path)
     header: dict = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
-    arrays = []
-    for name in sorted(tensors):
-        array = np.array(tensors[name], order="C", copy=None)  # (ascontiguousarray would make 0-d 1-d)
-        if array.dtype not in _NAMES:
-            raise ValueError(f"cannot store {name!r} of dtype {array.dtype} in safetensors")
-        header[name] = {
-            "dtype": _NAMES[array.dtype],
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + array.nbytes],
-        }
-        offset += array.nbytes
-        arrays.append(array)
+    names = sorted(tensors)
+    for name in names:
+        dtype, shape = dtype_of(tensors, name), shape_of(tensors, name)
+        if dtype not in _NAMES:
+            raise ValueError(f"cannot store {name!r} of dtype {dtype} in safetensors")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        header[name] = {"dtype": _NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for array in arrays:
+        for name in names:
+            array = np.array(tensors[name], order="C", copy=None)  # (ascontiguousarray would make 0-d 1-d)
+            if array.dtype != dtype_of(tensors, name) or tuple(array.shape) != tuple(header[name]["shape"]):
+                raise ValueError(f"tensor {name!r} changed shape or dtype while being written")
             f.write(array.tobytes())
     os.replace(tmp, path)
 
