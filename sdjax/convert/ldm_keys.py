@@ -28,6 +28,15 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPENCLIP_PREFIX = "cond_stage_model.model."
 CONTROLNET_PREFIX = "control_model."
+# SDXL: `conditioner.embedders.0` is the OpenAI CLIP-L (transformers names; the refiner has none) and the
+# next one the OpenCLIP bigG tower, whose `text_projection` is a (width, projection) matrix (x @ P).
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+
+
+def sdxl_openclip_prefix(index: int) -> str:
+    """The prefix of SDXL's OpenCLIP tower: embedder 1 in base models, 0 in the refiner."""
+    return f"conditioner.embedders.{index}.model."
+
 
 # Tensors real single files carry that are not model parameters (DDPM schedule buffers, EMA copies,
 # CLIP position ids, the OpenCLIP contrastive head that SD does not use).
@@ -38,6 +47,9 @@ SKIP_KEYS = frozenset(
     cond_stage_model.transformer.text_model.embeddings.position_ids
     cond_stage_model.transformer.embeddings.position_ids
     cond_stage_model.model.logit_scale cond_stage_model.model.text_projection cond_stage_model.model.attn_mask
+    conditioner.embedders.0.transformer.text_model.embeddings.position_ids
+    conditioner.embedders.0.model.logit_scale conditioner.embedders.0.model.attn_mask
+    conditioner.embedders.1.model.logit_scale conditioner.embedders.1.model.attn_mask
     """.split()
 )
 SKIP_PREFIXES = ("model_ema.",)
@@ -67,6 +79,7 @@ class LdmEntry:
     ldm_key: str
     diffusers_keys: tuple[str, ...]
     transform: str  # "copy" | "conv1x1" (LDM [C, C, 1, 1] = diffusers [C, C]) | "qkv" (LDM = concat(q, k, v))
+    # | "transpose" (OpenCLIP's text_projection)
 
 
 # ---------------------------------------------------------------------------------------------- renames
@@ -103,7 +116,8 @@ _QKV_ORDER = ("q_proj", "k_proj", "v_proj")
 
 
 # diffusers UNet modules the LDM layout has no name for (addition_embed_type "text"): a UNet with them has no
-# single-file form, and name lookups in the LDM layout (kohya LoRA) leave them out.
+# single-file form, and name lookups in the LDM layout (kohya LoRA) leave them out. SDXL's add_embedding
+# ("text_time") is `label_emb.0` there.
 UNET_WITHOUT_LDM_NAME = ("add_embedding",)
 
 
@@ -122,6 +136,8 @@ def unet_rules(config: UNetConfig) -> list[Rule]:
         Rule("mid_block.attentions.0", "middle_block.1"),
         Rule("mid_block.resnets.1", "middle_block.2", _UNET_RESNET),
     ]
+    if config.addition_embed_type == "text_time":  # SDXL
+        rules += [Rule("add_embedding.linear_1", "label_emb.0.0"), Rule("add_embedding.linear_2", "label_emb.0.2")]
     n, layers = config.num_blocks, config.layers()
     index = 1
     for level, block_type in enumerate(config.down_block_types):
@@ -187,13 +203,16 @@ def vae_rules(config: VAEConfig) -> list[Rule]:
     return rules
 
 
-def openclip_rules(num_layers: int) -> list[Rule]:
-    """OpenCLIP text-tower renames for the `num_layers` resblocks diffusers keeps."""
+def openclip_rules(num_layers: int, projection: bool = False) -> list[Rule]:
+    """OpenCLIP text-tower renames for the `num_layers` resblocks diffusers keeps, and with `projection`
+    (SDXL's bigG) the pooled output's `text_projection`, stored transposed (x @ P)."""
     rules = [
         Rule("embeddings.token_embedding", "token_embedding"),
         Rule("embeddings.position_embedding.weight", "positional_embedding"),
         Rule("final_layer_norm", "ln_final"),
     ]
+    if projection:
+        rules.append(Rule("text_projection.weight", "text_projection", transforms={"": "transpose"}))
     for i in range(num_layers):
         rules.append(
             Rule(f"encoder.layers.{i}", f"transformer.resblocks.{i}", _OPENCLIP_LAYER, _OPENCLIP_LAYER_TRANSFORMS)
@@ -253,6 +272,7 @@ _TO_DIFFUSERS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
     "copy": lambda a, i: a,
     "conv1x1": lambda a, i: a.reshape(a.shape[:2]),  # [C, C, 1, 1] -> [C, C]
     "qkv": lambda a, i: np.split(a, 3, axis=0)[i],  # [3D, ...] -> the i-th [D, ...]
+    "transpose": lambda a, i: a.T,  # OpenCLIP's x @ P -> torch Linear's (out, in) weight
 }
 
 
@@ -267,6 +287,8 @@ def to_ldm(entry: LdmEntry, arrays: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(arrays, axis=0)
     if entry.transform == "conv1x1":
         return arrays[0].reshape(arrays[0].shape + (1, 1))
+    if entry.transform == "transpose":
+        return np.ascontiguousarray(arrays[0].T)
     return arrays[0]
 
 
@@ -276,6 +298,8 @@ def diffusers_shape(entry: LdmEntry, shape: tuple[int, ...]) -> tuple[int, ...]:
         return (shape[0] // 3,) + tuple(shape[1:])
     if entry.transform == "conv1x1":
         return tuple(shape[:2])
+    if entry.transform == "transpose":
+        return tuple(shape[::-1])
     return tuple(shape)
 
 
@@ -285,4 +309,6 @@ def ldm_shape(entry: LdmEntry, diffusers_shape: tuple[int, ...]) -> tuple[int, .
         return (3 * diffusers_shape[0],) + tuple(diffusers_shape[1:])
     if entry.transform == "conv1x1":
         return tuple(diffusers_shape) + (1, 1)
+    if entry.transform == "transpose":
+        return tuple(diffusers_shape[::-1])
     return tuple(diffusers_shape)

@@ -31,7 +31,7 @@ import numpy as np
 
 from sdjax.convert import ldm_keys
 from sdjax.convert.diffusers_folder import TEXT_ENCODER, UNET, VAE, keymap_for, load_component
-from sdjax.convert.keymap import ConversionError, listing, params_to_torch, torch_to_params
+from sdjax.convert.keymap import ConversionError, TorchTensors, listing, torch_to_params
 from sdjax.convert.parts import ModelParts
 from sdjax.convert.tensor_files import (
     CheckpointError,
@@ -57,6 +57,8 @@ _DEFAULT_CONFIGS: dict[tuple[str, str | None], tuple[str, dict[str, Any]]] = {
     ("sd2", None): ("stable-diffusion-2-1", {}),  # diffusers' default for SD 2 files: 768 v-prediction
     ("sd2", "epsilon"): ("stable-diffusion-2-1-base", {}),
     ("sd2-inpainting", None): ("stable-diffusion-2-1-base", {"in_channels": 9}),
+    ("sdxl", None): ("stable-diffusion-xl-base-1.0", {}),
+    ("sdxl-refiner", None): ("stable-diffusion-xl-refiner-1.0", {}),
 }
 
 # Text-encoder layout of an export, from the activation (OpenAI CLIP: quick_gelu; OpenCLIP ViT-H: gelu).
@@ -78,16 +80,30 @@ def _examples(keys, limit: int = 3) -> str:
     return ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "") if keys else "none"
 
 
+def _sdxl_type(tensors, keys: set[str], name: str) -> str:
+    """ "sdxl" (CLIP-L + OpenCLIP bigG) or "sdxl-refiner" (bigG alone, as embedder 0)."""
+    label = ldm_keys.UNET_PREFIX + "label_emb.0.0.weight"
+    conv_in = ldm_keys.UNET_PREFIX + "input_blocks.0.0.weight"
+    if label not in keys or conv_in not in keys:
+        raise CheckpointError(f"{name} has SDXL text encoders (conditioner.embedders.*) but no SDXL UNet ({label})")
+    shape = getattr(tensors, "shape", lambda k: tensors[k].shape)
+    if tuple(shape(conv_in))[1] != 4:
+        raise CheckpointError(f"{name}: SDXL UNets with {tuple(shape(conv_in))[1]} input channels are not supported")
+    return "sdxl-refiner" if ldm_keys.sdxl_openclip_prefix(0) + "token_embedding.weight" in keys else "sdxl"
+
+
 def detect_model_type(tensors: Mapping[str, np.ndarray], name: str = "checkpoint") -> str:
-    """ "sd1", "sd1-inpainting", "sd2" or "sd2-inpainting" from the keys and shapes of a single file.
+    """ "sd1", "sd1-inpainting", "sd2", "sd2-inpainting", "sdxl" or "sdxl-refiner" from the keys and shapes
+    of a single file.
 
     SD 1.x holds an OpenAI CLIP (`cond_stage_model.transformer.*`), SD 2.x an OpenCLIP text tower
-    (`cond_stage_model.model.*`); inpainting UNets take 9 input channels. Anything else (SDXL, LoRAs,
-    diffusers-layout files, instruct-pix2pix, upscalers) raises a one-line `CheckpointError`.
+    (`cond_stage_model.model.*`), SDXL both under `conditioner.embedders.*` (the refiner the OpenCLIP one
+    alone); inpainting UNets take 9 input channels. Anything else (LoRAs, diffusers-layout files,
+    instruct-pix2pix, upscalers) raises a one-line `CheckpointError`.
     """
     keys = set(tensors)
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise CheckpointError(f"{name} is an SDXL checkpoint (conditioner.embedders.*); sdjax loads SD 1.x and 2.x")
+        return _sdxl_type(tensors, keys, name)
     if any(k.startswith(("lora_unet_", "lora_te")) or ".lora_A." in k or ".lora_down." in k for k in keys):
         raise CheckpointError(f"{name} is a LoRA, not a model checkpoint: apply it to a pipeline with load_lora")
     conv_in = ldm_keys.UNET_PREFIX + "input_blocks.0.0.weight"
@@ -122,29 +138,41 @@ def detect_model_type(tensors: Mapping[str, np.ndarray], name: str = "checkpoint
 class _Configs:
     unet: UNetConfig
     vae: VAEConfig
-    text_encoder: CLIPTextConfig
-    tokenizer_dir: Path
+    text_encoder: CLIPTextConfig | None  # None: an SDXL refiner
+    tokenizer_dir: Path | None
     scheduler: dict[str, Any]
+    text_encoder_2: CLIPTextConfig | None = None  # SDXL
+    tokenizer_2_dir: Path | None = None
+    index: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # model_index.json
 
 
 def _read_configs(folder: Path, unet_overrides: Mapping[str, Any], prediction_type: str | None) -> _Configs:
-    """Architecture configs, tokenizer folder and scheduler config of a diffusers folder (weights not read)."""
-    configs = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json")
-    for needed in configs:
-        if not (folder / needed).is_file():
-            raise FileNotFoundError(f"config folder {folder} has no {needed}")
-    if not (folder / "tokenizer").is_dir():
-        raise FileNotFoundError(f"config folder {folder} has no tokenizer/ folder")
+    """Architecture configs, tokenizer folder(s) and scheduler config of a diffusers folder (weights not
+    read); SDXL folders have text_encoder_2/ and tokenizer_2/ too, refiners those alone."""
+    sdxl = (folder / "text_encoder_2").is_dir()
+    first = not sdxl or (folder / "text_encoder").is_dir()
+    needed = ["unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"]
+    needed += ["text_encoder/config.json", "tokenizer"] if first else []
+    needed += ["text_encoder_2/config.json", "tokenizer_2"] if sdxl else []
+    for name in needed:
+        if not (folder / name).exists():
+            raise FileNotFoundError(f"config folder {folder} has no {name}")
     unet = {**read_json(folder / "unet" / "config.json"), **unet_overrides}
     scheduler = with_prediction_type(read_json(folder / "scheduler" / "scheduler_config.json"), prediction_type)
+
+    def text(name: str) -> CLIPTextConfig:
+        return CLIPTextConfig.from_dict(read_json(folder / name / "config.json"), what=f"{folder}/{name}/config.json")
+
+    index = folder / "model_index.json"
     return _Configs(
         unet=UNetConfig.from_dict(unet, what=f"{folder}/unet/config.json"),
         vae=VAEConfig.from_dict(read_json(folder / "vae" / "config.json"), what=f"{folder}/vae/config.json"),
-        text_encoder=CLIPTextConfig.from_dict(
-            read_json(folder / "text_encoder" / "config.json"), what=f"{folder}/text_encoder/config.json"
-        ),
-        tokenizer_dir=folder / "tokenizer",
+        text_encoder=text("text_encoder") if first else None,
+        tokenizer_dir=folder / "tokenizer" if first else None,
         scheduler=scheduler,
+        text_encoder_2=text("text_encoder_2") if sdxl else None,
+        tokenizer_2_dir=folder / "tokenizer_2" if sdxl else None,
+        index=read_json(index) if index.is_file() else {},
     )
 
 
@@ -165,7 +193,7 @@ def text_layout(text_encoder: CLIPTextModel) -> str:
     return _TEXT_LAYOUT_BY_ACTIVATION[act]
 
 
-_SPECS = {"unet": UNET, "vae": VAE, "clip": TEXT_ENCODER, "openclip": TEXT_ENCODER}
+_SPECS = {"unet": UNET, "vae": VAE, "clip": TEXT_ENCODER, "openclip": TEXT_ENCODER}  # (key maps: one per class)
 
 
 @functools.lru_cache(maxsize=32)
@@ -179,13 +207,14 @@ def _keymap(spec, module) -> dict:
 
 
 def component_entries(
-    module, layout: str, keymap: Mapping | None = None, clip_prefix: str = ldm_keys.CLIP_PREFIX
+    module, layout: str, keymap: Mapping | None = None, clip_prefix: str | None = None
 ) -> list[ldm_keys.LdmEntry]:
     """The LDM entries of one sdjax module: layout "unet", "vae", "clip" or "openclip" (`keymap`: the
-    module's `keymap_for`, if already built)."""
+    module's `keymap_for`, if already built; `clip_prefix`: a text encoder's prefix in the file, default
+    SD 1.x's / SD 2.x's)."""
     keys = list(keymap if keymap is not None else _keymap(_SPECS[layout], module))
     if layout == "unet":
-        if module.config.addition_embed_type is not None:
+        if module.config.addition_embed_type not in (None, "text_time"):
             raise ValueError(
                 f"a UNet with addition_embed_type {module.config.addition_embed_type!r} has no single-file (LDM) "
                 "layout; save it as a diffusers folder (save_pretrained) instead"
@@ -194,9 +223,9 @@ def component_entries(
     if layout == "vae":
         return ldm_keys.build_entries(ldm_keys.vae_rules(module.config), keys, ldm_keys.VAE_PREFIX)
     if layout == "clip":
-        return ldm_keys.build_entries(None, keys, clip_prefix)
-    rules = ldm_keys.openclip_rules(module.config.num_hidden_layers)
-    return ldm_keys.build_entries(rules, keys, ldm_keys.OPENCLIP_PREFIX)
+        return ldm_keys.build_entries(None, keys, clip_prefix or ldm_keys.CLIP_PREFIX)
+    rules = ldm_keys.openclip_rules(module.config.num_hidden_layers, module.config.projection_dim is not None)
+    return ldm_keys.build_entries(rules, keys, clip_prefix or ldm_keys.OPENCLIP_PREFIX)
 
 
 class _DiffusersView(Mapping[str, np.ndarray]):
@@ -373,27 +402,29 @@ def load_single_file(
     else:
         folder, overrides = default_config_folder(model_type, prediction_type)
     cfg = _read_configs(folder, overrides, prediction_type)
+    if model_type.startswith("sdxl") != (cfg.text_encoder_2 is not None):
+        raise CheckpointError(f"{path} is a {model_type} checkpoint but config {folder} is not of that family")
 
-    modules = {
-        "unet": UNet2DConditionModel(cfg.unet, dtype=dtype),
-        "vae": AutoencoderKL(cfg.vae, dtype=dtype),
-        "text_encoder": CLIPTextModel(cfg.text_encoder, dtype=dtype),
-    }
+    modules = {"unet": UNet2DConditionModel(cfg.unet, dtype=dtype), "vae": AutoencoderKL(cfg.vae, dtype=dtype)}
+    for part in ("text_encoder", "text_encoder_2"):
+        if getattr(cfg, part) is not None:
+            modules[part] = CLIPTextModel(getattr(cfg, part), dtype=dtype)
     keys = set(tensors)
-    layouts = {"unet": "unet", "vae": "vae", "text_encoder": "openclip" if model_type.startswith("sd2") else "clip"}
+    layouts = {"unet": ("unet", None), "vae": ("vae", None)}
+    layouts.update(_text_layouts(modules, model_type.startswith("sd2"), _clip_prefix(keys)))
     if vae is not None:
         del layouts["vae"]  # the file's VAE, if any, is replaced
     elif not any(k.startswith(ldm_keys.VAE_PREFIX) for k in keys):
         raise CheckpointError(f"{path} holds no VAE (first_stage_model.*): pass vae= a VAE file or folder")
-    keymaps = {part: _keymap(_SPECS[layout], modules[part]) for part, layout in layouts.items()}
-    clip_prefix = _clip_prefix(keys) or ldm_keys.CLIP_PREFIX
+    keymaps = {part: _keymap(_SPECS[layout], modules[part]) for part, (layout, _) in layouts.items()}
     entries = {
-        part: component_entries(modules[part], layout, keymaps[part], clip_prefix) for part, layout in layouts.items()
+        part: component_entries(modules[part], layout, keymaps[part], prefix)
+        for part, (layout, prefix) in layouts.items()
     }
     expected = {k: v for part in layouts for k, v in _expected_shapes(entries[part], keymaps[part]).items()}
     extra_block = (
         _extra_openclip_block(tensors, cfg.text_encoder.num_hidden_layers)
-        if layouts["text_encoder"] == "openclip"
+        if layouts.get("text_encoder", ("",))[0] == "openclip" and not model_type.startswith("sdxl")
         else lambda key: False
     )
 
@@ -407,16 +438,33 @@ def load_single_file(
     params = {part: _convert(tensors, entries[part], keymaps[part], dtype, what) for part in layouts}
     if vae is not None:
         modules["vae"], params["vae"] = load_vae(vae, cfg.vae, dtype)
+    sdxl = cfg.text_encoder_2 is not None
     return ModelParts(
         unet=modules["unet"],
         vae=modules["vae"],
-        text_encoder=modules["text_encoder"],
-        tokenizer=CLIPTokenizer.from_folder(cfg.tokenizer_dir),
+        text_encoder=modules.get("text_encoder"),
+        tokenizer=CLIPTokenizer.from_folder(cfg.tokenizer_dir) if cfg.tokenizer_dir else None,
         scheduler_config=cfg.scheduler,
-        params={"unet": params["unet"], "vae": params["vae"], "text_encoder": params["text_encoder"]},
+        params=params,
         dtype=dtype,
         source=path,
+        text_encoder_2=modules.get("text_encoder_2"),
+        tokenizer_2=CLIPTokenizer.from_folder(cfg.tokenizer_2_dir) if sdxl else None,
+        force_zeros_for_empty_prompt=bool(cfg.index.get("force_zeros_for_empty_prompt", sdxl)),
+        requires_aesthetics_score=bool(cfg.index.get("requires_aesthetics_score", False)),
     )
+
+
+def _text_layouts(modules: Mapping, openclip: bool, clip_prefix: str | None) -> dict[str, tuple[str, str]]:
+    """{text encoder part: (layout, prefix in the file)}: SD 1.x's CLIP (`clip_prefix`, as found) or SD
+    2.x's OpenCLIP (`openclip`) as "text_encoder"; SDXL's CLIP-L and OpenCLIP bigG (embedders 0 and 1;
+    the refiner's bigG is embedder 0)."""
+    if "text_encoder_2" not in modules:
+        return {"text_encoder": ("openclip", ldm_keys.OPENCLIP_PREFIX) if openclip else ("clip", clip_prefix)}
+    first = "text_encoder" in modules
+    out = {"text_encoder": ("clip", ldm_keys.SDXL_CLIP_PREFIX)} if first else {}
+    out["text_encoder_2"] = ("openclip", ldm_keys.sdxl_openclip_prefix(1 if first else 0))
+    return out
 
 
 def to_single_file_tensors(parts: ModelParts, dtype=None) -> dict[str, np.ndarray]:
@@ -426,12 +474,14 @@ def to_single_file_tensors(parts: ModelParts, dtype=None) -> dict[str, np.ndarra
     block, `text_projection` and `logit_scale` are not kept by sdjax, and loaders do not need them).
     """
     out: dict[str, np.ndarray] = {}
-    for part in ("unet", "vae", "text_encoder"):
-        module = getattr(parts, part)
-        layout = text_layout(module) if part == "text_encoder" else part
-        keymap = _keymap(_SPECS[layout], module)
-        torch_named = params_to_torch(parts.params[part], keymap, dtype)
-        for entry in component_entries(module, layout, keymap):
+    modules = {part: getattr(parts, part) for part in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    modules = {part: module for part, module in modules.items() if module is not None}
+    sd2 = parts.text_encoder is not None and text_layout(parts.text_encoder) == "openclip"
+    layouts = {"unet": ("unet", None), "vae": ("vae", None), **_text_layouts(modules, sd2, None)}
+    for part, (layout, prefix) in layouts.items():
+        keymap = _keymap(_SPECS[layout], modules[part])
+        torch_named = TorchTensors(parts.params[part], keymap, dtype)
+        for entry in component_entries(modules[part], layout, keymap, prefix):
             out[entry.ldm_key] = ldm_keys.to_ldm(entry, [torch_named[k] for k in entry.diffusers_keys])
     return out
 

@@ -35,7 +35,7 @@ CONTROLNET_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
         "resnet_time_scale_shift",
         "projection_class_embeddings_input_dim",
     )
-} | {"addition_embed_type": None}
+} | {"addition_embed_type": None, "addition_time_embed_dim": None, "projection_class_embeddings_input_dim": None}
 CHANNEL_ORDERS = ("rgb", "bgr")
 _UP_OF_DOWN = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
 
