@@ -130,7 +130,7 @@ def load_pipeline(
     vae: str | Path | None = None,
     weights: bool = True,
 ) -> StableDiffusionPipeline:
-    """Loads a Stable Diffusion model (SD 1.x, 2.x, inpainting) without torch.
+    """Loads a Stable Diffusion model (SD 1.x, 2.x, inpainting, SDXL base and refiner) without torch.
 
     Args:
       path: by default the bundled demo model (`DEMO_MODEL`: 64x64 emoji, "an emoji of red apple"); else a

@@ -98,6 +98,7 @@ ARCHS = {
     "sd21-base": "stable-diffusion-2-1-base",
     "tiny": "stable-diffusion-v1-5",
     "sdxl": "stable-diffusion-xl-base-1.0",
+    "sdxl-refiner": "stable-diffusion-xl-refiner-1.0",
     "tiny-sdxl": "stable-diffusion-xl-base-1.0",
 }
 TINY = {"unet": TINY_UNET, "vae": TINY_VAE, "text_encoder": TINY_CLIP}
@@ -159,15 +160,19 @@ def abstract_pipeline(
         if tiny is not None:
             raw = {part: dict(config) for part, config in tiny.items()}
         else:
-            specs = MODEL_COMPONENTS + ((TEXT_ENCODER_2,) if (folder / "text_encoder_2").is_dir() else ())
-            raw = {spec.folder: read_json(folder / spec.folder / "config.json") for spec in specs}
+            raw = {
+                name: read_json(folder / name / "config.json")
+                for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+                if (folder / name).is_dir()
+            }
         label = arch
     else:
         folder, raw, label = DATA / base, {part: dict(config) for part, config in arch.items()}, "random"
     dtype = resolve_dtype(dtype)
     modules, params = {}, {}
-    sdxl = "text_encoder_2" in raw
-    for spec in MODEL_COMPONENTS + ((TEXT_ENCODER_2,) if sdxl else ()):
+    sdxl, first = "text_encoder_2" in raw, "text_encoder" in raw
+    modules["text_encoder"] = None
+    for spec in [s for s in MODEL_COMPONENTS + (TEXT_ENCODER_2,) if s.folder in raw]:
         config = spec.config_cls.from_dict(raw[spec.folder], what=f"{label} {spec.folder}")
         modules[spec.folder] = spec.module_cls(config, dtype=dtype)
         shapes = abstract_params(modules[spec.folder])
@@ -175,7 +180,7 @@ def abstract_pipeline(
     index = read_json(folder / "model_index.json")
     return StableDiffusionPipeline(
         **modules,
-        tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer"),
+        tokenizer=CLIPTokenizer.from_folder(folder / "tokenizer") if first else None,
         scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
         params=params,
         dtype=dtype,

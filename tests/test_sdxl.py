@@ -475,3 +475,53 @@ def test_single_file_round_trip_and_diffusers_conversion(sdxl, refiner, which, t
     assert again.is_sdxl and (again.text_encoder is None) == (which == "refiner")
     for ours, theirs in zip(jax.tree.leaves(again.params), jax.tree.leaves(pipe.params), strict=True):
         assert np.array_equal(ours, theirs)
+
+
+@pytest.mark.parametrize("which", ["base", "refiner"])
+def test_full_size_single_file_map_matches_diffusers(which):
+    """The single-file map of the real SDXL base / refiner architectures (shipped configs), on shape-only
+    tensors: diffusers' converters give the diffusers models' names and shapes, and the names released
+    checkpoints use are there."""
+    from diffusers import UNet2DConditionModel as TorchUNet
+    from diffusers.loaders import single_file_utils as su
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from sdjax.convert import ldm_keys
+    from sdjax.convert import single_file as sf
+    from sdjax.convert.diffusers_folder import keymap_for
+    from sdjax.nn.config_utils import read_json
+
+    pipe = testing.abstract_pipeline("sdxl" if which == "base" else "sdxl-refiner")
+    modules = {p: getattr(pipe, p) for p in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, p) is not None}
+    layouts = {"unet": ("unet", None), **sf._text_layouts(modules, False, None)}
+    checkpoint = {}
+    for part, (layout, prefix) in layouts.items():
+        keymap = keymap_for(None, modules[part])
+        for e in sf.component_entries(modules[part], layout, keymap, prefix):
+            checkpoint[e.ldm_key] = torch.empty(
+                ldm_keys.ldm_shape(e, keymap[e.diffusers_keys[0]].torch_shape), device="meta"
+            )
+    bigG = "conditioner.embedders.1.model." if which == "base" else "conditioner.embedders.0.model."
+    real = {
+        "model.diffusion_model.label_emb.0.0.weight": (1280, 2816) if which == "base" else (1536, 2560),
+        bigG + "text_projection": (1280, 1280),
+        bigG + "transformer.resblocks.31.attn.in_proj_weight": (3840, 1280),
+    }
+    if which == "base":
+        real["model.diffusion_model.middle_block.1.transformer_blocks.9.attn2.to_k.weight"] = (1280, 2048)
+        real["conditioner.embedders.0.transformer.text_model.encoder.layers.11.mlp.fc2.weight"] = (768, 3072)
+    for key, shape in real.items():
+        assert tuple(checkpoint[key].shape) == shape, key
+    folder = testing.DATA / testing.ARCHS["sdxl" if which == "base" else "sdxl-refiner"]
+    clean = lambda cfg: {k: v for k, v in cfg.items() if not k.startswith("_")}  # noqa: E731
+    unet_cfg = clean(read_json(folder / "unet" / "config.json"))
+    text_cfg = {
+        k: v for k, v in clean(read_json(folder / "text_encoder_2" / "config.json")).items() if k != "architectures"
+    }
+    with torch.device("meta"):
+        torch_unet = TorchUNet(**unet_cfg)
+        torch_text = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
+    shapes = lambda state: {k: tuple(v.shape) for k, v in state.items() if not k.endswith("position_ids")}  # noqa: E731
+    assert shapes(su.convert_ldm_unet_checkpoint(checkpoint, unet_cfg)) == shapes(torch_unet.state_dict())
+    converted = su.convert_open_clip_checkpoint(torch_text, checkpoint, prefix=bigG)
+    assert shapes(converted) == shapes(torch_text.state_dict())

@@ -376,7 +376,7 @@ def load_single_file(
     prediction_type: str | None = None,
     vae: str | Path | None = None,
 ) -> ModelParts:
-    """The parts of an SD 1.x / 2.x / inpainting single-file checkpoint.
+    """The parts of an SD 1.x / 2.x / inpainting / SDXL (base, refiner) single-file checkpoint.
 
     Args:
       path: `.safetensors` (read tensor by tensor), or `.ckpt`/`.pt` through torch.load(weights_only=True).
@@ -387,7 +387,7 @@ def load_single_file(
         the config's (SD 2.x: v_prediction, else epsilon). For SD 2.x, "epsilon" selects the 512 "base" config.
       vae: an external VAE replacing the file's (see `load_vae`); needed when the file has none.
     Raises:
-      CheckpointError (unknown layout, SDXL, unsupported UNet, pickle without torch), ConversionError
+      CheckpointError (unknown layout, unsupported UNet, pickle without torch), ConversionError
       (tensors that do not fit the architecture, all named), each with a one-line message.
     """
     path = Path(path).expanduser()
