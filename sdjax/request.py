@@ -20,6 +20,7 @@ from sdjax import schedulers, sdxl
 from sdjax.convert.lora import lora_adapter
 from sdjax.generate import Inputs, Plan
 from sdjax.memory import device_memory_bytes
+from sdjax.nn.lora import COMPONENTS as LORA_COMPONENTS
 from sdjax.nn.lora import component_scales
 from sdjax.options import GenerateOptions, default_max_steps, finite_number
 from sdjax.prompts import prompt_pairs, tokenize_prompts
@@ -396,7 +397,7 @@ def _adapters(pipe, loras):
     a scale is a float or {"unet": a, "text_encoder": b}."""
     if not loras:
         return None, None
-    adapters, scales = [], {"unet": [], "text_encoder": []}
+    adapters, scales = [], {part: [] for part in LORA_COMPONENTS}
     for entry in loras:
         if not isinstance(entry, tuple | list) or len(entry) != 2:
             raise ValueError("loras must be a list of (LoRA file or adapter, scale) pairs")

@@ -422,16 +422,6 @@ def test_embeddings_of_the_other_family_are_refused(sdxl, tmp_path):
         testing.random_pipeline("tiny").load_textual_inversion(pair)
 
 
-def test_loras_are_refused_for_now(sdxl, tmp_path):
-    from sdjax.convert.tensor_files import save_safetensors
-
-    _, _, pipe = sdxl
-    path = tmp_path / "style.safetensors"
-    save_safetensors(path, {"lora_unet_x.lora_down.weight": np.ones((1, 4), np.float32)})
-    with pytest.raises(ValueError, match="LoRAs on SDXL models are not supported yet"):
-        pipe.load_lora(path)
-
-
 def _sdxl_from_single_file_with_diffusers(path, models, refiner: bool):
     """State dicts of the torch models rebuilt by diffusers' own converters from our single file."""
     from diffusers.loaders import single_file_utils as su
@@ -525,3 +515,97 @@ def test_full_size_single_file_map_matches_diffusers(which):
     assert shapes(su.convert_ldm_unet_checkpoint(checkpoint, unet_cfg)) == shapes(torch_unet.state_dict())
     converted = su.convert_open_clip_checkpoint(torch_text, checkpoint, prefix=bigG)
     assert shapes(converted) == shapes(torch_text.state_dict())
+
+
+def _kohya_sdxl_file(path, models, unet_config, seed: int):
+    """A kohya SDXL LoRA as sd-scripts writes one: UNet modules by their original (SGM) names
+    (lora_unet_input_blocks_4_1_..., label_emb), lora_te1_ / lora_te2_ for the text encoders, rank 4 (2 for
+    3x3 convs), one alpha. (Per-module alphas: diffusers 0.42 gives SGM-named attention modules the alphas of
+    other modules, e.g. input_blocks_3_1_..._attn1_to_q that of output_blocks_1_1_..._attn1_to_v; sdjax
+    reads each module's own, tests/test_lora.py.)"""
+    from reference import lora_targets
+
+    from sdjax.convert import ldm_keys
+    from sdjax.convert.tensor_files import save_safetensors
+
+    rng = np.random.default_rng(seed)
+    rules = ldm_keys.unet_rules(unet_config)
+    tensors = {}
+    for prefix, part in (("lora_unet_", "unet"), ("lora_te1_", "text_encoder"), ("lora_te2_", "text_encoder_2")):
+        for name, shape in lora_targets(models[part]).items():
+            if part == "unet":
+                (entry,) = ldm_keys.build_entries(rules, [name + ".weight"], "")
+                name = entry.ldm_key.removesuffix(".weight")
+            rank = 2 if len(shape) == 4 and shape[2] == 3 else 4
+            key = prefix + name.replace(".", "_")
+            tensors[key + ".lora_down.weight"] = rng.standard_normal((rank,) + shape[1:], dtype=np.float32) / np.sqrt(
+                np.prod(shape[1:])
+            )
+            up = (shape[0], rank) + ((1, 1) if len(shape) == 4 else ())
+            tensors[key + ".lora_up.weight"] = 0.2 * rng.standard_normal(up, dtype=np.float32)
+            tensors[key + ".alpha"] = np.array(2.0, np.float16)  # sd-scripts' one network_alpha
+    save_safetensors(path, tensors)
+    return path
+
+
+def test_kohya_lora_matches_diffusers(sdxl, tmp_path):
+    """A kohya SDXL LoRA merged by sdjax and by diffusers (`load_lora_weights`, `fuse_lora`): the same UNet
+    output (with time ids) and the same states of both text encoders; unmerged inside the program too."""
+    import copy
+
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    folder, models, pipe = sdxl
+    path = _kohya_sdxl_file(tmp_path / "style.safetensors", models, pipe.unet.config, seed=11)
+    assert any(
+        k.startswith("lora_unet_input_blocks_") for k in __import__("safetensors.numpy").numpy.load_file(str(path))
+    )
+    merged = pipe.load_lora(path, scale=0.8)
+    theirs_pipe = StableDiffusionXLPipeline(
+        **{k: copy.deepcopy(v) for k, v in models.items()},
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        tokenizer_2=CLIPTokenizer.from_pretrained(folder / "tokenizer_2"),
+        scheduler=diffusers_scheduler("euler", pipe.scheduler_config),
+        add_watermarker=False,
+    )
+    theirs_pipe.load_lora_weights(str(path))
+    theirs_pipe.fuse_lora(lora_scale=0.8)
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)
+    t = np.array([50.0, 700.0], np.float32)
+    context = rng.standard_normal((2, 77, 48)).astype(np.float32)
+    pooled = rng.standard_normal((2, 24)).astype(np.float32)
+    time_ids = np.array([[64, 64, 0, 0, 64, 64]] * 2, np.float32)
+    ids = np.array(pipe.tokenizer_2(["a red apple", "a lion"]))
+    ours_unet = merged.unet.apply(
+        {"params": merged.params["unet"]}, x, t, context, text_embeds_BD=pooled, time_ids_BN=time_ids
+    )
+    added = {"text_embeds": torch.from_numpy(pooled), "time_ids": torch.from_numpy(time_ids)}
+    with torch.no_grad():
+        theirs_unet = nhwc(
+            theirs_pipe.unet(nchw(x), torch.from_numpy(t), torch.from_numpy(context), added_cond_kwargs=added).sample
+        )
+        theirs_text = [theirs_pipe.text_encoder(torch.from_numpy(ids), output_hidden_states=True).hidden_states[-2]]
+        theirs_text.append(
+            theirs_pipe.text_encoder_2(torch.from_numpy(ids), output_hidden_states=True).hidden_states[-2]
+        )
+    base_unet = pipe.unet.apply(
+        {"params": pipe.params["unet"]}, x, t, context, text_embeds_BD=pooled, time_ids_BN=time_ids
+    )
+    assert rel_l2(base_unet, theirs_unet) > 1e-2  # the LoRA changes the output
+    assert rel_l2(ours_unet, theirs_unet) <= 1e-5
+    for part, theirs in zip(("text_encoder", "text_encoder_2"), theirs_text, strict=True):
+        ours = getattr(merged, part).apply({"params": merged.params[part]}, ids).hidden_states[-2]
+        assert rel_l2(ours, theirs) <= 1e-5, part
+    noise = noise_for(pipe, 1, seed=13)
+    kwargs = dict(num_inference_steps=3, height=64, width=64, latents=noise)
+    unmerged = pipe.generate("a lion", loras=[(path, 0.8)], **kwargs)
+    assert_close_images(unmerged, merged.generate("a lion", **kwargs))
+
+
+def test_lora_of_the_other_family_is_refused(sdxl, tmp_path):
+    _, models, pipe = sdxl
+    path = _kohya_sdxl_file(tmp_path / "sdxl.safetensors", models, pipe.unet.config, seed=14)
+    with pytest.raises(ValueError, match="has weights for text_encoder_2, which this model does not have"):
+        testing.random_pipeline("tiny").load_lora(path)

@@ -1,11 +1,12 @@
-"""LoRA files for the UNet and the text encoder: kohya-ss/A1111 and diffusers/PEFT formats, read and written.
+"""LoRA files for the UNet and the text encoder(s): kohya-ss/A1111 and diffusers/PEFT formats, read and written.
 
 A LoRA adds a low-rank update to linear and conv weights: in PyTorch layout
 W' = W + scale * s_m * up_m @ down_m, with per module m a rank r_m, `down` (r, in[, kh, kw]) and `up`
 (out, r[, 1, 1]), and s_m = alpha_m / r_m (alpha_m / sqrt(r_m) for PEFT's rsLoRA).
 
 - kohya-ss / A1111: `lora_unet_<module>.lora_down.weight`, `.lora_up.weight`, `.alpha` (0-d; missing means
-  alpha = rank), `lora_te_<module>...` for the text encoder. `<module>` is the diffusers module path with
+  alpha = rank), `lora_te_<module>...` for the text encoder (SDXL: `lora_te1_`, `lora_te2_`). `<module>` is
+  the diffusers module path with
   "." replaced by "_"; it is matched against the model's own module names (and, for the UNet, their
   original LDM names), never split on "_".
 - diffusers / PEFT: `unet.<module>.lora_A.weight` / `.lora_B.weight`, `text_encoder.<module>...` (with or
@@ -35,11 +36,17 @@ from sdjax.convert import ldm_keys
 from sdjax.convert.parts import ModelParts
 from sdjax.convert.tensor_files import check_finite, check_float, dtype_of, read_checkpoint
 
-_KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder"}
-_KOHYA_SDXL_PREFIXES = ("lora_te1_", "lora_te2_")
+# SDXL's kohya files name the two text encoders lora_te1_ / lora_te2_ and the UNet's modules by their
+# original (LDM) names (lora_unet_input_blocks_4_1_...), which the UNet lookup knows.
+_KOHYA_PREFIXES = {
+    "lora_unet_": "unet",
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+}
 _KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha"}
 _PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up", ".alpha": "alpha"}
-_PEFT_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder"}
+_PEFT_PREFIXES = {"unet.": "unet", "text_encoder.": "text_encoder", "text_encoder_2.": "text_encoder_2"}
 # Network types sdjax does not implement, recognised by a key fragment.
 _UNSUPPORTED = {
     "hada_w1": "LoHa (LyCORIS)",
@@ -137,13 +144,13 @@ def _group(tensors: Mapping[str, np.ndarray], path: Path, fmt: str) -> dict[str,
         if fmt == "kohya":
             prefix = next((p for p in _KOHYA_PREFIXES if name.startswith(p)), None)
             if prefix is None:
-                raise LoraError(f"{path}: key {key} belongs to neither the UNet nor the text encoder")
+                raise LoraError(f"{path}: key {key} belongs to neither the UNet nor a text encoder")
             part, name = _KOHYA_PREFIXES[prefix], name[len(prefix) :]
         else:
             name = name.removeprefix("base_model.model.")
             prefix = next((p for p in _PEFT_PREFIXES if name.startswith(p)), None)
             part, name = (_PEFT_PREFIXES[prefix], name[len(prefix) :]) if prefix else ("unet", name)
-            if part == "text_encoder":
+            if part.startswith("text_encoder"):
                 name = name.removeprefix("text_model.")
         grouped.setdefault(part, {}).setdefault(name, {})[role] = key
     return grouped
@@ -167,7 +174,7 @@ def _alpha(tensors: Mapping[str, np.ndarray], key: str, path: Path) -> float:
 def read_lora(path: str | Path) -> LoraFile:
     """Reads a kohya-ss/A1111 or diffusers/PEFT LoRA file (`.safetensors`; `.pt` through torch's safe loader).
 
-    Raises `LoraError` (one line) for SDXL LoRAs, LyCORIS LoHa/LoKr, DoRA, unknown keys, a module with a
+    Raises `LoraError` (one line) for LyCORIS LoHa/LoKr, DoRA, unknown keys, a module with a
     down but no up weight (or the reverse), or ranks that disagree; `TensorDataError` for a weight that is
     not a float tensor or holds NaN/Inf.
     """
@@ -179,8 +186,6 @@ def read_lora(path: str | Path) -> LoraFile:
     for fragment, kind in _UNSUPPORTED.items():
         if any(fragment in k for k in keys):
             raise LoraError(f"{path} is a {kind} file, which sdjax does not support")
-    if any(k.startswith(_KOHYA_SDXL_PREFIXES) for k in keys):
-        raise LoraError(f"{path} is an SDXL LoRA (lora_te1_/lora_te2_ keys); sdjax applies SD 1.x and 2.x LoRAs")
     if any(k.startswith(tuple(_KOHYA_PREFIXES)) for k in keys):
         fmt = "kohya"
     elif any(".lora_A." in k or ".lora_B." in k for k in keys):
@@ -235,11 +240,12 @@ def _lookup(parts: ModelParts, part: str, kernels, fmt: str) -> dict[str, tuple[
     for path in kernels:
         dotted = ".".join(path)
         add(dotted, path)
-        if part == "text_encoder" and fmt == "kohya":
+        if part.startswith("text_encoder") and fmt == "kohya":
             add("text_model." + dotted, path)
     if part == "unet" and fmt == "kohya":
         rules = ldm_keys.unet_rules(parts.unet.config)
-        by_dotted = {".".join(p): p for p in kernels if p[0] not in ldm_keys.UNET_WITHOUT_LDM_NAME}
+        unnamed = ldm_keys.UNET_WITHOUT_LDM_NAME if parts.unet.config.addition_embed_type == "text" else ()
+        by_dotted = {".".join(p): p for p in kernels if p[0] not in unnamed}
         for entry in ldm_keys.build_entries(rules, [d + ".weight" for d in by_dotted], ""):
             add(entry.ldm_key.removesuffix(".weight"), by_dotted[entry.diffusers_keys[0].removesuffix(".weight")])
     return {name: next(iter(paths)) for name, paths in names.items() if len(paths) == 1}
@@ -272,13 +278,14 @@ def lora_adapter(parts: ModelParts, lora: LoraFile | str | Path) -> dict:
     """The LoRA as an adapter pytree (`sdjax.nn.lora`) for this model, every module matched and
     shape-checked: A and B float32 as described in `_fit`, `multiplier` = alpha / rank as an f32[] array.
     """
-    if parts.unet.config.addition_embed_type == "text_time":
-        raise LoraError(
-            f"{lora if not isinstance(lora, LoraFile) else lora.path}: LoRAs on SDXL models are not supported yet "
-            "(sdjax applies SD 1.x and 2.x LoRAs)"
-        )
     lora = lora if isinstance(lora, LoraFile) else read_lora(lora)
     adapter: dict[str, dict[str, dict[str, jax.Array]]] = {}
+    for part in lora.modules:
+        if parts.params.get(part) is None:
+            raise LoraError(
+                f"{lora.path} has weights for {part}, which this model does not have (an SDXL LoRA on an SD 1.x/2.x "
+                "model, or a base-model LoRA on a refiner?)"
+            )
     for part, modules in lora.modules.items():
         kernels = _kernels(parts.params[part])
         lookup = _lookup(parts, part, kernels, lora.format)

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import jax.numpy as jnp
 
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # text_encoder_2: SDXL's second
 
 
 def _replace(tree: Mapping, path: tuple[str, ...], value) -> dict:
@@ -68,13 +68,16 @@ def apply_adapters(params: Mapping, adapters: Sequence[Mapping], scales) -> dict
 
 
 def component_scales(scale) -> dict[str, float]:
-    """A LoRA scale (a finite number, or {"unet": a, "text_encoder": b}, a missing part at 1 as in diffusers)
-    -> {component: float}; a one-line ValueError for anything else."""
+    """A LoRA scale (a finite number, or {"unet": a, "text_encoder": b}, a missing part at 1 as in diffusers;
+    SDXL's "text_encoder_2" defaults to the "text_encoder" value) -> {component: float}; a one-line
+    ValueError for anything else."""
     if isinstance(scale, Mapping):
         unknown = set(scale) - set(COMPONENTS)
         if unknown:
             raise ValueError(f"LoRA scale has unknown parts {sorted(unknown)}: use {list(COMPONENTS)}")
-        return {part: _scale_number(scale.get(part, 1.0)) for part in COMPONENTS}
+        text = scale.get("text_encoder", 1.0)
+        defaults = {"unet": 1.0, "text_encoder": 1.0, "text_encoder_2": text}
+        return {part: _scale_number(scale.get(part, defaults[part])) for part in COMPONENTS}
     value = _scale_number(scale)
     return dict.fromkeys(COMPONENTS, value)
 
