@@ -41,6 +41,7 @@ _DIFFUSERS_OPTIONS = {
     "lms": ("LMSDiscreteScheduler", {"use_karras_sigmas": False}),
     "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
     "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpmpp_2m_karras": (

@@ -609,3 +609,36 @@ def test_lora_of_the_other_family_is_refused(sdxl, tmp_path):
     path = _kohya_sdxl_file(tmp_path / "sdxl.safetensors", models, pipe.unet.config, seed=14)
     with pytest.raises(ValueError, match="has weights for text_encoder_2, which this model does not have"):
         testing.random_pipeline("tiny").load_lora(path)
+
+
+def test_euler_ancestral_matches_diffusers_given_the_same_draws(sdxl, monkeypatch):
+    """Euler a against diffusers, diffusers' per-step noise replaced by sdjax's own draws (image b, model
+    call k: normal(fold_in(fold_in(key(seed_b), 1), k)), `sdjax.generate`'s sampler keys): the sampler's
+    arithmetic is diffusers'; only the random numbers are sdjax's."""
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as ancestral
+
+    from sdjax.keys import seed_keys, split_rows
+
+    folder, models, pipe = sdxl
+    noise = noise_for(pipe, 2, seed=15)
+    seed, steps = 21, 6
+    ours = pipe.generate(PROMPTS, NEGATIVES, scheduler="euler_a", seed=seed, latents=noise, num_inference_steps=steps)
+    sampler_keys = split_rows(seed_keys(jax.numpy.asarray([seed, seed + 1])), 3)[1]
+    draws = [
+        np.stack([np.asarray(jax.random.normal(jax.random.fold_in(k, call), noise.shape[1:])) for k in sampler_keys])
+        for call in range(steps)
+    ]
+    calls = iter(draws)
+    monkeypatch.setattr(ancestral, "randn_tensor", lambda shape, **kw: nchw(next(calls)).to(kw.get("dtype")))
+    theirs = run_diffusers_sdxl(
+        folder,
+        models,
+        diffusers_scheduler("euler_a", pipe.scheduler_config),
+        prompt=PROMPTS,
+        negative_prompt=NEGATIVES,
+        latents=nchw(noise),
+        num_inference_steps=steps,
+        guidance_scale=5.0,
+    )
+    assert next(calls, None) is None  # one draw per step, as many as sdjax's
+    assert_close_images(ours, theirs)
