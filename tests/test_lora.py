@@ -306,7 +306,6 @@ def test_bad_lora_files(model, kohya, tmp_path):
     z = np.zeros((2, 2), np.float32)
     cases = {
         "loha": ({"lora_unet_x.hada_w1_a": z, "lora_unet_x.hada_w1_b": z}, "LoHa"),
-        "sdxl": ({"lora_te2_x.lora_down.weight": z, "lora_te2_x.lora_up.weight": z}, "SDXL"),
         "not_lora": ({"model.diffusion_model.input_blocks.0.0.weight": z}, "not a LoRA"),
         "half": ({"lora_unet_conv_in.lora_down.weight": z}, "no up weight"),
     }
@@ -316,6 +315,11 @@ def test_bad_lora_files(model, kohya, tmp_path):
         with pytest.raises(L.LoraError) as err:
             L.read_lora(path)
         assert words in _one_line(err), name
+    sdxl = tmp_path / "sdxl.safetensors"  # readable, but SD 1.x has no second text encoder
+    save_safetensors(sdxl, {"lora_te2_x.lora_down.weight": z, "lora_te2_x.lora_up.weight": z})
+    with pytest.raises(L.LoraError) as err:
+        pipe.load_lora(sdxl)
+    assert "has weights for text_encoder_2, which this model does not have" in _one_line(err)
 
 
 def test_pickled_lora(model, kohya, tmp_path):
