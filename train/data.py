@@ -180,19 +180,44 @@ def load_image(path: Path, resolution: int, crop_xy: tuple[float, float] | None,
     try:
         with Image.open(path) as img:
             img = image_io.to_rgb8(img)
-            w, h = img.size
-            scale = resolution / min(w, h)
-            size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
-            img = img.resize(size, Image.BILINEAR) if size != (w, h) else img
+            size = _resized(img.size, resolution)
+            img = img.resize(size, Image.BILINEAR) if size != img.size else img
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise DataError(f"cannot read image {path}: {err}") from None
-    w, h = img.size
-    fx, fy = (0.5, 0.5) if crop_xy is None else crop_xy
-    left, top = int(round((w - resolution) * fx)), int(round((h - resolution) * fy))
+    left, top = _crop_origin(img.size, resolution, crop_xy)
     array = np.asarray(img.crop((left, top, left + resolution, top + resolution)), np.float32)
     if flip:
         array = array[:, ::-1]
     return array / 127.5 - 1.0
+
+
+def _resized(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(width, height) after resizing the shorter side to `resolution`."""
+    w, h = size
+    scale = resolution / min(w, h)
+    return max(resolution, round(w * scale)), max(resolution, round(h * scale))
+
+
+def _crop_origin(size: tuple[int, int], resolution: int, crop_xy: tuple[float, float] | None) -> tuple[int, int]:
+    """(left, top) of the square cut from a resized (width, height) image: centered for None, else at
+    fractions (x, y) of the free range (diffusers' center crop rounds the same way)."""
+    fx, fy = (0.5, 0.5) if crop_xy is None else crop_xy
+    return int(round((size[0] - resolution) * fx)), int(round((size[1] - resolution) * fy))
+
+
+def image_time_ids(path: Path, resolution: int, crop_xy: tuple[float, float] | None, flip: bool) -> np.ndarray:
+    """SDXL's micro-conditioning of a training image as `load_image` cuts it: float32 (6,) [original height,
+    original width, crop top, crop left, resolution, resolution], as diffusers' train_text_to_image_sdxl.py
+    records them (after a flip it records the left edge as resolution - left)."""
+    try:
+        with Image.open(path) as img:
+            size = img.size
+    except (OSError, UnidentifiedImageError, ValueError) as err:
+        raise DataError(f"cannot read image {path}: {err}") from None
+    left, top = _crop_origin(_resized(size, resolution), resolution, crop_xy)
+    if flip:
+        left = resolution - left
+    return np.array([size[1], size[0], top, left, resolution, resolution], np.float32)
 
 
 def load_condition(path: Path, resolution: int, crop_xy: tuple[float, float] | None, flip: bool) -> np.ndarray:
@@ -297,11 +322,14 @@ class Batches:
         weights = _sampling_weights(examples, cfg.images.sampling_weight_power)
         self.order = Order(len(examples), cfg.seed, stream=0, weights=weights)
         self.class_order = Order(len(class_examples), cfg.seed, stream=1) if class_examples else None
-        tok = setup.pipe.tokenizer
         captions = [cfg.images.instance_prompt or e.caption for e in examples]
-        self.ids = tok(captions)
-        self.empty_ids = tok([""])[0]
-        self.class_ids = tok([cfg.dreambooth.class_prompt or ""])[0] if class_examples else None
+        self.sdxl = setup.pipe.text_encoder_2 is not None
+        self.tokens = {}  # "" and "_2" (SDXL's second tokenizer): (caption ids, empty-caption ids, class ids)
+        for suffix, tok in (("", setup.pipe.tokenizer), ("_2", setup.pipe.tokenizer_2 if self.sdxl else None)):
+            if tok is not None:
+                class_ids = tok([cfg.dreambooth.class_prompt or ""])[0] if class_examples else None
+                self.tokens[suffix] = (tok(captions), tok([""])[0], class_ids)
+        self.ids = self.tokens[""][0]
         self.local_devices = local_devices
         self.cache = latent_cache
 
@@ -327,10 +355,19 @@ class Batches:
                     for i, c, f in zip(rows.indices, rows.crops, rows.flips, strict=True)
                 ]
             )
-        if ids is None:  # class images: one prompt
-            out["ids"] = np.repeat(self.class_ids[None], len(positions), axis=0)
-        else:
-            out["ids"] = np.where(rows.drop_caption[:, None], self.empty_ids[None], ids[rows.indices])
+        for suffix, (captions, empty, class_ids) in self.tokens.items():
+            if ids is None:  # class images: one prompt
+                out["ids" + suffix] = np.repeat(class_ids[None], len(positions), axis=0)
+            else:
+                out["ids" + suffix] = np.where(rows.drop_caption[:, None], empty[None], captions[rows.indices])
+        if self.sdxl:
+            crops = [None if images.center_crop or "moments" in out else tuple(c) for c in rows.crops]
+            out["time_ids"] = np.stack(
+                [
+                    image_time_ids(examples[i].path, images.resolution, c, bool(f))
+                    for i, c, f in zip(rows.indices, crops, rows.flips, strict=True)
+                ]
+            )
         positions = np.asarray(list(positions), np.int64)
         out["row"] = (2 * positions + int(class_rows)).astype(np.int32)
         weight = self.cfg.dreambooth.prior_loss_weight if class_rows else 1.0

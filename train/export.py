@@ -32,7 +32,7 @@ def export_final(setup: Setup, trainable: dict, directory: str | Path) -> Path:
     trainable = jax.device_get(trainable)
     if cfg.uses_lora:
         lora = cfg.adapter
-        peft, kohya, metadata = lora_file_tensors(trainable["lora"], lora.rank, lora.alpha)
+        peft, kohya, metadata = lora_file_tensors(trainable["lora"], lora.rank, lora.alpha, setup.pipe.unet.config)
         save_safetensors(out / LORA_FILE, peft, metadata)
         save_safetensors(
             out / KOHYA_FILE, kohya, {"ss_network_dim": str(lora.rank), "ss_network_alpha": str(lora.alpha)}

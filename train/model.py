@@ -3,7 +3,8 @@ trainable and frozen parts are put back together for a forward pass.
 
 Trainable pytrees per mode:
   full / dreambooth   {"unet": ...} (+ {"text_encoder": ...} with train_text_encoder)
-  lora (or dreambooth with lora)  {"lora": {"unet": {path: {"A", "B"}}, "text_encoder": {...}}}
+  lora (or dreambooth with lora)  {"lora": {"unet": {path: {"A", "B"}}, "text_encoder": {...}}} (SDXL: and
+                      "text_encoder_2"; its second text encoder is otherwise always frozen)
   textual_inversion   {"embeddings": (num_vectors, D)}: the new token rows only
   vae                 {"vae": ...}
   controlnet          {"controlnet": ...}: a ControlNet of the UNet (new from it, or loaded), the UNet frozen
@@ -47,10 +48,15 @@ class Setup:
     vae: Any
     text_encoder: Any
     schedule: NoiseSchedule
+    text_encoder_2: Any = None  # SDXL's second text encoder (frozen), in the compute dtype
     token_ids: tuple[int, ...] = ()  # textual inversion: ids of the new tokens
     lora_multiplier: float = 1.0
     controlnet: Any = None  # mode controlnet: the ControlNet module in the compute dtype
     controlnet_start: Any = None  # ... and the float32 sdjax.ControlNet training starts from
+
+    @property
+    def sdxl(self) -> bool:
+        return self.pipe.is_sdxl
 
     @property
     def prediction_type(self) -> str:
@@ -193,6 +199,8 @@ def make_setup(config: TrainConfig, pipe: StableDiffusionPipeline) -> Setup:
     """Adds the textual-inversion tokens when needed and builds the compute-dtype modules."""
     dtype = jnp.dtype(config.dtype)
     token_ids: tuple[int, ...] = ()
+    if pipe.is_sdxl:
+        _check_sdxl(config, pipe)
     if config.mode == "textual_inversion":
         pipe, token_ids = _add_placeholder(config, pipe)
     schedule = from_diffusers_config(pipe.scheduler_config).schedule
@@ -208,12 +216,27 @@ def make_setup(config: TrainConfig, pipe: StableDiffusionPipeline) -> Setup:
         unet=pipe.unet.clone(dtype=dtype, remat=remat),
         vae=pipe.vae.clone(dtype=dtype),
         text_encoder=pipe.text_encoder.clone(dtype=dtype),
+        text_encoder_2=pipe.text_encoder_2.clone(dtype=dtype) if pipe.text_encoder_2 is not None else None,
         schedule=schedule,
         token_ids=token_ids,
         lora_multiplier=multiplier,
         controlnet=controlnet,
         controlnet_start=start,
     )
+
+
+def _check_sdxl(config: TrainConfig, pipe: StableDiffusionPipeline) -> None:
+    """What SDXL runs support (full, lora, dreambooth and vae; the text encoders frozen except through LoRA;
+    base models, which have both encoders), each refusal one line."""
+    if pipe.text_encoder is None:
+        raise SetupError("--model is an SDXL refiner (one text encoder); sdjax trains SDXL base models")
+    if config.mode in ("textual_inversion", "controlnet"):
+        raise SetupError(f"--mode {config.mode} is not supported for SDXL models yet (full, lora, dreambooth are)")
+    if config.train_text_encoder:
+        raise SetupError(
+            "--train-text-encoder (full fine-tuning of the text encoders) is not supported for SDXL: train both "
+            "encoders through LoRA with --mode lora --lora-text-encoder true"
+        )
 
 
 def _controlnet_start(config: TrainConfig, pipe: StableDiffusionPipeline):
@@ -283,6 +306,8 @@ def init_lora(setup: Setup, key: jax.Array) -> dict:
     parts = {"unet": lora.targets}
     if lora.text_encoder:
         parts["text_encoder"] = TEXT_LORA_TARGETS
+        if setup.text_encoder_2 is not None:  # SDXL: both encoders, as diffusers' train_dreambooth_lora_sdxl.py
+            parts["text_encoder_2"] = TEXT_LORA_TARGETS
     out: dict[str, dict] = {}
     for p, (part, targets) in enumerate(parts.items()):
         params = setup.pipe.params[part]
@@ -317,6 +342,8 @@ def split_params(setup: Setup, key: jax.Array) -> tuple[dict, dict]:
         return {"vae": params["vae"]}, {}
     if need_vae:
         frozen["vae"] = params["vae"]
+    if setup.text_encoder_2 is not None:
+        frozen["text_encoder_2"] = params["text_encoder_2"]
     if cfg.mode == "controlnet":
         frozen["unet"] = params["unet"]
         frozen["text_encoder"] = params["text_encoder"]
@@ -367,7 +394,11 @@ def trained_controlnet(setup: Setup, trainable: dict):
 
 def trained_pipeline(setup: Setup, trainable: dict) -> StableDiffusionPipeline:
     """The float32 pipeline with the trained parameters in place (LoRA merged), for samples and export."""
-    frozen = {part: setup.pipe.params[part] for part in ("unet", "vae", "text_encoder")}
+    frozen = {
+        part: setup.pipe.params[part]
+        for part in ("unet", "vae", "text_encoder", "text_encoder_2")
+        if setup.pipe.params.get(part) is not None
+    }
     params = assemble(setup, jax.device_get(trainable), frozen)
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     return dataclasses.replace(setup.pipe, params=params)

@@ -1,6 +1,7 @@
 """Training losses: the diffusion (noise-prediction) loss of the UNet and the VAE's reconstruction + KL loss.
 
-A micro-batch is a dict of per-row arrays (leading axis b): "ids" (b, 77) token ids, "pixels" (b, R, R, 3)
+A micro-batch is a dict of per-row arrays (leading axis b): "ids" (b, 77) token ids (SDXL: also "ids_2" of
+the second tokenizer and "time_ids" (b, 6)), "pixels" (b, R, R, 3)
 in [-1, 1] or "moments" (b, h, w, 2C) cached VAE posteriors, "control" (b, R, R, 3) condition images in
 [0, 1] (mode controlnet), "row" int32 (b,) a row id unique within the
 run (it keys the row's randomness), "weight" float32 (b,) the row's loss weight (1 for instance images,
@@ -28,6 +29,21 @@ def latents_of(setup, params, batch, keys_B) -> jax.Array:
     else:
         z = encode_sample(setup.vae, params["vae"], batch["pixels"], keys_B)
     return jax.lax.stop_gradient(z * setup.scaling_factor)
+
+
+def text_conditioning(setup, params, batch) -> tuple[jax.Array, dict]:
+    """(context (b, 77, D), extra UNet inputs) of the micro-batch's captions: the text encoder's last hidden
+    state; for SDXL, as diffusers' train_text_to_image_sdxl.py, both encoders' penultimate hidden states side
+    by side, with the second's projected pooled output and the rows' time ids ("time_ids" (b, 6): original
+    size, crop top-left, target size) as the UNet's added inputs."""
+    if setup.text_encoder_2 is None:
+        return setup.text_encoder.apply({"params": params["text_encoder"]}, batch["ids"])[0], {}
+    first = setup.text_encoder.apply({"params": params["text_encoder"]}, batch["ids"])
+    second = setup.text_encoder_2.apply({"params": params["text_encoder_2"]}, batch["ids_2"])
+    context = jnp.concatenate(
+        [first.hidden_states[-2], second.hidden_states[-2].astype(first.hidden_states[-2].dtype)], -1
+    )
+    return context, {"text_embeds_BD": second.text_embeds, "time_ids_BN": batch["time_ids"]}
 
 
 def snr_weights(alpha_bar_B: jax.Array, gamma: float, prediction_type: str, floor: float = 0.0) -> jax.Array:
@@ -101,12 +117,13 @@ def diffusion_loss(setup, params, batch, key) -> tuple[jax.Array, jax.Array]:
     t = sample_timesteps(cfg, train_steps, time_keys)
     abar = jnp.asarray(alphas_cumprod(setup.schedule))[t]
     noisy = add_noise(setup.schedule, x0, noise, t)
-    context = setup.text_encoder.apply({"params": params["text_encoder"]}, batch["ids"])[0]
+    context, added = text_conditioning(setup, params, batch)
     residuals = {}
     if "controlnet" in params:  # as train_controlnet.py: the ControlNet's residuals into the frozen UNet
         down, mid = setup.controlnet.apply({"params": params["controlnet"]}, noisy, t, context, batch["control"])
         residuals = {"down_residuals": down, "mid_residual": mid}
-    pred = setup.unet.apply({"params": params["unet"]}, noisy, t, context, **residuals).astype(jnp.float32)
+    pred = setup.unet.apply({"params": params["unet"]}, noisy, t, context, **residuals, **added)
+    pred = pred.astype(jnp.float32)
     if setup.prediction_type == "epsilon":
         target = noise
     elif setup.prediction_type == "v_prediction":

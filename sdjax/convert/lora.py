@@ -320,25 +320,40 @@ def _torch_factors(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return down, np.ascontiguousarray(b.T[:, :, None, None])
 
 
-def lora_file_tensors(factors: Mapping, rank: int, alpha: float) -> tuple[dict, dict, dict]:
+def lora_file_tensors(factors: Mapping, rank: int, alpha: float, unet_config=None) -> tuple[dict, dict, dict]:
     """(PEFT tensors, kohya tensors, PEFT header metadata) of LoRA factors of one rank and alpha.
 
-    `factors` is {"unet": {path: {"A", "B"}}, "text_encoder": {...}} in the adapter layout of
-    `sdjax.nn.lora`. PEFT keys are diffusers' (`unet.<module>.lora_A.weight`, the text encoder under
-    `text_encoder.text_model.`), with the LoraConfig (r, lora_alpha, target_modules) as the header's
-    `lora_adapter_metadata`; kohya keys are `lora_unet_*` / `lora_te_*` with an `.alpha` each.
+    `factors` is {"unet": {path: {"A", "B"}}, "text_encoder": {...}} (SDXL: and "text_encoder_2") in the
+    adapter layout of `sdjax.nn.lora`. PEFT keys are diffusers' (`unet.<module>.lora_A.weight`, the text
+    encoders under `text_encoder[_2].text_model.`), with the LoraConfig (r, lora_alpha, target_modules) as
+    the header's `lora_adapter_metadata`; kohya keys are `lora_unet_*` / `lora_te_*` with an `.alpha` each,
+    for an SDXL UNet (`unet_config`) as sd-scripts names them: `lora_te1_`, `lora_te2_` and the UNet's
+    original (SGM) module names.
     """
-    kohya_prefix = {part: prefix for prefix, part in _KOHYA_PREFIXES.items()}
+    sdxl = unet_config is not None and unet_config.addition_embed_type == "text_time"
+    kohya_prefix = {
+        "unet": "lora_unet_",
+        "text_encoder": "lora_te1_" if sdxl else "lora_te_",
+        "text_encoder_2": "lora_te2_",
+    }
+    sgm = {}
+    if sdxl:
+        names = [p.replace("/", ".") + ".weight" for p in factors.get("unet", {})]
+        sgm = {
+            e.diffusers_keys[0]: e.ldm_key for e in ldm_keys.build_entries(ldm_keys.unet_rules(unet_config), names, "")
+        }
     peft, kohya, metadata = {}, {}, {}
     for part, modules in factors.items():
         targets = set()
         for path, factor in sorted(modules.items()):
             down, up = _torch_factors(np.asarray(factor["A"], np.float32), np.asarray(factor["B"], np.float32))
             dotted = path.replace("/", ".")
-            name = f"text_model.{dotted}" if part == "text_encoder" else dotted
+            name = f"text_model.{dotted}" if part.startswith("text_encoder") else dotted
             targets.add(path.split("/")[-1])
             peft[f"{part}.{name}.lora_A.weight"] = down
             peft[f"{part}.{name}.lora_B.weight"] = up
+            if part == "unet" and sdxl:
+                name = sgm[dotted + ".weight"].removesuffix(".weight")
             key = kohya_prefix[part] + name.replace(".", "_")
             kohya[f"{key}.lora_down.weight"] = down
             kohya[f"{key}.lora_up.weight"] = up
