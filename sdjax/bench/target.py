@@ -49,9 +49,19 @@ def report(pipe, *, target: str, batches, height: int, width: int, steps: int, s
         row = {"batch": batch}
         x = jax.ShapeDtypeStruct((2 * batch, *latent, pipe.unet.config.in_channels), pipe.dtype)
         t = jax.ShapeDtypeStruct((2 * batch,), jnp.float32)
-        context = jax.ShapeDtypeStruct((2 * batch, 77, pipe.unet.config.cross_attention_dim), pipe.dtype)
-        unet = jax.jit(lambda p, x, t, c: pipe.unet.apply({"params": p}, x, t, c))
-        row["unet_step"] = analyse(unet.lower(params["unet"], *on_device(device, (x, t, context))), chip)
+        context = jax.ShapeDtypeStruct((2 * batch, 77, pipe.unet.config.context_dims()[0]), pipe.dtype)
+        added = {}
+        if pipe.is_sdxl:  # the pooled text embedding and the time ids
+            width = pipe.text_encoder_2.config.projection_dim
+            n_ids = (
+                pipe.unet.config.projection_class_embeddings_input_dim - width
+            ) // pipe.unet.config.addition_time_embed_dim
+            added = {
+                "text_embeds_BD": jax.ShapeDtypeStruct((2 * batch, width), pipe.dtype),
+                "time_ids_BN": jax.ShapeDtypeStruct((2 * batch, n_ids), jnp.float32),
+            }
+        unet = jax.jit(lambda p, x, t, c, a: pipe.unet.apply({"params": p}, x, t, c, **a))
+        row["unet_step"] = analyse(unet.lower(params["unet"], *on_device(device, (x, t, context, added))), chip)
         step = row["unet_step"]
         control = {}
         if controlnet is not None:
