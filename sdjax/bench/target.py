@@ -52,12 +52,12 @@ def report(pipe, *, target: str, batches, height: int, width: int, steps: int, s
         context = jax.ShapeDtypeStruct((2 * batch, 77, pipe.unet.config.context_dims()[0]), pipe.dtype)
         added = {}
         if pipe.is_sdxl:  # the pooled text embedding and the time ids
-            width = pipe.text_encoder_2.config.projection_dim
+            pooled = pipe.text_encoder_2.config.projection_dim
             n_ids = (
-                pipe.unet.config.projection_class_embeddings_input_dim - width
+                pipe.unet.config.projection_class_embeddings_input_dim - pooled
             ) // pipe.unet.config.addition_time_embed_dim
             added = {
-                "text_embeds_BD": jax.ShapeDtypeStruct((2 * batch, width), pipe.dtype),
+                "text_embeds_BD": jax.ShapeDtypeStruct((2 * batch, pooled), pipe.dtype),
                 "time_ids_BN": jax.ShapeDtypeStruct((2 * batch, n_ids), jnp.float32),
             }
         unet = jax.jit(lambda p, x, t, c, a: pipe.unet.apply({"params": p}, x, t, c, **a))
