@@ -107,8 +107,8 @@ def worker(arch: str, resolution: int, batch: int, steps: int, dtype: str, remat
 def target_report(
     target: str, arch: str, resolution: int, batch: int, modes: list[str], mesh_spec: str | None, remat: str | None
 ) -> list[dict]:
-    """Deviceless: the shipped run configs' update step (configs/sd15_{mode}.py: bf16 compute, float32
-    master weights, their grad_accum and EMA) compiled for every chip of a TPU topology over a
+    """Deviceless: the shipped run configs' update step (configs/sd15_{mode}.py, SDXL: sdxl_{mode}.py: bf16
+    compute, float32 master weights, their grad_accum and EMA) compiled for every chip of a TPU topology over a
     ("data", "fsdp") mesh, `batch` images per chip per micro-batch; parameters as shapes (no weights).
     Per mode: compile time, per-chip FLOPs, bytes, time (`sdjax.targets`) and memory, and whether it fits."""
     import functools
@@ -130,7 +130,8 @@ def target_report(
     pipe = abstract_pipeline(arch)
     rows = []
     for mode in modes:
-        config = load_config_file(str(CONFIGS / f"sd15_{mode}.py")).replace(
+        family = "sdxl" if pipe.is_sdxl else "sd15"
+        config = load_config_file(str(CONFIGS / f"{family}_{mode}.py")).replace(
             model=f"random:{arch}", batch_size=batch * len(devices), resolution=resolution
         )
         if remat is not None:
@@ -149,6 +150,9 @@ def target_report(
             "weight": jax.ShapeDtypeStruct((accum, global_batch), jnp.float32),
             "count": jax.ShapeDtypeStruct((accum, global_batch), jnp.float32),
         }
+        if pipe.is_sdxl:  # the second tokenizer's ids and each row's time ids
+            batch_arrays["ids_2"] = jax.ShapeDtypeStruct((accum, global_batch, 77), jnp.int32)
+            batch_arrays["time_ids"] = jax.ShapeDtypeStruct((accum, global_batch, 6), jnp.float32)
         shardings = (shardings_of(state, mesh), shardings_of(frozen, mesh), batch_shardings(batch_arrays, mesh))
         args = [
             jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, where)
@@ -185,7 +189,7 @@ def _ms(seconds: float) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="sd15", help="sd15, sd21, sd21-base or tiny")
+    p.add_argument("--arch", default="sd15", help="sd15, sd21, sd21-base, sdxl, tiny or tiny-sdxl")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
