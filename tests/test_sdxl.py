@@ -642,3 +642,29 @@ def test_euler_ancestral_matches_diffusers_given_the_same_draws(sdxl, monkeypatc
     )
     assert next(calls, None) is None  # one draw per step, as many as sdjax's
     assert_close_images(ours, theirs)
+
+
+def test_sample_py_draws_sdxl_with_its_options(sdxl, tmp_path, capsys):
+    """sample.py on an SDXL folder: the SDXL flags reach generate (the same image as the API), they are
+    recorded in the PNG, and other models refuse them in one line."""
+    from PIL import Image
+    from test_sample import run_cli
+
+    folder, _, pipe = sdxl
+    out = tmp_path / "out"
+    code, err = run_cli(
+        capsys, "a lion", "--model", folder, "--steps", "3", "--prompt-2", "oil painting, thick",
+        "--original-size", "512x768", "--crop", "0x16", "--out", out, "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    with Image.open(out / "00000-0.png") as image:
+        drawn, text = np.asarray(image.convert("RGB")), image.text["parameters"]
+    assert 'Prompt 2: "oil painting, thick", Original size: 512x768, Crop top-left: 0x16' in text
+    assert "CFG scale: 5," in text
+    api = pipe.generate(
+        "a lion", prompt_2="oil painting, thick", original_size=(512, 768), crops_coords_top_left=(0, 16),
+        num_inference_steps=3, guidance_scale=5.0,
+    )  # fmt: skip
+    assert np.array_equal(drawn, api[0])
+    code, err = run_cli(capsys, "a cat", "--prompt-2", "x", "--steps", "1", "--out", tmp_path / "demo")
+    assert code == 2 and "prompt_2: SDXL options, but this model is not an SDXL model" in err
