@@ -196,3 +196,23 @@ def test_unsupported_sdxl_runs_are_one_line(tiny_sdxl, squares, tmp_path, extra,
     with pytest.raises(model.SetupError, match=message):
         run(parse(_args(tiny_sdxl, squares, tmp_path / "out", *extra)))
     assert not (tmp_path / "out" / "final").exists()
+
+
+def test_dreambooth_lora_draws_its_class_images_and_exports(tiny_sdxl, squares, tmp_path):
+    """DreamBooth on SDXL (as diffusers' train_dreambooth_lora_sdxl.py: LoRA, prior preservation): the class
+    images are drawn by the SDXL pipeline itself, their rows carry their own time ids, and the LoRA it
+    exports changes sdjax's image."""
+    out = tmp_path / "db"
+    extra = (
+        "--mode", "dreambooth", "--lora", "true", "--steps", "3", "--instance-prompt", "a photo of sks square",
+        "--class-prompt", "a photo of a square", "--num-class-images", "2", "--class-sample-steps", "2",
+    )  # fmt: skip
+    run(parse(_args(tiny_sdxl, squares, out, *extra)))
+    assert len(list((out / "class_images").glob("*.png"))) == 2
+    base = sdjax.load_pipeline(tiny_sdxl)
+    kwargs = dict(num_inference_steps=2, seed=3)
+    before = base.generate("a photo of sks square", **kwargs)
+    after = base.load_lora(out / "final" / "pytorch_lora_weights.safetensors").generate(
+        "a photo of sks square", **kwargs
+    )
+    assert np.abs(after.astype(int) - before.astype(int)).mean() > 0.5
