@@ -87,6 +87,27 @@ def squares(tmp_path_factory):
     return make_squares(tmp_path_factory.mktemp("squares"))
 
 
+def step_and_draws(setup, trainable, frozen, batch, key):
+    """(mean loss, gradients of the trainable part, and the draws diffusion_loss made, in its order:
+    posterior noise, noise, timesteps) of one step, to set against a PyTorch computation given the same
+    draws."""
+    from sdjax.keys import keys_for_rows, normal_rows, split_rows
+    from train import model
+    from train.objective import diffusion_loss, sample_timesteps
+
+    def mean_loss(t):
+        total, count = diffusion_loss(setup, model.assemble(setup, t, frozen), batch, key)
+        return total / count
+
+    loss, grads = jax.value_and_grad(mean_loss)(trainable)
+    latent_keys, noise_keys, _, time_keys = split_rows(keys_for_rows(key, batch["row"]), 4)
+    mean, _ = setup.pipe.vae.apply({"params": frozen["vae"]}, batch["pixels"], method="encode")
+    eps_posterior = normal_rows(latent_keys, mean.shape[1:])
+    noise = np.asarray(normal_rows(noise_keys, mean.shape[1:]))
+    steps = np.asarray(sample_timesteps(setup.config.objective, setup.schedule.num_train_timesteps, time_keys))
+    return loss, grads, eps_posterior, noise, steps
+
+
 def losses(output: Path) -> np.ndarray:
     return np.array([json.loads(line)["loss"] for line in (output / "metrics.jsonl").read_text().splitlines()])
 

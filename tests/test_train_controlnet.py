@@ -16,20 +16,18 @@ import torch
 from PIL import Image
 from reference import nchw, rel_l2
 from test_controlnet import _residuals_sdjax, _residuals_torch
-from test_train import MICRO, cli, finish, losses, weights
+from test_train import MICRO, cli, finish, losses, step_and_draws, weights
 
 import sdjax
 from sdjax import testing
 from sdjax.convert.diffusers_folder import CONTROLNET, keymap_for
 from sdjax.convert.keymap import params_to_torch
-from sdjax.keys import keys_for_rows, normal_rows, split_rows
 from sdjax.pipeline import DEMO_MODEL
 from train import model
 from train.__main__ import parse
 from train.config import ControlNetTraining, Images, Optim, TrainConfig
 from train.data import DataError
 from train.loop import run
-from train.objective import diffusion_loss, sample_timesteps
 
 SIDE = 20  # the squares' side at 64x64 (5/16 of the image)
 
@@ -117,20 +115,7 @@ def test_loss_and_gradients_match_diffusers_train_controlnet(micro, squares16, t
         "count": np.ones(2, np.float32),
     }
     key = jax.random.key(5)
-
-    def mean_loss(t):
-        total, count = diffusion_loss(setup, model.assemble(setup, t, frozen), batch, key)
-        return total / count
-
-    loss, grads = jax.value_and_grad(mean_loss)(trainable)
-
-    # the draws diffusion_loss made, in its order
-    latent_keys, noise_keys, _, time_keys = split_rows(keys_for_rows(key, batch["row"]), 4)
-    vae = setup.pipe.vae
-    mean, logvar = vae.apply({"params": frozen["vae"]}, batch["pixels"], method="encode")
-    eps_posterior = normal_rows(latent_keys, mean.shape[1:])
-    noise = np.asarray(normal_rows(noise_keys, mean.shape[1:]))
-    steps = np.asarray(sample_timesteps(config.objective, 1000, time_keys))
+    loss, grads, eps_posterior, noise, steps = step_and_draws(setup, trainable, frozen, batch, key)
     assert steps[0] != steps[1]
 
     cn_folder = sdjax.ControlNet(setup.controlnet_start.module, trainable["controlnet"]).save_pretrained(

@@ -13,19 +13,17 @@ import pytest
 import torch
 from PIL import Image
 from reference import nchw, rel_l2
-from test_train import make_squares
+from test_train import make_squares, step_and_draws
 
 import sdjax
 from sdjax import testing
 from sdjax.convert.diffusers_folder import UNET, keymap_for
 from sdjax.convert.keymap import params_to_torch
-from sdjax.keys import keys_for_rows, normal_rows, split_rows
 from train import model
 from train.__main__ import parse
 from train.config import Images, Optim, TrainConfig
 from train.data import image_time_ids
 from train.loop import run
-from train.objective import diffusion_loss, sample_timesteps
 
 
 @pytest.fixture(scope="module")
@@ -76,19 +74,7 @@ def test_loss_and_gradients_match_diffusers_train_text_to_image_sdxl(tiny_sdxl, 
         "weight": np.ones(2, np.float32),
         "count": np.ones(2, np.float32),
     }
-    key = jax.random.key(5)
-
-    def mean_loss(t):
-        total, count = diffusion_loss(setup, model.assemble(setup, t, frozen), batch, key)
-        return total / count
-
-    loss, grads = jax.value_and_grad(mean_loss)(trainable)
-
-    latent_keys, noise_keys, _, time_keys = split_rows(keys_for_rows(key, batch["row"]), 4)
-    mean, _ = setup.pipe.vae.apply({"params": frozen["vae"]}, batch["pixels"], method="encode")
-    eps_posterior = normal_rows(latent_keys, mean.shape[1:])
-    noise = np.asarray(normal_rows(noise_keys, mean.shape[1:]))
-    steps = np.asarray(sample_timesteps(config.objective, 1000, time_keys))
+    loss, grads, eps_posterior, noise, steps = step_and_draws(setup, trainable, frozen, batch, jax.random.key(5))
 
     unet = UNet2DConditionModel.from_pretrained(tiny_sdxl / "unet")
     vae = AutoencoderKL.from_pretrained(tiny_sdxl / "vae").eval()
