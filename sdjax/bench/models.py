@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 from sdjax.convert.diffusers_folder import model_components, save_component, save_folder_index
+from sdjax.memory import release_free_memory
 from sdjax.testing import ARCHS, abstract_pipeline, random_like
 
 __all__ = ["ARCHS", "cache_dir", "controlnet_folder", "model_folder", "random_controlnet_folder"]
@@ -33,6 +34,7 @@ def model_folder(arch: str) -> Path:
         del params
     save_folder_index(tmp, shapes)
     tmp.rename(target)
+    release_free_memory()  # the drawn weights' pages: the parent stays small while the workers run
     return target
 
 
