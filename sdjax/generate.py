@@ -327,13 +327,6 @@ def _draw_rows(
     return Drawn(out.images[:rows], out.finite[:rows])
 
 
-def _end_call(scheduler, num_steps, shape, max_steps: int, cutoff):
-    """The model call where a run with diffusers' denoising_end `cutoff` stops (None: at the end)."""
-    if cutoff is None:
-        return None
-    return loop.calls_from(scheduler.init(num_steps, shape, max_steps=max_steps), cutoff)
-
-
 def _output_row(plan: Plan, unet, vae) -> tuple[tuple[int, ...], Any]:
     """(shape, dtype) of one output row: a uint8 (H, W, 3) image, or float32 (h, w, C) latents."""
     if plan.output == "latent":
@@ -377,6 +370,10 @@ def _generate_group(
     post_step = None
     init_sample = None
     start_step = jnp.zeros((), jnp.int32)
+    # the whole schedule's state: where diffusers' denoising_start / denoising_end cutoffs fall in it
+    whole = scheduler.init(num_steps, noise.shape, max_steps=plan.max_steps)
+    end_cutoff = shared.get("end_cutoff")
+    end_call = None if end_cutoff is None else loop.calls_from(whole, end_cutoff)
     if plan.mode != "txt2img":
         image_keys, masked_keys = split_rows(vae_keys, 2)
         if "image_latents" in group:  # given as latents (e.g. another model's output_type="latent")
@@ -389,8 +386,7 @@ def _generate_group(
         handed_over = False
         if shared.get("start_cutoff") is not None:
             handed_over = shared["start_cutoff"] >= 0
-            full = scheduler.init(num_steps, noise.shape, max_steps=plan.max_steps)
-            below = loop.start_step_below(scheduler, full, shared["start_cutoff"])
+            below = loop.start_step_below(scheduler, whole, shared["start_cutoff"])
             start_step = jnp.where(handed_over, below, start_step)
         state0 = scheduler.init(num_steps, noise.shape, max_steps=plan.max_steps, start_step=start_step)
         noised = jnp.where(handed_over, image_latents, scheduler.add_noise(state0, image_latents, noise))
@@ -440,7 +436,7 @@ def _generate_group(
         on_call=plan.on_step,
         model_dtype=dtype,
         pass_call=bool(plan.controlnets),
-        end_call=_end_call(scheduler, num_steps, noise.shape, plan.max_steps, shared.get("end_cutoff")),
+        end_call=end_call,
     )
     if plan.output == "latent":
         return latents.astype(jnp.float32), jnp.all(jnp.isfinite(latents), axis=(1, 2, 3))
