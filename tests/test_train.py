@@ -887,7 +887,8 @@ def test_a_config_json_from_before_the_groups_still_resumes():
 
     old = json.loads((ROOT / "tests" / "data" / "config_before_groups.json").read_text())
     now = load_config_file(f"{ROOT / 'configs' / 'sd15_lora.py'}:tiny").replace(data=old["data"], output=old["output"])
-    added_since = {"nan_policy", "overwrite", *(k for k in FIELDS if k.startswith("controlnet_"))}
+    added_since = {"nan_policy", "overwrite", "cache_text_embeddings"}
+    added_since |= {k for k in FIELDS if k.startswith("controlnet_")}
     written = json.loads(json.dumps(to_json(now)))
     assert {k: v for k, v in written.items() if k not in added_since} == old
     output = ROOT / "tests" / "data"  # holds no run files: only the checkpoint's settings decide
@@ -1037,3 +1038,53 @@ def test_gradient_accumulation_and_remat_give_the_large_batch_step():
         print(f"remat {remat}: gradients against no remat, relative L2 {overall:.2e} (worst tensor {worst:.2e})")
         # float32 rounding of recomputed activations; the smallest tensors' gradients show it most
         assert overall <= 1e-6 and worst <= 1e-5, remat
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny-sdxl"])
+def test_cached_text_embeddings_give_the_step_of_token_ids(arch, squares):
+    """cache_text_embeddings: the batches carry each row's encoded caption (its dropped-out empty caption,
+    the DreamBooth class prompt) instead of token ids, the text encoders leave the frozen parameters, and
+    the step's loss and gradients are those of encoding in the step (fp32, the same rows and draws)."""
+
+    from train import data, model
+    from train.objective import diffusion_loss
+
+    config = TrainConfig(
+        model=f"random:{arch}",
+        mode="dreambooth",
+        images=Images(resolution=32, caption_dropout=0.5),
+        dreambooth=DreamBooth(class_prompt="a shape", prior_loss_weight=0.5),
+        optim=Optim(batch_size=4),
+    )
+    cached = config.replace(cache_text_embeddings=True)
+    pipe = model.load_start(config)
+    examples = scan_folder(squares)
+    key = jax.random.key(3)
+
+    def loss_and_grads(cfg):
+        setup = model.make_setup(cfg, pipe)
+        trainable, frozen = model.split_params(setup, key)
+        text_cache = None
+        if cfg.images.cache_text_embeddings:
+            text_cache = data.encode_text_cache(setup, data.run_texts(cfg, examples, examples))
+        batch = data.Batches(setup, examples, examples, 1, text_cache=text_cache).micro(0, 0)
+
+        def mean_loss(t):
+            total, count = diffusion_loss(setup, model.assemble(setup, t, frozen), batch, key)
+            return total / count
+
+        loss, grads = jax.device_get(jax.jit(jax.value_and_grad(mean_loss))(trainable))
+        return frozen.keys(), batch, float(loss), grads
+
+    parts, batch, loss, grads = loss_and_grads(config)
+    parts_cached, batch_cached, loss_cached, grads_cached = loss_and_grads(cached)
+    texts = {"text_encoder", "text_encoder_2"}
+    assert texts & set(parts) and not texts & set(parts_cached)
+    assert "ids" in batch and "ids" not in batch_cached and batch_cached["context"].shape[:2] == (8, 77)
+    assert ("text_embeds" in batch_cached) == (arch == "tiny-sdxl")
+    assert np.array_equal(batch["time_ids"], batch_cached["time_ids"]) if "time_ids" in batch else True
+    worst = max(jax.tree.leaves(jax.tree.map(rel_l2, grads_cached, grads)))
+    print(f"{arch}: loss {loss:.7f} vs cached {loss_cached:.7f}; gradients worst relative L2 {worst:.2e}")
+    assert abs(loss - loss_cached) <= 1e-6 * abs(loss) and worst <= 1e-6
+    with pytest.raises(ValueError, match="cache_text_embeddings needs frozen text encoders"):
+        config.replace(mode="lora", lora_text_encoder=True, cache_text_embeddings=True)

@@ -117,8 +117,8 @@ def _args(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
 def test_full_run_exports_an_sdxl_folder_diffusers_loads(tiny_sdxl, squares, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
-    out = tmp_path / "full"
-    run(parse(_args(tiny_sdxl, squares, out, "--mode", "full")))
+    out = tmp_path / "full"  # with the captions encoded once, as configs/sdxl_full.py (the encoders still export)
+    run(parse(_args(tiny_sdxl, squares, out, "--mode", "full", "--cache-text-embeddings", "true")))
     final = out / "final"
     index = json.loads((final / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline"

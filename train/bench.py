@@ -145,13 +145,12 @@ def target_report(
         accum, global_batch = config.optim.grad_accum, config.optim.batch_size
         batch_arrays = {
             "pixels": jax.ShapeDtypeStruct((accum, global_batch, resolution, resolution, 3), jnp.float32),
-            "ids": jax.ShapeDtypeStruct((accum, global_batch, 77), jnp.int32),
+            **_text_inputs(setup, (accum, global_batch)),
             "row": jax.ShapeDtypeStruct((accum, global_batch), jnp.int32),
             "weight": jax.ShapeDtypeStruct((accum, global_batch), jnp.float32),
             "count": jax.ShapeDtypeStruct((accum, global_batch), jnp.float32),
         }
-        if pipe.is_sdxl:  # the second tokenizer's ids and each row's time ids
-            batch_arrays["ids_2"] = jax.ShapeDtypeStruct((accum, global_batch, 77), jnp.int32)
+        if pipe.is_sdxl:  # each row's time ids
             batch_arrays["time_ids"] = jax.ShapeDtypeStruct((accum, global_batch, 6), jnp.float32)
         shardings = (shardings_of(state, mesh), shardings_of(frozen, mesh), batch_shardings(batch_arrays, mesh))
         args = [
@@ -181,6 +180,27 @@ def target_report(
             flush=True,
         )
     return rows
+
+
+def _text_inputs(setup, lead: tuple[int, ...]) -> dict:
+    """The batch's text arrays (shapes and dtypes) with `lead` axes: token ids ("ids", SDXL "ids_2"), or
+    with cache_text_embeddings the encodings the step reads instead ("context", SDXL "text_embeds")."""
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+
+    from train.objective import encode_text
+
+    ids = jax.ShapeDtypeStruct((*lead, 77), jnp.int32)
+    sdxl = setup.text_encoder_2 is not None
+    if not setup.config.images.cache_text_embeddings:
+        return {"ids": ids, "ids_2": ids} if sdxl else {"ids": ids}
+    params = {k: setup.pipe.params[k] for k in ("text_encoder", "text_encoder_2") if k in setup.pipe.params}
+    rows = jax.ShapeDtypeStruct((1, 77), jnp.int32)
+    encoded = jax.eval_shape(functools.partial(encode_text, setup), params, rows, rows if sdxl else None)
+    context, pooled = (None if x is None else jax.ShapeDtypeStruct((*lead, *x.shape[1:]), x.dtype) for x in encoded)
+    return {"context": context, "text_embeds": pooled} if sdxl else {"context": context}
 
 
 def _ms(seconds: float) -> str:

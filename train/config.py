@@ -212,6 +212,8 @@ class Images:
     center_crop: bool = True  # False: random crops
     random_flip: bool = False
     cache_latents: bool = False  # encode every image once (center crop; both flips when random_flip)
+    # encode every distinct caption once with the frozen text encoder(s), which then stay off the devices
+    cache_text_embeddings: bool = False
     skip_bad_images: bool = False  # log and skip unreadable images / missing captions instead of failing
     caption_dropout: float = 0.0  # probability of training a row on the empty prompt (for CFG)
     # draw images in proportion to metadata.jsonl's "weight" per image raised to this power (1: as given,
@@ -445,6 +447,17 @@ class TrainConfig:
         _choose(self, "unet_init", UNetInit)
         _choose(self, "dtype", DType)
         _choose(self, "remat", Remat)
+        if self.images.cache_text_embeddings:
+            trains_text = self.train_text_encoder or self.mode == Mode.TEXTUAL_INVERSION
+            trains_text = trains_text or (self.uses_lora and self.adapter.text_encoder)
+            _check(
+                (self.mode != Mode.VAE, "mode vae has no text: drop --cache-text-embeddings"),
+                (
+                    not trains_text,
+                    "cache_text_embeddings needs frozen text encoders: drop --cache-text-embeddings, or stop "
+                    "training the text encoder (--train-text-encoder, --lora-text-encoder, textual_inversion)",
+                ),
+            )
         if self.mode == Mode.CONTROLNET:
             _check(
                 (not self.train_text_encoder, "mode controlnet trains the ControlNet alone: drop --train-text-encoder")

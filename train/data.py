@@ -14,7 +14,8 @@ on its positions: a resumed run reads exactly the batches an uninterrupted one w
 each process reads its own rows of every global batch.
 
 `Batches` turns positions into a process's host arrays of an optimizer step (pixels, or the VAE posterior
-moments of `encode_latent_cache` with cache_latents; token ids, row ids, loss weights), and `global_batch`
+moments of `encode_latent_cache` with cache_latents; token ids, or the `TextCache` rows of `encode_text_cache`
+with cache_text_embeddings; row ids, loss weights), and `global_batch`
 places them as global arrays split over the mesh's batch axes.
 """
 
@@ -312,10 +313,10 @@ def _sampling_weights(examples: Sequence[Example], power: float) -> tuple[float,
 
 
 class Batches:
-    """Host-side micro-batches of one process: images (or cached latent moments), token ids, row ids,
-    weights; padded to a multiple of this process's devices with rows of weight 0."""
+    """Host-side micro-batches of one process: images (or cached latent moments), token ids (or cached text
+    embeddings), row ids, weights; padded to a multiple of this process's devices with rows of weight 0."""
 
-    def __init__(self, setup: Setup, examples, class_examples, local_devices: int, latent_cache=None):
+    def __init__(self, setup: Setup, examples, class_examples, local_devices: int, latent_cache=None, text_cache=None):
         cfg = setup.config
         self.cfg, self.images = cfg, cfg.images
         self.examples, self.class_examples = examples, class_examples
@@ -325,15 +326,20 @@ class Batches:
         captions = [cfg.images.instance_prompt or e.caption for e in examples]
         self.sdxl = setup.pipe.text_encoder_2 is not None
         self.tokens = {}  # "" and "_2" (SDXL's second tokenizer): (caption ids, empty-caption ids, class ids)
-        for suffix, tok in (("", setup.pipe.tokenizer), ("_2", setup.pipe.tokenizer_2 if self.sdxl else None)):
-            if tok is not None:
-                class_ids = tok([cfg.dreambooth.class_prompt or ""])[0] if class_examples else None
-                self.tokens[suffix] = (tok(captions), tok([""])[0], class_ids)
-        self.ids = self.tokens[""][0]
+        self.text_cache = text_cache
+        if text_cache is not None:  # rows of the cache instead of token ids
+            row = {text: i for i, text in enumerate(text_cache.texts)}
+            class_row = row[cfg.dreambooth.class_prompt or ""] if class_examples else None
+            self.tokens["cache"] = (np.array([row[c] for c in captions]), row[""], class_row)
+        else:
+            for suffix, tok in (("", setup.pipe.tokenizer), ("_2", setup.pipe.tokenizer_2 if self.sdxl else None)):
+                if tok is not None:
+                    class_ids = tok([cfg.dreambooth.class_prompt or ""])[0] if class_examples else None
+                    self.tokens[suffix] = (tok(captions), tok([""])[0], class_ids)
         self.local_devices = local_devices
         self.cache = latent_cache
 
-    def _rows(self, order, examples, positions, ids, *, class_rows: bool):
+    def _rows(self, order, examples, positions, *, class_rows: bool):
         images = self.images
         rows = rows_for(order, positions, random_flip=images.random_flip, caption_dropout=images.caption_dropout)
         out = {}
@@ -356,10 +362,17 @@ class Batches:
                 ]
             )
         for suffix, (captions, empty, class_ids) in self.tokens.items():
-            if ids is None:  # class images: one prompt
-                out["ids" + suffix] = np.repeat(class_ids[None], len(positions), axis=0)
+            if class_rows:  # class images: one prompt
+                chosen = np.repeat(np.asarray(class_ids)[None], len(positions), axis=0)
             else:
-                out["ids" + suffix] = np.where(rows.drop_caption[:, None], empty[None], captions[rows.indices])
+                empty = np.asarray(empty)
+                chosen = np.where(rows.drop_caption.reshape(-1, *[1] * empty.ndim), empty[None], captions[rows.indices])
+            if suffix != "cache":
+                out["ids" + suffix] = chosen
+                continue
+            out["context"] = self.text_cache.context[chosen]
+            if self.text_cache.pooled is not None:
+                out["text_embeds"] = self.text_cache.pooled[chosen]
         if self.sdxl:
             crops = [None if images.center_crop or "moments" in out else tuple(c) for c in rows.crops]
             out["time_ids"] = np.stack(
@@ -385,9 +398,9 @@ class Batches:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
-        parts = [self._rows(self.order, self.examples, positions, self.ids, class_rows=False)]
+        parts = [self._rows(self.order, self.examples, positions, class_rows=False)]
         if self.class_order is not None:
-            parts.append(self._rows(self.class_order, self.class_examples, positions, None, class_rows=True))
+            parts.append(self._rows(self.class_order, self.class_examples, positions, class_rows=True))
         if len(parts) == 2 and "moments" in parts[0]:
             raise ValueError("cache_latents is not supported with DreamBooth class images")
         rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -439,3 +452,49 @@ def encode_latent_cache(setup: Setup, examples) -> list[np.ndarray]:
             parts.append(np.asarray(encode(params, padded))[: len(group)])
         out.append(np.concatenate(parts))
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class TextCache:
+    """The frozen text encoders' outputs for every distinct text of a run (cache_text_embeddings): row i
+    of `context` (U, 77, D) and `pooled` (U, P) (SDXL; else None) encodes texts[i], in the compute dtype."""
+
+    texts: tuple[str, ...]
+    context: np.ndarray
+    pooled: np.ndarray | None
+
+    @property
+    def nbytes(self) -> int:
+        return self.context.nbytes + (0 if self.pooled is None else self.pooled.nbytes)
+
+
+def run_texts(config, examples, class_examples) -> tuple[str, ...]:
+    """The distinct texts a run conditions on (sorted): its captions (or the instance prompt), the empty
+    caption (caption dropout) and the DreamBooth class prompt when there are class images."""
+    texts = {config.images.instance_prompt or e.caption for e in examples} | {""}
+    if class_examples:
+        texts.add(config.dreambooth.class_prompt or "")
+    return tuple(sorted(texts))
+
+
+def encode_text_cache(setup: Setup, texts: Sequence[str], chunk: int = 16) -> TextCache:
+    """`TextCache` of `texts`: `train.objective.encode_text` with the frozen float32 parameters and the
+    run's compute-dtype modules, exactly what the step computes from token ids, in chunks of `chunk`."""
+    from train.objective import encode_text
+
+    pipe = setup.pipe
+    params = {k: pipe.params[k] for k in ("text_encoder", "text_encoder_2") if pipe.params.get(k) is not None}
+    encode = jax.jit(functools.partial(encode_text, setup))
+    contexts, pooled = [], []
+    for start in range(0, len(texts), chunk):
+        group = list(texts[start : start + chunk])
+        group += [group[0]] * (chunk - len(group))  # one shape: one compile
+        ids_2 = pipe.tokenizer_2(group) if setup.text_encoder_2 is not None else None
+        context, embeds = jax.device_get(encode(params, pipe.tokenizer(group), ids_2))
+        n = min(chunk, len(texts) - start)
+        contexts.append(context[:n])
+        if embeds is not None:
+            pooled.append(embeds[:n])
+    cache = TextCache(tuple(texts), np.concatenate(contexts), np.concatenate(pooled) if pooled else None)
+    log.info("cached the text embeddings of %d distinct captions: %.1f MiB", len(texts), cache.nbytes / 2**20)
+    return cache

@@ -362,7 +362,11 @@ def _train(fixed: _LoopInputs, state, start: int):
     local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
     encode = cfg.images.cache_latents and start < optim.steps
     cache = data_lib.encode_latent_cache(setup, fixed.examples) if encode else None
-    batches = data_lib.Batches(setup, fixed.examples, fixed.class_examples, local_devices, cache)
+    text_cache = None
+    if cfg.images.cache_text_embeddings and start < optim.steps:
+        texts = data_lib.run_texts(cfg, fixed.examples, fixed.class_examples)
+        text_cache = data_lib.encode_text_cache(setup, texts)
+    batches = data_lib.Batches(setup, fixed.examples, fixed.class_examples, local_devices, cache, text_cache)
     schedule = learning_rate_schedule(optim)
     step_fn = None
     progress = Progress(optim.steps, start, outputs.progress)

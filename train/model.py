@@ -333,35 +333,33 @@ def init_lora(setup: Setup, key: jax.Array) -> dict:
 
 
 def split_params(setup: Setup, key: jax.Array) -> tuple[dict, dict]:
-    """(trainable, frozen) float32 pytrees for the run's mode; frozen holds only what the loss reads."""
+    """(trainable, frozen) float32 pytrees for the run's mode; frozen holds only what the loss reads (no VAE
+    with cache_latents, no text encoders with cache_text_embeddings)."""
     cfg = setup.config
     params = setup.pipe.params
-    need_vae = not cfg.images.cache_latents
-    frozen: dict[str, Any] = {}
     if cfg.mode == "vae":
         return {"vae": params["vae"]}, {}
-    if need_vae:
+    frozen: dict[str, Any] = {}
+    if not cfg.images.cache_latents:
         frozen["vae"] = params["vae"]
-    if setup.text_encoder_2 is not None:
-        frozen["text_encoder_2"] = params["text_encoder_2"]
+    text_parts = ("text_encoder", "text_encoder_2") if setup.text_encoder_2 is not None else ("text_encoder",)
+    if cfg.train_text_encoder:
+        text_parts = text_parts[1:]
+    if not cfg.images.cache_text_embeddings:
+        frozen.update({part: params[part] for part in text_parts})
     if cfg.mode == "controlnet":
         frozen["unet"] = params["unet"]
-        frozen["text_encoder"] = params["text_encoder"]
         return {"controlnet": setup.controlnet_start.params}, frozen
     if cfg.uses_lora:
         frozen["unet"] = params["unet"]
-        frozen["text_encoder"] = params["text_encoder"]
         return {"lora": init_lora(setup, key)}, frozen
     if cfg.mode == "textual_inversion":
         frozen["unet"] = params["unet"]
-        frozen["text_encoder"] = params["text_encoder"]
         table = params["text_encoder"]["embeddings.token_embedding"]["embedding"]
         return {"embeddings": jnp.asarray(table[setup.token_ids[0] : setup.token_ids[-1] + 1])}, frozen
     trainable = {"unet": params["unet"]}
     if cfg.train_text_encoder:
         trainable["text_encoder"] = params["text_encoder"]
-    else:
-        frozen["text_encoder"] = params["text_encoder"]
     return trainable, frozen
 
 

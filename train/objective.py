@@ -1,7 +1,8 @@
 """Training losses: the diffusion (noise-prediction) loss of the UNet and the VAE's reconstruction + KL loss.
 
 A micro-batch is a dict of per-row arrays (leading axis b): "ids" (b, 77) token ids (SDXL: also "ids_2" of
-the second tokenizer and "time_ids" (b, 6)), "pixels" (b, R, R, 3)
+the second tokenizer and "time_ids" (b, 6)), or with cache_text_embeddings their encodings "context"
+(b, 77, D) (SDXL: and "text_embeds" (b, P)), "pixels" (b, R, R, 3)
 in [-1, 1] or "moments" (b, h, w, 2C) cached VAE posteriors, "control" (b, R, R, 3) condition images in
 [0, 1] (mode controlnet), "row" int32 (b,) a row id unique within the
 run (it keys the row's randomness), "weight" float32 (b,) the row's loss weight (1 for instance images,
@@ -31,19 +32,33 @@ def latents_of(setup, params, batch, keys_B) -> jax.Array:
     return jax.lax.stop_gradient(z * setup.scaling_factor)
 
 
-def text_conditioning(setup, params, batch) -> tuple[jax.Array, dict]:
-    """(context (b, 77, D), extra UNet inputs) of the micro-batch's captions: the text encoder's last hidden
-    state; for SDXL, as diffusers' train_text_to_image_sdxl.py, both encoders' penultimate hidden states side
-    by side, with the second's projected pooled output and the rows' time ids ("time_ids" (b, 6): original
-    size, crop top-left, target size) as the UNet's added inputs."""
+def encode_text(setup, params, ids, ids_2=None) -> tuple[jax.Array, jax.Array | None]:
+    """(context (b, 77, D), pooled (b, P) or None) of token ids (b, 77) in the text encoders' compute dtype:
+    the text encoder's last hidden state; for SDXL, as diffusers' train_text_to_image_sdxl.py, both
+    encoders' penultimate hidden states side by side (the second's ids `ids_2`), and the second's projected
+    pooled output."""
     if setup.text_encoder_2 is None:
-        return setup.text_encoder.apply({"params": params["text_encoder"]}, batch["ids"])[0], {}
-    first = setup.text_encoder.apply({"params": params["text_encoder"]}, batch["ids"])
-    second = setup.text_encoder_2.apply({"params": params["text_encoder_2"]}, batch["ids_2"])
+        return setup.text_encoder.apply({"params": params["text_encoder"]}, ids)[0], None
+    first = setup.text_encoder.apply({"params": params["text_encoder"]}, ids)
+    second = setup.text_encoder_2.apply({"params": params["text_encoder_2"]}, ids_2)
     context = jnp.concatenate(
         [first.hidden_states[-2], second.hidden_states[-2].astype(first.hidden_states[-2].dtype)], -1
     )
-    return context, {"text_embeds_BD": second.text_embeds, "time_ids_BN": batch["time_ids"]}
+    return context, second.text_embeds
+
+
+def text_conditioning(setup, params, batch) -> tuple[jax.Array, dict]:
+    """(context (b, 77, D), extra UNet inputs) of the micro-batch's captions: `encode_text` of its token
+    ids, or its cached "context" (and SDXL "text_embeds") with cache_text_embeddings; for SDXL the pooled
+    embedding and the rows' time ids ("time_ids" (b, 6): original size, crop top-left, target size) are
+    the UNet's added inputs."""
+    if "context" in batch:
+        context, pooled = batch["context"], batch.get("text_embeds")
+    else:
+        context, pooled = encode_text(setup, params, batch["ids"], batch.get("ids_2"))
+    if pooled is None:
+        return context, {}
+    return context, {"text_embeds_BD": pooled, "time_ids_BN": batch["time_ids"]}
 
 
 def snr_weights(alpha_bar_B: jax.Array, gamma: float, prediction_type: str, floor: float = 0.0) -> jax.Array:
