@@ -103,3 +103,21 @@ def test_each_platform_lowers_its_own_kernels():
     assert "convolution" in lower("tpu", large)
     assert "tpu_custom_call" not in text["cuda"] and "convolution" in text["cuda"]
     assert "tpu_custom_call" not in text["cpu"] and "convolution" not in text["cpu"]
+
+
+def test_tpu_1x1_convolutions_are_products_up_to_the_row_limit():
+    """On the TPU a 1x1 convolution is one product up to TPU_1X1_PRODUCT_MAX_ROWS output rows (the UNet's),
+    XLA's convolution above (the VAE decoder's full-size shortcuts); both equal XLA's on the CPU."""
+    kernel = jax.random.normal(jax.random.key(6), (1, 1, 8, 4))
+    side = int((kernels.TPU_1X1_PRODUCT_MAX_ROWS // 2) ** 0.5)
+    small = jnp.ones((2, side, side, 8))  # exactly the limit
+    large = jnp.ones((2, 2 * side, side, 8))
+    lower = lambda x: jax.export.export(jax.jit(kernels.conv, static_argnums=(2, 3)), platforms=("tpu",))(  # noqa: E731
+        x, kernel, 1, 0
+    ).mlir_module()
+    assert "stablehlo.convolution" not in lower(small) and "stablehlo.dot_general" in lower(small)
+    assert "stablehlo.convolution" in lower(large)
+    x = jax.random.normal(jax.random.key(7), (2, 5, 6, 8))
+    np.testing.assert_allclose(
+        kernels.matmul(x, kernel[0, 0]), kernels._conv_nhwc(x, kernel, 1, 0), rtol=1e-5, atol=1e-5
+    )
