@@ -63,6 +63,8 @@ class Plan:
     controlnets: tuple = ()  # ControlNetModel modules (their parameters and inputs are traced)
     guess_mode: bool = False  # diffusers' guess_mode (ControlNet on the conditional half only)
     output: str = "image"  # or "latent": the latents where sampling stopped, not decoded
+    texts: int = 1  # texts per [negative, positive] row (A1111 prompt editing): above 1, each call picks one
+    guided: bool = True  # classifier-free guidance (guidance_scale > 1); False: the conditional half only
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -73,8 +75,10 @@ class Plan:
 class Inputs:
     """The traced inputs of one call (a pytree).
 
-    ids, weights: (B, 2, windows*77) token ids / emphasis weights of each image's [negative, positive]
-      prompt (`sdjax.prompts.tokenize_prompts`, regrouped per image).
+    ids, weights: (B, 2, T, windows*77) token ids / emphasis weights of each image's [negative, positive]
+      texts: T = `plan.texts` of them per row, the distinct texts prompt editing gives the row over the
+      steps (`sdjax.prompt_editing`; T = 1 without edits).
+    text_steps: int32 (B, 2, max_steps): which of the T texts each sampler step uses (T > 1), else None.
     seeds: uint32 (B,), one per image.
     valid: bool (B,): rows to draw; the others are padding (their images are left 0, at no cost when a
       whole group of `plan.micro_batch` rows is padding).
@@ -85,7 +89,7 @@ class Inputs:
     adapters, adapter_scales: unmerged LoRAs (`sdjax.nn.lora` adapter pytrees) and their scales
       {"unet": (n,), "text_encoder": (n,)}, applied inside the program (another LoRA of the same shapes or
       another scale does not recompile), else None.
-    ids_2, weights_2: SDXL: (B, 2, windows*77) the second tokenizer's, else None.
+    ids_2, weights_2: SDXL: (B, 2, T, windows*77) the second tokenizer's, else None.
     time_ids: SDXL: float32 (B, 2, N) each image's [negative, positive] micro-conditioning, else None.
     zero_negative: SDXL: bool[], True for zero unconditional embeddings (no negative prompt, on a model
       with `force_zeros_for_empty_prompt`), else None.
@@ -122,6 +126,7 @@ class Inputs:
     image_latents: jax.Array | None = None
     start_cutoff: jax.Array | None = None
     end_cutoff: jax.Array | None = None
+    text_steps: jax.Array | None = None
 
 
 jax.tree_util.register_dataclass(
@@ -142,6 +147,7 @@ _PER_IMAGE = (
     "weights_2",
     "time_ids",
     "image_latents",
+    "text_steps",
 )
 _SHARED = (
     "guidance",
@@ -166,12 +172,14 @@ def rescale_guidance(cfg_BHWC, text_BHWC, rescale):
     return rescale * (cfg_BHWC * (std_text / std_cfg)) + (1 - rescale) * cfg_BHWC
 
 
-def _control_residuals(control, x_2BHWC, t, context_2BLD, call):
-    """The summed down and mid residuals of every ControlNet for the [uncond; cond] UNet call, as diffusers'
-    ControlNet pipelines: each scaled by its conditioning scale while this call's fraction of the run lies
-    in its [start, end] (diffusers' controlnet_keep); in guess mode computed on the conditional half only
-    and zero for the unconditional one."""
+def _control_residuals(control, x_2BHWC, t, context_2BLD, call, guided: bool = True):
+    """The summed down and mid residuals of every ControlNet for the [uncond; cond] UNet call (the
+    conditional rows alone when not `guided`), as diffusers' ControlNet pipelines: each scaled by its
+    conditioning scale while this call's fraction of the run lies in its [start, end] (diffusers'
+    controlnet_keep); in guess mode with guidance computed on the conditional half only and zero for the
+    unconditional one."""
     modules, params, images_BnHWC, scales, starts, ends, guess_mode = control
+    guess_mode = guess_mode and guided
     k, calls = call
     calls = jnp.maximum(calls, 1).astype(jnp.float32)
     first, last = k.astype(jnp.float32) / calls, (k + 1).astype(jnp.float32) / calls
@@ -183,6 +191,8 @@ def _control_residuals(control, x_2BHWC, t, context_2BLD, call):
         image = images_BnHWC[:, c].astype(module.dtype)
         if guess_mode:
             x_in, context, cond = x_2BHWC[batch:], context_2BLD[batch:], image
+        elif not guided:
+            x_in, context, cond = x_2BHWC, context_2BLD, image
         else:
             x_in, context, cond = x_2BHWC, context_2BLD, jnp.concatenate([image, image], axis=0)
         down, mid = module.apply({"params": params[c]}, x_in, t, context, cond, scale, guess_mode)
@@ -194,24 +204,48 @@ def _control_residuals(control, x_2BHWC, t, context_2BLD, call):
     return down_sum, mid_sum
 
 
-def _guided_model(unet, unet_params, context_2BLD, extra_2BHWC, control=None, added=None):
+def _pick_texts(texts, added, call):
+    """(context (2B, L, D), added) of this model call from the stacks of prompt editing: `texts` is
+    (context (2B, T, L, D), pooled (2B, T, P) or None, text_steps (2B, max_steps), scheduler order); the
+    call's sampler step is its index among the run's calls // order."""
+    context_2BTLD, pooled_2BTP, steps_2BK, order = texts
+    step = jnp.minimum(call[0] // order, steps_2BK.shape[1] - 1)
+    chosen = jax.lax.dynamic_index_in_dim(steps_2BK, step, axis=1, keepdims=False)  # (2B,)
+
+    def pick(stack):
+        index = chosen.reshape(-1, *[1] * (stack.ndim - 1))
+        return jnp.take_along_axis(stack, index, axis=1)[:, 0]
+
+    if pooled_2BTP is not None:
+        added = {**added, "text_embeds_BD": pick(pooled_2BTP)}
+    return pick(context_2BTLD), added
+
+
+def _guided_model(unet, unet_params, context_2BLD, extra_2BHWC, control=None, added=None, texts=None, guided=True):
     """model_fn for the loop: one UNet call on [uncond; cond] (with the residuals of `control`'s ControlNets,
     see `_control_residuals`, and SDXL's `added` text embeddings and time ids), then classifier-free
-    guidance.
+    guidance. With `texts` (prompt editing, see `_pick_texts`) each call takes its own context.
 
-    With guidance <= 1 the result is the conditional prediction, as diffusers (which then skips the
-    unconditional half); with guidance_rescale == 0 it is plain CFG, bit for bit.
+    Not `guided` (a request with guidance <= 1): the rows, context and inputs are the conditional ones
+    alone and the UNet's prediction is the result, as diffusers (which then skips the unconditional half).
+    Guided with a traced guidance <= 1, the result is the conditional prediction too; with
+    guidance_rescale == 0 it is plain CFG, bit for bit.
     """
 
     def model_fn(x_BHWC, t, guidance, rescale, call=None):
-        x2 = jnp.concatenate([x_BHWC, x_BHWC], axis=0)
+        context, extra_inputs = context_2BLD, added or {}
+        if texts is not None:
+            context, extra_inputs = _pick_texts(texts, extra_inputs, call)
+        x2 = jnp.concatenate([x_BHWC, x_BHWC], axis=0) if guided else x_BHWC
         residuals = {}
         if control is not None:
-            down, mid = _control_residuals(control, x2, t, context_2BLD, call)
+            down, mid = _control_residuals(control, x2, t, context, call, guided)
             residuals = {"down_residuals": down, "mid_residual": mid}
         if extra_2BHWC is not None:
             x2 = jnp.concatenate([x2, extra_2BHWC.astype(x2.dtype)], axis=-1)
-        out = unet.apply({"params": unet_params}, x2, t, context_2BLD, **residuals, **(added or {}))
+        out = unet.apply({"params": unet_params}, x2, t, context, **residuals, **extra_inputs)
+        if not guided:
+            return out
         uncond, text = jnp.split(out, 2, axis=0)
         cfg = uncond + guidance.astype(out.dtype) * (text - uncond)
         cfg = jnp.where(rescale > 0, rescale_guidance(cfg, text, rescale.astype(out.dtype)), cfg)
@@ -351,15 +385,28 @@ def _generate_group(
     noise_keys, sampler_keys, vae_keys = split_rows(seed_keys(group["seeds"]), 3)
     dtype = unet.dtype
 
+    halves = (0, 1) if plan.guided else (1,)  # [negative, positive] rows, or the positive alone
     if text_encoders[1] is None:
         text_encoder, te = text_encoders[0], params["text_encoder"]
         ids, weights = group["ids"], group["weights"]
-        negative = encode_prompt_windows(text_encoder, te, ids[:, 0], weights[:, 0])
-        positive = encode_prompt_windows(text_encoder, te, ids[:, 1], weights[:, 1], clip_skip=plan.clip_skip)
-        context = jnp.concatenate([negative, positive], axis=0).astype(dtype)
-        added = None
+        skips = (None, plan.clip_skip)  # diffusers applies clip_skip to the prompt only
+        encoded = [
+            _per_text(encode_prompt_windows, text_encoder, te, ids[:, h], weights[:, h], clip_skip=skips[h])
+            for h in halves
+        ]
+        context = jnp.concatenate(encoded, axis=0).astype(dtype)
+        added = {}
     else:
-        context, added = _sdxl_conditioning(params, group, shared, text_encoders, plan.clip_skip, dtype)
+        context, added = _sdxl_conditioning(params, group, shared, text_encoders, plan.clip_skip, dtype, halves)
+    texts = None
+    if plan.texts > 1:  # every call picks its row's text of its step
+        steps = jnp.concatenate([group["text_steps"][:, h] for h in halves], axis=0)
+        texts = (context, added.pop("text_embeds_BD", None), steps, plan.scheduler.order)
+        context = None
+    else:
+        context = context[:, 0]
+        if "text_embeds_BD" in added:
+            added["text_embeds_BD"] = added["text_embeds_BD"][:, 0]
 
     noise = group["noise"] if plan.noise_given else normal_rows(noise_keys, latent_shape)
     noise = noise.astype(jnp.float32)
@@ -401,7 +448,7 @@ def _generate_group(
                 masked = group["image"] * (mask < 0.5)
                 masked_latents = encode_sample(vae, params["vae"], masked.astype(vae.dtype), masked_keys) * sf
                 extra = jnp.concatenate([mask_lat, masked_latents], axis=-1)
-                extra = jnp.concatenate([extra, extra], axis=0)
+                extra = jnp.concatenate([extra, extra], axis=0) if plan.guided else extra
             else:
 
                 def post_step(x, state):
@@ -421,7 +468,7 @@ def _generate_group(
             shared["control_end"],
             plan.guess_mode,
         )
-    model_fn = _guided_model(unet, params["unet"], context, extra, control, added)
+    model_fn = _guided_model(unet, params["unet"], context, extra, control, added, texts, plan.guided)
     latents = loop.sample(
         scheduler,
         model_fn,
@@ -435,7 +482,7 @@ def _generate_group(
         post_step=post_step,
         on_call=plan.on_step,
         model_dtype=dtype,
-        pass_call=bool(plan.controlnets),
+        pass_call=bool(plan.controlnets) or texts is not None,
         end_call=end_call,
     )
     if plan.output == "latent":
@@ -444,31 +491,41 @@ def _generate_group(
     return _decode(vae, params["vae"], latents, sf, tiled=plan.vae_tiling, upcast=upcast)
 
 
-def _sdxl_conditioning(params, group, shared, text_encoders, clip_skip, dtype):
-    """SDXL's UNet inputs for [negative; positive] rows (2m): the context (2m, W*77, D1 + D2), both
-    encoders' states side by side (a refiner's: the second encoder's alone), and {"text_embeds_BD": the
-    second encoder's pooled projection (2m, P), "time_ids_BN": (2m, N)}. The negative half is zeros when
-    `shared["zero_negative"]`, as diffusers."""
+def _per_text(encode, module, params, ids_mTL, weights_mTL, **kwargs):
+    """`encode` (a prompt-window encoder) of every text of a (m, T, L) stack, the results (m, T, ...)."""
+    m, t = ids_mTL.shape[:2]
+    flat = lambda x: x.reshape(m * t, *x.shape[2:])  # noqa: E731
+    out = encode(module, params, flat(ids_mTL), flat(weights_mTL), **kwargs)
+    return jax.tree.map(lambda x: x.reshape(m, t, *x.shape[1:]), out)
+
+
+def _sdxl_conditioning(params, group, shared, text_encoders, clip_skip, dtype, halves=(0, 1)):
+    """SDXL's UNet inputs for [negative; positive] rows (2m; with `halves` (1,) the positive m alone), per
+    text of the stack (T): the context (2m, T, W*77, D1 + D2), both encoders' states side by side (a
+    refiner's: the second encoder's alone), and {"text_embeds_BD": the second encoder's pooled projection
+    (2m, T, P), "time_ids_BN": (2m, N)}. The negative half is zeros when `shared["zero_negative"]`, as
+    diffusers."""
     if text_encoders[0] is None:  # a refiner: the second encoder alone, on the "ids" rows
         encoders = ((text_encoders[1], "text_encoder_2", ""),)
     else:
         encoders = ((text_encoders[0], "text_encoder", ""), (text_encoders[1], "text_encoder_2", "_2"))
-    halves = []
-    for half, skip in ((0, None), (1, clip_skip)):
+    encoded = []
+    for half in halves:
         states, pooled = [], None
         for encoder, name, suffix in encoders:
             ids, weights = group["ids" + suffix][:, half], group["weights" + suffix][:, half]
-            z, pooled = encode_sdxl_prompt_windows(encoder, params[name], ids, weights, clip_skip=skip)
+            skip = clip_skip if half else None
+            z, pooled = _per_text(encode_sdxl_prompt_windows, encoder, params[name], ids, weights, clip_skip=skip)
             states.append(z.astype(jnp.float32))
-        halves.append((jnp.concatenate(states, axis=-1), pooled.astype(jnp.float32)))
-    zero = shared["zero_negative"]
-    (negative, negative_pooled), (positive, pooled) = halves
-    negative, negative_pooled = (jnp.where(zero, jnp.zeros_like(x), x) for x in (negative, negative_pooled))
-    context = jnp.concatenate([negative, positive], axis=0).astype(dtype)
+        context, pooled = jnp.concatenate(states, axis=-1), pooled.astype(jnp.float32)
+        if half == 0:  # zero unconditional embeddings (force_zeros_for_empty_prompt)
+            context, pooled = (jnp.where(shared["zero_negative"], jnp.zeros_like(x), x) for x in (context, pooled))
+        encoded.append((context, pooled))
     time_ids = group["time_ids"]
+    context = jnp.concatenate([c for c, _ in encoded], axis=0).astype(dtype)
     added = {
-        "text_embeds_BD": jnp.concatenate([negative_pooled, pooled], axis=0).astype(dtype),
-        "time_ids_BN": jnp.concatenate([time_ids[:, 0], time_ids[:, 1]], axis=0),
+        "text_embeds_BD": jnp.concatenate([p for _, p in encoded], axis=0).astype(dtype),
+        "time_ids_BN": jnp.concatenate([time_ids[:, h] for h in halves], axis=0),
     }
     return context, added
 

@@ -48,6 +48,9 @@ Behaviour, with A1111 as the spec (`modules/prompt_parser.py`, `modules/sd_hijac
   norm, so diffusers' ``clip_skip=1`` is A1111's "Clip skip: 2". diffusers applies clip_skip to the
   prompt only and encodes the negative prompt with the last layer; to match it, encode the two halves
   of `tokenize_prompts`' output with two calls.
+- Prompt editing ``[from:to:when]`` and alternation ``[a|b]`` come before all of this: `prompt_schedule`
+  (from `sdjax.prompt_editing`) splits a prompt into the texts of its steps, and each text is then
+  tokenized as above.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ import numpy as np
 
 from sdjax.nn.clip import CLIPTextModel
 from sdjax.nn.layers import layer_norm
+from sdjax.prompt_editing import prompt_schedule
 from sdjax.tokenizer import CLIPTokenizer
 
 __all__ = [
@@ -445,3 +449,17 @@ def _emphasize(z_BWLD: jax.Array, weights_BWL: jax.Array) -> jax.Array:
     emphasized = (weighted * ratio).astype(z_BWLD.dtype)
     plain_BW = jnp.all(weights_BWL == 1, axis=-1)
     return jnp.where(plain_BW[..., None, None], z_BWLD, emphasized)
+
+
+__all__ = [
+    "LoraTag",
+    "encode_prompt_windows",
+    "encode_sdxl_prompt_windows",
+    "parse_lora_tags",
+    "parse_prompt_attention",
+    "prompt_pairs",
+    "prompt_schedule",
+    "tokenize_batch",
+    "tokenize_prompt",
+    "tokenize_prompts",
+]

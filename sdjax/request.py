@@ -16,14 +16,14 @@ import numpy as np
 from jax.sharding import Mesh
 
 from sdjax import images as image_io
-from sdjax import schedulers, sdxl
+from sdjax import prompt_editing, schedulers, sdxl
 from sdjax.convert.lora import lora_adapter
 from sdjax.generate import Inputs, Plan
 from sdjax.memory import device_memory_bytes
 from sdjax.nn.lora import COMPONENTS as LORA_COMPONENTS
 from sdjax.nn.lora import component_scales
 from sdjax.options import GenerateOptions, default_max_steps, finite_number
-from sdjax.prompts import prompt_pairs, tokenize_prompts
+from sdjax.prompts import prompt_pairs, tokenize_batch
 from sdjax.sharding import make_mesh
 
 
@@ -52,32 +52,43 @@ def _scheduler(pipe, scheduler):
 
 
 def _prompt_rows(pipe, prompt, negative_prompt, opts: GenerateOptions, min_windows: int) -> dict:
-    """Each image's [negative, positive] prompt tokens (the prompts repeated per image): {"ids", "weights"}
-    (B, 2, W*77), for SDXL also the second tokenizer's {"ids_2", "weights_2"} (of `prompt_2`), all with the
-    same window count W; and the prompts per image under "prompts"."""
+    """Each image's [negative, positive] conditioning texts, tokenized: {"ids", "weights"} (B, 2, T, W*77),
+    for SDXL also the second tokenizer's {"ids_2", "weights_2"} (of `prompt_2`), all with the same window
+    count W. T is the stack of distinct texts that A1111's prompt editing and alternation give one row
+    over the steps (`sdjax.prompt_editing`; 1 without them), and "text_steps" int32 (B, 2, max_steps)
+    which of them each step uses (None when T is 1). Also the prompts per image under "prompts"."""
     per_prompt = int(opts.num_images_per_prompt)
     prompts, negatives = prompt_pairs(prompt, negative_prompt)
     prompts = [p for p in prompts for _ in range(per_prompt)]
     negatives = [p for p in negatives for _ in range(per_prompt)]
+    columns = [(negatives, prompts)]
     # an SDXL refiner has the second encoder only, which reads the prompt (not prompt_2), as diffusers
-    tokenizer, encoder = (
-        (pipe.tokenizer, pipe.text_encoder) if pipe.text_encoder else (pipe.tokenizer_2, pipe.text_encoder_2)
-    )
-    length = encoder.config.max_position_embeddings
-    rows = {"prompts": prompts}
+    first = (pipe.tokenizer, pipe.text_encoder) if pipe.text_encoder else (pipe.tokenizer_2, pipe.text_encoder_2)
+    tokenizers = [(*first, "")]
+    if pipe.is_sdxl and pipe.text_encoder is not None:
+        columns.append(sdxl.second_prompts(prompts, negatives, opts, per_prompt))
+        tokenizers.append((pipe.tokenizer_2, pipe.text_encoder_2, "_2"))
+    batch = len(prompts)
+    sources = [tuple(column[half][b] for column in columns) for b in range(batch) for half in (0, 1)]
+    texts, index = prompt_editing.text_table(sources, opts.steps, opts.padded_steps)
+    stack = prompt_editing.stack_size(max(len(t) for t in texts))
+    texts = [t + [t[0]] * (stack - len(t)) for t in texts]
+    rows = {"prompts": prompts, "text_steps": None}
+    if stack > 1:
+        rows["text_steps"] = np.asarray(index, np.int32).reshape(batch, 2, -1)
     windows = min_windows
-    for _ in range(2):  # the second pass pads the first tokenizer's rows to the second's window count
-        ids, weights = tokenize_prompts(tokenizer, prompts, negatives, min_windows=windows)
-        windows = ids.shape[1] // length
-        if pipe.is_sdxl and pipe.text_encoder is not None:
-            rows["ids_2"], rows["weights_2"], more = sdxl.second_prompt_rows(
-                pipe, prompts, negatives, opts, per_prompt, windows
-            )
-            if more > windows:
-                windows = more
-                continue
-        break
-    rows["ids"], rows["weights"] = (x.reshape(2, len(prompts), -1).swapaxes(0, 1) for x in (ids, weights))
+    for _ in range(2):  # a second pass pads the first tokenizer's rows to the second's window count
+        for e, (tokenizer, encoder, suffix) in enumerate(tokenizers):
+            flat = [entry[e] for row in texts for entry in row]
+            ids, weights = tokenize_batch(tokenizer, flat, min_windows=windows)
+            rows["ids" + suffix], rows["weights" + suffix] = (x.reshape(batch, 2, stack, -1) for x in (ids, weights))
+            found = ids.shape[1] // encoder.config.max_position_embeddings
+            if found > windows and e > 0:
+                windows = found
+                break
+            windows = found
+        else:
+            break
     rows["windows"] = windows
     return rows
 
@@ -442,6 +453,7 @@ def prepare(
         "weights": prompt_rows["weights"],
         "ids_2": prompt_rows.get("ids_2"),
         "weights_2": prompt_rows.get("weights_2"),
+        "text_steps": prompt_rows["text_steps"],
         "time_ids": time_ids,
         "seeds": _seed_rows(opts.seed, batch),
         "valid": np.ones(batch, bool),
@@ -453,12 +465,15 @@ def prepare(
     }
     per_image = _pad_rows(per_image, rows)
     per_image["valid"][batch:] = False
+    guidance = np.float32(default_guidance(pipe) if opts.guidance_scale is None else opts.guidance_scale)
     plan = Plan(
         scheduler=scheduler,
         batch=rows * (1 if mesh is None else jax.process_count()),
         height=canvas.height,
         width=canvas.width,
         windows=prompt_rows["windows"],
+        texts=prompt_rows["ids"].shape[2],
+        guided=bool(guidance > 1),
         max_steps=opts.padded_steps,
         mode=canvas.mode,
         clip_skip=None if opts.clip_skip is None else int(opts.clip_skip),
@@ -475,7 +490,7 @@ def prepare(
         **per_image,
         adapters=adapters,
         adapter_scales=adapter_scales,
-        guidance=np.float32(default_guidance(pipe) if opts.guidance_scale is None else opts.guidance_scale),
+        guidance=guidance,
         guidance_rescale=np.float32(opts.guidance_rescale),
         num_steps=np.int32(opts.steps),
         strength=np.float32(opts.strength),

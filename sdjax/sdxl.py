@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 
 from sdjax.options import SIZE_OPTIONS, GenerateOptions, pair
-from sdjax.prompts import tokenize_prompts
 
 # the generation options only SDXL models take
 OPTIONS = ("prompt_2", "negative_prompt_2", *SIZE_OPTIONS, "aesthetic_score", "negative_aesthetic_score")
@@ -56,21 +55,17 @@ def time_id_rows(pipe, opts: GenerateOptions, height: int, width: int, batch: in
     return np.array(np.broadcast_to(rows, (batch, *rows.shape)))
 
 
-def second_prompt_rows(
-    pipe, prompts: list[str], negatives: list[str], opts: GenerateOptions, per_prompt: int, windows: int
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """The second tokenizer's (ids, weights), each (B, 2, W'*77), of `prompt_2`/`negative_prompt_2` (each one
-    for every prompt or one per prompt; default: the image's own prompts), padded to at least `windows`
-    windows, and W' (the first encoder's rows must then have W' windows too)."""
+def second_prompts(
+    prompts: list[str], negatives: list[str], opts: GenerateOptions, per_prompt: int
+) -> tuple[list[str], list[str]]:
+    """(negative, positive) prompts of the second text encoder per image: `negative_prompt_2` and
+    `prompt_2` (each one for every prompt or one per prompt; default: the image's own prompts)."""
     count = len(prompts) // per_prompt
     seconds = _per_prompt(opts.prompt_2, prompts[::per_prompt], count, "prompt_2")
     second_negatives = _per_prompt(opts.negative_prompt_2, negatives[::per_prompt], count, "negative_prompt_2")
     seconds = [p for p in seconds for _ in range(per_prompt)]
     second_negatives = [p for p in second_negatives for _ in range(per_prompt)]
-    ids, weights = tokenize_prompts(pipe.tokenizer_2, seconds, second_negatives, min_windows=windows)
-    found = ids.shape[1] // pipe.text_encoder_2.config.max_position_embeddings
-    ids, weights = (x.reshape(2, len(seconds), -1).swapaxes(0, 1) for x in (ids, weights))
-    return ids, weights, found
+    return second_negatives, seconds
 
 
 def _per_prompt(value, default: list[str], count: int, name: str) -> list[str]:
@@ -87,4 +82,4 @@ def _per_prompt(value, default: list[str], count: int, name: str) -> list[str]:
     return values
 
 
-__all__ = ["OPTIONS", "second_prompt_rows", "time_id_rows"]
+__all__ = ["OPTIONS", "second_prompts", "time_id_rows"]

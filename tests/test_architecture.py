@@ -37,6 +37,7 @@ LAYERS = (
         "sdjax.tokenizer",
         "sdjax.targets",
         "sdjax.options",
+        "sdjax.prompt_editing",
     ),
     ("sdjax.nn", "sdjax.schedulers", "sdjax.control_images"),
     ("sdjax.convert", "sdjax.prompts", "sdjax.sharding"),

@@ -36,6 +36,10 @@ def build_text_encoder_2(config: dict, seed: int = 3):
 
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory):
+    return make_tiny_sdxl(tmp_path_factory.mktemp("sdxl"))
+
+
+def make_tiny_sdxl(folder):
     """(folder, torch models {unet, vae, text_encoder, text_encoder_2}, sdjax pipeline) of the tiny SDXL.
     Both reference text encoders pool at the largest token id (eos_token_id 2), as SDXL's own configs."""
     models = {
@@ -44,7 +48,6 @@ def sdxl(tmp_path_factory):
         "text_encoder": build_text_encoder(dict(testing.TINY_SDXL_CLIP, eos_token_id=2)),
         "text_encoder_2": build_text_encoder_2(dict(testing.TINY_SDXL_CLIP_2, eos_token_id=2)),
     }
-    folder = tmp_path_factory.mktemp("sdxl")
     for name, model in models.items():
         model.save_pretrained(folder / name)
     for name in ("tokenizer", "tokenizer_2", "scheduler"):
@@ -99,8 +102,8 @@ def test_projecting_text_encoder_matches_transformers(sdxl, tmp_path):
         assert np.array_equal(ours, theirs)
 
 
-def run_diffusers_sdxl(folder, models, scheduler, pipeline_class=None, **kwargs):
-    """uint8 images of a diffusers SDXL pipeline (default: StableDiffusionXLPipeline) over the torch models."""
+def diffusers_sdxl(folder, models, scheduler, pipeline_class=None):
+    """A diffusers SDXL pipeline (default: StableDiffusionXLPipeline) over the torch models."""
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
@@ -112,6 +115,12 @@ def run_diffusers_sdxl(folder, models, scheduler, pipeline_class=None, **kwargs)
         add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_diffusers_sdxl(folder, models, scheduler, pipeline_class=None, **kwargs):
+    """uint8 images of a diffusers SDXL pipeline (default: StableDiffusionXLPipeline) over the torch models."""
+    pipe = diffusers_sdxl(folder, models, scheduler, pipeline_class)
     with torch.no_grad():
         return to_uint8(pipe(output_type="np", **kwargs).images)
 
