@@ -66,7 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     p.add_argument("--aesthetic-score", type=float, default=6.0, help="SDXL refiner micro-conditioning (default 6)")
     p.add_argument("--steps", type=int, default=30, help="inference steps (default 30)")
-    p.add_argument("--scheduler", default=None, help=f"one of {', '.join(NAMES)} (default: the model's own)")
+    p.add_argument(
+        "--scheduler",
+        default=None,
+        help=f'one of {", ".join(NAMES)}, or A1111\'s name ("DPM++ 2M Karras", "Euler a", any case; default: '
+        "the model's own)",
+    )
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance (default 7.5; SDXL 5)")
     p.add_argument("--guidance-rescale", type=float, default=0.0, help="diffusers' guidance_rescale (default 0)")
     p.add_argument("--clip-skip", type=int, default=None, help="diffusers' clip_skip (1 = A1111 'Clip skip: 2')")
@@ -407,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = [out / f"{first + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
     own = sharding.host_share(range(len(prompts)))  # this host's images: every hosts-th one
     model_name = Path(args.model).resolve().name if args.model else "sdjax-demo"
-    sampler = args.scheduler or base.scheduler_config.get("_class_name", "default")
+    sampler = sampler_name(base, args.scheduler)
     if args.guidance is None:  # recorded in the PNGs as the value used
         args.guidance = default_guidance(base)
     describe = functools.partial(image_parameters, args, prompts, seeds, model_name, sampler)
@@ -491,6 +496,18 @@ def main(argv: list[str] | None = None) -> int:
         )
     progress.say(f"wrote {len(todo)} image(s) to {out} in {time.perf_counter() - started:.1f} s")
     return 0
+
+
+def sampler_name(pipe, scheduler: str | None) -> str:
+    """A1111's name of the sampler a run uses (`--scheduler`, or the model's own), for the PNG parameters."""
+    from sdjax import schedulers
+
+    try:
+        if scheduler:
+            return schedulers.a1111_name(schedulers.from_name(scheduler, pipe.scheduler_config))
+        return schedulers.a1111_name(schedulers.from_diffusers_config(pipe.scheduler_config))
+    except ValueError:  # refused later, with its own message, where the scheduler is built
+        return scheduler or pipe.scheduler_config.get("_class_name", "default")
 
 
 def image_parameters(args, prompts, seeds, model_name, sampler, i: int, size: tuple[int, int]) -> str:

@@ -29,22 +29,6 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from sdjax import files
 
-# A1111's display names of the samplers, for the `parameters` text chunk.
-A1111_SAMPLER_NAMES = {
-    "ddim": "DDIM",
-    "pndm": "PLMS",
-    "lms": "LMS",
-    "lms_karras": "LMS Karras",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "heun": "Heun",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
-    "unipc": "UniPC",
-    "ddpm": "DDPM",
-}
-
 
 class ImageModeError(ValueError):
     """An image in a pixel format that cannot be read as 8-bit RGB or grayscale."""
@@ -207,10 +191,11 @@ def a1111_parameters(
     model: str,
     extra: dict[str, object] | None = None,
 ) -> str:
-    """The `parameters` text A1111 writes into its PNGs (and that image sites and tools parse)."""
+    """The `parameters` text A1111 writes into its PNGs (and that image sites and tools parse); `sampler` is
+    written as given (A1111's name: `sdjax.schedulers.a1111_name`)."""
     fields = {
         "Steps": steps,
-        "Sampler": A1111_SAMPLER_NAMES.get(sampler, sampler),
+        "Sampler": sampler,
         "CFG scale": f"{guidance:g}",
         "Seed": seed,
         "Size": f"{width}x{height}",

@@ -33,7 +33,7 @@ from sdjax import schedulers
 
 PROMPTS = ["a photo of an astronaut riding a horse", "a red apple on a wooden table"]
 NEGATIVES = ["blurry", ""]
-DETERMINISTIC = ["ddim", "pndm", "lms", "lms_karras", "euler", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
+DETERMINISTIC = ["ddim", "pndm", "lms", "lms_karras", "euler", "heun", "dpm2", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
 
 _DIFFUSERS_OPTIONS = {
     "ddim": ("DDIMScheduler", {}),
@@ -43,6 +43,7 @@ _DIFFUSERS_OPTIONS = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": False}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpmpp_2m_karras": (
         "DPMSolverMultistepScheduler",
@@ -101,7 +102,8 @@ def assert_close_images(ours, theirs):
     assert diff.max() <= 3 and diff.mean() <= 0.25, (diff.max(), diff.mean())
 
 
-def run_diffusers(pipeline_cls, folder, unet, vae, text, scheduler, **kwargs):
+def diffusers_pipeline(pipeline_cls, folder, unet, vae, text, scheduler):
+    """A diffusers SD pipeline over the torch models (no safety checker, no progress bar)."""
     pipe = pipeline_cls(
         vae=vae,
         text_encoder=text,
@@ -113,6 +115,11 @@ def run_diffusers(pipeline_cls, folder, unet, vae, text, scheduler, **kwargs):
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run_diffusers(pipeline_cls, folder, unet, vae, text, scheduler, **kwargs):
+    pipe = diffusers_pipeline(pipeline_cls, folder, unet, vae, text, scheduler)
     with torch.no_grad():
         return to_uint8(pipe(output_type="np", **kwargs).images)
 
@@ -121,7 +128,7 @@ def run_diffusers(pipeline_cls, folder, unet, vae, text, scheduler, **kwargs):
 # rest of the matrix is `slow` (make test-slow).
 _TXT2IMG_DEFAULT = {
     "epsilon": ("ddim", "lms", "euler", "dpmpp_2m_karras", "unipc"),
-    "v_prediction": ("pndm", "lms_karras", "heun", "dpmpp_2m"),
+    "v_prediction": ("pndm", "lms_karras", "heun", "dpm2", "dpmpp_2m"),
 }
 EPSILON = pytest.mark.parametrize("model", ["epsilon"], indirect=True)
 V_PREDICTION = pytest.mark.parametrize("model", ["v_prediction"], indirect=True)
@@ -440,3 +447,40 @@ def test_vae_tiling_matches_diffusers(model):
     assert rel_l2(whole, theirs) > 1e-3  # tiling really changes the result (seams blended, not identical)
     images = pipe.generate("a red apple", num_inference_steps=2, height=160, width=224, vae_tiling=True)
     assert images.shape == (1, 160, 224, 3)
+
+
+@EPSILON
+def test_guidance_at_most_one_runs_the_conditional_half_alone(model):
+    """guidance_scale <= 1 compiles a program without the unconditional half (no negative prompt encoded,
+    a UNet batch of B, not 2B), as diffusers skips it; the images equal diffusers'."""
+    from diffusers import StableDiffusionPipeline
+
+    from sdjax.generate import modules, place_inputs, program
+    from sdjax.request import prepare
+
+    folder, unet, vae, text, pipe = model
+    noise = noise_for(pipe, 1)
+    options = dict(num_inference_steps=4, scheduler="euler", guidance_scale=1.0)
+    ours = pipe.generate(PROMPTS[0], "ugly", latents=noise, **options)
+    theirs = run_diffusers(
+        StableDiffusionPipeline,
+        folder,
+        unet,
+        vae,
+        text,
+        diffusers_scheduler("euler", pipe.scheduler_config),
+        prompt=PROMPTS[0],
+        negative_prompt="ugly",
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        latents=nchw(noise),
+    )
+    assert_close_images(ours, theirs)
+    flops = {}
+    for guidance in (1.0, 7.5):
+        plan, inputs = prepare(pipe, PROMPTS[0], **{**options, "guidance_scale": guidance})
+        assert plan.guided == (guidance > 1)
+        lowered = program().lower(pipe.params, place_inputs(inputs, None), plan=plan, **modules(pipe))
+        flops[guidance] = lowered.compile().cost_analysis()["flops"]
+    print(f"program FLOPs (loop body once): guidance 1 {flops[1.0]:.3g}, guidance 7.5 {flops[7.5]:.3g}")
+    assert flops[1.0] < 0.7 * flops[7.5]

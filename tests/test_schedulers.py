@@ -46,6 +46,10 @@ DIFFUSERS = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "heun": ("HeunDiscreteScheduler", {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": False}),
+    "dpm2_karras": ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": False}),
+    "dpm2_a_karras": ("KDPM2AncestralDiscreteScheduler", {"use_karras_sigmas": True}),
     "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
     "dpmpp_2m_karras": (
         "DPMSolverMultistepScheduler",
@@ -59,6 +63,15 @@ DIFFUSERS = {
     "ddpm": ("DDPMScheduler", {}),
 }
 MAX_ERRORS: dict[str, float] = {}
+# DPM2 a's tables (diffusers' set_timesteps, float32) take sigma_down = sqrt(s'^2 - sigma_up^2), which cancels
+# when s' << s: at 2 "linspace" steps (s = 14.6, s' = 0.029) the one-ulp difference between torch's float32
+# sqrt on this CPU (0x1.dde182p-6) and the correctly rounded one (0x1.dde180p-6, sdjax's) of the smallest
+# training sigma becomes 1.7% of sigma_down, 0.9% of the intermediate sigma, 0.01 timesteps, and 2.2e-5
+# (epsilon) to 1.0e-3 (v-prediction, SD 2.1's schedule) of the trajectory. So for DPM2 a the intermediate
+# sigmas are compared to 2%, the timesteps to 0.02, and those two trajectories to 2e-3; every other
+# trajectory (every other step count and spacing) holds to TOL.
+CANCELLATION = {("dpm2_a", "linspace", 2): 2e-3, ("dpm2_a_karras", "linspace", 2): 2e-3}
+CANCELLING = ("dpm2_a", "dpm2_a_karras")
 
 
 # A smooth function of sample and timestep, elementwise so layouts do not matter. The 0.25 offset keeps the
@@ -105,7 +118,15 @@ def diffusers_trajectory(
     noise, step_noise[k], init_latents: NHWC float32 arrays (the same draws sdjax uses).
     """
     scheduler.set_timesteps(num_steps)
-    for attr in ("sigmas", "alphas_cumprod", "final_alpha_cumprod", "one"):
+    for attr in (
+        "sigmas",
+        "sigmas_interpol",
+        "sigmas_up",
+        "sigmas_down",
+        "alphas_cumprod",
+        "final_alpha_cumprod",
+        "one",
+    ):
         if isinstance(getattr(scheduler, attr, None), torch.Tensor):
             setattr(scheduler, attr, getattr(scheduler, attr).double())
     as_torch = lambda a: torch.from_numpy(nchw(a).copy()).double()  # noqa: E731
@@ -210,8 +231,10 @@ def test_trajectory_matches_diffusers(name, spacing, monkeypatch):
             trajectory = np.asarray(trajectory)
             assert not trajectory[calls:].any()
             errors = [rel_l2(trajectory[k], ref[k]) for k in range(calls)]
-            MAX_ERRORS[name] = max(MAX_ERRORS.get(name, 0.0), *errors)
-            assert max(errors) <= TOL, (prediction, num_steps, int(np.argmax(errors)), max(errors))
+            tolerance = CANCELLATION.get((name, spacing, num_steps), TOL)
+            if tolerance == TOL:
+                MAX_ERRORS[name] = max(MAX_ERRORS.get(name, 0.0), *errors)
+            assert max(errors) <= tolerance, (prediction, num_steps, int(np.argmax(errors)), max(errors))
         assert run._cache_size() == 1  # one program for every step count
 
 
@@ -249,10 +272,16 @@ def test_tables_match_diffusers_for_every_step_count(name):
             state = ours.init(num_steps, SHAPE, max_steps=MAX_STEPS)
             calls = int(state.num_calls)
             assert calls == len(ref.timesteps) == ours.num_model_calls(num_steps)
-            np.testing.assert_allclose(state.timesteps[:calls], ref.timesteps.numpy(), rtol=0, atol=1e-3)
+            atol = 0.02 if name in CANCELLING else 1e-3
+            np.testing.assert_allclose(state.timesteps[:calls], ref.timesteps.numpy(), rtol=0, atol=atol)
             if "sigmas" in state.tables and hasattr(ref, "sigmas"):
                 sigmas = np.asarray(state.tables["sigmas"][: len(ref.sigmas)])
                 np.testing.assert_allclose(sigmas, ref.sigmas.numpy(), rtol=2e-6)
+                for key in ("sigmas_interpol", "sigmas_up", "sigmas_down"):
+                    if key in state.tables:
+                        theirs = np.nan_to_num(getattr(ref, key).numpy())
+                        rtol = 2e-2 if name in CANCELLING and key != "sigmas_up" else 1e-5
+                        np.testing.assert_allclose(state.tables[key][: len(theirs)], theirs, rtol=rtol, atol=1e-7)
                 assert float(ours.init_noise_sigma(state)) == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
 
 
@@ -279,8 +308,10 @@ def test_models_own_scheduler():
     assert not schedulers.from_name("lms", {**euler, "_class_name": "LMSDiscreteScheduler"}).use_karras_sigmas
     unipc = {**SD15_CONFIG, "_class_name": "UniPCMultistepScheduler", "solver_order": 3, "disable_corrector": [0]}
     assert schedulers.from_diffusers_config(unipc).disable_corrector == (0,)
-    with pytest.raises(ValueError, match="scheduler class 'KDPM2DiscreteScheduler' is not supported"):
-        schedulers.from_diffusers_config({**SD15_CONFIG, "_class_name": "KDPM2DiscreteScheduler"})
+    dpm2 = {**SD15_CONFIG, "_class_name": "KDPM2DiscreteScheduler", "use_karras_sigmas": True}
+    assert schedulers.from_diffusers_config(dpm2) == schedulers.from_name("dpm2_karras", SD15_CONFIG)
+    with pytest.raises(ValueError, match="scheduler class 'DPMSolverSDEScheduler' is not supported"):
+        schedulers.from_diffusers_config({**SD15_CONFIG, "_class_name": "DPMSolverSDEScheduler"})
 
 
 def test_training_add_noise_matches_diffusers():
@@ -447,3 +478,22 @@ def test_img2img_start_step_traced_matches_python():
         jnp.array([n for n, _ in pairs]), jnp.array([s for _, s in pairs], jnp.float32)
     )
     assert [int(t) for t in traced] == [loop.img2img_start_step(n, s) for n, s in pairs]
+
+
+def test_a1111_sampler_names_resolve_and_are_written_back():
+    """A1111's sampler names (any case, spaces or underscores) name the same schedulers as sdjax's names;
+    `a1111_name` gives A1111's name back, also for a model's own scheduler config; others are refused."""
+    from sdjax import schedulers
+
+    for key, label in schedulers.A1111_NAMES.items():
+        for spelling in (label, label.upper(), label.lower().replace(" ", "_"), key):
+            assert schedulers.resolve_name(spelling) == key
+        assert schedulers.a1111_name(schedulers.from_name(label, {})) == label
+    own = {"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}
+    assert schedulers.a1111_name(schedulers.from_diffusers_config(own)) == "DPM++ 2M Karras"
+    plms = {"_class_name": "PNDMScheduler", "skip_prk_steps": True}
+    assert schedulers.a1111_name(schedulers.from_diffusers_config(plms)) == "PLMS"
+    third_order = {"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}
+    assert schedulers.a1111_name(schedulers.from_diffusers_config(third_order)) == "DPMSolverMultistepScheduler"
+    with pytest.raises(ValueError, match=r"unknown scheduler 'DPM\+\+ 3M SDE'; choose one of ddim.*'Euler a'"):
+        schedulers.from_name("DPM++ 3M SDE", {})

@@ -11,6 +11,7 @@
 Names and their diffusers equivalents (all built from the model's scheduler_config.json):
 ddim (DDIMScheduler), pndm (PNDMScheduler, skip_prk_steps=True), lms / lms_karras (LMSDiscreteScheduler),
 euler (EulerDiscreteScheduler), euler_a (EulerAncestralDiscreteScheduler), heun (HeunDiscreteScheduler),
+dpm2 / dpm2_karras (KDPM2DiscreteScheduler), dpm2_a / dpm2_a_karras (KDPM2AncestralDiscreteScheduler),
 dpmpp_2m / dpmpp_2m_karras (DPMSolverMultistepScheduler, dpmsolver++, order 2), dpmpp_2m_sde_karras
 (DPMSolverMultistepScheduler, sde-dpmsolver++, Karras sigmas), unipc (UniPCMultistepScheduler),
 ddpm (DDPMScheduler).
@@ -29,11 +30,24 @@ from sdjax.schedulers.ddim import DDIM
 from sdjax.schedulers.ddpm import DDPM
 from sdjax.schedulers.dpm_solver import DPMSolverMultistep
 from sdjax.schedulers.euler import Euler, EulerAncestral, Heun
+from sdjax.schedulers.kdpm2 import KDPM2, KDPM2Ancestral
 from sdjax.schedulers.lms import LMS
 from sdjax.schedulers.pndm import PNDM
 from sdjax.schedulers.unipc import UniPC
 
-FAMILIES: tuple[type[Scheduler], ...] = (DDIM, PNDM, LMS, Euler, EulerAncestral, Heun, DPMSolverMultistep, UniPC, DDPM)
+FAMILIES: tuple[type[Scheduler], ...] = (
+    DDIM,
+    PNDM,
+    LMS,
+    Euler,
+    EulerAncestral,
+    Heun,
+    KDPM2,
+    KDPM2Ancestral,
+    DPMSolverMultistep,
+    UniPC,
+    DDPM,
+)
 
 # name -> (family, diffusers options the name fixes on top of the model's config)
 SCHEDULERS: Mapping[str, tuple[type[Scheduler], Mapping[str, Any]]] = types.MappingProxyType(
@@ -45,6 +59,10 @@ SCHEDULERS: Mapping[str, tuple[type[Scheduler], Mapping[str, Any]]] = types.Mapp
         "euler": (Euler, {}),
         "euler_a": (EulerAncestral, {}),
         "heun": (Heun, {}),
+        "dpm2": (KDPM2, {"use_karras_sigmas": False}),
+        "dpm2_karras": (KDPM2, {"use_karras_sigmas": True}),
+        "dpm2_a": (KDPM2Ancestral, {"use_karras_sigmas": False}),
+        "dpm2_a_karras": (KDPM2Ancestral, {"use_karras_sigmas": True}),
         "dpmpp_2m": (
             DPMSolverMultistep,
             {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": False},
@@ -59,19 +77,69 @@ SCHEDULERS: Mapping[str, tuple[type[Scheduler], Mapping[str, Any]]] = types.Mapp
     }
 )
 NAMES = tuple(SCHEDULERS)
+# A1111's sampler name of each scheduler (its web UI's list; PNDM is its "PLMS")
+A1111_NAMES: Mapping[str, str] = types.MappingProxyType(
+    {
+        "ddim": "DDIM",
+        "pndm": "PLMS",
+        "lms": "LMS",
+        "lms_karras": "LMS Karras",
+        "euler": "Euler",
+        "euler_a": "Euler a",
+        "heun": "Heun",
+        "dpm2": "DPM2",
+        "dpm2_karras": "DPM2 Karras",
+        "dpm2_a": "DPM2 a",
+        "dpm2_a_karras": "DPM2 a Karras",
+        "dpmpp_2m": "DPM++ 2M",
+        "dpmpp_2m_karras": "DPM++ 2M Karras",
+        "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
+        "unipc": "UniPC",
+        "ddpm": "DDPM",
+    }
+)
+
+
+def _folded(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").split())
+
+
+_BY_FOLDED = {_folded(key): key for key in NAMES} | {_folded(label): key for key, label in A1111_NAMES.items()}
+
+
+def resolve_name(name: str) -> str:
+    """The sdjax name (one of NAMES) of `name`: an sdjax name or A1111's sampler name ("DPM++ 2M Karras",
+    "Euler a"), in any case, with spaces or underscores; a one-line error naming both lists otherwise."""
+    key = _BY_FOLDED.get(_folded(name)) if isinstance(name, str) else None
+    if key is None:
+        raise ValueError(
+            f"unknown scheduler {name!r}; choose one of {', '.join(NAMES)} or A1111's "
+            f"{', '.join(repr(label) for label in A1111_NAMES.values())}"
+        )
+    return key
+
+
+def a1111_name(scheduler: Scheduler) -> str:
+    """A1111's sampler name of a scheduler (built by `from_name` or `from_diffusers_config`): that of the
+    first name whose family and fixed options it has; else its diffusers class name."""
+    for key, (family, fixed) in SCHEDULERS.items():
+        if type(scheduler) is family and all(getattr(scheduler, k, v) == v for k, v in fixed.items()):
+            return A1111_NAMES[key]
+    return type(scheduler).diffusers_class
+
 
 _KNOWN_KEYS = frozenset(key for family in FAMILIES for key in family.diffusers_defaults)
 _BY_CLASS = {family.diffusers_class: family for family in FAMILIES}
 
 
 def from_name(name: str, config: Mapping[str, Any] | None = None, **overrides: Any) -> Scheduler:
-    """The scheduler called `name` (see NAMES), built from a model's scheduler_config.json dict.
+    """The scheduler called `name` (see NAMES; A1111's sampler names too, see `resolve_name`), built from a
+    model's scheduler_config.json dict.
 
     `overrides` are diffusers options (e.g. timestep_spacing="trailing", prediction_type="v_prediction") or
     fields of the scheduler dataclass (e.g. eta for ddim) applied on top of the config and the name's options.
     """
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(NAMES)}")
+    name = resolve_name(name)
     family, fixed = SCHEDULERS[name]
     return build(family, config or {}, {**fixed, **overrides}, label=name, known_keys=_KNOWN_KEYS)
 
@@ -85,6 +153,7 @@ def from_diffusers_config(config: Mapping[str, Any], **overrides: Any) -> Schedu
 
 
 __all__ = [
+    "A1111_NAMES",
     "DDIM",
     "DDPM",
     "FAMILIES",
@@ -96,13 +165,17 @@ __all__ = [
     "Euler",
     "EulerAncestral",
     "Heun",
+    "KDPM2",
+    "KDPM2Ancestral",
     "NoiseSchedule",
     "PREDICTION_TYPES",
     "Scheduler",
     "SchedulerState",
     "UniPC",
+    "a1111_name",
     "add_noise",
     "alphas_cumprod",
+    "resolve_name",
     "from_diffusers_config",
     "from_name",
     "velocity",
