@@ -147,7 +147,7 @@ def _diffusers_with_swaps(folder, unet, vae, text, scheduler, negatives, prompts
 @pytest.mark.parametrize(
     "name,negative,prompt",
     [
-        ("euler", "blurry [ugly|dark]", "a [red apple:blue car:2] on a table"),
+        pytest.param("euler", "blurry [ugly|dark]", "a [red apple:blue car:2] on a table", marks=pytest.mark.slow),
         ("heun", "", "a [cat:dog:0.5] [red|green|]"),
     ],
 )

@@ -12,8 +12,9 @@ Names and their diffusers equivalents (all built from the model's scheduler_conf
 ddim (DDIMScheduler), pndm (PNDMScheduler, skip_prk_steps=True), lms / lms_karras (LMSDiscreteScheduler),
 euler (EulerDiscreteScheduler), euler_a (EulerAncestralDiscreteScheduler), heun (HeunDiscreteScheduler),
 dpm2 / dpm2_karras (KDPM2DiscreteScheduler), dpm2_a / dpm2_a_karras (KDPM2AncestralDiscreteScheduler),
-dpmpp_2m / dpmpp_2m_karras (DPMSolverMultistepScheduler, dpmsolver++, order 2), dpmpp_2m_sde_karras
-(DPMSolverMultistepScheduler, sde-dpmsolver++, Karras sigmas), unipc (UniPCMultistepScheduler),
+dpmpp_2m / dpmpp_2m_karras (DPMSolverMultistepScheduler, dpmsolver++, order 2), dpmpp_2m_sde /
+dpmpp_2m_sde_karras / dpmpp_3m_sde / dpmpp_3m_sde_karras (DPMSolverMultistepScheduler, sde-dpmsolver++,
+order 2 or 3), unipc (UniPCMultistepScheduler),
 ddpm (DDPMScheduler).
 """
 
@@ -49,6 +50,11 @@ FAMILIES: tuple[type[Scheduler], ...] = (
     DDPM,
 )
 
+
+def _dpm_solver(algorithm: str, order: int, *, karras: bool) -> tuple[type[Scheduler], Mapping[str, Any]]:
+    return DPMSolverMultistep, {"algorithm_type": algorithm, "solver_order": order, "use_karras_sigmas": karras}
+
+
 # name -> (family, diffusers options the name fixes on top of the model's config)
 SCHEDULERS: Mapping[str, tuple[type[Scheduler], Mapping[str, Any]]] = types.MappingProxyType(
     {
@@ -71,7 +77,10 @@ SCHEDULERS: Mapping[str, tuple[type[Scheduler], Mapping[str, Any]]] = types.Mapp
             DPMSolverMultistep,
             {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
         ),
-        "dpmpp_2m_sde_karras": (DPMSolverMultistep, {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+        "dpmpp_2m_sde": _dpm_solver("sde-dpmsolver++", 2, karras=False),
+        "dpmpp_2m_sde_karras": _dpm_solver("sde-dpmsolver++", 2, karras=True),
+        "dpmpp_3m_sde": _dpm_solver("sde-dpmsolver++", 3, karras=False),
+        "dpmpp_3m_sde_karras": _dpm_solver("sde-dpmsolver++", 3, karras=True),
         "unipc": (UniPC, {}),
         "ddpm": (DDPM, {}),
     }
@@ -93,7 +102,10 @@ A1111_NAMES: Mapping[str, str] = types.MappingProxyType(
         "dpm2_a_karras": "DPM2 a Karras",
         "dpmpp_2m": "DPM++ 2M",
         "dpmpp_2m_karras": "DPM++ 2M Karras",
+        "dpmpp_2m_sde": "DPM++ 2M SDE",
         "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
+        "dpmpp_3m_sde": "DPM++ 3M SDE",
+        "dpmpp_3m_sde_karras": "DPM++ 3M SDE Karras",
         "unipc": "UniPC",
         "ddpm": "DDPM",
     }
