@@ -484,3 +484,50 @@ def test_guidance_at_most_one_runs_the_conditional_half_alone(model):
         flops[guidance] = lowered.compile().cost_analysis()["flops"]
     print(f"program FLOPs (loop body once): guidance 1 {flops[1.0]:.3g}, guidance 7.5 {flops[7.5]:.3g}")
     assert flops[1.0] < 0.7 * flops[7.5]
+
+
+@EPSILON
+def test_lcm_matches_diffusers_given_the_same_draws(model, monkeypatch):
+    """LCM (as with an LCM-LoRA: 4 steps, guidance 1) against StableDiffusionPipeline with LCMScheduler,
+    diffusers' per-step noise replaced by sdjax's own draws (image b, call k: normal(fold_in(sampler key of
+    seed_b, k))): the consistency steps are diffusers'; only the random numbers are sdjax's."""
+    import diffusers.schedulers.scheduling_lcm as lcm
+    import jax
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from sdjax.keys import seed_keys, split_rows
+
+    folder, unet, vae, text, pipe = model
+    noise = noise_for(pipe, 2, seed=5)
+    seed, steps = 3, 4
+    ours = pipe.generate(
+        PROMPTS, scheduler="LCM", guidance_scale=1.0, seed=seed, latents=noise, num_inference_steps=steps
+    )
+    sampler_keys = split_rows(seed_keys(jax.numpy.asarray([seed, seed + 1])), 3)[1]
+    draws = iter(
+        [
+            np.stack(
+                [np.asarray(jax.random.normal(jax.random.fold_in(k, call), noise.shape[1:])) for k in sampler_keys]
+            )
+            for call in range(steps - 1)  # every step but the last
+        ]
+    )
+    monkeypatch.setattr(lcm, "randn_tensor", lambda shape, **kw: nchw(next(draws)).to(kw.get("dtype")))
+    theirs = run_diffusers(
+        StableDiffusionPipeline,
+        folder,
+        unet,
+        vae,
+        text,
+        LCMScheduler.from_config(pipe.scheduler_config),
+        prompt=PROMPTS,
+        num_inference_steps=steps,
+        guidance_scale=1.0,
+        latents=nchw(noise),
+    )
+    assert next(draws, None) is None
+    assert_close_images(ours, theirs)
+    with pytest.raises(
+        ValueError, match="LCM takes at most original_inference_steps=50 steps, got num_inference_steps=60"
+    ):
+        pipe.generate("a", scheduler="lcm", num_inference_steps=60)

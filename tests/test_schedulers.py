@@ -67,6 +67,7 @@ DIFFUSERS = {
     ),
     "unipc": ("UniPCMultistepScheduler", {}),
     "ddpm": ("DDPMScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
 }
 MAX_ERRORS: dict[str, float] = {}
 # these differ from another name in their tables alone (compared in the default run): the Karras variants

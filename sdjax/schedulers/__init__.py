@@ -15,7 +15,7 @@ dpm2 / dpm2_karras (KDPM2DiscreteScheduler), dpm2_a / dpm2_a_karras (KDPM2Ancest
 dpmpp_2m / dpmpp_2m_karras (DPMSolverMultistepScheduler, dpmsolver++, order 2), dpmpp_2m_sde /
 dpmpp_2m_sde_karras / dpmpp_3m_sde / dpmpp_3m_sde_karras (DPMSolverMultistepScheduler, sde-dpmsolver++,
 order 2 or 3), unipc (UniPCMultistepScheduler),
-ddpm (DDPMScheduler).
+ddpm (DDPMScheduler), lcm (LCMScheduler).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from sdjax.schedulers.ddpm import DDPM
 from sdjax.schedulers.dpm_solver import DPMSolverMultistep
 from sdjax.schedulers.euler import Euler, EulerAncestral, Heun
 from sdjax.schedulers.kdpm2 import KDPM2, KDPM2Ancestral
+from sdjax.schedulers.lcm import LCM
 from sdjax.schedulers.lms import LMS
 from sdjax.schedulers.pndm import PNDM
 from sdjax.schedulers.unipc import UniPC
@@ -48,6 +49,7 @@ FAMILIES: tuple[type[Scheduler], ...] = (
     DPMSolverMultistep,
     UniPC,
     DDPM,
+    LCM,
 )
 
 
@@ -83,6 +85,7 @@ SCHEDULERS: Mapping[str, tuple[type[Scheduler], Mapping[str, Any]]] = types.Mapp
         "dpmpp_3m_sde_karras": _dpm_solver("sde-dpmsolver++", 3, karras=True),
         "unipc": (UniPC, {}),
         "ddpm": (DDPM, {}),
+        "lcm": (LCM, {}),
     }
 )
 NAMES = tuple(SCHEDULERS)
@@ -108,6 +111,7 @@ A1111_NAMES: Mapping[str, str] = types.MappingProxyType(
         "dpmpp_3m_sde_karras": "DPM++ 3M SDE Karras",
         "unipc": "UniPC",
         "ddpm": "DDPM",
+        "lcm": "LCM",
     }
 )
 
@@ -179,6 +183,7 @@ __all__ = [
     "Heun",
     "KDPM2",
     "KDPM2Ancestral",
+    "LCM",
     "NoiseSchedule",
     "PREDICTION_TYPES",
     "Scheduler",
