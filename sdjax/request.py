@@ -443,10 +443,11 @@ def prepare(
     batch = len(prompt_rows["prompts"])
     count = batch // per_prompt
     scheduler = _scheduler(pipe, opts.scheduler)
-    if isinstance(scheduler, schedulers.LCM) and opts.steps > scheduler.original_inference_steps:
+    if isinstance(scheduler, schedulers.LCM | schedulers.TCD) and opts.steps > scheduler.original_inference_steps:
+        name = type(scheduler).__name__
         raise ValueError(
-            f"LCM takes at most original_inference_steps={scheduler.original_inference_steps} steps, got "
-            f"num_inference_steps={opts.steps}: LCM models and LoRAs sample in 2-8 steps"
+            f"{name} takes at most original_inference_steps={scheduler.original_inference_steps} steps, got "
+            f"num_inference_steps={opts.steps}: {name} models and LoRAs sample in 2-8 steps"
         )
     canvas = _canvas(pipe, opts, count, batch)
     controls = _controls(pipe, opts, count, batch, canvas)

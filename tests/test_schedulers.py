@@ -68,6 +68,7 @@ DIFFUSERS = {
     "unipc": ("UniPCMultistepScheduler", {}),
     "ddpm": ("DDPMScheduler", {}),
     "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),  # eta 0.3: the default of its step, as sdjax's TCD
 }
 MAX_ERRORS: dict[str, float] = {}
 # these differ from another name in their tables alone (compared in the default run): the Karras variants

@@ -15,7 +15,7 @@ dpm2 / dpm2_karras (KDPM2DiscreteScheduler), dpm2_a / dpm2_a_karras (KDPM2Ancest
 dpmpp_2m / dpmpp_2m_karras (DPMSolverMultistepScheduler, dpmsolver++, order 2), dpmpp_2m_sde /
 dpmpp_2m_sde_karras / dpmpp_3m_sde / dpmpp_3m_sde_karras (DPMSolverMultistepScheduler, sde-dpmsolver++,
 order 2 or 3), unipc (UniPCMultistepScheduler),
-ddpm (DDPMScheduler), lcm (LCMScheduler).
+ddpm (DDPMScheduler), lcm (LCMScheduler), tcd (TCDScheduler, eta 0.3).
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from typing import Any
 from sdjax.schedulers._base import Scheduler, SchedulerState
 from sdjax.schedulers._common import PREDICTION_TYPES, NoiseSchedule, add_noise, alphas_cumprod, velocity
 from sdjax.schedulers._config import build, with_prediction_type
+from sdjax.schedulers.consistency import LCM, TCD
 from sdjax.schedulers.ddim import DDIM
 from sdjax.schedulers.ddpm import DDPM
 from sdjax.schedulers.dpm_solver import DPMSolverMultistep
 from sdjax.schedulers.euler import Euler, EulerAncestral, Heun
 from sdjax.schedulers.kdpm2 import KDPM2, KDPM2Ancestral
-from sdjax.schedulers.lcm import LCM
 from sdjax.schedulers.lms import LMS
 from sdjax.schedulers.pndm import PNDM
 from sdjax.schedulers.unipc import UniPC
@@ -50,6 +50,7 @@ FAMILIES: tuple[type[Scheduler], ...] = (
     UniPC,
     DDPM,
     LCM,
+    TCD,
 )
 
 
@@ -86,6 +87,7 @@ SCHEDULERS: Mapping[str, tuple[type[Scheduler], Mapping[str, Any]]] = types.Mapp
         "unipc": (UniPC, {}),
         "ddpm": (DDPM, {}),
         "lcm": (LCM, {}),
+        "tcd": (TCD, {}),
     }
 )
 NAMES = tuple(SCHEDULERS)
@@ -112,6 +114,7 @@ A1111_NAMES: Mapping[str, str] = types.MappingProxyType(
         "unipc": "UniPC",
         "ddpm": "DDPM",
         "lcm": "LCM",
+        "tcd": "TCD",
     }
 )
 
@@ -184,6 +187,7 @@ __all__ = [
     "KDPM2",
     "KDPM2Ancestral",
     "LCM",
+    "TCD",
     "NoiseSchedule",
     "PREDICTION_TYPES",
     "Scheduler",
