@@ -463,6 +463,14 @@ def test_other_schedule_options_match_diffusers(monkeypatch):
         ("euler", {"beta_schedule": "linear", "final_sigmas_type": "sigma_min"}, {}),
         ("dpmpp_2m", {"solver_order": 3, "final_sigmas_type": "sigma_min"}, {}),
         ("dpmpp_3m_sde", {"final_sigmas_type": "sigma_min"}, {}),
+        ("dpmpp_2m", {"use_lu_lambdas": True}, {}),
+        # dynamic thresholding, its ratio and range set so that it clips here (each changes the trajectory
+        # by over 90% against no thresholding)
+        ("ddim", {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.2}, {}),
+        ("dpmpp_2m", {"thresholding": True, "dynamic_thresholding_ratio": 0.8, "sample_max_value": 3.0}, {}),
+        ("ddpm", {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5}, {}),
+        ("lcm", {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5}, {}),
+        ("dpmpp_2m_sde", {"use_lu_lambdas": True, "prediction_type": "v_prediction"}, {}),
         ("dpmpp_2m", {"solver_order": 1, "euler_at_final": True}, {}),
         ("unipc", {"solver_order": 3, "disable_corrector": [1, 2], "use_karras_sigmas": True}, {}),
         ("unipc", {"solver_type": "bh1", "predict_x0": False, "lower_order_final": False}, {}),

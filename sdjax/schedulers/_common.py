@@ -187,6 +187,15 @@ def sigma_to_t(sigmas: np.ndarray, sigmas_train: np.ndarray) -> np.ndarray:
     return (1 - w) * low + w * (low + 1)
 
 
+def dynamic_threshold(x0: jnp.ndarray, ratio: float, max_value: float) -> jnp.ndarray:
+    """diffusers' dynamic thresholding (Imagen, Saharia et al. 2022) of x0 predictions [B, ...]: per sample,
+    s = the `ratio` quantile of |x0| (linear interpolation, as torch.quantile), clamped to [1, max_value];
+    x0 is clipped to [-s, s] and divided by s."""
+    flat = jnp.abs(x0.reshape(x0.shape[0], -1))
+    s = jnp.clip(jnp.quantile(flat, ratio, axis=1), 1.0, max_value).reshape(-1, *[1] * (x0.ndim - 1))
+    return jnp.clip(x0, -s, s) / s
+
+
 def check_final_sigmas_type(final_sigmas_type: str):
     """Raises for a final_sigmas_type other than "zero" / "sigma_min"."""
     if final_sigmas_type not in ("zero", "sigma_min"):

@@ -20,7 +20,7 @@ from typing import final
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.schedulers._common import NoiseSchedule, alphas_cumprod
+from sdjax.schedulers._common import NoiseSchedule, alphas_cumprod, dynamic_threshold
 from sdjax.schedulers.ddim import DiscreteScheduler, discrete_x0_eps
 
 SIGMA_DATA = 0.5
@@ -76,6 +76,9 @@ class LCM(DiscreteScheduler):
     original_inference_steps: int = 50
     clip_sample: bool = False
     clip_sample_range: float = 1.0
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
     set_alpha_to_one: bool = True
     timestep_scaling: float = 10.0
 
@@ -115,7 +118,9 @@ class LCM(DiscreteScheduler):
         i, tables = state.index, state.tables
         alpha_t, alpha_next = tables["alpha_t"][i], tables["alpha_next"][i]
         x0 = discrete_x0_eps(self.schedule.prediction_type, model_output.astype(jnp.float32), sample, alpha_t)[0]
-        if self.clip_sample:
+        if self.thresholding:
+            x0 = dynamic_threshold(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
+        elif self.clip_sample:
             x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
         denoised = tables["c_out"][i] * x0 + tables["c_skip"][i] * sample
         renoised = alpha_next**0.5 * denoised + (1 - alpha_next) ** 0.5 * noise

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.schedulers._base import UnitVarianceScheduler
-from sdjax.schedulers._common import NoiseSchedule, alphas_cumprod, spaced_timesteps
+from sdjax.schedulers._common import NoiseSchedule, alphas_cumprod, dynamic_threshold, spaced_timesteps
 
 
 def discrete_x0_eps(prediction_type: str, model_output, sample, alpha_prod_t):
@@ -48,6 +48,9 @@ class DDIM(DiscreteScheduler):
     set_alpha_to_one: bool = True
     clip_sample: bool = True
     clip_sample_range: float = 1.0
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
     eta: float = 0.0
 
     diffusers_class = "DDIMScheduler"
@@ -92,7 +95,9 @@ class DDIM(DiscreteScheduler):
         alpha_prod_t = state.tables["alpha_t"][state.index]
         alpha_prod_t_prev = state.tables["alpha_prev"][state.index]
         x0, eps = discrete_x0_eps(self.schedule.prediction_type, model_output.astype(jnp.float32), sample, alpha_prod_t)
-        if self.clip_sample:
+        if self.thresholding:
+            x0 = dynamic_threshold(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
+        elif self.clip_sample:
             x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
         beta_prod_t, beta_prod_t_prev = 1 - alpha_prod_t, 1 - alpha_prod_t_prev
         variance = (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)

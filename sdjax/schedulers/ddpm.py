@@ -9,7 +9,7 @@ from typing import final
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.schedulers._common import NoiseSchedule, alphas_cumprod, spaced_timesteps
+from sdjax.schedulers._common import NoiseSchedule, alphas_cumprod, dynamic_threshold, spaced_timesteps
 from sdjax.schedulers.ddim import DiscreteScheduler, discrete_x0_eps
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
@@ -24,6 +24,9 @@ class DDPM(DiscreteScheduler):
     variance_type: str = "fixed_small"
     clip_sample: bool = True
     clip_sample_range: float = 1.0
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
 
     diffusers_class = "DDPMScheduler"
     diffusers_defaults = types.MappingProxyType(
@@ -73,7 +76,9 @@ class DDPM(DiscreteScheduler):
         current_alpha_t = alpha_prod_t / alpha_prod_t_prev
         current_beta_t = 1 - current_alpha_t
         x0, _ = discrete_x0_eps(self.schedule.prediction_type, model_output.astype(jnp.float32), sample, alpha_prod_t)
-        if self.clip_sample:
+        if self.thresholding:
+            x0 = dynamic_threshold(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
+        elif self.clip_sample:
             x0 = jnp.clip(x0, -self.clip_sample_range, self.clip_sample_range)
         x0_coeff = (alpha_prod_t_prev**0.5 * current_beta_t) / beta_prod_t
         sample_coeff = current_alpha_t**0.5 * beta_prod_t_prev / beta_prod_t

@@ -21,6 +21,7 @@ from sdjax.schedulers._common import (
     NoiseSchedule,
     alphas_cumprod,
     check_final_sigmas_type,
+    dynamic_threshold,
     interp_sigmas,
     karras_sigmas,
     sigma_to_t,
@@ -42,12 +43,15 @@ def multistep_sigma_schedule(
     sigma_min: float | None = None,
     sigma_max: float | None = None,
     final_is_karras_min: bool = False,
+    lu_lambdas: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps f32[n] (integers), sigmas f32[n + 1]) as DPM-Solver/UniPC `set_timesteps` builds them.
 
     Karras sigmas span the whole training range (or sigma_min/sigma_max) whatever the spacing; their
-    timesteps are rounded (except for squaredcos_cap_v2, truncated). The final sigma is 0, or ("sigma_min")
-    the smallest training sigma -- the smallest Karras sigma for UniPC (`final_is_karras_min`).
+    timesteps are rounded (except for squaredcos_cap_v2, truncated). `lu_lambdas` (Lu et al. 2022; used
+    when not karras): log sigma evenly spaced from the largest training sigma to the smallest, timesteps
+    mapped back and rounded as for Karras. The final sigma is 0, or ("sigma_min") the smallest training
+    sigma -- the smallest Karras sigma for UniPC (`final_is_karras_min`).
     """
     ac = alphas_cumprod(schedule, zero_snr_floor=True)
     sig_train = train_sigmas(ac)
@@ -59,6 +63,13 @@ def multistep_sigma_schedule(
         low = sigma_min if sigma_min is not None else float(sig_train[0])
         high = sigma_max if sigma_max is not None else float(sig_train[-1])
         sigmas = karras_sigmas(low, high, num_steps)
+        timesteps = sigma_to_t(sigmas, sig_train)
+        if schedule.beta_schedule != "squaredcos_cap_v2":
+            timesteps = timesteps.round()
+    elif lu_lambdas:
+        log_sigmas = np.log(sig_train).astype(np.float64)  # float32 logs, as diffusers'
+        ramp = np.linspace(0, 1, num_steps)
+        sigmas = np.exp(log_sigmas[-1] + ramp * (log_sigmas[0] - log_sigmas[-1]))
         timesteps = sigma_to_t(sigmas, sig_train)
         if schedule.beta_schedule != "squaredcos_cap_v2":
             timesteps = timesteps.round()
@@ -147,6 +158,10 @@ class DPMSolverMultistep(VPSigmaScheduler):
     use_karras_sigmas: bool = False
     final_sigmas_type: str = "zero"
     lambda_min_clipped: float = -float("inf")
+    use_lu_lambdas: bool = False
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
 
     diffusers_class = "DPMSolverMultistepScheduler"
     diffusers_defaults = types.MappingProxyType(
@@ -181,6 +196,7 @@ class DPMSolverMultistep(VPSigmaScheduler):
             karras=self.use_karras_sigmas,
             final_sigma=self.final_sigmas_type,
             lambda_min_clipped=self.lambda_min_clipped,
+            lu_lambdas=self.use_lu_lambdas,
         )
         return {"timesteps": timesteps, "sigmas": sigmas}
 
@@ -192,6 +208,8 @@ class DPMSolverMultistep(VPSigmaScheduler):
             raise ValueError("sde-dpmsolver++ needs `noise` (standard normal, the shape of `sample`)")
         i, n, sigmas = state.index, state.num_calls, state.tables["sigmas"]
         x0 = vp_x0(self.schedule.prediction_type, model_output.astype(jnp.float32), sample, sigmas[i])
+        if self.thresholding:
+            x0 = dynamic_threshold(x0, self.dynamic_thresholding_ratio, self.sample_max_value)
         outputs = jnp.concatenate([state.history["model_outputs"][1:], x0[None]])  # newest last
 
         short = self.lower_order_final & (n < 15)
