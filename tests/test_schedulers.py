@@ -26,7 +26,7 @@ import torch
 from reference import SD15, SD21
 
 from sdjax import schedulers
-from sdjax.schedulers import loop
+from sdjax.schedulers import brownian, loop
 
 TOL = 1e-5
 MAX_STEPS = 50
@@ -158,10 +158,14 @@ def diffusers_trajectory(
     with monkeypatch.context() as patch:
         patch.setattr(module, "torch", _Float64Torch())
         patch.setattr(module, "randn_tensor", lambda *a, **k: as_torch(step_noise[call["k"]]), raising=False)
+        if hasattr(module, "BrownianTreeNoiseSampler"):  # DPM++ SDE: call k's increment is step_noise[k]
+            patch.setattr(
+                module, "BrownianTreeNoiseSampler", lambda *a, **k: lambda s, s2: as_torch(step_noise[call["k"]])
+            )
         for k, t in enumerate(timesteps):
             call["k"] = k
             output = model_torch(scheduler.scale_model_input(latents, t), t)
-            kwargs = {"variance_noise": as_torch(step_noise[k])} if "DPMSolver" in type(scheduler).__name__ else {}
+            kwargs = {"variance_noise": as_torch(step_noise[k])} if "DPMSolverMulti" in type(scheduler).__name__ else {}
             kwargs.update(step_kwargs or {})
             latents = scheduler.step(output, t, latents, **kwargs).prev_sample
             assert latents.dtype == torch.float64
@@ -323,8 +327,8 @@ def test_models_own_scheduler():
     assert schedulers.from_diffusers_config(unipc).disable_corrector == (0,)
     dpm2 = {**SD15_CONFIG, "_class_name": "KDPM2DiscreteScheduler", "use_karras_sigmas": True}
     assert schedulers.from_diffusers_config(dpm2) == schedulers.from_name("dpm2_karras", SD15_CONFIG)
-    with pytest.raises(ValueError, match="scheduler class 'DPMSolverSDEScheduler' is not supported"):
-        schedulers.from_diffusers_config({**SD15_CONFIG, "_class_name": "DPMSolverSDEScheduler"})
+    with pytest.raises(ValueError, match="scheduler class 'DEISMultistepScheduler' is not supported"):
+        schedulers.from_diffusers_config({**SD15_CONFIG, "_class_name": "DEISMultistepScheduler"})
 
 
 def test_training_add_noise_matches_diffusers():
@@ -434,8 +438,8 @@ def test_clear_errors():
             schedulers.from_name(name, SD15_CONFIG, prediction_type=prediction)
     with pytest.raises(ValueError, match="euler: unknown scheduler option 'timestep_spaceing'"):
         schedulers.from_name("euler", {**SD15_CONFIG, "timestep_spaceing": "trailing"})
-    with pytest.raises(ValueError, match="ddim: scheduler option thresholding=True is not supported"):
-        schedulers.from_name("ddim", {**SD15_CONFIG, "thresholding": True})
+    with pytest.raises(ValueError, match="tcd: scheduler option thresholding=True is not supported"):
+        schedulers.from_name("tcd", {**SD15_CONFIG, "thresholding": True})  # TCD's step ignores it in diffusers
     with pytest.raises(ValueError, match="pndm: rescale_betas_zero_snr=True is not supported by PNDMScheduler"):
         schedulers.from_name("pndm", {**SD15_CONFIG, "rescale_betas_zero_snr": True})
     with pytest.raises(ValueError, match="PNDMScheduler: scheduler option skip_prk_steps=False is not supported"):
@@ -516,5 +520,78 @@ def test_a1111_sampler_names_resolve_and_are_written_back():
     assert schedulers.a1111_name(schedulers.from_diffusers_config(plms)) == "PLMS"
     third_order = {"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}
     assert schedulers.a1111_name(schedulers.from_diffusers_config(third_order)) == "DPMSolverMultistepScheduler"
-    with pytest.raises(ValueError, match=r"unknown scheduler 'DPM\+\+ SDE'; choose one of ddim.*'Euler a'"):
-        schedulers.from_name("DPM++ SDE", {})
+    with pytest.raises(ValueError, match=r"unknown scheduler 'DPM\+\+ 2S a'; choose one of ddim.*'Euler a'"):
+        schedulers.from_name("DPM++ 2S a", {})
+
+
+SDE_CASES = [
+    (karras, spacing, prediction)
+    for karras in (False, True)
+    for spacing in SPACINGS
+    for prediction in ("epsilon", "v_prediction")
+]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def call(scheduler, state, x, noise):
+    """One model call of the loop, with the given noise."""
+    return scheduler.step(state, model_jax(scheduler.scale_model_input(state, x), state.timestep), x, noise)
+
+
+@pytest.mark.parametrize("karras,spacing,prediction", SDE_CASES)
+def test_dpmpp_sde_steps_match_diffusers_given_the_same_increments(karras, spacing, prediction, monkeypatch):
+    """DPM++ SDE's arithmetic against DPMSolverSDEScheduler, both given the same noise for each call (in
+    place of torchsde's and sdjax's Brownian increments): trajectories <= TOL. Through the whole loop the
+    noise is sdjax's Brownian path, whose increments are not torchsde's (see test_brownian_path)."""
+    name = "dpmpp_sde_karras" if karras else "dpmpp_sde"
+    config = _base_config(prediction)
+    ours = schedulers.from_name(name, config, timestep_spacing=spacing, prediction_type=prediction)
+    options = {"use_karras_sigmas": karras, "timestep_spacing": spacing, "prediction_type": prediction}
+    own = getattr(diffusers, config["_class_name"]).from_config(config)
+    for num_steps in (2, 10, 25):
+        calls = ours.num_model_calls(num_steps)
+        noises = step_noises(KEY, calls)
+        state = ours.init(num_steps, SHAPE, max_steps=MAX_STEPS)
+        x = jnp.asarray(NOISE) * ours.init_noise_sigma(state)
+        trajectory = []
+        for k in range(calls):
+            x, state = call(ours, state, x, noises[k])
+            trajectory.append(np.asarray(x))
+        ref_sched = diffusers.DPMSolverSDEScheduler.from_config(own.config, **options)
+        ref = diffusers_trajectory(ref_sched, num_steps, NOISE, noises, monkeypatch)
+        assert len(ref) == calls == 2 * num_steps - 1
+        errors = [rel_l2(trajectory[k], ref[k]) for k in range(calls)]
+        MAX_ERRORS[name] = max(MAX_ERRORS.get(name, 0.0), *errors)
+        assert max(errors) <= TOL, (num_steps, int(np.argmax(errors)), max(errors))
+
+
+def test_brownian_path():
+    """sdjax's Brownian path (`schedulers.brownian`): a function of the key alone, so that increments add up
+    over any subdivision (one path whatever the step count); increments are standard normal after
+    normalisation and independent over disjoint intervals; paths of different keys differ; and DPM++ SDE
+    through the loop is deterministic in its key."""
+    increment = jax.jit(brownian.increment, static_argnums=(3, 4))
+    sigma_max, shape = 14.6, (4096,)
+    key = jax.random.key(11)
+    a, b, c = 9.0, 3.5, 0.7
+    whole = np.asarray(increment(key, a, c, sigma_max, shape)) * np.sqrt(a - c)
+    parts = np.asarray(increment(key, a, b, sigma_max, shape)) * np.sqrt(a - b)
+    parts += np.asarray(increment(key, b, c, sigma_max, shape)) * np.sqrt(b - c)
+    np.testing.assert_allclose(whole, parts, atol=1e-4)
+    first, second = (
+        np.asarray(increment(key, a, b, sigma_max, shape)),
+        np.asarray(increment(key, b, c, sigma_max, shape)),
+    )
+    for z in (first, second):
+        assert abs(z.mean()) < 0.06 and abs(z.std() - 1) < 0.04
+    assert abs(np.corrcoef(first, second)[0, 1]) < 0.06
+    small = np.asarray(increment(key, 0.05, 0.03, sigma_max, shape))  # a short interval near sigma_min
+    assert abs(small.std() - 1) < 0.06
+    other = np.asarray(increment(jax.random.key(12), a, b, sigma_max, shape))
+    assert abs(np.corrcoef(first, other)[0, 1]) < 0.06
+    ours = schedulers.from_name("dpmpp_sde_karras", SD15_CONFIG)
+    run = compiled_loop(ours)
+    one, _ = run(NOISE, KEY, 10, 1.0, 0, None)
+    two, _ = run(NOISE, KEY, 10, 1.0, 0, None)
+    three, _ = run(NOISE, jax.random.key(8), 10, 1.0, 0, None)
+    assert np.array_equal(one, two) and not np.allclose(one, three)

@@ -14,7 +14,8 @@ euler (EulerDiscreteScheduler), euler_a (EulerAncestralDiscreteScheduler), heun 
 dpm2 / dpm2_karras (KDPM2DiscreteScheduler), dpm2_a / dpm2_a_karras (KDPM2AncestralDiscreteScheduler),
 dpmpp_2m / dpmpp_2m_karras (DPMSolverMultistepScheduler, dpmsolver++, order 2), dpmpp_2m_sde /
 dpmpp_2m_sde_karras / dpmpp_3m_sde / dpmpp_3m_sde_karras (DPMSolverMultistepScheduler, sde-dpmsolver++,
-order 2 or 3), unipc (UniPCMultistepScheduler),
+order 2 or 3), dpmpp_sde / dpmpp_sde_karras (DPMSolverSDEScheduler, Brownian noise from the image's key),
+unipc (UniPCMultistepScheduler),
 ddpm (DDPMScheduler), lcm (LCMScheduler), tcd (TCDScheduler, eta 0.3).
 """
 
@@ -30,6 +31,7 @@ from sdjax.schedulers._config import build, with_prediction_type
 from sdjax.schedulers.consistency import LCM, TCD
 from sdjax.schedulers.ddim import DDIM
 from sdjax.schedulers.ddpm import DDPM
+from sdjax.schedulers.dpm_sde import DPMSolverSDE
 from sdjax.schedulers.dpm_solver import DPMSolverMultistep
 from sdjax.schedulers.euler import Euler, EulerAncestral, Heun
 from sdjax.schedulers.kdpm2 import KDPM2, KDPM2Ancestral
@@ -47,6 +49,7 @@ FAMILIES: tuple[type[Scheduler], ...] = (
     KDPM2,
     KDPM2Ancestral,
     DPMSolverMultistep,
+    DPMSolverSDE,
     UniPC,
     DDPM,
     LCM,
@@ -84,6 +87,8 @@ SCHEDULERS: Mapping[str, tuple[type[Scheduler], Mapping[str, Any]]] = types.Mapp
         "dpmpp_2m_sde_karras": _dpm_solver("sde-dpmsolver++", 2, karras=True),
         "dpmpp_3m_sde": _dpm_solver("sde-dpmsolver++", 3, karras=False),
         "dpmpp_3m_sde_karras": _dpm_solver("sde-dpmsolver++", 3, karras=True),
+        "dpmpp_sde": (DPMSolverSDE, {"use_karras_sigmas": False}),
+        "dpmpp_sde_karras": (DPMSolverSDE, {"use_karras_sigmas": True}),
         "unipc": (UniPC, {}),
         "ddpm": (DDPM, {}),
         "lcm": (LCM, {}),
@@ -111,6 +116,8 @@ A1111_NAMES: Mapping[str, str] = types.MappingProxyType(
         "dpmpp_2m_sde_karras": "DPM++ 2M SDE Karras",
         "dpmpp_3m_sde": "DPM++ 3M SDE",
         "dpmpp_3m_sde_karras": "DPM++ 3M SDE Karras",
+        "dpmpp_sde": "DPM++ SDE",
+        "dpmpp_sde_karras": "DPM++ SDE Karras",
         "unipc": "UniPC",
         "ddpm": "DDPM",
         "lcm": "LCM",
@@ -181,6 +188,7 @@ __all__ = [
     "PNDM",
     "SCHEDULERS",
     "DPMSolverMultistep",
+    "DPMSolverSDE",
     "Euler",
     "EulerAncestral",
     "Heun",

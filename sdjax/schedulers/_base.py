@@ -75,6 +75,9 @@ class Scheduler(abc.ABC):
     prediction_types: ClassVar[tuple[str, ...]] = PREDICTION_TYPES  # those diffusers supports for it
     # the one value sdjax accepts for a diffusers option it does not implement, when not its default
     supported_values: ClassVar[Mapping[str, Any]] = types.MappingProxyType({})
+    # stochastic with Brownian noise: `step` takes the path's increment over `noise_interval(state)` (a
+    # method of such schedulers) instead of fresh draws (`sdjax.schedulers.loop` passes it)
+    brownian: ClassVar[bool] = False
 
     @property
     @abc.abstractmethod

@@ -136,18 +136,20 @@ def train_sigmas(alphas_cumprod_: np.ndarray) -> np.ndarray:
     return np.sqrt(((1 - ac) / ac).astype(np.float64)).astype(np.float32)
 
 
-def spaced_timesteps(schedule: NoiseSchedule, num_steps: int, *, round_linspace: bool = True) -> np.ndarray:
+def spaced_timesteps(
+    schedule: NoiseSchedule, num_steps: int, *, round_linspace: bool = True, linspace_dtype=np.float32
+) -> np.ndarray:
     """float64[num_steps], descending: the inference timesteps of DDIM, DDPM, PNDM, LMS, Euler and Heun.
 
     leading: multiples of T // n plus steps_offset; trailing: T - k*T/n rounded, minus 1; linspace:
     n points spread evenly over [0, T-1] (rounded for the discrete-time schedulers, `round_linspace=False`
-    keeps the fractional float32 values the sigma-based schedulers use).
+    keeps the fractional values the sigma-based schedulers use: float32, or float64 for DPM++ SDE's).
     """
     t, n = schedule.num_train_timesteps, num_steps
     if schedule.timestep_spacing == "linspace":
         if round_linspace:
             return np.linspace(0, t - 1, n).round()[::-1].astype(np.float64)
-        return np.linspace(0, t - 1, n, dtype=np.float32)[::-1].astype(np.float64)
+        return np.linspace(0, t - 1, n, dtype=linspace_dtype)[::-1].astype(np.float64)
     if schedule.timestep_spacing == "leading":
         return (np.arange(0, n) * (t // n)).round()[::-1].astype(np.float64) + schedule.steps_offset
     return np.round(np.arange(t, 0, -t / n)).astype(np.float64) - 1

@@ -47,6 +47,7 @@ def sigma_schedule(
     sigma_min: float | None = None,
     sigma_max: float | None = None,
     final_sigma: str = "zero",
+    linspace_dtype=np.float32,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(timesteps f32[n], sigmas f32[n + 1]) as diffusers' Euler/LMS/Heun `set_timesteps` builds them.
 
@@ -56,7 +57,7 @@ def sigma_schedule(
     """
     ac = alphas_cumprod(schedule, zero_snr_floor=True)
     sig_train = train_sigmas(ac)
-    timesteps = spaced_timesteps(schedule, num_steps, round_linspace=False)
+    timesteps = spaced_timesteps(schedule, num_steps, round_linspace=False, linspace_dtype=linspace_dtype)
     sigmas = interp_sigmas(sig_train, timesteps)
     if karras:
         low = sigma_min if sigma_min is not None else sigmas[-1]

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sdjax.schedulers import brownian
 from sdjax.schedulers._base import Scheduler, SchedulerState
 
 
@@ -78,6 +79,7 @@ def sample(
         dtype of the result.
       key: PRNG key for the noise of stochastic schedulers: model call k draws normal(fold_in(key, k)) of
         noise's shape; or a batch of B keys, one per image, image b drawing normal(fold_in(key[b], k)).
+        Brownian schedulers (DPM++ SDE) take increments of one Brownian path per key (`_brownian_key`).
       num_steps: int or traced i32[] in [1, max_steps]: inference steps (diffusers' num_inference_steps).
       model_args: pytree of extra `model_fn` arguments (traced).
       max_steps: static upper bound on num_steps.
@@ -115,6 +117,9 @@ def sample(
     else:
         x = noise32 * scheduler.init_noise_sigma(state)
     draw = _noise_drawer(key, noise.shape)
+    if scheduler.brownian:
+        brownian_key = _brownian_key(key)
+        draw_path = lambda a, b: brownian.increment(brownian_key, a, b, scheduler.sigma_max, noise.shape)  # noqa: E731
     trajectory = jnp.zeros((state.timesteps.shape[0], *noise.shape), jnp.float32) if return_trajectory else None
 
     last = state.num_calls if end_call is None else jnp.minimum(state.num_calls, end_call)
@@ -125,7 +130,11 @@ def sample(
         model_input = scheduler.scale_model_input(state, x).astype(model_dtype)
         extra = {"call": (i, calls)} if pass_call else {}
         output = model_fn(model_input, state.timestep, *model_args, **extra)
-        x, state = scheduler.step(state, output, x, draw(state.counter) if scheduler.stochastic else None)
+        if scheduler.brownian:
+            step_noise = draw_path(*scheduler.noise_interval(state))
+        else:
+            step_noise = draw(state.counter) if scheduler.stochastic else None
+        x, state = scheduler.step(state, output, x, step_noise)
         if post_step is not None:
             x = post_step(x, state).astype(jnp.float32)
         if trajectory is not None:
@@ -140,6 +149,15 @@ def sample(
     valid = (n >= 1) & (n <= max_steps) & (start >= 0) & (start < n)
     x = jnp.where(valid, x, jnp.nan).astype(noise.dtype)
     return (x, trajectory) if return_trajectory else x
+
+
+def _brownian_key(key: jax.Array) -> jax.Array:
+    """The Brownian path's key (or keys, one per image) of a sampler key: fold_in(key, 2**31 - 1), apart
+    from the per-call keys fold_in(key, k) of other stochastic schedulers."""
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    fold = lambda k: jax.random.fold_in(k, 2**31 - 1)  # noqa: E731
+    return fold(key) if key.ndim == 0 else jax.vmap(fold)(key)
 
 
 def _noise_drawer(key: jax.Array, shape: tuple[int, ...]) -> Callable[[jax.Array], jax.Array]:
