@@ -128,7 +128,7 @@ def run_diffusers(pipeline_cls, folder, unet, vae, text, scheduler, **kwargs):
 # rest of the matrix is `slow` (make test-slow).
 _TXT2IMG_DEFAULT = {
     "epsilon": ("ddim", "lms", "euler", "dpmpp_2m_karras", "unipc"),
-    "v_prediction": ("pndm", "lms_karras", "heun", "dpm2", "dpmpp_2m"),
+    "v_prediction": ("pndm", "lms_karras", "heun", "dpmpp_2m"),
 }
 EPSILON = pytest.mark.parametrize("model", ["epsilon"], indirect=True)
 V_PREDICTION = pytest.mark.parametrize("model", ["v_prediction"], indirect=True)

@@ -1040,7 +1040,7 @@ def test_gradient_accumulation_and_remat_give_the_large_batch_step():
         assert overall <= 1e-6 and worst <= 1e-5, remat
 
 
-@pytest.mark.parametrize("arch", ["tiny", "tiny-sdxl"])
+@pytest.mark.parametrize("arch", [pytest.param("tiny", marks=pytest.mark.slow), "tiny-sdxl"])
 def test_cached_text_embeddings_give_the_step_of_token_ids(arch, squares):
     """cache_text_embeddings: the batches carry each row's encoded caption (its dropped-out empty caption,
     the DreamBooth class prompt) instead of token ids, the text encoders leave the frozen parameters, and
