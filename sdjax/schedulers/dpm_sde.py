@@ -22,7 +22,8 @@ import numpy as np
 
 from sdjax.schedulers._base import Scheduler
 from sdjax.schedulers._common import NoiseSchedule, alphas_cumprod, sigma_to_t, train_sigmas
-from sdjax.schedulers.euler import K_DIFFUSION_DEFAULTS, sigma_schedule, sigma_x0_derivative
+from sdjax.schedulers.euler import sigma_init_noise, sigma_schedule, sigma_x0_derivative
+from sdjax.schedulers.kdpm2 import KDPM2_DEFAULTS
 
 
 @final
@@ -37,17 +38,7 @@ class DPMSolverSDE(Scheduler):
     order = 2
     brownian: ClassVar[bool] = True
     diffusers_class = "DPMSolverSDEScheduler"
-    diffusers_defaults = types.MappingProxyType(
-        {
-            **K_DIFFUSION_DEFAULTS,
-            "beta_start": 0.00085,
-            "beta_end": 0.012,
-            "use_karras_sigmas": False,
-            "use_exponential_sigmas": False,
-            "use_beta_sigmas": False,
-            "noise_sampler_seed": None,
-        }
-    )
+    diffusers_defaults = types.MappingProxyType({**KDPM2_DEFAULTS, "noise_sampler_seed": None})
     prediction_types = ("epsilon", "v_prediction")
 
     @property
@@ -80,8 +71,7 @@ class DPMSolverSDE(Scheduler):
         return {"sample": jnp.zeros(sample_shape, jnp.float32)}
 
     def init_noise_sigma(self, state):
-        max_sigma = jnp.max(state.tables["sigmas"])
-        return max_sigma if self.schedule.timestep_spacing in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5
+        return sigma_init_noise(self.schedule, state)
 
     def scale_model_input(self, state, sample):
         i = state.index
@@ -91,25 +81,22 @@ class DPMSolverSDE(Scheduler):
     def add_noise(self, state, original, noise):
         return original + noise * state.tables["sigmas"][state.index]
 
-    def _interval(self, state):
+    def noise_interval(self, state):
         """(sigma the step starts from, sigma this call's update ends at): (s, sigma_m) for a step's first
-        call, (s, s') for its second, (s, 0) for the last step."""
+        call, (s, s') for its second, (s, 0) for the last step; the Brownian increment of this call's update
+        is the path's over it."""
         i, sigmas, mid = state.index, state.tables["sigmas"], state.tables["mid"]
         first = i % 2 == 0
         start = jnp.where(first, sigmas[i], sigmas[i - 1])
         target = jnp.where(first, jnp.where(sigmas[i + 1] == 0, 0.0, mid[i + 1]), sigmas[i])
         return start, target
 
-    def noise_interval(self, state):
-        """(sigma_a, sigma_b): the interval whose Brownian increment this call's update adds."""
-        return self._interval(state)
-
     def step(self, state, model_output, sample, noise=None):
         if noise is None:
             raise ValueError("DPMSolverSDE needs `noise`: the Brownian increment over `noise_interval(state)`")
         i, sigmas, mid = state.index, state.tables["sigmas"], state.tables["mid"]
         first = i % 2 == 0
-        sigma, target = self._interval(state)
+        sigma, target = self.noise_interval(state)
         sigma_input = jnp.where(first, sigma, mid[i])
         x0 = sigma_x0_derivative(self.schedule.prediction_type, model_output.astype(jnp.float32), sample, sigma_input)[
             0

@@ -85,6 +85,13 @@ def sigma_x0_derivative(prediction_type: str, model_output, sample, sigma):
     return model_output, (sample - model_output) / sigma
 
 
+def sigma_init_noise(schedule: NoiseSchedule, state) -> jax.Array:
+    """f32[]: the largest of `state.tables["sigmas"]`, or sqrt(max^2 + 1) with "leading" spacing: diffusers'
+    init_noise_sigma of every k-diffusion family (Euler, Heun, LMS, DPM2, DPM++ SDE)."""
+    max_sigma = jnp.max(state.tables["sigmas"])
+    return max_sigma if schedule.timestep_spacing in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5
+
+
 class SigmaScheduler(Scheduler):
     """The k-diffusion families (Euler, Euler a, Heun, LMS): samples in sigma space, x = x0 + sigma * eps,
     over a "sigmas" table. Subclasses are final and implement the rest of `Scheduler`."""
@@ -92,8 +99,7 @@ class SigmaScheduler(Scheduler):
     @final
     def init_noise_sigma(self, state):
         """f32[]: the largest sigma, or sqrt(max^2 + 1) with "leading" spacing (diffusers' init_noise_sigma)."""
-        max_sigma = jnp.max(state.tables["sigmas"])
-        return max_sigma if self.schedule.timestep_spacing in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5
+        return sigma_init_noise(self.schedule, state)
 
     @final
     def scale_model_input(self, state, sample):

@@ -25,7 +25,7 @@ import numpy as np
 
 from sdjax.schedulers._base import Scheduler
 from sdjax.schedulers._common import NoiseSchedule, alphas_cumprod, sigma_to_t, train_sigmas
-from sdjax.schedulers.euler import K_DIFFUSION_DEFAULTS, sigma_schedule, sigma_x0_derivative
+from sdjax.schedulers.euler import K_DIFFUSION_DEFAULTS, sigma_init_noise, sigma_schedule, sigma_x0_derivative
 
 KDPM2_DEFAULTS = {
     **K_DIFFUSION_DEFAULTS,
@@ -72,8 +72,7 @@ class _TwoEvaluationScheduler(Scheduler):
 
     def init_noise_sigma(self, state):
         """f32[]: the largest sigma, or sqrt(max^2 + 1) with "leading" spacing (diffusers' init_noise_sigma)."""
-        max_sigma = jnp.max(state.tables["sigmas"])
-        return max_sigma if self.schedule.timestep_spacing in ("linspace", "trailing") else (max_sigma**2 + 1) ** 0.5
+        return sigma_init_noise(self.schedule, state)
 
     # a second call's input is scaled by sigmas_interpol[i - this] (diffusers: DPM2 its own entry, i; DPM2 a
     # the entry of the step's first call, i - 1)
