@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from sdjax.testing import random_pipeline
@@ -38,6 +39,7 @@ def test_bench_tiny_against_torch(tmp_path):
     assert (tmp_path / "models" / "tiny" / "model_index.json").is_file()  # cached for the next run
 
 
+@pytest.mark.slow  # the default run benchmarks without a ControlNet (test_bench_tiny_against_torch)
 def test_bench_tiny_with_a_controlnet_against_torch(tmp_path):
     """--controlnet: both frameworks draw with the same random ControlNet (cached beside the model) and time
     the ControlNet + UNet step beside the UNet step."""

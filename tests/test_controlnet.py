@@ -570,6 +570,7 @@ def test_from_unet_matches_diffusers(tmp_path):
         sdjax.ControlNet.from_unet(pipe, conditioning_embedding_out_channels=(16, 32))
 
 
+@pytest.mark.slow  # the default run checks two processes without ControlNets (test_sharding.py)
 def test_two_processes_with_controlnets_write_the_images_of_one(controlled, tmp_path):
     """sample.py with two ControlNets on 2 processes x 4 CPU devices (jax.distributed on 127.0.0.1) writes
     exactly the files (names, pixels, PNG text) of 1 process with 4 devices.

@@ -957,8 +957,9 @@ def test_identity_init_starts_the_noise_prediction_at_its_input():
     for init, close in (("identity", True), ("flax", False)):
         config = TrainConfig(architecture=str(folder), scratch=("unet", "vae", "text_encoder"), unet_init=init)
         pipe = model.load_start(config)
+        apply = jax.jit(pipe.unet.apply)  # one compile for both inits (same module, t traced)
         for t in (999, 10):
-            eps = pipe.unet.apply({"params": pipe.params["unet"]}, x, jnp.full((2,), t), context)
+            eps = apply({"params": pipe.params["unet"]}, x, jnp.full((2,), t), context)
             error = float(jnp.abs(eps - normalised).max())
             assert (error < 0.2) == close, (init, t, error)
     with pytest.raises(ValueError, match="unet_init must be one of"):
@@ -975,17 +976,9 @@ def test_every_run_config_loads_with_its_tiny_variant(path):
     assert tiny.optim.steps < full.optim.steps
 
 
-def test_gradient_accumulation_and_remat_give_the_large_batch_step():
-    """One update of 4 images as 2 micro-batches of 2 equals the update of all 4 at once (loss, gradient
-    norm and parameters to 1e-6 relative, fp32): each row draws its noise and timestep from the step and
-    its row id, whatever micro-batch holds it. And every remat policy gives the gradients of no remat."""
-    import functools
-
-    import jax.numpy as jnp
-
+def _four_image_batch():
+    """A random:tiny config for batches of 4 at 32x32, its pipeline and one batch of 4 captioned images."""
     from train import model
-    from train.objective import diffusion_loss
-    from train.step import init_state, make_optimizer, train_step
 
     config = TrainConfig(model="random:tiny", images=Images(resolution=32), optim=Optim(batch_size=4))
     pipe = model.load_start(config)
@@ -997,6 +990,19 @@ def test_gradient_accumulation_and_remat_give_the_large_batch_step():
         "weight": np.ones(4, np.float32),
         "count": np.ones(4, np.float32),
     }
+    return config, pipe, batch
+
+
+def test_gradient_accumulation_gives_the_large_batch_step():
+    """One update of 4 images as 2 micro-batches of 2 equals the update of all 4 at once (loss, gradient
+    norm and parameters to 1e-6 relative, fp32): each row draws its noise and timestep from the step and
+    its row id, whatever micro-batch holds it."""
+    import functools
+
+    from train import model
+    from train.step import init_state, make_optimizer, train_step
+
+    config, pipe, batch = _four_image_batch()
     key = jax.random.key(1)
 
     def update(accum: int):
@@ -1018,6 +1024,21 @@ def test_gradient_accumulation_and_remat_give_the_large_batch_step():
     print(f"parameters after the update, worst relative L2: {worst:.2e}")
     assert worst <= 1e-6
 
+
+@pytest.mark.parametrize(
+    "remat", ["full", pytest.param("dots", marks=pytest.mark.slow), pytest.param("dots_all", marks=pytest.mark.slow)]
+)
+def test_remat_policy_gives_the_gradients_of_no_remat(remat):
+    """Every remat policy gives the gradients of no remat (fp32, relative L2 <= 1e-6 over all parameters).
+    The default run checks "full", the shipped configs' policy; the others are slow."""
+    import jax.numpy as jnp
+
+    from train import model
+    from train.objective import diffusion_loss
+
+    config, pipe, batch = _four_image_batch()
+    key = jax.random.key(1)
+
     def gradients(remat: str):
         setup = model.make_setup(config.replace(remat=remat), pipe)
         trainable, frozen = model.split_params(setup, key)
@@ -1031,13 +1052,12 @@ def test_gradient_accumulation_and_remat_give_the_large_batch_step():
     plain = gradients("none")
     flat = lambda tree: np.concatenate([np.ravel(g) for g in jax.tree.leaves(tree)])  # noqa: E731
     assert float(jnp.abs(flat(plain)).max()) > 0
-    for remat in ("full", "dots", "dots_all"):
-        grads = gradients(remat)
-        overall = rel_l2(flat(grads), flat(plain))
-        worst = max(jax.tree.leaves(jax.tree.map(rel_l2, grads, plain)))
-        print(f"remat {remat}: gradients against no remat, relative L2 {overall:.2e} (worst tensor {worst:.2e})")
-        # float32 rounding of recomputed activations; the smallest tensors' gradients show it most
-        assert overall <= 1e-6 and worst <= 1e-5, remat
+    grads = gradients(remat)
+    overall = rel_l2(flat(grads), flat(plain))
+    worst = max(jax.tree.leaves(jax.tree.map(rel_l2, grads, plain)))
+    print(f"remat {remat}: gradients against no remat, relative L2 {overall:.2e} (worst tensor {worst:.2e})")
+    # float32 rounding of recomputed activations; the smallest tensors' gradients show it most
+    assert overall <= 1e-6 and worst <= 1e-5, remat
 
 
 @pytest.mark.parametrize("arch", [pytest.param("tiny", marks=pytest.mark.slow), "tiny-sdxl"])
