@@ -18,6 +18,9 @@ $(VENV)/.runtime: pyproject.toml | $(BIN)/python
 $(VENV)/.test: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+	# k-diffusion's samplers are the reference for DPM++ 2S a (no diffusers class); its own requirements
+	# (torchvision, wandb, kornia, ...) are not needed for the sampling functions the tests load
+	$(BIN)/pip install -q --no-deps k-diffusion==0.1.1.post1
 	touch $@ $(VENV)/.runtime
 
 install: $(VENV)/.runtime

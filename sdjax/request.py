@@ -24,6 +24,7 @@ from sdjax.nn.lora import COMPONENTS as LORA_COMPONENTS
 from sdjax.nn.lora import component_scales
 from sdjax.options import GenerateOptions, default_max_steps, finite_number
 from sdjax.prompts import prompt_pairs, tokenize_batch
+from sdjax.schedulers.loop import img2img_start_step
 from sdjax.sharding import make_mesh
 
 
@@ -423,6 +424,28 @@ def _adapters(pipe, loras):
 # ---------------------------------------------------------------------------------------------- prepare
 
 
+def _check_scheduler_run(scheduler, opts: GenerateOptions) -> None:
+    """One-line errors for step counts and starts a scheduler cannot run: LCM/TCD above their distilled
+    step count; PNDM's PRK warm-up below 4 steps (diffusers raises) or starting late (img2img, inpainting
+    with strength < 1, denoising_start), as its Runge-Kutta warm-up needs the whole schedule."""
+    if isinstance(scheduler, schedulers.LCM | schedulers.TCD) and opts.steps > scheduler.original_inference_steps:
+        name = type(scheduler).__name__
+        raise ValueError(
+            f"{name} takes at most original_inference_steps={scheduler.original_inference_steps} steps, got "
+            f"num_inference_steps={opts.steps}: {name} models and LoRAs sample in 2-8 steps"
+        )
+    if not isinstance(scheduler, schedulers.PNDM) or scheduler.skip_prk_steps:
+        return
+    if opts.steps < 4:
+        raise ValueError(f"pndm_prk needs at least 4 steps (3 Runge-Kutta warm-up steps, then PLMS), got {opts.steps}")
+    starts_late = opts.denoising_start is not None or img2img_start_step(opts.steps, float(opts.strength))
+    if opts.image is not None and starts_late:
+        raise ValueError(
+            "pndm_prk cannot start part-way (img2img, strength < 1, denoising_start): its Runge-Kutta warm-up "
+            "needs the whole schedule; use pndm (PLMS) instead"
+        )
+
+
 def prepare(
     pipe, prompt, negative_prompt=None, *, pad_to: int | None = None, min_windows: int = 1, **options
 ) -> tuple[Plan, Inputs]:
@@ -443,12 +466,7 @@ def prepare(
     batch = len(prompt_rows["prompts"])
     count = batch // per_prompt
     scheduler = _scheduler(pipe, opts.scheduler)
-    if isinstance(scheduler, schedulers.LCM | schedulers.TCD) and opts.steps > scheduler.original_inference_steps:
-        name = type(scheduler).__name__
-        raise ValueError(
-            f"{name} takes at most original_inference_steps={scheduler.original_inference_steps} steps, got "
-            f"num_inference_steps={opts.steps}: {name} models and LoRAs sample in 2-8 steps"
-        )
+    _check_scheduler_run(scheduler, opts)
     canvas = _canvas(pipe, opts, count, batch)
     controls = _controls(pipe, opts, count, batch, canvas)
     mesh = resolve_mesh(opts.mesh)

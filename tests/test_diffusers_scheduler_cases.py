@@ -21,8 +21,8 @@ they are not recomputed here), and the loop reproduces theirs:
   `step`, so these cases are comparable too (they need torch, else they are skipped).
 
 sdjax computes in float32. The diffusers tests run on torch's CPU (`torch_device == "cpu"` branches).
-Cases sdjax refuses (PNDM's PRK warm-up: the tests leave `skip_prk_steps` at its default False) are listed
-in REFUSED and checked to be refused; full-loop tests whose loop has no sdjax counterpart are in
+PNDM's cases leave `skip_prk_steps` at its default False, so they run the PRK warm-up. Full-loop tests
+whose loop has no sdjax counterpart are in
 NOT_COMPARABLE with the reason. Tests without expected numbers (NaN checks, custom timesteps equal to the
 default ones, fp16 dtypes, save/load round trips) are not full-loop cases and are left out.
 """
@@ -227,6 +227,14 @@ CASES = [
          shape=SHAPE_1D),
     Case("test_scheduler_unipc.py", "1D::test_full_loop_with_noise", "UniPCMultistepScheduler", UNIPC_CONFIG, 10,
          39.0870, 0.4072, t_start=8, shape=SHAPE_1D),
+    # test_scheduler_pndm.py (skip_prk_steps left at diffusers' default False: 12 PRK warm-up calls, then PLMS)
+    Case("test_scheduler_pndm.py", "test_full_loop_no_noise", "PNDMScheduler", PNDM_CONFIG, 10, 198.1318, 0.2580),
+    Case("test_scheduler_pndm.py", "test_full_loop_with_v_prediction", "PNDMScheduler",
+         {**PNDM_CONFIG, "prediction_type": "v_prediction"}, 10, 67.3986, 0.0878),
+    Case("test_scheduler_pndm.py", "test_full_loop_with_set_alpha_to_one", "PNDMScheduler",
+         {**PNDM_CONFIG, "set_alpha_to_one": True, "beta_start": 0.01}, 10, 230.0399, 0.2995),
+    Case("test_scheduler_pndm.py", "test_full_loop_with_no_set_alpha_to_one", "PNDMScheduler",
+         {**PNDM_CONFIG, "set_alpha_to_one": False, "beta_start": 0.01}, 10, 186.9482, 0.2434),
     # test_scheduler_lcm.py (LCMSchedulerTest.full_loop: noise from torch.manual_seed(0) at all calls but the last)
     Case("test_scheduler_lcm.py", "test_full_loop_onestep", "LCMScheduler", LCM_CONFIG, 1, 18.7097, 0.0244,
          sum_tol=1e-3, seeded=True),
@@ -237,20 +245,6 @@ CASES = [
          sum_tol=1e-3, overrides={"eta": 0.0}),
     Case("test_scheduler_tcd.py", "test_full_loop_multistep_deter", "TCDScheduler", LCM_CONFIG, 10, 181.2040, 0.2359,
          sum_tol=1e-3, overrides={"eta": 0.0}),
-]
-
-# Full-loop cases sdjax refuses (from_diffusers_config raises ValueError), with the reason.
-_PRK = ("the test config leaves skip_prk_steps at diffusers' default False (PRK warm-up steps, step_prk); "
-        "sdjax's PNDM implements only skip_prk_steps=True (PLMS only)")
-REFUSED = [
-    (Case("test_scheduler_pndm.py", "test_full_loop_no_noise", "PNDMScheduler", PNDM_CONFIG, 10, 198.1318, 0.2580),
-     _PRK),
-    (Case("test_scheduler_pndm.py", "test_full_loop_with_v_prediction", "PNDMScheduler",
-          {**PNDM_CONFIG, "prediction_type": "v_prediction"}, 10, 67.3986, 0.0878), _PRK),
-    (Case("test_scheduler_pndm.py", "test_full_loop_with_set_alpha_to_one", "PNDMScheduler",
-          {**PNDM_CONFIG, "set_alpha_to_one": True, "beta_start": 0.01}, 10, 230.0399, 0.2995), _PRK),
-    (Case("test_scheduler_pndm.py", "test_full_loop_with_no_set_alpha_to_one", "PNDMScheduler",
-          {**PNDM_CONFIG, "set_alpha_to_one": False, "beta_start": 0.01}, 10, 186.9482, 0.2434), _PRK),
 ]
 
 # Full-loop tests with expected numbers whose loop is not one sdjax runs, with the reason.
@@ -340,14 +334,6 @@ def test_full_loop_matches_diffusers_expected_values(case):
     if case.sum is not None:
         assert abs(result_sum - case.sum) < case.sum_tol, f"sum {result_sum}, diffusers expects {case.sum}"
     assert abs(result_mean - case.mean) < case.mean_tol, f"mean {result_mean}, diffusers expects {case.mean}"
-
-
-@pytest.mark.parametrize("case, reason", REFUSED, ids=[c.id for c, _ in REFUSED])
-def test_refused_cases(case, reason):
-    """sdjax refuses these configs with a one-line ValueError; the case is then not runnable."""
-    with pytest.raises(ValueError):
-        build(case)
-    pytest.skip(f"not runnable: {reason}")
 
 
 @pytest.mark.parametrize("name, reason", NOT_COMPARABLE, ids=[n for n, _ in NOT_COMPARABLE])

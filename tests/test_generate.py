@@ -33,11 +33,24 @@ from sdjax import schedulers
 
 PROMPTS = ["a photo of an astronaut riding a horse", "a red apple on a wooden table"]
 NEGATIVES = ["blurry", ""]
-DETERMINISTIC = ["ddim", "pndm", "lms", "lms_karras", "euler", "heun", "dpm2", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
+DETERMINISTIC = [
+    "ddim",
+    "pndm",
+    "pndm_prk",
+    "lms",
+    "lms_karras",
+    "euler",
+    "heun",
+    "dpm2",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "unipc",
+]
 
 _DIFFUSERS_OPTIONS = {
     "ddim": ("DDIMScheduler", {}),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "pndm_prk": ("PNDMScheduler", {"skip_prk_steps": False}),
     "lms": ("LMSDiscreteScheduler", {"use_karras_sigmas": False}),
     "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
     "euler": ("EulerDiscreteScheduler", {}),
@@ -127,7 +140,7 @@ def run_diffusers(pipeline_cls, folder, unet, vae, text, scheduler, **kwargs):
 # Every scheduler runs once in the default suite (with one of the two prediction types, both covered); the
 # rest of the matrix is `slow` (make test-slow).
 _TXT2IMG_DEFAULT = {
-    "epsilon": ("ddim", "lms", "euler", "dpmpp_2m_karras", "unipc"),
+    "epsilon": ("ddim", "pndm_prk", "lms", "euler", "dpmpp_2m_karras", "unipc"),
     "v_prediction": ("pndm", "lms_karras", "heun", "dpmpp_2m"),
 }
 EPSILON = pytest.mark.parametrize("model", ["epsilon"], indirect=True)
@@ -356,6 +369,7 @@ def test_prompt_changes_the_image(model):
             "mask is 64x32 but the init image is 64x64",
         ),
         (dict(latents=np.zeros((1, 4, 8, 8), np.float32)), "latents must have shape (1, 8, 8, 4) (NHWC)"),
+        (dict(scheduler="PNDM PRK"), "pndm_prk needs at least 4 steps (3 Runge-Kutta warm-up steps, then PLMS), got 2"),
     ],
 )
 @EPSILON
@@ -364,6 +378,21 @@ def test_bad_arguments(model, kwargs, message):
     with pytest.raises((ValueError, FileNotFoundError)) as info:
         pipe.generate("x", num_inference_steps=2, **kwargs)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@EPSILON
+def test_pndm_prk_refuses_a_late_start(model):
+    """PNDM's PRK warm-up needs the whole schedule: img2img below strength 1 is refused, strength 1 runs."""
+    _, _, _, _, pipe = model
+    image = np.zeros((64, 64, 3), np.uint8)
+    with pytest.raises(ValueError, match=r"pndm_prk cannot start part-way \(img2img"):
+        pipe.generate("x", scheduler="pndm_prk", num_inference_steps=5, image=image, strength=0.5)
+    assert pipe.generate("x", scheduler="pndm_prk", num_inference_steps=4, image=image, strength=1.0).shape == (
+        1,
+        64,
+        64,
+        3,
+    )
 
 
 def test_scheduler_names_are_documented():

@@ -131,7 +131,7 @@ def _truncated_model(folder: Path, tmp_path: Path) -> Path:
         ("not a model", "is not a diffusers model folder"),
         ("truncated weights", "truncated"),
         ("size", "height and width must be positive multiples of 8, got 60x64"),
-        ("scheduler", "unknown scheduler 'euler_x'; choose one of ddim, pndm, lms"),
+        ("scheduler", "unknown scheduler 'euler_x'; choose one of ddim, pndm, pndm_prk, lms"),
         ("init image", "does not exist"),
         ("unreadable init image", "cannot read init image"),
         ("mask size", "mask is 32x32 but the init image is 64x64"),

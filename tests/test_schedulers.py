@@ -41,6 +41,7 @@ SD21_CONFIG = json.loads((SD21 / "scheduler" / "scheduler_config.json").read_tex
 DIFFUSERS = {
     "ddim": ("DDIMScheduler", {}),
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "pndm_prk": ("PNDMScheduler", {"skip_prk_steps": False}),
     "lms": ("LMSDiscreteScheduler", {"use_karras_sigmas": False}),
     "lms_karras": ("LMSDiscreteScheduler", {"use_karras_sigmas": True}),
     "euler": ("EulerDiscreteScheduler", {}),
@@ -77,9 +78,14 @@ MAX_ERRORS: dict[str, float] = {}
 # set
 _SLOW_TRAJECTORIES = ("dpm2_karras", "dpm2_a", "dpm2_a_karras", "dpmpp_2m_sde", "dpmpp_3m_sde_karras")
 TRAJECTORY_NAMES = [pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_TRAJECTORIES else n for n in DIFFUSERS]
+# PNDM's PRK warm-up needs the whole schedule: sdjax refuses img2img with it (diffusers' step_prk would
+# step from the schedule's first timestep whatever the start); and diffusers raises below 4 steps
 IMG2IMG_NAMES = [
-    pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_TRAJECTORIES and n != "dpm2_a" else n for n in DIFFUSERS
+    pytest.param(n, marks=pytest.mark.slow) if n in _SLOW_TRAJECTORIES and n != "dpm2_a" else n
+    for n in DIFFUSERS
+    if n != "pndm_prk"
 ]
+MIN_STEPS = {"pndm_prk": 4}
 # DPM2 a's tables (diffusers' set_timesteps, float32) take sigma_down = sqrt(s'^2 - sigma_up^2), which cancels
 # when s' << s: at 2 "linspace" steps (s = 14.6, s' = 0.029) the one-ulp difference between torch's float32
 # sqrt on this CPU (0x1.dde182p-6) and the correctly rounded one (0x1.dde180p-6, sdjax's) of the smallest
@@ -222,7 +228,7 @@ def report_errors():
 def _diffusers_rejects(name, prediction, spacing) -> bool:
     """Whether diffusers itself refuses this prediction type for this scheduler (at its first step)."""
     sched = diffusers_scheduler(name, _base_config(prediction), prediction_type=prediction, timestep_spacing=spacing)
-    sched.set_timesteps(2)
+    sched.set_timesteps(max(2, MIN_STEPS.get(name, 1)))
     x = torch.zeros(1, 4, 8, 8)
     t = sched.timesteps[0]
     try:
@@ -243,7 +249,9 @@ def test_trajectory_matches_diffusers(name, spacing, monkeypatch):
             continue
         ours = schedulers.from_name(name, config, timestep_spacing=spacing, prediction_type=prediction)
         run = compiled_loop(ours)
-        for num_steps in STEP_COUNTS:
+        for num_steps in (*STEP_COUNTS, 4):
+            if num_steps < MIN_STEPS.get(name, 1) or (num_steps == 4 and name not in MIN_STEPS):
+                continue
             calls = ours.num_model_calls(num_steps)
             _, trajectory = run(NOISE, KEY, num_steps, 1.0, 0, None)
             ref_sched = diffusers_scheduler(name, config, timestep_spacing=spacing, prediction_type=prediction)
@@ -288,7 +296,7 @@ def test_tables_match_diffusers_for_every_step_count(name):
     for spacing in SPACINGS:
         ours = schedulers.from_name(name, SD15_CONFIG, timestep_spacing=spacing)
         ref = diffusers_scheduler(name, SD15_CONFIG, timestep_spacing=spacing)
-        for num_steps in range(1, MAX_STEPS + 1):
+        for num_steps in range(MIN_STEPS.get(name, 1), MAX_STEPS + 1):
             ref.set_timesteps(num_steps)
             state = ours.init(num_steps, SHAPE, max_steps=MAX_STEPS)
             calls = int(state.num_calls)
@@ -430,7 +438,7 @@ def test_scheduler_arithmetic_is_float32_for_a_bfloat16_model():
 
 
 def test_clear_errors():
-    with pytest.raises(ValueError, match="unknown scheduler 'k_euler'; choose one of ddim, pndm, lms"):
+    with pytest.raises(ValueError, match="unknown scheduler 'k_euler'; choose one of ddim, pndm, pndm_prk, lms"):
         schedulers.from_name("k_euler", SD15_CONFIG)
     sched = schedulers.from_name("euler", SD15_CONFIG)
     with pytest.raises(ValueError, match="num_steps=51 is above max_steps=50"):
@@ -446,8 +454,8 @@ def test_clear_errors():
         schedulers.from_name("tcd", {**SD15_CONFIG, "thresholding": True})  # TCD's step ignores it in diffusers
     with pytest.raises(ValueError, match="pndm: rescale_betas_zero_snr=True is not supported by PNDMScheduler"):
         schedulers.from_name("pndm", {**SD15_CONFIG, "rescale_betas_zero_snr": True})
-    with pytest.raises(ValueError, match="PNDMScheduler: scheduler option skip_prk_steps=False is not supported"):
-        schedulers.from_diffusers_config({**SD15_CONFIG, "skip_prk_steps": False})
+    prk = schedulers.from_diffusers_config({**SD15_CONFIG, "skip_prk_steps": False})
+    assert prk == schedulers.from_name("pndm_prk", SD15_CONFIG) and not prk.skip_prk_steps
     with pytest.raises(ValueError, match="beta_schedule 'cosine' is not supported"):
         schedulers.from_name("ddim", {**SD15_CONFIG, "beta_schedule": "cosine"})
     with pytest.raises(ValueError, match="needs `noise`"):
@@ -522,10 +530,11 @@ def test_a1111_sampler_names_resolve_and_are_written_back():
     assert schedulers.a1111_name(schedulers.from_diffusers_config(own)) == "DPM++ 2M Karras"
     plms = {"_class_name": "PNDMScheduler", "skip_prk_steps": True}
     assert schedulers.a1111_name(schedulers.from_diffusers_config(plms)) == "PLMS"
+    assert schedulers.a1111_name(schedulers.from_diffusers_config({"_class_name": "PNDMScheduler"})) == "pndm_prk"
     third_order = {"_class_name": "DPMSolverMultistepScheduler", "solver_order": 3}
     assert schedulers.a1111_name(schedulers.from_diffusers_config(third_order)) == "DPMSolverMultistepScheduler"
-    with pytest.raises(ValueError, match=r"unknown scheduler 'DPM\+\+ 2S a'; choose one of ddim.*'Euler a'"):
-        schedulers.from_name("DPM++ 2S a", {})
+    with pytest.raises(ValueError, match=r"unknown scheduler 'DPM adaptive'; choose one of ddim.*'Euler a'"):
+        schedulers.from_name("DPM adaptive", {})
 
 
 SDE_CASES = [

@@ -9,12 +9,14 @@
         x, state = sched.step(state, out, x, noise=...)                        # noise only if sched.stochastic
 
 Names and their diffusers equivalents (all built from the model's scheduler_config.json):
-ddim (DDIMScheduler), pndm (PNDMScheduler, skip_prk_steps=True), lms / lms_karras (LMSDiscreteScheduler),
+ddim (DDIMScheduler), pndm (PNDMScheduler, skip_prk_steps=True), pndm_prk (PNDMScheduler with its pseudo
+Runge-Kutta warm-up, skip_prk_steps=False), lms / lms_karras (LMSDiscreteScheduler),
 euler (EulerDiscreteScheduler), euler_a (EulerAncestralDiscreteScheduler), heun (HeunDiscreteScheduler),
 dpm2 / dpm2_karras (KDPM2DiscreteScheduler), dpm2_a / dpm2_a_karras (KDPM2AncestralDiscreteScheduler),
 dpmpp_2m / dpmpp_2m_karras (DPMSolverMultistepScheduler, dpmsolver++, order 2), dpmpp_2m_sde /
 dpmpp_2m_sde_karras / dpmpp_3m_sde / dpmpp_3m_sde_karras (DPMSolverMultistepScheduler, sde-dpmsolver++,
 order 2 or 3), dpmpp_sde / dpmpp_sde_karras (DPMSolverSDEScheduler, Brownian noise from the image's key),
+dpmpp_2s_a / dpmpp_2s_a_karras (no diffusers class: k-diffusion's sample_dpmpp_2s_ancestral),
 unipc (UniPCMultistepScheduler),
 ddpm (DDPMScheduler), lcm (LCMScheduler), tcd (TCDScheduler, eta 0.3).
 """
@@ -33,6 +35,7 @@ from sdjax.schedulers.ddim import DDIM
 from sdjax.schedulers.ddpm import DDPM
 from sdjax.schedulers.dpm_sde import DPMSolverSDE
 from sdjax.schedulers.dpm_solver import DPMSolverMultistep
+from sdjax.schedulers.dpmpp_2s import DPMPP2SAncestral
 from sdjax.schedulers.euler import Euler, EulerAncestral, Heun
 from sdjax.schedulers.kdpm2 import KDPM2, KDPM2Ancestral
 from sdjax.schedulers.lms import LMS
@@ -50,6 +53,7 @@ FAMILIES: tuple[type[Scheduler], ...] = (
     KDPM2Ancestral,
     DPMSolverMultistep,
     DPMSolverSDE,
+    DPMPP2SAncestral,
     UniPC,
     DDPM,
     LCM,
@@ -66,6 +70,7 @@ SCHEDULERS: Mapping[str, tuple[type[Scheduler], Mapping[str, Any]]] = types.Mapp
     {
         "ddim": (DDIM, {}),
         "pndm": (PNDM, {"skip_prk_steps": True}),
+        "pndm_prk": (PNDM, {"skip_prk_steps": False}),
         "lms": (LMS, {"use_karras_sigmas": False}),
         "lms_karras": (LMS, {"use_karras_sigmas": True}),
         "euler": (Euler, {}),
@@ -89,6 +94,8 @@ SCHEDULERS: Mapping[str, tuple[type[Scheduler], Mapping[str, Any]]] = types.Mapp
         "dpmpp_3m_sde_karras": _dpm_solver("sde-dpmsolver++", 3, karras=True),
         "dpmpp_sde": (DPMSolverSDE, {"use_karras_sigmas": False}),
         "dpmpp_sde_karras": (DPMSolverSDE, {"use_karras_sigmas": True}),
+        "dpmpp_2s_a": (DPMPP2SAncestral, {"use_karras_sigmas": False}),
+        "dpmpp_2s_a_karras": (DPMPP2SAncestral, {"use_karras_sigmas": True}),
         "unipc": (UniPC, {}),
         "ddpm": (DDPM, {}),
         "lcm": (LCM, {}),
@@ -96,7 +103,7 @@ SCHEDULERS: Mapping[str, tuple[type[Scheduler], Mapping[str, Any]]] = types.Mapp
     }
 )
 NAMES = tuple(SCHEDULERS)
-# A1111's sampler name of each scheduler (its web UI's list; PNDM is its "PLMS")
+# A1111's sampler name of each scheduler (its web UI's list; PNDM is its "PLMS"); A1111 has no pndm_prk
 A1111_NAMES: Mapping[str, str] = types.MappingProxyType(
     {
         "ddim": "DDIM",
@@ -118,6 +125,8 @@ A1111_NAMES: Mapping[str, str] = types.MappingProxyType(
         "dpmpp_3m_sde_karras": "DPM++ 3M SDE Karras",
         "dpmpp_sde": "DPM++ SDE",
         "dpmpp_sde_karras": "DPM++ SDE Karras",
+        "dpmpp_2s_a": "DPM++ 2S a",
+        "dpmpp_2s_a_karras": "DPM++ 2S a Karras",
         "unipc": "UniPC",
         "ddpm": "DDPM",
         "lcm": "LCM",
@@ -147,10 +156,11 @@ def resolve_name(name: str) -> str:
 
 def a1111_name(scheduler: Scheduler) -> str:
     """A1111's sampler name of a scheduler (built by `from_name` or `from_diffusers_config`): that of the
-    first name whose family and fixed options it has; else its diffusers class name."""
+    first name whose family and fixed options it has (sdjax's name where A1111 has none: pndm_prk); else
+    its diffusers class name."""
     for key, (family, fixed) in SCHEDULERS.items():
         if type(scheduler) is family and all(getattr(scheduler, k, v) == v for k, v in fixed.items()):
-            return A1111_NAMES[key]
+            return A1111_NAMES.get(key, key)
     return type(scheduler).diffusers_class
 
 
@@ -189,6 +199,7 @@ __all__ = [
     "SCHEDULERS",
     "DPMSolverMultistep",
     "DPMSolverSDE",
+    "DPMPP2SAncestral",
     "Euler",
     "EulerAncestral",
     "Heun",

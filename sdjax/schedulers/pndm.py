@@ -1,9 +1,17 @@
-"""PLMS, the linear multistep part of PNDM (Liu et al. 2022), as diffusers' PNDMScheduler(skip_prk_steps=True).
+"""PNDM (Liu et al. 2022), as diffusers' PNDMScheduler: linear multistep (PLMS) steps after a warm-up.
 
-diffusers makes n + 1 model calls for n >= 2 steps: the second call re-evaluates the first step with the
-average of two model outputs (a Heun-like warm-up), then 2nd-, 3rd- and 4th-order Adams-Bashforth
-combinations of past model outputs follow. The combination is chosen by the number of calls since the
-start, so an img2img run that starts later in the schedule warms up the same way, as in diffusers.
+skip_prk_steps=True (the SD checkpoints' setting, sdjax's "pndm", A1111's "PLMS"): diffusers makes n + 1
+model calls for n >= 2 steps: the second call re-evaluates the first step with the average of two model
+outputs (a Heun-like warm-up), then 2nd-, 3rd- and 4th-order Adams-Bashforth combinations of past model
+outputs follow. The combination is chosen by the number of calls since the start, so an img2img run that
+starts later in the schedule warms up the same way, as in diffusers.
+
+skip_prk_steps=False (diffusers' default, sdjax's "pndm_prk"): the first three steps are pseudo Runge-Kutta
+steps of four model calls each (at t, t - h, t - h, t - 2h with h = T // n // 2; the outputs weighted
+1/6, 1/3, 1/3, 1/6), then every step is 4th-order Adams-Bashforth: n + 9 calls for n >= 4 (n = 2, 3: the
+one or two RK steps there is room for, 4 or 8 calls). For n = 1 diffusers makes no model call at all and
+returns the noise; sdjax makes the single PLMS call instead. The warm-up needs the whole schedule, so it
+does not start later (img2img): `sdjax.request` refuses that.
 """
 
 from __future__ import annotations
@@ -23,10 +31,11 @@ from sdjax.schedulers.ddim import DiscreteScheduler
 @final
 @dataclasses.dataclass(frozen=True)
 class PNDM(DiscreteScheduler):
-    """diffusers' PNDMScheduler with skip_prk_steps=True (PRK warm-up steps are not implemented)."""
+    """diffusers' PNDMScheduler; skip_prk_steps=False runs the pseudo Runge-Kutta warm-up."""
 
     schedule: NoiseSchedule = NoiseSchedule()
     set_alpha_to_one: bool = False
+    skip_prk_steps: bool = True
 
     diffusers_class = "PNDMScheduler"
     diffusers_defaults = types.MappingProxyType(
@@ -43,7 +52,6 @@ class PNDM(DiscreteScheduler):
             "steps_offset": 0,
         }
     )
-    supported_values = types.MappingProxyType({"skip_prk_steps": True})
     prediction_types = ("epsilon", "v_prediction")
 
     @property
@@ -56,8 +64,10 @@ class PNDM(DiscreteScheduler):
         "x_coef"/"out_coef" step from t to t - T // n (the final alpha below 0); "x_coef_redo"/"out_coef_redo"
         from t + T // n to t (the second call re-does the first step). Computed in float64 from diffusers'
         float32 alphas_cumprod, v_prediction folded in (diffusers converts v to epsilon with the sample first;
-        doing that in float32 loses digits at high noise).
+        doing that in float32 loses digits at high noise). With the PRK warm-up: `_prk_tables`.
         """
+        if not self.skip_prk_steps:
+            return self._prk_tables(num_steps)
         ratio = self.schedule.num_train_timesteps // num_steps
         ac = alphas_cumprod(self.schedule)
         final_alpha = np.float32(1.0) if self.set_alpha_to_one else ac[0]
@@ -78,6 +88,37 @@ class PNDM(DiscreteScheduler):
             "out_coef_redo": out_coef_redo,
         }
 
+    def _prk_tables(self, num_steps: int) -> dict[str, np.ndarray]:
+        """Per call, as diffusers' `set_timesteps` and `step_prk`/`step_plms` index them: "timesteps" (the
+        model's), "prk" (1 for a warm-up call), "alpha_t" and "x_coef"/"out_coef" of the update. A warm-up
+        call at position k of its RK step steps from the RK step's first timestep to its own timestep minus
+        h (k even) or to its own timestep (k odd); a PLMS call steps from t to t - T // n, 4th order
+        ("plms_order" 4) except the single first-order call of n = 1 (order 1)."""
+        total = self.schedule.num_train_timesteps
+        half = total // num_steps // 2
+        levels = spaced_timesteps(self.schedule, num_steps)[::-1].astype(np.int64)  # ascending
+        if num_steps == 1:  # diffusers: no call; here one first-order PLMS call
+            prk, plms = np.zeros(0, np.int64), levels
+        else:
+            last = np.repeat(levels[-4:], 2) + np.tile([0, half], len(levels[-4:]))
+            prk, plms = np.repeat(last[:-1], 2)[1:-1][::-1], levels[:-3][::-1]
+        timesteps = np.concatenate([prk, plms]).astype(np.int64)
+        calls = np.arange(len(prk))
+        start = np.concatenate([prk[calls // 4 * 4], plms])
+        prev = np.concatenate([prk - np.where(calls % 2 == 0, half, 0), plms - total // num_steps])
+        ac = alphas_cumprod(self.schedule)
+        final_alpha = np.float32(1.0) if self.set_alpha_to_one else ac[0]
+        alpha_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], final_alpha)
+        x_coef, out_coef = self._coefficients(ac[start], alpha_prev)
+        return {
+            "timesteps": timesteps,
+            "prk": np.concatenate([np.ones(len(prk)), np.zeros(len(plms))]),
+            "plms_order": np.full(len(timesteps), 1 if num_steps == 1 else 4),
+            "alpha_t": ac[timesteps],
+            "x_coef": x_coef,
+            "out_coef": out_coef,
+        }
+
     def _coefficients(self, alpha_prod_t, alpha_prod_t_prev) -> tuple[np.ndarray, np.ndarray]:
         """float64 (x_coef, out_coef) of formula (9) of the PNDM paper, from alpha_bar at t and t_prev."""
         a_t, a_prev = alpha_prod_t.astype(np.float64), alpha_prod_t_prev.astype(np.float64)
@@ -89,9 +130,17 @@ class PNDM(DiscreteScheduler):
         return x_coef, eps_coef
 
     def init_history(self, sample_shape):
-        return {"ets": jnp.zeros((4, *sample_shape), jnp.float32), "cur_sample": jnp.zeros(sample_shape, jnp.float32)}
+        history = {
+            "ets": jnp.zeros((4, *sample_shape), jnp.float32),
+            "cur_sample": jnp.zeros(sample_shape, jnp.float32),
+        }
+        if not self.skip_prk_steps:  # the RK step's weighted sum of model outputs so far
+            history["cur_output"] = jnp.zeros(sample_shape, jnp.float32)
+        return history
 
     def step(self, state, model_output, sample, noise=None):
+        if not self.skip_prk_steps:
+            return self._prk_step(state, model_output, sample)
         model_output = model_output.astype(jnp.float32)
         ets, cur_sample = state.history["ets"], state.history["cur_sample"]
         pushed = jnp.concatenate([ets[1:], model_output[None]])  # the 4 most recent outputs, newest last
@@ -119,3 +168,33 @@ class PNDM(DiscreteScheduler):
         which = jnp.where(state.counter < 2, state.counter, jnp.minimum(state.counter, 4))
         ets, cur_sample, output, from_sample, (x_coef, out_coef) = jax.lax.switch(which, branches, None)
         return x_coef * from_sample + out_coef * output, state.advance(ets=ets, cur_sample=cur_sample)
+
+    def _prk_step(self, state, model_output, sample):
+        """A call of the schedule with the PRK warm-up: RK position counter % 4 while "prk" is set (its
+        first call keeps the sample and pushes the output to the multistep memory), then PLMS of the
+        call's "plms_order"."""
+        e = model_output.astype(jnp.float32)
+        history, tables, i = state.history, state.tables, state.index
+        ets, cur_sample, cur_output = history["ets"], history["cur_sample"], history["cur_output"]
+        pushed = jnp.concatenate([ets[1:], e[None]])
+
+        # each branch: (ets, cur_sample, cur_output, output the update uses, sample stepped from)
+        branches = [
+            lambda _: (pushed, sample, e / 6, e, sample),
+            lambda _: (ets, cur_sample, cur_output + e / 3, e, cur_sample),
+            lambda _: (ets, cur_sample, cur_output + e / 3, e, cur_sample),
+            lambda _: (ets, cur_sample, jnp.zeros_like(e), cur_output + e / 6, cur_sample),
+            lambda _: (
+                pushed,
+                cur_sample,
+                cur_output,
+                (1 / 24) * (55 * pushed[-1] - 59 * pushed[-2] + 37 * pushed[-3] - 9 * pushed[-4]),
+                sample,
+            ),
+            lambda _: (pushed, cur_sample, cur_output, e, sample),
+        ]
+        plms = jnp.where(tables["plms_order"][i] == 1, 5, 4)
+        which = jnp.where(tables["prk"][i] > 0, state.counter % 4, plms)
+        ets, cur_sample, cur_output, output, from_sample = jax.lax.switch(which, branches, None)
+        prev_sample = tables["x_coef"][i] * from_sample + tables["out_coef"][i] * output
+        return prev_sample, state.advance(ets=ets, cur_sample=cur_sample, cur_output=cur_output)
