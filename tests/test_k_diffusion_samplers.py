@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import pytest
 import torch
+from test_generate import model, torch_models  # noqa: F401 (fixtures)
 from test_schedulers import KEY, NOISE, PREDICTIONS, SPACINGS, _base_config, compiled_loop, model_torch, rel_l2
 
 from sdjax import schedulers
@@ -106,3 +107,62 @@ def test_dpmpp_2s_a_matches_k_diffusion(spacing, karras):
                 assert max(errors) <= TOL, (prediction, eta, num_steps, int(np.argmax(errors)), max(errors))
             assert run._cache_size() == 1
     print(f"DPM++ 2S a ({spacing}, karras={karras}): worst relative L2 against k-diffusion {worst:.1e}")
+
+
+@pytest.mark.parametrize("model", ["epsilon"], indirect=True)
+def test_dpmpp_2s_a_images_match_k_diffusion_driving_the_torch_models(model):  # noqa: F811
+    """A1111's path: k-diffusion's sample_dpmpp_2s_ancestral over the torch UNet (classifier-free guidance
+    inside the model wrapper, as A1111's CFG denoiser), given sdjax's sigmas and noise draws (image b, call
+    k: normal(fold_in(sampler key of seed_b, k)), one per step's second call), then the torch VAE: the
+    images equal sdjax's within the pipelines' tolerance (uint8 max 3, mean 0.25)."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
+    from test_generate import NEGATIVES, PROMPTS, assert_close_images, diffusers_pipeline, nchw, noise_for, to_uint8
+
+    from sdjax.keys import seed_keys, split_rows
+
+    folder, unet, vae, text, pipe = model
+    noise = noise_for(pipe, 2, seed=5)
+    seed, steps, guidance = 3, 6, 7.5
+    ours = pipe.generate(
+        PROMPTS, NEGATIVES, scheduler="DPM++ 2S a", seed=seed, latents=noise, num_inference_steps=steps
+    )
+
+    sched = schedulers.from_name("dpmpp_2s_a", pipe.scheduler_config)
+    calls = sched.num_model_calls(steps)
+    sampler_keys = split_rows(seed_keys(jax.numpy.asarray([seed, seed + 1])), 3)[1]
+    draws = []
+    for c in range(calls):
+        per_image = [jax.random.normal(jax.random.fold_in(k, c), noise.shape[1:]) for k in sampler_keys]
+        draws.append(torch.from_numpy(np.moveaxis(np.stack(per_image), -1, 1)))
+    reference = diffusers_pipeline(
+        StableDiffusionPipeline,
+        folder,
+        unet,
+        vae,
+        text,
+        EulerAncestralDiscreteScheduler.from_config(pipe.scheduler_config),
+    )
+    with torch.no_grad():
+        cond, uncond = reference.encode_prompt(PROMPTS, "cpu", 1, True, NEGATIVES)
+
+    class GuidedUNet(torch.nn.Module):
+        def forward(self, x, t):
+            eps = unet(torch.cat([x, x]), t.repeat(2), encoder_hidden_states=torch.cat([uncond, cond])).sample
+            eps_uncond, eps_cond = eps.chunk(2)
+            return eps_uncond + guidance * (eps_cond - eps_uncond)
+
+    external = k_diffusion()
+    alphas = torch.from_numpy(schedulers.alphas_cumprod(sched.schedule))
+    denoiser = external.DiscreteEpsDDPMDenoiser(GuidedUNet(), alphas, quantize=False)
+    levels = sched.tables(steps)["step_sigma"][::2]
+    sigmas = torch.from_numpy(np.concatenate([levels, [0.0]]).astype(np.float32))
+    init_sigma = float(sched.init_noise_sigma(sched.init(steps, noise.shape, max_steps=steps)))
+    x = nchw(noise) * init_sigma
+    with torch.no_grad():
+        for j in range(steps):
+            x = external.sampling.sample_dpmpp_2s_ancestral(
+                denoiser, x, sigmas[j : j + 2], noise_sampler=lambda s, s2, j=j: draws[2 * j + 1], disable=True
+            )
+        decoded = vae.decode(x / vae.config.scaling_factor).sample
+    theirs = to_uint8(np.moveaxis(((decoded / 2 + 0.5).clamp(0, 1)).numpy(), 1, -1))
+    assert_close_images(ours, theirs)
