@@ -371,8 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     from sdjax.compile_cache import enable_compilation_cache
     from sdjax.convert.lora import find_lora
     from sdjax.generate import NonFiniteImageError, compile_generate, place_inputs, place_params
-    from sdjax.prompts import parse_lora_tags, tokenize_prompts
-    from sdjax.request import default_guidance, prepare
+    from sdjax.prompts import parse_lora_tags
+    from sdjax.request import default_guidance, prepare, text_shape
 
     multi = sharding.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     host, hosts = jax.process_index(), jax.process_count()
@@ -426,9 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         progress.say(f"{len(done)} of {len(own)} images already in {out}: skipping them")
     rows = -(-args.batch_size // hosts)  # this host's rows per batch
     rows = min(rows, len(todo)) if not multi else rows
-    tokenizer = base.tokenizer or base.tokenizer_2  # an SDXL refiner has the second only
-    window = (base.text_encoder or base.text_encoder_2).config.max_position_embeddings
-    windows = tokenize_prompts(tokenizer, [p for p, _ in tagged], args.negative_prompt)[0].shape[1] // window
+    # every prompt as long as the longest, every prompt-edit stack as deep as the deepest (of the whole job,
+    # on every process): one program for the whole job
+    windows, texts = text_shape(base, [p for p, _ in tagged], args.negative_prompt or None, **generate_options(args))
     step_counter = progress.step if progress.tty and not args.no_step_counter else None
     chunks = batches(todo, max(rows, 1), key=lambda i: tagged[i][1])
     steps = int(_host_max(len(chunks))) if multi else len(chunks)
@@ -446,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
             args.negative_prompt or None,  # none: SDXL's zero embeddings (A1111, diffusers); SD 1/2: ""
             seed=[seeds[i] for i in chunk] or [seeds[0]],
             pad_to=rows,  # a short last batch runs in the same program, drawing only its own images
-            min_windows=windows,  # every prompt as long as the longest: one program for the whole job
+            min_windows=windows,
+            min_texts=texts,
             mesh=mesh,
             **generate_options(args),
             **controls,

@@ -52,12 +52,13 @@ def _scheduler(pipe, scheduler):
     return scheduler
 
 
-def _prompt_rows(pipe, prompt, negative_prompt, opts: GenerateOptions, min_windows: int) -> dict:
+def _prompt_rows(pipe, prompt, negative_prompt, opts: GenerateOptions, min_windows: int, min_texts: int = 1) -> dict:
     """Each image's [negative, positive] conditioning texts, tokenized: {"ids", "weights"} (B, 2, T, W*77),
     for SDXL also the second tokenizer's {"ids_2", "weights_2"} (of `prompt_2`), all with the same window
     count W. T is the stack of distinct texts that A1111's prompt editing and alternation give one row
     over the steps (`sdjax.prompt_editing`; 1 without them), and "text_steps" int32 (B, 2, max_steps)
-    which of them each step uses (None when T is 1). Also the prompts per image under "prompts"."""
+    which of them each step uses (None when T is 1). Also the prompts per image under "prompts". T is at
+    least `min_texts` (rounded up as `prompt_editing.stack_size` rounds)."""
     per_prompt = int(opts.num_images_per_prompt)
     prompts, negatives = prompt_pairs(prompt, negative_prompt)
     prompts = [p for p in prompts for _ in range(per_prompt)]
@@ -72,7 +73,7 @@ def _prompt_rows(pipe, prompt, negative_prompt, opts: GenerateOptions, min_windo
     batch = len(prompts)
     sources = [tuple(column[half][b] for column in columns) for b in range(batch) for half in (0, 1)]
     texts, index = prompt_editing.text_table(sources, opts.steps, opts.padded_steps)
-    stack = prompt_editing.stack_size(max(len(t) for t in texts))
+    stack = prompt_editing.stack_size(max(min_texts, *(len(t) for t in texts)))
     texts = [t + [t[0]] * (stack - len(t)) for t in texts]
     rows = {"prompts": prompts, "text_steps": None}
     if stack > 1:
@@ -446,8 +447,26 @@ def _check_scheduler_run(scheduler, opts: GenerateOptions) -> None:
         )
 
 
+def text_shape(pipe, prompt, negative_prompt=None, **options) -> tuple[int, int]:
+    """(77-token windows, stack of texts per row) that `prepare` gives these prompts together: the longest
+    prompt's windows (of either SDXL tokenizer) and the most distinct texts that prompt editing and
+    alternation give one row over `num_inference_steps`. A job that draws its prompts in several batches,
+    or on several processes, passes them to every `prepare` as `min_windows`/`min_texts`, so that every
+    batch runs one program (and every process the same one)."""
+    opts = GenerateOptions.from_kwargs({**options, "num_images_per_prompt": 1})
+    rows = _prompt_rows(pipe, prompt, negative_prompt, opts, 1)
+    return rows["windows"], rows["ids"].shape[2]
+
+
 def prepare(
-    pipe, prompt, negative_prompt=None, *, pad_to: int | None = None, min_windows: int = 1, **options
+    pipe,
+    prompt,
+    negative_prompt=None,
+    *,
+    pad_to: int | None = None,
+    min_windows: int = 1,
+    min_texts: int = 1,
+    **options,
 ) -> tuple[Plan, Inputs]:
     """Validates a generation request and turns it into (static plan, this process's inputs as numpy
     arrays: `sdjax.generate.place_inputs` makes them global). `options` are `GenerateOptions`' fields.
@@ -457,12 +476,13 @@ def prepare(
     mesh, the rows are padded to a multiple of this process's devices, and `plan.batch` counts the rows
     of all processes (each passes the same number).
     `min_windows` pads the prompts to at least that many 77-token windows (a job whose prompts have
-    different lengths then compiles once).
+    different lengths then compiles once); `min_texts` the stack of prompt-edit texts likewise (both from
+    `text_shape` of the whole job).
     """
     opts = GenerateOptions.from_kwargs(options)
     per_prompt = int(opts.num_images_per_prompt)
     _check_sdxl_options(pipe, opts)
-    prompt_rows = _prompt_rows(pipe, prompt, negative_prompt, opts, min_windows)
+    prompt_rows = _prompt_rows(pipe, prompt, negative_prompt, opts, min_windows, min_texts)
     batch = len(prompt_rows["prompts"])
     count = batch // per_prompt
     scheduler = _scheduler(pipe, opts.scheduler)

@@ -199,6 +199,22 @@ def _run_job(folder: Path, prompts: Path, out: Path, cache: Path, killed: bool =
     return subprocess.run(prefix + argv, capture_output=True, text=True, timeout=600)
 
 
+def test_a_prompts_file_with_edits_compiles_once(folder, pipe, tmp_path, capsys):
+    """Batches with and without prompt editing, with stacks of 1, 2 and 3 texts, run in one program: the
+    job pads every batch to its deepest stack (and longest prompt), and each image is `generate`'s."""
+    prompts = tmp_path / "prompts.txt"
+    lines = ["a red apple", "a [cat:dog:0.5] photo", "[a|b|c] house"]
+    prompts.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    args = ["--prompts-file", prompts, "--model", folder, "--steps", 4, "--seed", 2, "--out", out]
+    code, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert err.count("compiling (") == 1, err
+    for k, line in enumerate(lines):
+        expected = pipe.generate(line, num_inference_steps=4, seed=2 + k)
+        np.testing.assert_array_equal(pixels(out / f"{k:05d}-{2 + k}.png"), expected[0])
+
+
 def test_killed_prompts_file_job_resumes_to_the_same_images(folder, tmp_path):
     prompts = tmp_path / "prompts.txt"
     lines = ["# a comment", "a red apple", "", "a green (pear:1.2)", "a blue car", "a yellow boat", "a pink cat"]
