@@ -300,8 +300,8 @@ def _lora_targets(params, targets: tuple[str, ...]) -> list[tuple[str, ...]]:
 
 
 def init_lora(setup: Setup, key: jax.Array) -> dict:
-    """LoRA factors for every target module: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PEFT's kaiming
-    uniform with a = sqrt(5)), B = 0, so training starts from the unchanged model."""
+    """LoRA factors for every target module: A ~ N(0, 1/rank^2) (PEFT's init_lora_weights="gaussian", as
+    diffusers' LoRA training scripts configure it), B = 0, so training starts from the unchanged model."""
     lora = setup.config.adapter
     parts = {"unet": lora.targets}
     if lora.text_encoder:
@@ -320,12 +320,10 @@ def init_lora(setup: Setup, key: jax.Array) -> dict:
             for name in (*path, "kernel"):
                 kernel = kernel[name]
             shape = kernel.shape
-            fan_in = int(np.prod(shape[:-1]))
             a_shape = (*shape[:-1], lora.rank)
             k = jax.random.fold_in(jax.random.fold_in(key, p), i)
-            bound = 1.0 / np.sqrt(fan_in)
             entries["/".join(path)] = {
-                "A": jax.random.uniform(k, a_shape, jnp.float32, -bound, bound),
+                "A": jax.random.normal(k, a_shape, jnp.float32) / lora.rank,
                 "B": jnp.zeros((lora.rank, shape[-1]), jnp.float32),
             }
         out[part] = entries
