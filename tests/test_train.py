@@ -279,7 +279,7 @@ def full_run(tmp_path_factory, base, squares):
             "--checkpoint-every",
             "30",
             "--sample-prompts",
-            "a red square",
+            "a red square,a blue square",
             "--sample-steps",
             "3",
         )
@@ -296,7 +296,10 @@ def test_overfitting_four_images_halves_the_loss(full_run):
     assert last <= 0.5 * first, (first, last)
     assert (full_run / "loss.png").is_file()
     assert sorted(p.name for p in (full_run / "checkpoints").iterdir() if p.name.isdigit()) == ["30", "60"]
-    assert (full_run / "samples" / "step-000060-0.png").is_file()
+    samples = full_run / "samples"
+    assert {p.name for p in samples.iterdir()} == {"step-000060-0.png", "step-000060-1.png", "step-000060.png"}
+    with Image.open(samples / "step-000060.png") as grid:  # the two prompts side by side
+        assert grid.size == (32, 16) and grid.text["parameters"] == "a red square | a blue square"
 
 
 def test_full_export_loads_in_diffusers_and_sdjax(full_run, base):
@@ -578,6 +581,33 @@ def test_a_diverging_run_stops_with_finite_checkpoints(tmp_path, base, squares, 
     assert [r.get("skipped", False) for r in rows] == [False, True, True, True]
     exported = weights(out / "final/unet/diffusion_pytorch_model.safetensors")
     assert all(np.isfinite(v).all() for v in exported.values())
+
+
+def test_metrics_leave_the_device_one_step_late(tmp_path, base, squares, monkeypatch):
+    """With --log-every 1 the loop reads step k's metrics after dispatching step k + 1, so the device never
+    waits for the host; before a checkpoint (every 3 steps here) and at the end it reads every step so far,
+    so that no non-finite update reaches a checkpoint. The log still has a row for every step."""
+    from train import loop
+    from train.__main__ import main
+
+    dispatched, looks = [], []
+    real_compile, real_get = loop.compile_step, jax.device_get
+
+    def compile_step(*args, **kwargs):
+        step_fn = real_compile(*args, **kwargs)
+        return lambda *a: (dispatched.append(1), step_fn(*a))[1]
+
+    def device_get(tree):
+        if isinstance(tree, list) and tree and isinstance(tree[0], tuple):  # the loop's (step, metrics)
+            looks.append((len(dispatched), [at for at, _ in tree]))
+        return real_get(tree)
+
+    monkeypatch.setattr(loop, "compile_step", compile_step)
+    monkeypatch.setattr(jax, "device_get", device_get)
+    out = tmp_path / "run"
+    assert main(run_args("sd15_full", base, squares, out, "--steps", "5", "--checkpoint-every", "3")) == 0
+    assert looks == [(2, [1]), (3, [2, 3]), (5, [4, 5])]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
 
 
 # ---------------------------------------------------------------------------------------------- LoRA

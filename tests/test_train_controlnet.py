@@ -190,6 +190,7 @@ def test_export_is_a_controlnet_folder_diffusers_loads_with_the_same_residuals(m
     assert (micro_run / "samples" / "step-000004-0.png").is_file()
 
 
+@pytest.mark.slow  # the default run checks resuming and 8 devices without a ControlNet (test_train.py)
 def test_a_resumed_run_and_eight_devices_give_the_one_process_numbers(micro, squares16, micro_run, tmp_path):
     """Stopped after 2 of 4 steps and run again: the same losses and weights bit for bit. On 8 devices
     (data=2, fsdp=4): the same losses and weights to 1e-5."""

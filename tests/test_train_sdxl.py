@@ -184,6 +184,7 @@ def test_unsupported_sdxl_runs_are_one_line(tiny_sdxl, squares, tmp_path, extra,
     assert not (tmp_path / "out" / "final").exists()
 
 
+@pytest.mark.slow  # SDXL DreamBooth LoRA end to end; the default run checks DreamBooth on SD 1.5 (test_train.py)
 def test_dreambooth_lora_draws_its_class_images_and_exports(tiny_sdxl, squares, tmp_path):
     """DreamBooth on SDXL (as diffusers' train_dreambooth_lora_sdxl.py: LoRA, prior preservation): the class
     images are drawn by the SDXL pipeline itself, their rows carry their own time ids, and the LoRA it

@@ -9,8 +9,9 @@ With --target tpu:GENERATION:TOPOLOGY it compiles the shipped run configs' step 
 Each (dtype, remat) pair runs in its own process on random weights of the real architecture (configs
 shipped with sdjax): the update of `train.step` (AdamW, clipping, no EMA) on cached VAE latents, so the
 step is the UNet's forward + backward + the text encoder's forward. It prints compile time, the median step
-time over --steps steps after one warm-up step, and the process's peak RSS (VmHWM). Informational: nothing
-here is a test.
+time over --steps steps after one warm-up step, the process's peak RSS (VmHWM) and XLA's temporary buffers
+of the step (the activations kept for the backward pass, what remat trades for recomputation).
+Informational: nothing here is a test.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def worker(arch: str, resolution: int, batch: int, steps: int, dtype: str, remat
         step = compile_step(setup, optimizer, state_shardings, frozen_shardings, batch_arrays, mesh)
         compiled = step.lower(state, frozen, batch_arrays).compile()
         compile_s = time.perf_counter() - t0
+        memory = compiled.memory_analysis()  # XLA's buffers: temp holds the activations remat trades away
         times = []
         for _ in range(steps + 1):
             t = time.perf_counter()
@@ -101,6 +103,7 @@ def worker(arch: str, resolution: int, batch: int, steps: int, dtype: str, remat
         "step_s_all": times,
         "loss": float(metrics["loss"]),
         "peak_rss": _peak_rss(),
+        "temp_bytes": getattr(memory, "temp_size_in_bytes", 0) if memory is not None else 0,
     }
 
 
@@ -271,7 +274,7 @@ def main(argv=None) -> int:
         else:
             print(
                 f"{dtype:9s} remat={remat:5s} compile {row['compile_s']:6.1f} s  step {row['step_s']:7.2f} s  "
-                f"peak RSS {row['peak_rss'] / 2**30:5.1f} GiB",
+                f"peak RSS {row['peak_rss'] / 2**30:5.1f} GiB  XLA temp {row['temp_bytes'] / 2**30:5.2f} GiB",
                 flush=True,
             )
     if args.json:

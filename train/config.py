@@ -220,6 +220,8 @@ class Images:
     # 0.5: their square roots); 0 (default): every image once per epoch, weights ignored
     sampling_weight_power: float = 0.0
     instance_prompt: str | None = None  # caption of every image (default: the data set's captions)
+    # processes that read and decode the steps ahead (grain); 0: one background thread
+    loader_workers: int = 0
 
     def __post_init__(self):
         _check_types(self)
@@ -227,6 +229,7 @@ class Images:
             (self.resolution >= 8 and self.resolution % 8 == 0, "resolution must be a positive multiple of 8"),
             (0.0 <= self.caption_dropout <= 1.0, "caption_dropout must be in [0, 1]"),
             (self.sampling_weight_power >= 0, "sampling_weight_power must be >= 0"),
+            (self.loader_workers >= 0, f"loader_workers must be >= 0, got {self.loader_workers}"),
             (
                 not (self.cache_latents and not self.center_crop),
                 "cache_latents needs center_crop (a cached latent cannot be re-cropped)",

@@ -36,11 +36,11 @@ from PIL import Image, UnidentifiedImageError
 
 from sdjax import images as image_io
 from sdjax import sharding
+from train.shards import IMAGE_SUFFIXES, Member, scan_shard, shard_paths
 
 if TYPE_CHECKING:
     from train.model import Setup
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 log = logging.getLogger("train")
 
 
@@ -50,7 +50,7 @@ class DataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    path: Path
+    path: Path | Member  # an image file, or an image inside a tar shard
     caption: str
     weight: float = 1.0  # relative sampling frequency (metadata.jsonl "weight"; used with sampling weights)
     condition: Path | None = None  # mode controlnet: the condition image (metadata.jsonl conditioning column)
@@ -136,11 +136,16 @@ def scan_folder(
     needs a readable condition image named in metadata.jsonl under that key.
     """
     root = Path(folder).expanduser()
+    if root.is_file() and root.suffix == ".tar":
+        return _from_shards(root, [root], skip_bad, condition_column)
     if root.exists() and not root.is_dir():
-        raise DataError(f"--data {root} is a file: give the folder of training images")
+        raise DataError(f"--data {root} is a file: give the folder of training images (or a .tar shard)")
     if not root.is_dir():
         raise DataError(f"data folder {root} does not exist")
     problems: list[str] = []
+    shards = shard_paths(root) if not (root / "metadata.jsonl").is_file() else []
+    if shards and not any(p.suffix.lower() in IMAGE_SUFFIXES for p in root.rglob("*")):
+        return _from_shards(root, shards, skip_bad, condition_column)
     if (root / "metadata.jsonl").is_file():
         examples = _from_metadata(root, problems, condition_column)
     elif condition_column is not None:
@@ -159,18 +164,36 @@ def scan_folder(
             problems.append(problem)
         else:
             readable.append(example)
-    if problems:
-        if not skip_bad:
-            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-            raise DataError(f"{problems[0]}{more}; fix the data or pass --skip-bad-images true to skip them")
-        for problem in problems:
-            log.warning("skipping: %s", problem)
+    _report(problems, skip_bad)
     if not readable:
         raise DataError(f"data folder {root} has no usable images ({', '.join(IMAGE_SUFFIXES)})")
     return sorted(readable, key=lambda e: str(e.path))
 
 
-def load_image(path: Path, resolution: int, crop_xy: tuple[float, float] | None, flip: bool) -> np.ndarray:
+def _report(problems: list[str], skip_bad: bool) -> None:
+    """Raises a DataError for the first of `problems` (counting the rest), or with `skip_bad` logs them."""
+    if problems and not skip_bad:
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise DataError(f"{problems[0]}{more}; fix the data or pass --skip-bad-images true to skip them")
+    for problem in problems:
+        log.warning("skipping: %s", problem)
+
+
+def _from_shards(root: Path, shards: list[Path], skip_bad: bool, condition_column: str | None) -> list[Example]:
+    """The samples of WebDataset tar shards (`train.shards`), in shard order. Their images are not opened
+    ahead (a pass over a data set too big for a folder): an unreadable one stops the run naming it."""
+    if condition_column is not None:
+        raise DataError(f"{root}: mode controlnet reads a data folder with metadata.jsonl, not tar shards")
+    problems: list[str] = []
+    examples = [Example(member, caption) for shard in shards for member, caption in scan_shard(shard, problems)]
+    _report(problems, skip_bad)
+    if not examples:
+        raise DataError(f"{root} has no complete samples (an image and a .txt or .json caption per key)")
+    log.info("%d samples in %d tar shards of %s", len(examples), len(shards), root)
+    return examples
+
+
+def load_image(path: Path | Member, resolution: int, crop_xy: tuple[float, float] | None, flip: bool) -> np.ndarray:
     """An image of any mode -> float32 (resolution, resolution, 3) in [-1, 1], read as 8-bit RGB by value
     range (`sdjax.images.to_rgb8`: 16-bit and float images scaled, alpha dropped; of an animation the first
     frame).
@@ -179,7 +202,7 @@ def load_image(path: Path, resolution: int, crop_xy: tuple[float, float] | None,
     None, else at fractions (x, y) in [0, 1] of the free range. `flip` mirrors it left-right.
     """
     try:
-        with Image.open(path) as img:
+        with Image.open(_readable(path)) as img:
             img = image_io.to_rgb8(img)
             size = _resized(img.size, resolution)
             img = img.resize(size, Image.BILINEAR) if size != img.size else img
@@ -190,6 +213,11 @@ def load_image(path: Path, resolution: int, crop_xy: tuple[float, float] | None,
     if flip:
         array = array[:, ::-1]
     return array / 127.5 - 1.0
+
+
+def _readable(path: Path | Member):
+    """What PIL opens for an image file or a tar member."""
+    return path.open() if isinstance(path, Member) else path
 
 
 def _resized(size: tuple[int, int], resolution: int) -> tuple[int, int]:
@@ -206,12 +234,12 @@ def _crop_origin(size: tuple[int, int], resolution: int, crop_xy: tuple[float, f
     return int(round((size[0] - resolution) * fx)), int(round((size[1] - resolution) * fy))
 
 
-def image_time_ids(path: Path, resolution: int, crop_xy: tuple[float, float] | None, flip: bool) -> np.ndarray:
+def image_time_ids(path: Path | Member, resolution: int, crop_xy: tuple[float, float] | None, flip: bool) -> np.ndarray:
     """SDXL's micro-conditioning of a training image as `load_image` cuts it: float32 (6,) [original height,
     original width, crop top, crop left, resolution, resolution], as diffusers' train_text_to_image_sdxl.py
     records them (after a flip it records the left edge as resolution - left)."""
     try:
-        with Image.open(path) as img:
+        with Image.open(_readable(path)) as img:
             size = img.size
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise DataError(f"cannot read image {path}: {err}") from None
@@ -316,8 +344,23 @@ class Batches:
     """Host-side micro-batches of one process: images (or cached latent moments), token ids (or cached text
     embeddings), row ids, weights; padded to a multiple of this process's devices with rows of weight 0."""
 
-    def __init__(self, setup: Setup, examples, class_examples, local_devices: int, latent_cache=None, text_cache=None):
+    def __init__(
+        self,
+        setup: Setup,
+        examples,
+        class_examples,
+        local_devices: int,
+        latent_cache=None,
+        text_cache=None,
+        *,
+        process_index: int | None = None,
+        process_count: int | None = None,
+    ):
+        """`process_index`/`process_count` (default: JAX's) fix which rows this process reads, so that the
+        object reads the same rows in a loader's worker processes, where JAX knows no other process."""
         cfg = setup.config
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.process_count = jax.process_count() if process_count is None else process_count
         self.cfg, self.images = cfg, cfg.images
         self.examples, self.class_examples = examples, class_examples
         weights = _sampling_weights(examples, cfg.images.sampling_weight_power)
@@ -395,8 +438,8 @@ class Batches:
             micro,
             batch_size=optim.batch_size,
             grad_accum=optim.grad_accum,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
+            process_index=self.process_index,
+            process_count=self.process_count,
         )
         parts = [self._rows(self.order, self.examples, positions, class_rows=False)]
         if self.class_order is not None:

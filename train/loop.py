@@ -8,7 +8,6 @@ the latest checkpoint; a finished run only re-exports.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -26,7 +25,7 @@ from sdjax.compile_cache import enable_default_cache
 from sdjax.errors import one_line
 from sdjax.nn.vae import posterior_sample
 from train import data as data_lib
-from train import export, model, plots, run_folder
+from train import export, loader, model, plots, run_folder
 from train.checkpoint import Checkpoints
 from train.config import TrainConfig, to_json
 from train.step import compile_step, init_state, learning_rate_schedule, make_optimizer, shardings_of
@@ -152,8 +151,9 @@ def _sample_controls(cfg: TrainConfig, examples) -> list:
 
 def _samples(setup: model.Setup, trainable_host, output: Path, step: int, controls=()) -> None:
     """OUTPUT/samples/step-NNNNNN-K.png of the sample prompts (with `controls`, their condition images, in
-    mode controlnet); samples that come out NaN/Inf are reported and not written (a warning: they must not
-    end the run, whose weights are finite)."""
+    mode controlnet), and with several prompts all of them side by side in OUTPUT/samples/step-NNNNNN.png.
+    Samples that come out NaN/Inf are reported and not written (a warning: they must not end the run,
+    whose weights are finite)."""
     cfg = setup.config
     outputs = cfg.outputs
     if not outputs.sample_prompts or not _is_main() or cfg.mode == "vae":
@@ -184,6 +184,9 @@ def _samples(setup: model.Setup, trainable_host, output: Path, step: int, contro
     folder.mkdir(parents=True, exist_ok=True)
     for k, image in enumerate(images):
         image_io.save_png(folder / f"step-{step:06d}-{k}.png", image, outputs.sample_prompts[k])
+    if len(images) > 1:  # one image to look at per step: the prompts in order, a row of them
+        prompts = " | ".join(outputs.sample_prompts)
+        image_io.save_png(folder / f"step-{step:06d}.png", image_io.grid(np.asarray(images), len(images)), prompts)
 
 
 def calibrate_scaling_factor(setup: model.Setup, vae_params, examples, count: int = 256) -> float:
@@ -374,59 +377,54 @@ def _train(fixed: _LoopInputs, state, start: int):
     last_checkpoint = checkpoints.latest_step() or 0
     unchecked: list[tuple[int, dict]] = []  # (step, metrics on the device) not yet looked at
     skipped_in_a_row = 0
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(batches.step, start) if start < optim.steps else None
-        t_last = time.perf_counter()
-        for step in range(start, optim.steps):
-            host = pending.result()
-            pending = pool.submit(batches.step, step + 1) if step + 1 < optim.steps else None
-            batch = data_lib.global_batch(host, mesh)
-            if step_fn is None:
-                step_fn = compile_step(
-                    setup, fixed.optimizer, fixed.state_shardings, fixed.frozen_shardings, batch, mesh
-                )
-            state, metrics = step_fn(state, fixed.frozen, batch)
-            done = step + 1
-            unchecked.append((done, metrics))
-            log_now = done % outputs.log_every == 0 or done == optim.steps
-            checkpoint_now = done % outputs.checkpoint_every == 0 or done == optim.steps
-            sample_now = outputs.sample_every and done % outputs.sample_every == 0 and done != optim.steps
-            if not (log_now or checkpoint_now or sample_now):
-                continue
-            # the metrics since the last look: a non-finite update never reaches a checkpoint or a sample
-            fetched = jax.device_get(unchecked)  # one transfer; the last entry is this step's metrics
-            for at, values in fetched:
-                if not values["skipped"]:
-                    skipped_in_a_row = 0
-                    continue
+    t_last = (time.perf_counter(), start)  # (time, step) of the last logged row
+    read_ahead = loader.steps(batches.step, start, optim.steps, cfg.images.loader_workers)
+    for step, host in zip(range(start, optim.steps), read_ahead, strict=True):
+        batch = data_lib.global_batch(host, mesh)
+        if step_fn is None:
+            step_fn = compile_step(setup, fixed.optimizer, fixed.state_shardings, fixed.frozen_shardings, batch, mesh)
+        state, metrics = step_fn(state, fixed.frozen, batch)
+        done = step + 1
+        unchecked.append((done, metrics))
+        checkpoint_now = done % outputs.checkpoint_every == 0 or done == optim.steps
+        sample_now = outputs.sample_every and done % outputs.sample_every == 0 and done != optim.steps
+        # Metrics leave the device one step late: the step just dispatched keeps the device busy while
+        # the host reads the ones before it. Before a checkpoint or a sample every update so far is
+        # looked at, so that a non-finite one never reaches them.
+        ready = unchecked if (checkpoint_now or sample_now) else unchecked[:-1]
+        if not any(at % outputs.log_every == 0 for at, _ in ready) and ready is not unchecked:
+            continue
+        for at, values in jax.device_get(ready):  # one transfer
+            if not values["skipped"]:
+                skipped_in_a_row = 0
+            else:
                 skipped_in_a_row += 1
                 _on_non_finite(cfg, at, values, skipped_in_a_row, last_checkpoint)
-            unchecked.clear()
-            if log_now:
-                values = fetched[-1][1]
+            if at % outputs.log_every == 0 or at == optim.steps:
                 now = time.perf_counter()
                 row = {
-                    "step": done,
+                    "step": at,
                     "loss": float(values["loss"]),
-                    "lr": float(schedule(step)),
+                    "lr": float(schedule(at - 1)),
                     "grad_norm": float(values["grad_norm"]),
-                    "images_per_s": images_per_step * outputs.log_every / max(now - t_last, 1e-9),
+                    "images_per_s": images_per_step * (at - t_last[1]) / max(now - t_last[0], 1e-9),
                 }
                 if values["skipped"]:
                     row["skipped"] = True
-                t_last = now
+                t_last = (now, at)
                 history.append(row)
                 if _is_main():
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(row) + "\n")
-                progress.update(done, row["loss"], row["lr"])
-            if checkpoint_now:
-                checkpoints.save(done, state, {**fixed.meta, "data_position": done * images_per_step})
-                last_checkpoint = done
-                if _is_main():
-                    plots.loss_curve(history, output / "loss.png")
-            if sample_now:
-                _samples(setup, _to_host(_sample_params(state)), output, done, fixed.controls)
+                progress.update(at, row["loss"], row["lr"])
+        del unchecked[: len(ready)]
+        if checkpoint_now:
+            checkpoints.save(done, state, {**fixed.meta, "data_position": done * images_per_step})
+            last_checkpoint = done
+            if _is_main():
+                plots.loss_curve(history, output / "loss.png")
+        if sample_now:
+            _samples(setup, _to_host(_sample_params(state)), output, done, fixed.controls)
     if _is_main():
         plots.loss_curve(history, output / "loss.png")
     return state
