@@ -36,7 +36,7 @@ def _peak_rss() -> int:
     return 0
 
 
-def worker(arch: str, resolution: int, batch: int, steps: int, dtype: str, remat: str) -> dict:
+def worker(arch: str, resolution: int, batch: int, steps: int, dtype: str, remat: str, mode: str = "full") -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -49,7 +49,7 @@ def worker(arch: str, resolution: int, batch: int, steps: int, dtype: str, remat
 
     config = TrainConfig(
         model=f"random:{arch}",
-        mode="full",
+        mode=mode,
         dtype=dtype,
         remat=remat,
         optim=Optim(batch_size=batch, learning_rate=1e-5),
@@ -98,6 +98,7 @@ def worker(arch: str, resolution: int, batch: int, steps: int, dtype: str, remat
         "batch": batch,
         "dtype": dtype,
         "remat": remat,
+        "mode": mode,
         "compile_s": compile_s,
         "step_s": statistics.median(times[1:]),
         "step_s_all": times,
@@ -220,7 +221,11 @@ def main(argv=None) -> int:
     p.add_argument("--remat", default="none,full")
     p.add_argument("--json", default=None)
     p.add_argument("--target", default=None, help="compile for a TPU topology instead (tpu:v5e:2x2); needs libtpu")
-    p.add_argument("--mode", default="full,lora", help="with --target: configs/sd15_{mode}.py runs (full, lora)")
+    p.add_argument(
+        "--mode",
+        default=None,
+        help="full and/or lora (default: full; with --target: configs/sd15_{mode}.py, full,lora)",
+    )
     p.add_argument("--mesh", default=None, help="with --target: e.g. fsdp=4 or data=16,fsdp=16 (default: data)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -230,7 +235,7 @@ def main(argv=None) -> int:
             args.arch,
             args.resolution,
             args.batch_size,
-            args.mode.split(","),
+            (args.mode or "full,lora").split(","),
             args.mesh,
             None if "," in args.remat else args.remat,  # default: the run config's own (full)
         )
@@ -240,10 +245,12 @@ def main(argv=None) -> int:
             files.write_text(args.json, json.dumps(rows, indent=2) + "\n")
         return 0
     if args.worker:
-        print(json.dumps(worker(args.arch, args.resolution, args.batch_size, args.steps, args.dtype, args.remat)))
+        row = worker(args.arch, args.resolution, args.batch_size, args.steps, args.dtype, args.remat, args.mode)
+        print(json.dumps(row))
         return 0
     rows = []
-    for dtype, remat in itertools.product(args.dtype.split(","), args.remat.split(",")):
+    modes = (args.mode or "full").split(",")
+    for mode, dtype, remat in itertools.product(modes, args.dtype.split(","), args.remat.split(",")):
         cmd = [
             sys.executable,
             "-m",
@@ -261,20 +268,23 @@ def main(argv=None) -> int:
             dtype,
             "--remat",
             remat,
+            "--mode",
+            mode,
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            rows.append({"dtype": dtype, "remat": remat, "error": tail})
+            rows.append({"mode": mode, "dtype": dtype, "remat": remat, "error": tail})
         else:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         row = rows[-1]
         if "error" in row:
-            print(f"{dtype:9s} remat={remat:5s} failed: {row['error']}", flush=True)
+            print(f"{mode:4s} {dtype:9s} remat={remat:8s} failed: {row['error']}", flush=True)
         else:
             print(
-                f"{dtype:9s} remat={remat:5s} compile {row['compile_s']:6.1f} s  step {row['step_s']:7.2f} s  "
-                f"peak RSS {row['peak_rss'] / 2**30:5.1f} GiB  XLA temp {row['temp_bytes'] / 2**30:5.2f} GiB",
+                f"{mode:4s} {dtype:9s} remat={remat:8s} compile {row['compile_s']:6.1f} s  "
+                f"step {row['step_s']:7.2f} s  peak RSS {row['peak_rss'] / 2**30:5.1f} GiB  "
+                f"XLA temp {row['temp_bytes'] / 2**30:5.2f} GiB",
                 flush=True,
             )
     if args.json:
