@@ -773,6 +773,8 @@ EVERY_FIELD_SET = TrainConfig(
         caption_dropout=0.1,
         sampling_weight_power=0.5,
         instance_prompt="a photo of sks dog",
+        loader_workers=2,
+        buckets=True,
     ),
     objective=Objective(
         noise_offset=0.05,
@@ -917,7 +919,7 @@ def test_a_config_json_from_before_the_groups_still_resumes():
 
     old = json.loads((ROOT / "tests" / "data" / "config_before_groups.json").read_text())
     now = load_config_file(f"{ROOT / 'configs' / 'sd15_lora.py'}:tiny").replace(data=old["data"], output=old["output"])
-    added_since = {"nan_policy", "overwrite", "cache_text_embeddings"}
+    added_since = {"nan_policy", "overwrite", "cache_text_embeddings", "loader_workers", "buckets"}
     added_since |= {k for k in FIELDS if k.startswith("controlnet_")}
     written = json.loads(json.dumps(to_json(now)))
     assert {k: v for k, v in written.items() if k not in added_since} == old

@@ -222,6 +222,9 @@ class Images:
     instance_prompt: str | None = None  # caption of every image (default: the data set's captions)
     # processes that read and decode the steps ahead (grain); 0: one background thread
     loader_workers: int = 0
+    # aspect-ratio buckets: each step's images at one of the shapes of about resolution^2 pixels nearest
+    # their own (train.buckets) instead of square crops
+    buckets: bool = False
 
     def __post_init__(self):
         _check_types(self)
@@ -234,6 +237,7 @@ class Images:
                 not (self.cache_latents and not self.center_crop),
                 "cache_latents needs center_crop (a cached latent cannot be re-cropped)",
             ),
+            (not (self.cache_latents and self.buckets), "cache_latents caches square crops: drop one of --buckets"),
         )
 
 

@@ -36,6 +36,7 @@ from PIL import Image, UnidentifiedImageError
 
 from sdjax import images as image_io
 from sdjax import sharding
+from train.buckets import BucketOrder, bucket_sizes, nearest_bucket
 from train.shards import IMAGE_SUFFIXES, Member, scan_shard, shard_paths
 
 if TYPE_CHECKING:
@@ -193,23 +194,25 @@ def _from_shards(root: Path, shards: list[Path], skip_bad: bool, condition_colum
     return examples
 
 
-def load_image(path: Path | Member, resolution: int, crop_xy: tuple[float, float] | None, flip: bool) -> np.ndarray:
-    """An image of any mode -> float32 (resolution, resolution, 3) in [-1, 1], read as 8-bit RGB by value
-    range (`sdjax.images.to_rgb8`: 16-bit and float images scaled, alpha dropped; of an animation the first
-    frame).
+def load_image(path: Path | Member, resolution, crop_xy: tuple[float, float] | None, flip: bool) -> np.ndarray:
+    """An image of any mode -> float32 (height, width, 3) in [-1, 1], read as 8-bit RGB by value range
+    (`sdjax.images.to_rgb8`: 16-bit and float images scaled, alpha dropped; of an animation the first
+    frame). `resolution` is the side of a square, or the (width, height) of an aspect-ratio bucket.
 
-    The shorter side is resized to `resolution` (bilinear), then a square is cut: centered when `crop_xy` is
-    None, else at fractions (x, y) in [0, 1] of the free range. `flip` mirrors it left-right.
+    The image is resized (bilinear) to cover the target (for a square: its shorter side to `resolution`),
+    then the target is cut: centered when `crop_xy` is None, else at fractions (x, y) in [0, 1] of the free
+    range. `flip` mirrors it left-right.
     """
+    target = _target(resolution)
     try:
         with Image.open(_readable(path)) as img:
             img = image_io.to_rgb8(img)
-            size = _resized(img.size, resolution)
+            size = _resized(img.size, target)
             img = img.resize(size, Image.BILINEAR) if size != img.size else img
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise DataError(f"cannot read image {path}: {err}") from None
-    left, top = _crop_origin(img.size, resolution, crop_xy)
-    array = np.asarray(img.crop((left, top, left + resolution, top + resolution)), np.float32)
+    left, top = _crop_origin(img.size, target, crop_xy)
+    array = np.asarray(img.crop((left, top, left + target[0], top + target[1])), np.float32)
     if flip:
         array = array[:, ::-1]
     return array / 127.5 - 1.0
@@ -220,33 +223,46 @@ def _readable(path: Path | Member):
     return path.open() if isinstance(path, Member) else path
 
 
-def _resized(size: tuple[int, int], resolution: int) -> tuple[int, int]:
-    """(width, height) after resizing the shorter side to `resolution`."""
+def _target(resolution) -> tuple[int, int]:
+    """(width, height) of a square side or a (width, height) pair."""
+    return (resolution, resolution) if isinstance(resolution, int | np.integer) else tuple(resolution)
+
+
+def _resized(size: tuple[int, int], target: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) after resizing (width, height) `size` to the smallest size covering `target`."""
     w, h = size
-    scale = resolution / min(w, h)
-    return max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    scale = max(target[0] / w, target[1] / h)
+    return max(target[0], round(w * scale)), max(target[1], round(h * scale))
 
 
-def _crop_origin(size: tuple[int, int], resolution: int, crop_xy: tuple[float, float] | None) -> tuple[int, int]:
-    """(left, top) of the square cut from a resized (width, height) image: centered for None, else at
+def _crop_origin(
+    size: tuple[int, int], target: tuple[int, int], crop_xy: tuple[float, float] | None
+) -> tuple[int, int]:
+    """(left, top) of the `target` cut from a resized (width, height) image: centered for None, else at
     fractions (x, y) of the free range (diffusers' center crop rounds the same way)."""
     fx, fy = (0.5, 0.5) if crop_xy is None else crop_xy
-    return int(round((size[0] - resolution) * fx)), int(round((size[1] - resolution) * fy))
+    return int(round((size[0] - target[0]) * fx)), int(round((size[1] - target[1]) * fy))
 
 
-def image_time_ids(path: Path | Member, resolution: int, crop_xy: tuple[float, float] | None, flip: bool) -> np.ndarray:
-    """SDXL's micro-conditioning of a training image as `load_image` cuts it: float32 (6,) [original height,
-    original width, crop top, crop left, resolution, resolution], as diffusers' train_text_to_image_sdxl.py
-    records them (after a flip it records the left edge as resolution - left)."""
+def image_size(path: Path | Member) -> tuple[int, int]:
+    """(width, height) of an image, from its header."""
     try:
         with Image.open(_readable(path)) as img:
-            size = img.size
+            return img.size
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise DataError(f"cannot read image {path}: {err}") from None
-    left, top = _crop_origin(_resized(size, resolution), resolution, crop_xy)
+
+
+def image_time_ids(path: Path | Member, resolution, crop_xy: tuple[float, float] | None, flip: bool) -> np.ndarray:
+    """SDXL's micro-conditioning of a training image as `load_image` cuts it: float32 (6,) [original height,
+    original width, crop top, crop left, target height, target width], as diffusers'
+    train_text_to_image_sdxl.py records them (after a flip it records the left edge as width - left)."""
+    target = _target(resolution)
+    size = image_size(path)
+    left, top = _crop_origin(_resized(size, target), target, crop_xy)
     if flip:
-        left = resolution - left
-    return np.array([size[1], size[0], top, left, resolution, resolution], np.float32)
+        left = target[0] - left
+    return np.array([size[1], size[0], top, left, target[1], target[0]], np.float32)
 
 
 def load_condition(path: Path, resolution: int, crop_xy: tuple[float, float] | None, flip: bool) -> np.ndarray:
@@ -381,26 +397,30 @@ class Batches:
                     self.tokens[suffix] = (tok(captions), tok([""])[0], class_ids)
         self.local_devices = local_devices
         self.cache = latent_cache
+        self.buckets = _bucket_order(setup, examples) if cfg.images.buckets else None
 
-    def _rows(self, order, examples, positions, *, class_rows: bool):
+    def _rows(self, order, examples, positions, *, class_rows: bool, indices=None, target=None):
+        """The rows at `positions`: their examples from `order` (or `indices`, a bucket's), cut to the square
+        resolution (or `target`, a bucket's (width, height))."""
         images = self.images
         rows = rows_for(order, positions, random_flip=images.random_flip, caption_dropout=images.caption_dropout)
+        if indices is not None:
+            rows = dataclasses.replace(rows, indices=np.asarray(indices))
+        size = images.resolution if target is None else target
         out = {}
         if self.cache is not None and not class_rows:
             out["moments"] = np.stack([self.cache[int(f)][i] for i, f in zip(rows.indices, rows.flips, strict=True)])
         else:
             out["pixels"] = np.stack(
                 [
-                    load_image(examples[i].path, images.resolution, None if images.center_crop else tuple(c), bool(f))
+                    load_image(examples[i].path, size, None if images.center_crop else tuple(c), bool(f))
                     for i, c, f in zip(rows.indices, rows.crops, rows.flips, strict=True)
                 ]
             )
         if not class_rows and examples[0].condition is not None:
             out["control"] = np.stack(
                 [
-                    load_condition(
-                        examples[i].condition, images.resolution, None if images.center_crop else tuple(c), bool(f)
-                    )
+                    load_condition(examples[i].condition, size, None if images.center_crop else tuple(c), bool(f))
                     for i, c, f in zip(rows.indices, rows.crops, rows.flips, strict=True)
                 ]
             )
@@ -420,7 +440,7 @@ class Batches:
             crops = [None if images.center_crop or "moments" in out else tuple(c) for c in rows.crops]
             out["time_ids"] = np.stack(
                 [
-                    image_time_ids(examples[i].path, images.resolution, c, bool(f))
+                    image_time_ids(examples[i].path, size, c, bool(f))
                     for i, c, f in zip(rows.indices, crops, rows.flips, strict=True)
                 ]
             )
@@ -441,9 +461,15 @@ class Batches:
             process_index=self.process_index,
             process_count=self.process_count,
         )
-        parts = [self._rows(self.order, self.examples, positions, class_rows=False)]
+        indices = target = None
+        if self.buckets is not None:  # the step's bucket and its images; this micro-batch's, this process's
+            target, group = self.buckets.step(step)
+            first = micro * optim.batch_size + self.process_index * len(positions)
+            indices = group[first : first + len(positions)]
+        parts = [self._rows(self.order, self.examples, positions, class_rows=False, indices=indices, target=target)]
         if self.class_order is not None:
-            parts.append(self._rows(self.class_order, self.class_examples, positions, class_rows=True))
+            # class images at the step's bucket shape too (cropped to it), so the rows stack
+            parts.append(self._rows(self.class_order, self.class_examples, positions, class_rows=True, target=target))
         if len(parts) == 2 and "moments" in parts[0]:
             raise ValueError("cache_latents is not supported with DreamBooth class images")
         rows = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -459,6 +485,20 @@ class Batches:
         """(grad_accum, local rows, ...) arrays of optimizer step `step`."""
         micros = [self.micro(step, m) for m in range(self.cfg.optim.grad_accum)]
         return {k: np.stack([m[k] for m in micros]) for k in micros[0]}
+
+
+def _bucket_order(setup: Setup, examples) -> BucketOrder:
+    """The aspect-ratio buckets of a run (`train.buckets`) with every example in the nearest one; sizes
+    step by the model's factor (VAE downscale x UNet downsampling)."""
+    cfg = setup.config
+    pipe = setup.pipe
+    multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    sizes = bucket_sizes(cfg.images.resolution, multiple)
+    assignment = [nearest_bucket(image_size(e.path), sizes) for e in examples]
+    order = BucketOrder(assignment, sizes, cfg.optim.batch_size * cfg.optim.grad_accum, cfg.seed)
+    used = ", ".join(f"{w}x{h}: {n}" for (w, h), n in order.used().items())
+    log.info("aspect-ratio buckets (images): %s; %d steps per epoch", used, order.steps_per_epoch)
+    return order
 
 
 def global_batch(batch: dict[str, np.ndarray], mesh) -> dict:

@@ -42,6 +42,7 @@ STATE_KEYS = (
     "train_text_encoder",
     "ema_decay",
     "resolution",
+    "buckets",
     "controlnet_embedding_channels",
 )
 
