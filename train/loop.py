@@ -391,8 +391,9 @@ def _train(fixed: _LoopInputs, state, start: int):
         # Metrics leave the device one step late: the step just dispatched keeps the device busy while
         # the host reads the ones before it. Before a checkpoint or a sample every update so far is
         # looked at, so that a non-finite one never reaches them.
-        ready = unchecked if (checkpoint_now or sample_now) else unchecked[:-1]
-        if not any(at % outputs.log_every == 0 for at, _ in ready) and ready is not unchecked:
+        look_at_all = checkpoint_now or sample_now
+        ready = unchecked if look_at_all else unchecked[:-1]
+        if not look_at_all and not any(at % outputs.log_every == 0 for at, _ in ready):
             continue
         for at, values in jax.device_get(ready):  # one transfer
             if not values["skipped"]:

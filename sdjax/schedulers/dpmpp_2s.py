@@ -25,14 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.schedulers._common import NoiseSchedule, alphas_cumprod, sigma_to_t, train_sigmas
-from sdjax.schedulers.euler import K_DIFFUSION_DEFAULTS, SigmaScheduler, sigma_schedule, sigma_x0_derivative
-
-
-def ancestral_split(sigma: np.ndarray, sigma_to: np.ndarray, eta: float) -> tuple[np.ndarray, np.ndarray]:
-    """float64 (sigma_down, sigma_up) of k-diffusion's `get_ancestral_step` from sigma to sigma_to."""
-    sigma, sigma_to = sigma.astype(np.float64), sigma_to.astype(np.float64)
-    up = np.minimum(sigma_to, eta * (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5)
-    return (sigma_to**2 - up**2) ** 0.5, up
+from sdjax.schedulers.euler import (
+    K_DIFFUSION_DEFAULTS,
+    SigmaScheduler,
+    ancestral_split,
+    sigma_schedule,
+    sigma_x0_derivative,
+)
 
 
 @final

@@ -85,6 +85,15 @@ def sigma_x0_derivative(prediction_type: str, model_output, sample, sigma):
     return model_output, (sample - model_output) / sigma
 
 
+def ancestral_split(sigma: np.ndarray, sigma_to: np.ndarray, eta: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """float64 (sigma_down, sigma_up) of k-diffusion's `get_ancestral_step` from sigma to sigma_to: fresh
+    noise sigma_up = min(s', eta * sqrt(s'^2 (s^2 - s'^2) / s^2)), deterministic part sigma_down =
+    sqrt(s'^2 - sigma_up^2) (in float64: it cancels catastrophically in float32)."""
+    sigma, sigma_to = sigma.astype(np.float64), sigma_to.astype(np.float64)
+    up = np.minimum(sigma_to, eta * (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5)
+    return (sigma_to**2 - up**2) ** 0.5, up
+
+
 def sigma_init_noise(schedule: NoiseSchedule, state) -> jax.Array:
     """f32[]: the largest of `state.tables["sigmas"]`, or sqrt(max^2 + 1) with "leading" spacing: diffusers'
     init_noise_sigma of every k-diffusion family (Euler, Heun, LMS, DPM2, DPM++ SDE)."""
@@ -185,13 +194,10 @@ class EulerAncestral(SigmaScheduler):
         return True
 
     def tables(self, num_steps):
-        """timesteps f32[n], sigmas f32[n + 1], and per step the ancestral split of the next sigma:
-        sigma_up = sqrt(s'^2 (s^2 - s'^2) / s^2) (fresh noise) and sigma_down = sqrt(s'^2 - sigma_up^2)
-        (deterministic part), in float64 (sigma_down = s'^2 / s cancels catastrophically in float32)."""
+        """timesteps f32[n], sigmas f32[n + 1], and per step the ancestral split of the next sigma
+        (`ancestral_split`): "sigma_up" (fresh noise) and "sigma_down" (deterministic part)."""
         timesteps, sigmas = sigma_schedule(self.schedule, num_steps)
-        sigma, sigma_to = sigmas[:-1].astype(np.float64), sigmas[1:].astype(np.float64)
-        sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
-        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        sigma_down, sigma_up = ancestral_split(sigmas[:-1], sigmas[1:])
         return {"timesteps": timesteps, "sigmas": sigmas, "sigma_up": sigma_up, "sigma_down": sigma_down}
 
     def init_history(self, sample_shape):

@@ -70,12 +70,11 @@ class PNDM(DiscreteScheduler):
             return self._prk_tables(num_steps)
         ratio = self.schedule.num_train_timesteps // num_steps
         ac = alphas_cumprod(self.schedule)
-        final_alpha = np.float32(1.0) if self.set_alpha_to_one else ac[0]
         ascending = spaced_timesteps(self.schedule, num_steps)[::-1].astype(np.int64)
         timesteps = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1]
         prev = timesteps - ratio
         alpha_t = ac[timesteps]
-        alpha_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], final_alpha)
+        alpha_prev = self._alpha_before(ac, prev)
         alpha_up = ac[np.minimum(timesteps + ratio, len(ac) - 1)]
         x_coef, out_coef = self._coefficients(alpha_t, alpha_prev)
         x_coef_redo, out_coef_redo = self._coefficients(alpha_up, alpha_t)
@@ -92,8 +91,8 @@ class PNDM(DiscreteScheduler):
         """Per call, as diffusers' `set_timesteps` and `step_prk`/`step_plms` index them: "timesteps" (the
         model's), "prk" (1 for a warm-up call), "alpha_t" and "x_coef"/"out_coef" of the update. A warm-up
         call at position k of its RK step steps from the RK step's first timestep to its own timestep minus
-        h (k even) or to its own timestep (k odd); a PLMS call steps from t to t - T // n, 4th order
-        ("plms_order" 4) except the single first-order call of n = 1 (order 1)."""
+        h (k even) or to its own timestep (k odd); a PLMS call steps from t to t - T // n (4th order; first
+        order for the single call of n = 1)."""
         total = self.schedule.num_train_timesteps
         half = total // num_steps // 2
         levels = spaced_timesteps(self.schedule, num_steps)[::-1].astype(np.int64)  # ascending
@@ -107,17 +106,19 @@ class PNDM(DiscreteScheduler):
         start = np.concatenate([prk[calls // 4 * 4], plms])
         prev = np.concatenate([prk - np.where(calls % 2 == 0, half, 0), plms - total // num_steps])
         ac = alphas_cumprod(self.schedule)
-        final_alpha = np.float32(1.0) if self.set_alpha_to_one else ac[0]
-        alpha_prev = np.where(prev >= 0, ac[np.maximum(prev, 0)], final_alpha)
-        x_coef, out_coef = self._coefficients(ac[start], alpha_prev)
+        x_coef, out_coef = self._coefficients(ac[start], self._alpha_before(ac, prev))
         return {
             "timesteps": timesteps,
             "prk": np.concatenate([np.ones(len(prk)), np.zeros(len(plms))]),
-            "plms_order": np.full(len(timesteps), 1 if num_steps == 1 else 4),
             "alpha_t": ac[timesteps],
             "x_coef": x_coef,
             "out_coef": out_coef,
         }
+
+    def _alpha_before(self, ac: np.ndarray, prev: np.ndarray) -> np.ndarray:
+        """alpha_bar at the previous timesteps `prev`; below 0 the final alpha (1 with set_alpha_to_one)."""
+        final_alpha = np.float32(1.0) if self.set_alpha_to_one else ac[0]
+        return np.where(prev >= 0, ac[np.maximum(prev, 0)], final_alpha)
 
     def _coefficients(self, alpha_prod_t, alpha_prod_t_prev) -> tuple[np.ndarray, np.ndarray]:
         """float64 (x_coef, out_coef) of formula (9) of the PNDM paper, from alpha_bar at t and t_prev."""
@@ -171,8 +172,8 @@ class PNDM(DiscreteScheduler):
 
     def _prk_step(self, state, model_output, sample):
         """A call of the schedule with the PRK warm-up: RK position counter % 4 while "prk" is set (its
-        first call keeps the sample and pushes the output to the multistep memory), then PLMS of the
-        call's "plms_order"."""
+        first call keeps the sample and pushes the output to the multistep memory), then 4th-order PLMS
+        (first order for a one-step schedule)."""
         e = model_output.astype(jnp.float32)
         history, tables, i = state.history, state.tables, state.index
         ets, cur_sample, cur_output = history["ets"], history["cur_sample"], history["cur_output"]
@@ -193,7 +194,7 @@ class PNDM(DiscreteScheduler):
             ),
             lambda _: (pushed, cur_sample, cur_output, e, sample),
         ]
-        plms = jnp.where(tables["plms_order"][i] == 1, 5, 4)
+        plms = jnp.where(state.num_steps == 1, 5, 4)  # one step: a single first-order call
         which = jnp.where(tables["prk"][i] > 0, state.counter % 4, plms)
         ets, cur_sample, cur_output, output, from_sample = jax.lax.switch(which, branches, None)
         prev_sample = tables["x_coef"][i] * from_sample + tables["out_coef"][i] * output
