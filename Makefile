@@ -33,17 +33,16 @@ PROMPT ?= an emoji of red apple
 sample: install
 	$(BIN)/python sample.py "$(PROMPT)" $(if $(MODEL),--model "$(MODEL)") --out outputs $(ARGS)
 
-# Rebuilds the bundled demo model (sdjax/data/demo) on this machine's CPU: the emoji data set (needs Debian's
-# fonts-noto-color-emoji), the VAE, then the UNet and text encoder. How long each step takes: README.md, "The
-# bundled demo model". Remove runs/ first: runs resume from their checkpoints.
+# Rebuilds the bundled demo model (sdjax/data/demo) on this machine's CPU: the colour-and-shape emoji set (needs
+# Debian's fonts-noto-color-emoji), the VAE, then the UNet and text encoder. How long each step takes: README.md,
+# "The bundled demo model". Remove runs/ first: runs resume from their checkpoints.
 demo-model: install-test
 	$(BIN)/pip install -q -e '.[train]'
-	$(BIN)/python -m train.emoji_data --out data/emoji --thumbnails tests/data/emoji_32.npz
-	$(BIN)/python -m train --config configs/emoji_vae.py --data data/emoji --output runs/emoji-vae
-	$(BIN)/python -m train --config configs/emoji_unet.py --data data/emoji --model runs/emoji-vae/final --output runs/emoji-unet
-	$(BIN)/python -m train --config configs/emoji_unet_refine.py --data data/emoji --model runs/emoji-unet/final --output runs/emoji-unet-refine
-	rm -rf sdjax/data/demo && cp -r runs/emoji-unet-refine/final sdjax/data/demo
-	$(BIN)/python -m train.contact_sheet --data data/emoji --out docs/demo_contact_sheet.png
+	$(BIN)/python -m train.emoji_colours --out data/emoji-colours --thumbnails tests/data/emoji_colours_32.npz
+	$(BIN)/python -m train --config configs/emoji_vae.py --data data/emoji-colours --output runs/emoji-vae
+	$(BIN)/python -m train --config configs/emoji_unet.py --data data/emoji-colours --model runs/emoji-vae/final --output runs/emoji-unet
+	rm -rf sdjax/data/demo && cp -r runs/emoji-unet/final sdjax/data/demo
+	$(BIN)/python -m train.contact_sheet --data data/emoji-colours --out docs/demo_contact_sheet.png
 
 lint: install-test
 	$(BIN)/ruff check .

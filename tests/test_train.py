@@ -237,6 +237,27 @@ def test_emoji_colour_named_designs_get_the_colour_weight():
     assert colour_weights(records, 4.0) == [4.0, 4.0, 1.0, 4.0, 1.0, 1.0]
 
 
+def test_recoloured_emoji_keep_their_shape_and_shading_in_the_named_hue():
+    """The demo data set's recolouring, on a drawn glyph of three tones (outline, body, highlight): every
+    colour's image has that colour's dominant hue by the demo's hue rule, alpha is untouched, and the tones
+    keep their order of brightness."""
+    from train.demo_eval import HUE_BINS, dominant_colour
+    from train.emoji_colours import COLOURS, recolour
+
+    assert set(COLOURS) == set(HUE_BINS)
+    glyph = np.zeros((32, 32, 4), np.uint8)
+    glyph[4:28, 4:28] = (20, 20, 20, 255)  # outline
+    glyph[6:26, 6:26] = (230, 180, 40, 255)  # body
+    glyph[8:12, 8:12] = (250, 250, 250, 255)  # highlight
+    for colour, hue in COLOURS.items():
+        out = recolour(glyph, hue)
+        assert np.array_equal(out[..., 3], glyph[..., 3])
+        background = np.where(out[..., 3:] > 0, out[..., :3], 255).astype(np.uint8)
+        assert dominant_colour(background) == colour
+        brightness = [out[y, x, :3].astype(int).sum() for y, x in ((5, 5), (20, 20), (9, 9))]
+        assert brightness == sorted(brightness) and brightness[0] < brightness[2], (colour, brightness)
+
+
 def test_bad_input_is_one_line_and_exit_2(tmp_path, base, squares, capsys):
     from train.__main__ import main
 

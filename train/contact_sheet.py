@@ -1,11 +1,11 @@
 """A contact sheet: images a model draws for training captions, each beside its training image.
 
-    python -m train.contact_sheet --data data/emoji --out docs/demo_contact_sheet.png \
+    python -m train.contact_sheet --data data/emoji-colours --out docs/demo_contact_sheet.png \
         [--model sdjax/data/demo] [--captions "an emoji of red apple" ...] [--steps 30] [--seed 0] [--scale 2]
 
-Without --captions, the 16 of DEFAULT_CAPTIONS (well-known emoji; --count N draws N at random from the
-data set instead, by --seed). The sheet has pairs (generated, training)
-in a grid of 4 pairs per row, each pair labelled with its caption (the part after "an emoji of ").
+Without --captions, the 16 of DEFAULT_CAPTIONS (shapes in named colours and in their own; --count N draws
+N at random from the data set instead, by --seed). The sheet has pairs (generated, training) in a grid of 4
+pairs per row, each pair labelled with its caption (the part after "an emoji of ").
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from PIL import Image, ImageDraw, ImageFont
 DEFAULT_CAPTIONS = tuple(
     f"an emoji of {name}"
     for name in (
-        "red apple", "grinning face", "red heart", "blue heart", "rocket", "pile of poo", "sun", "crescent moon",
-        "fire", "pizza", "dog face", "thumbs up", "rainbow", "Christmas tree", "ghost", "banana",
+        "red apple", "blue heart", "green rocket", "yellow star", "purple cat face", "orange fish", "blue umbrella",
+        "red car", "green tree", "yellow grinning face", "purple butterfly", "orange crown", "ghost", "rocket",
+        "sun", "frog",
     )
 )  # fmt: skip
 PAIRS_PER_ROW = 4
@@ -69,7 +70,9 @@ def main(argv=None) -> int:
         import sdjax
 
         records = _records(Path(args.data))
-        by_caption = {r["text"]: r for r in records}
+        by_caption = {}
+        for record in records:  # a caption's first image: the rendering as drawn
+            by_caption.setdefault(record["text"], record)
         if args.count:
             picks = np.random.default_rng(args.seed).choice(len(records), args.count, replace=False)
             chosen = [records[i] for i in sorted(picks.tolist())]

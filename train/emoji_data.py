@@ -156,15 +156,26 @@ def main(argv=None) -> int:
     )
     p.add_argument("--thumbnails", help="also write the images at 32x32 with their captions to this .npz")
     args = p.parse_args(argv)
+    return run_builder(
+        "python -m train.emoji_data",
+        lambda: build(Path(args.out), args.size, Path(args.font), args.colour_weight),
+        Path(args.out),
+        args.thumbnails,
+    )
+
+
+def run_builder(prog: str, build_set, out: Path, thumbnails: str | None) -> int:
+    """A data-set command's end: runs `build_set()` (returns the image count), then writes the thumbnails
+    .npz if asked; an EmojiDataError is one line on stderr and exit status 2."""
     try:
-        count = build(Path(args.out), args.size, Path(args.font), args.colour_weight)
+        count = build_set()
     except EmojiDataError as err:
-        print(f"python -m train.emoji_data: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
-    print(f"{count} emoji written to {args.out}", file=sys.stderr)
-    if args.thumbnails:
-        write_thumbnails(Path(args.out), Path(args.thumbnails))
-        print(f"32x32 thumbnails written to {args.thumbnails}", file=sys.stderr)
+    print(f"{count} images written to {out}", file=sys.stderr)
+    if thumbnails:
+        write_thumbnails(out, Path(thumbnails))
+        print(f"32x32 thumbnails written to {thumbnails}", file=sys.stderr)
     return 0
 
 
