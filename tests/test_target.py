@@ -44,6 +44,7 @@ def test_tiny_report_for_a_v5e_slice(tmp_path):
     assert "largest per-chip batch that fits: 2" in done.stdout
 
 
+@pytest.mark.slow  # 45 s; the default run exports the train step for TPU (test_export.py)
 def test_tiny_lora_training_step_on_an_fsdp_slice():
     """The shipped LoRA run config's step compiles for 4 v5e chips with the parameters FSDP-split (the
     Pallas attention inside runs per device through shard_map) and fits a chip."""
