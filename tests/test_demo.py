@@ -91,13 +91,13 @@ def test_hearts_have_the_named_colour(pipe):
     assert hits >= 5, f"dominant colours {found} for {COLOURS}"
 
 
-def test_held_out_prompts_get_their_colour_and_shape_in_bfloat16_with_dpmpp_2m_karras():
+def test_held_out_prompts_get_their_colour_and_shape_in_bfloat16_with_dpmpp_2m_karras(training_set):
     """The issue's own case (a new user's `--scheduler dpmpp_2m_karras --dtype bfloat16` drew orange blobs for
     a blue heart), on the held-out prompts at guidance 4: Euler a in float32 is checked by the hearts and the
     default prompt below, every other pairing by the slow test."""
     pipe = sdjax.load_pipeline(dtype=jnp.bfloat16)
     result = score(
-        pipe, HELD_OUT, *load_thumbnails(), scheduler="dpmpp_2m_karras", guidance_scale=4.0, seed=GUIDANCE_SEEDS[4.0]
+        pipe, HELD_OUT, *training_set, scheduler="dpmpp_2m_karras", guidance_scale=4.0, seed=GUIDANCE_SEEDS[4.0]
     )
     print(
         f"\ndpmpp_2m_karras bfloat16 g4: hue {result['hue']:.0%}, top-5 {result['top5']:.0%}; misses {result['misses']}"

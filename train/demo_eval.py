@@ -14,7 +14,6 @@ dtype and guidance scale, 30 steps, each guidance at its own seed (GUIDANCE_SEED
 from __future__ import annotations
 
 import argparse
-import colorsys
 import json
 import time
 from pathlib import Path
@@ -37,11 +36,16 @@ PER_COLOUR = 6
 def dominant_colour(image_HW3: np.ndarray) -> str | None:
     """The hue bin holding most of the saturated, non-white pixels of a uint8 RGB image (None if none)."""
     rgb = image_HW3.reshape(-1, 3).astype(np.float64) / 255.0
-    hsv = np.array([colorsys.rgb_to_hsv(*p) for p in rgb])
-    keep = (hsv[:, 1] > 0.35) & (hsv[:, 2] > 0.25)
+    top, bottom = rgb.max(1), rgb.min(1)
+    spread = top - bottom
+    saturation = np.divide(spread, top, out=np.zeros_like(top), where=top > 0)
+    keep = (saturation > 0.35) & (top > 0.25)
     if not keep.any():
         return None
-    hue = hsv[keep, 0] * 360.0
+    r, g, b = rgb[keep].T
+    top, spread = top[keep], spread[keep]  # spread > 0 where kept: saturation > 0.35
+    hue = np.where(r == top, (g - b) / spread, np.where(g == top, 2.0 + (b - r) / spread, 4.0 + (r - g) / spread))
+    hue = (hue / 6.0) % 1.0 * 360.0  # colorsys.rgb_to_hsv's hue, in degrees
     counts = {}
     for name, (lo, hi) in HUE_BINS.items():
         inside = (hue >= lo) & (hue < hi) if lo < hi else (hue >= lo) | (hue < hi)
@@ -125,11 +129,7 @@ def evaluate(model: str | None, schedulers, dtypes, guidances) -> list[dict]:
     images, captions = load_thumbnails()
     rows = []
     for dtype in dtypes:
-        pipe = (
-            sdjax.load_pipeline(model, dtype=getattr(jnp, dtype))
-            if model
-            else sdjax.load_pipeline(dtype=getattr(jnp, dtype))
-        )
+        pipe = sdjax.load_pipeline(model, dtype=getattr(jnp, dtype))  # model None: the bundled one
         for scheduler in schedulers:
             start = time.perf_counter()
             row = {"scheduler": scheduler, "dtype": dtype, "by_guidance": {}, "misses": []}

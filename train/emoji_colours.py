@@ -25,9 +25,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from train.emoji_data import FONT, EmojiDataError, _font, render
+from train.emoji_data import FONT, EmojiDataError, _font, render, to_square
 
 # shape name -> the emoji drawn for it: silhouettes that differ from each other at 64x64
 SHAPES = {
@@ -74,17 +73,6 @@ def recolour(rgba: np.ndarray, hue_degrees: float) -> np.ndarray:
     return np.concatenate([np.round(out * 255).astype(np.uint8), alpha[..., None]], axis=-1)
 
 
-def place(rgba: np.ndarray, size: int, scale: float) -> Image.Image:
-    """Composites on white and centres on a square canvas: the glyph fills `scale` of the side that the
-    first rendering's glyph fills (as train.emoji_data.to_square), resized to `size` (Lanczos)."""
-    h, w = rgba.shape[:2]
-    side = int(max(h, w) * 1.08 / scale) + 2
-    canvas = Image.new("RGB", (side, side), (255, 255, 255))
-    glyph = Image.fromarray(rgba, "RGBA")
-    canvas.paste(glyph, ((side - w) // 2, (side - h) // 2), glyph)
-    return canvas.resize((size, size), Image.LANCZOS)
-
-
 def build(out: Path, size: int = 64, renderings: int = 3, font_path: Path = FONT) -> int:
     """Writes the data set; returns the number of images."""
     if renderings < 1:
@@ -96,15 +84,15 @@ def build(out: Path, size: int = 64, renderings: int = 3, font_path: Path = FONT
         rgba = render(font, text)
         if rgba is None:
             raise EmojiDataError(f"the font does not draw {shape!r} ({text!r}) as one glyph: use Noto Color Emoji")
-        variants = [(None, rgba)] + [(colour, None) for colour in COLOURS]
-        for colour, glyph in variants:
+        for colour in (None, *COLOURS):
             for k in range(renderings):
-                scale = 1.0 - 0.08 * k
-                if colour is not None:
+                if colour is None:
+                    glyph = rgba
+                else:
                     jitter = 0.0 if k == 0 else HUE_JITTER * (-1 if k % 2 else 1)
                     glyph = recolour(rgba, COLOURS[colour] + jitter)
                 file_name = f"{len(records):05d}.png"
-                place(glyph, size, scale).save(out / file_name)
+                to_square(glyph, size, scale=1.0 - 0.08 * k).save(out / file_name)
                 caption = f"an emoji of {colour} {shape}" if colour else f"an emoji of {shape}"
                 records.append({"file_name": file_name, "text": caption, "shape": shape, "colour": colour})
     (out / "metadata.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))

@@ -79,10 +79,11 @@ def render(font: ImageFont.FreeTypeFont, text: str) -> np.ndarray | None:
     return pixels[y0:y1, x0:x1]
 
 
-def to_square(rgba: np.ndarray, size: int) -> Image.Image:
-    """Composites on white, centres on a square canvas a little larger than the glyph, resizes to `size`."""
+def to_square(rgba: np.ndarray, size: int, scale: float = 1.0) -> Image.Image:
+    """Composites on white, centres on a square canvas a little larger than the glyph (by 1 / `scale` more:
+    the glyph fills `scale` of what it fills at 1), resizes to `size` (Lanczos)."""
     h, w = rgba.shape[:2]
-    side = int(max(h, w) * 1.08) + 2
+    side = int(max(h, w) * 1.08 / scale) + 2
     canvas = Image.new("RGB", (side, side), (255, 255, 255))
     glyph = Image.fromarray(rgba, "RGBA")
     canvas.paste(glyph, ((side - w) // 2, (side - h) // 2), glyph)
