@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from sdjax.nn import kernels
+from sdjax.nn import kernels, tpu_conv
 from sdjax.nn.attention import dot_product_attention
 
 
@@ -55,6 +55,47 @@ def test_tpu_flash_attention_gradients_equal_the_reference():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "shape, out_channels, dtype",
+    [
+        ((2, 8, 16, 24), 40, jnp.bfloat16),  # several row blocks, O not a multiple of 128
+        ((1, 12, 32, 16), 256, jnp.bfloat16),  # row blocks that do not halve H, two output-channel blocks
+        ((1, 4, 16, 8), 128, jnp.float16),
+    ],
+)
+def test_tpu_conv_equals_xla_convolution(monkeypatch, shape, out_channels, dtype):
+    """The Pallas 3x3 kernel in interpret mode, with small blocks so that row halos at the image's top and
+    bottom, the W shifts at its left and right edges and several output-channel blocks are all crossed."""
+    c = shape[-1]
+    monkeypatch.setattr(tpu_conv, "TARGET_ROWS", 3 * shape[2])
+    monkeypatch.setattr(tpu_conv, "WEIGHT_BLOCK_BYTES", 9 * c * 128 * jnp.dtype(dtype).itemsize)
+    x = jax.random.normal(jax.random.key(10), shape, dtype)
+    kernel = (jax.random.normal(jax.random.key(11), (3, 3, c, out_channels)) * 0.1).astype(dtype)
+    with pltpu.force_tpu_interpret_mode():
+        ours = tpu_conv.conv3x3(x, kernel)
+    assert ours.dtype == jnp.float32
+    np.testing.assert_allclose(ours, tpu_conv._reference(x, kernel), rtol=1e-5, atol=1e-5)
+
+
+def test_tpu_conv_gradients_are_xlas():
+    x = jax.random.normal(jax.random.key(12), (2, 8, 16, 8), jnp.bfloat16)
+    kernel = (jax.random.normal(jax.random.key(13), (3, 3, 8, 24)) * 0.1).astype(jnp.bfloat16)
+    weights = jax.random.normal(jax.random.key(14), (2, 8, 16, 24))
+    loss = lambda conv: lambda x, k: jnp.sum(conv(x, k) * weights)  # noqa: E731
+    with pltpu.force_tpu_interpret_mode():
+        ours = jax.grad(loss(tpu_conv.conv3x3), (0, 1))(x, kernel)
+    reference = jax.grad(loss(tpu_conv._reference), (0, 1))(x, kernel)
+    for a, b in zip(ours, reference, strict=True):
+        np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_tpu_conv_takes_half_precision_maps_that_fit():
+    assert tpu_conv.fits((2, 64, 64, 960), 320, jnp.bfloat16)
+    assert not tpu_conv.fits((2, 64, 64, 320), 320, jnp.float32)  # the parity mode keeps XLA's
+    assert not tpu_conv.fits((2, 8, 8, 1280), 1280, jnp.bfloat16)  # width below a bf16 tile
+    assert not tpu_conv.fits((2, 128, 128, 960), 320, jnp.bfloat16)  # the whole image exceeds VMEM
+
+
 @pytest.mark.parametrize("stride, padding", [(1, 1), (2, 1), (1, 0)])
 def test_xla_and_product_convolution_gradients_agree(stride, padding):
     x = jax.random.normal(jax.random.key(1), (2, 9, 9, 6))
@@ -87,9 +128,9 @@ def test_tpu_convolution_form_by_shape(batch, positions, form):
 
 
 def test_each_platform_lowers_its_own_kernels():
-    """TPU lowering gets the Pallas kernel (a tpu_custom_call), products for a 3x3 conv of two 8x8 maps and
-    XLA's convolution for eight 32x32 ones; CUDA lowering neither the TPU kernel nor the products; CPU the
-    products (no convolution) on the small map."""
+    """TPU lowering gets the Pallas kernel (a tpu_custom_call), products for a 3x3 conv of two 8x8 maps,
+    XLA's convolution for eight 32x32 ones in float32 and the Pallas convolution in bfloat16; CUDA lowering
+    neither the TPU kernels nor the products; CPU the products (no convolution) on the small map."""
 
     def block(q, k, v, x, kernel):
         return kernels.attention(q, k, v), kernels.conv(x, kernel, 1, 1)
@@ -103,6 +144,10 @@ def test_each_platform_lowers_its_own_kernels():
     assert "convolution" in lower("tpu", large)
     assert "tpu_custom_call" not in text["cuda"] and "convolution" in text["cuda"]
     assert "tpu_custom_call" not in text["cpu"] and "convolution" not in text["cpu"]
+    large_bf16 = jax.export.export(jax.jit(kernels.conv, static_argnums=(2, 3)), platforms=("tpu",))(
+        large.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), 1, 1
+    ).mlir_module()
+    assert "tpu_custom_call" in large_bf16 and "convolution" not in large_bf16
 
 
 def test_tpu_1x1_convolutions_are_products_up_to_the_row_limit():

@@ -11,9 +11,11 @@ choices on XLA:CPU" and "Accelerators: TPU and GPU").
 | attention (not causal) | query-chunked einsum (attention.py)| Pallas flash attention      | cuDNN fused attention if|
 |                        |                                    | (tokens padded; heads over  | its limits allow, else  |
 |                        |                                    | 128 padded to 128s)         | cpu                     |
-| 3x3 conv, stride 1     | products over shifted copies on    | one product per tap when    | XLA convolution         |
-|                        | small maps, else XLA               | batch x positions <= 512,   |                         |
-|                        |                                    | else XLA (`_tpu_form`)      |                         |
+| 3x3 conv, stride 1     | products over shifted copies on    | Pallas kernel (tpu_conv.py) | XLA convolution         |
+|                        | small maps, else XLA               | in half precision where it  |                         |
+|                        |                                    | fits VMEM; else one product |                         |
+|                        |                                    | per tap up to 512 rows      |                         |
+|                        |                                    | (`_tpu_form`), else XLA     |                         |
 | 1x1 conv               | one product in half precision      | one product up to 32,768    | XLA convolution         |
 |                        |                                    | rows, else XLA              |                         |
 | nearest 2x + 3x3 conv  | sub-pixel 2x2 convs on large maps  | repeat, then as 3x3 conv    | repeat, then XLA        |
@@ -31,6 +33,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from sdjax.nn import tpu_conv
 from sdjax.nn.attention import dot_product_attention as chunked_attention
 from sdjax.nn.precision import accumulator, precision
 
@@ -154,7 +157,8 @@ def _cpu_form(positions: int) -> str:
 
 
 def _tpu_form(batch: int, positions: int) -> str:
-    """How a stride-1 convolution of `batch` maps of `positions` output positions runs on a TPU, from the
+    """How a stride-1 convolution of `batch` maps of `positions` output positions runs on a TPU when the
+    Pallas kernel does not take it (float32, widths below a VMEM tile, maps too large for VMEM), from the
     TPU cost model (one v5e chip, bf16; README "Accelerators"). Up to TPU_TAPS_MAX_ROWS output rows the
     weights dominate, and XLA's convolution emitter (the batch in a vector register's 8 sublanes, each map
     row padded to a multiple of 8 plus a halo) mostly moves padding: one product per kernel tap reads each
@@ -203,7 +207,9 @@ def _product_branches(batch: int, positions: int, dtype, prepare) -> dict:
 def conv(x_BHWC: jax.Array, kernel_HWIO: jax.Array, stride: int, padding: int) -> jax.Array:
     """A layer's convolution (output in `accumulator(x.dtype)`), by backend: 1x1 kernels as one matrix
     product on the CPU in half precision, and on the TPU up to TPU_1X1_PRODUCT_MAX_ROWS output rows; 3x3
-    kernels as products by `_product_branches`; else `conv2d`.
+    kernels on the TPU by the Pallas kernel where `tpu_conv.fits` (SD 1.5's UNet CFG step on one v5e chip,
+    bf16, cost model: 21.7 ms with XLA's convolutions and taps, 17.5 ms with it; README "Accelerators"),
+    else as products by `_product_branches`; else `conv2d`.
 
     The TPU's 1x1 rule, from the cost model (one v5e chip, bf16, SD 1.5 at 512x512): in the UNet (at most
     8,192 rows: 64x64 latents, batch 2) products take the CFG step from 22.6 to 21.7 ms. In the VAE
@@ -213,6 +219,7 @@ def conv(x_BHWC: jax.Array, kernel_HWIO: jax.Array, stride: int, padding: int) -
     k = kernel_HWIO.shape[0]
     batch, positions = x_BHWC.shape[0], x_BHWC.shape[1] * x_BHWC.shape[2]
     xla = lambda x, w: conv2d(x, w, stride, padding)
+    xla3x3 = lambda x, w: conv2d(x, w, 1, 1)
     branches = {}
     if k == 1 and stride == 1 and padding == 0:
         product = lambda x, w: matmul(x, w[0, 0])
@@ -223,6 +230,8 @@ def conv(x_BHWC: jax.Array, kernel_HWIO: jax.Array, stride: int, padding: int) -
     elif k == 3 and stride == 1 and padding == 1:
         pad = lambda x: jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
         branches = _product_branches(batch, positions, x_BHWC.dtype, pad)
+        if tpu_conv.fits(x_BHWC.shape, kernel_HWIO.shape[-1], x_BHWC.dtype):
+            branches["tpu"] = _per_device(tpu_conv.conv3x3, xla3x3, batched=(True, False))
     if not branches:
         return xla(x_BHWC, kernel_HWIO)
     return jax.lax.platform_dependent(x_BHWC, kernel_HWIO, default=xla, **branches)
@@ -347,11 +356,13 @@ def _largest_block(length: int, limit: int) -> int:
     return best
 
 
-def _per_device(kernel, fallback):
+def _per_device(kernel, fallback, batched: tuple[bool, ...] | None = None):
     """`kernel` applied per device when the program is partitioned over a mesh (under `jax.set_mesh`, as
-    train/'s sharded step): Pallas kernels cannot be partitioned automatically, so the batch axis is split
-    over every free mesh axis with `shard_map` (attention never mixes rows). `fallback` when the batch
-    does not split evenly. Inside a `shard_map` already (generation) or without a mesh: `kernel` itself."""
+    train/'s sharded step): Pallas kernels cannot be partitioned automatically, so the batch axis of the
+    arguments flagged in `batched` (all by default) is split over every free mesh axis with `shard_map`
+    (attention and convolutions never mix rows); the others (weights) are whole on every device.
+    `fallback` when the batch does not split evenly. Inside a `shard_map` already (generation) or
+    without a mesh: `kernel` itself."""
 
     def call(*args):
         mesh = jax.sharding.get_abstract_mesh()
@@ -364,7 +375,9 @@ def _per_device(kernel, fallback):
         if args[0].shape[0] % size:
             return fallback(*args)
         spec = PartitionSpec(axes)
-        return jax.shard_map(kernel, mesh=mesh, in_specs=(spec,) * len(args), out_specs=spec, check_vma=False)(*args)
+        flags = batched or (True,) * len(args)
+        in_specs = tuple(spec if flag else PartitionSpec() for flag in flags)
+        return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)(*args)
 
     return call
 
