@@ -12,8 +12,8 @@ choices on XLA:CPU" and "Accelerators: TPU and GPU").
 |                        |                                    | (tokens padded; heads over  | its limits allow, else  |
 |                        |                                    | 128 padded to 128s)         | cpu                     |
 | 3x3 conv, stride 1     | products over shifted copies on    | Pallas kernel (tpu_conv.py) | XLA convolution         |
-|                        | small maps, else XLA               | in half precision where it  |                         |
-|                        |                                    | fits VMEM; else one product |                         |
+|                        | small maps, else XLA               | in bfloat16 where it fits   |                         |
+|                        |                                    | VMEM; else one product      |                         |
 |                        |                                    | per tap up to 512 rows      |                         |
 |                        |                                    | (`_tpu_form`), else XLA     |                         |
 | 1x1 conv               | one product in half precision      | one product up to 32,768    | XLA convolution         |

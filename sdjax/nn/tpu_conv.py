@@ -37,12 +37,13 @@ def _sublanes(dtype) -> int:
 
 
 def fits(x_BHWC_shape, out_channels: int, dtype) -> bool:
-    """Whether the kernel takes this convolution: a half-precision dtype (float32 keeps XLA's convolution
-    at `Precision.HIGHEST`, the parity mode), the width a multiple of the dtype's tile rows (row windows
-    are reshaped to (rows * W, C) without a copy), and its VMEM blocks (one whole input image, the weight
-    block, the output block, each double-buffered, and the float32 partial sums) within VMEM_LIMIT_BYTES."""
+    """Whether the kernel takes this convolution: bfloat16 (float32 keeps XLA's convolution at
+    `Precision.HIGHEST`, the parity mode; Mosaic cannot load float16 vectors on a v5e), the width a multiple
+    of the dtype's tile rows (row windows are reshaped to (rows * W, C) without a copy), and its VMEM blocks
+    (one whole input image, the weight block, the output block, each double-buffered, and the float32
+    partial sums) within VMEM_LIMIT_BYTES."""
     _, h, w, c = x_BHWC_shape
-    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) or w % _sublanes(dtype):
+    if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16) or w % _sublanes(dtype):
         return False
     itemsize = jnp.dtype(dtype).itemsize
     rows, o_block = _blocks(h, w, c, out_channels, itemsize)
