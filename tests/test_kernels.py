@@ -71,29 +71,53 @@ def test_tpu_conv_equals_xla_convolution(monkeypatch, shape, out_channels, dtype
     monkeypatch.setattr(tpu_conv, "WEIGHT_BLOCK_BYTES", 9 * c * 128 * jnp.dtype(dtype).itemsize)
     x = jax.random.normal(jax.random.key(10), shape, dtype)
     kernel = (jax.random.normal(jax.random.key(11), (3, 3, c, out_channels)) * 0.1).astype(dtype)
+    bias = jax.random.normal(jax.random.key(15), (out_channels,))
     with pltpu.force_tpu_interpret_mode():
-        ours = tpu_conv.conv3x3(x, kernel)
-    assert ours.dtype == jnp.float32
-    np.testing.assert_allclose(ours, tpu_conv._reference(x, kernel), rtol=1e-5, atol=1e-5)
+        ours = tpu_conv.conv3x3(x, kernel, bias)
+    assert ours.dtype == dtype
+    reference = tpu_conv._reference(x, kernel, bias)
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+    else:  # the same float32 sums, rounded once: at most one rounding step apart
+        np.testing.assert_allclose(ours.astype(jnp.float32), reference.astype(jnp.float32), rtol=1e-2, atol=1e-2)
 
 
 def test_tpu_conv_gradients_are_xlas():
-    x = jax.random.normal(jax.random.key(12), (2, 8, 16, 8), jnp.bfloat16)
-    kernel = (jax.random.normal(jax.random.key(13), (3, 3, 8, 24)) * 0.1).astype(jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(12), (2, 8, 16, 8))
+    kernel = jax.random.normal(jax.random.key(13), (3, 3, 8, 24)) * 0.1
+    bias = jax.random.normal(jax.random.key(16), (24,))
     weights = jax.random.normal(jax.random.key(14), (2, 8, 16, 24))
-    loss = lambda conv: lambda x, k: jnp.sum(conv(x, k) * weights)  # noqa: E731
+    loss = lambda conv: lambda x, k, b: jnp.sum(conv(x, k, b) * weights)  # noqa: E731
     with pltpu.force_tpu_interpret_mode():
-        ours = jax.grad(loss(tpu_conv.conv3x3), (0, 1))(x, kernel)
-    reference = jax.grad(loss(tpu_conv._reference), (0, 1))(x, kernel)
+        ours = jax.grad(loss(tpu_conv.conv3x3), (0, 1, 2))(x, kernel, bias)
+    reference = jax.grad(loss(tpu_conv._reference), (0, 1, 2))(x, kernel, bias)
     for a, b in zip(ours, reference, strict=True):
-        np.testing.assert_allclose(a.astype(jnp.float32), b.astype(jnp.float32), rtol=1e-2, atol=1e-2)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_tpu_conv_takes_half_precision_maps_that_fit():
+def test_biased_conv_on_the_tpu_is_the_layers_convolution():
+    """The TPU branch (the Pallas kernel with the bias inside, bfloat16 out; upsampling on the repeated
+    map) and the other backends' (conv, then the bias in float32, rounded once) agree."""
+    x = jax.random.normal(jax.random.key(17), (2, 8, 16, 32), jnp.bfloat16)
+    kernel = (jax.random.normal(jax.random.key(18), (3, 3, 32, 16)) * 0.1).astype(jnp.bfloat16)
+    bias = jax.random.normal(jax.random.key(19), (16,))
+    for upsample in (False, True):
+        plain = kernels.biased_conv(x, kernel, bias, 1, 1, upsample)
+        x_in = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2) if upsample else x
+        with pltpu.force_tpu_interpret_mode():
+            ours = tpu_conv.conv3x3(x_in, kernel, bias)
+        assert ours.shape == plain.shape and ours.dtype == plain.dtype == jnp.bfloat16
+        # the CPU upsamples in the sub-pixel form, whose 2x2 kernels are sums of bf16 taps, rounded in bf16
+        tolerance = 3e-2 if upsample else 1e-2
+        np.testing.assert_allclose(ours.astype(jnp.float32), plain.astype(jnp.float32), rtol=tolerance, atol=tolerance)
+
+
+def test_tpu_conv_takes_bfloat16_maps_that_fit():
     assert tpu_conv.fits((2, 64, 64, 960), 320, jnp.bfloat16)
     assert not tpu_conv.fits((2, 64, 64, 320), 320, jnp.float32)  # the parity mode keeps XLA's
     assert not tpu_conv.fits((2, 64, 64, 320), 320, jnp.float16)  # Mosaic cannot load it on a v5e
-    assert not tpu_conv.fits((2, 8, 8, 1280), 1280, jnp.bfloat16)  # width below a bf16 tile
+    assert tpu_conv.fits((2, 8, 8, 1280), 1280, jnp.bfloat16)
+    assert not tpu_conv.fits((2, 8, 12, 1280), 1280, jnp.bfloat16)  # width not whole sublane tiles
     assert not tpu_conv.fits((2, 128, 128, 960), 320, jnp.bfloat16)  # the whole image exceeds VMEM
 
 
@@ -145,8 +169,8 @@ def test_each_platform_lowers_its_own_kernels():
     assert "convolution" in lower("tpu", large)
     assert "tpu_custom_call" not in text["cuda"] and "convolution" in text["cuda"]
     assert "tpu_custom_call" not in text["cpu"] and "convolution" not in text["cpu"]
-    large_bf16 = jax.export.export(jax.jit(kernels.conv, static_argnums=(2, 3)), platforms=("tpu",))(
-        large.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), 1, 1
+    large_bf16 = jax.export.export(jax.jit(kernels.biased_conv, static_argnums=(3, 4)), platforms=("tpu",))(
+        large.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16), jnp.zeros(16), 1, 1
     ).mlir_module()
     assert "tpu_custom_call" in large_bf16 and "convolution" not in large_bf16
 

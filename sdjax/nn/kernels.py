@@ -1,6 +1,6 @@
 """The kernels behind the layers, chosen per target platform: attention, convolutions and products.
 
-The layers call `attention`, `conv`, `upsample2x_conv`, `conv2d` and `matmul` and never name a backend. Each
+The layers call `attention`, `biased_conv`, `conv`, `conv2d` and `matmul` and never name a backend. Each
 choice is made with `jax.lax.platform_dependent`, so it follows the platform a program is lowered for (a
 TPU topology compiled on a CPU host gets the TPU kernels, although the host's own backend is the CPU), and
 only the chosen branch is lowered. The measurements behind each choice are in the README ("Kernel
@@ -207,9 +207,8 @@ def _product_branches(batch: int, positions: int, dtype, prepare) -> dict:
 def conv(x_BHWC: jax.Array, kernel_HWIO: jax.Array, stride: int, padding: int) -> jax.Array:
     """A layer's convolution (output in `accumulator(x.dtype)`), by backend: 1x1 kernels as one matrix
     product on the CPU in half precision, and on the TPU up to TPU_1X1_PRODUCT_MAX_ROWS output rows; 3x3
-    kernels on the TPU by the Pallas kernel where `tpu_conv.fits` (SD 1.5's UNet CFG step on one v5e chip,
-    bf16, cost model: 21.7 ms with XLA's convolutions and taps, 17.5 ms with it; README "Accelerators"),
-    else as products by `_product_branches`; else `conv2d`.
+    kernels as products by `_product_branches`; else `conv2d`. (On the TPU, `biased_conv` runs bfloat16
+    3x3 convolutions as a Pallas kernel before any of these.)
 
     The TPU's 1x1 rule, from the cost model (one v5e chip, bf16, SD 1.5 at 512x512): in the UNet (at most
     8,192 rows: 64x64 latents, batch 2) products take the CFG step from 22.6 to 21.7 ms. In the VAE
@@ -219,7 +218,6 @@ def conv(x_BHWC: jax.Array, kernel_HWIO: jax.Array, stride: int, padding: int) -
     k = kernel_HWIO.shape[0]
     batch, positions = x_BHWC.shape[0], x_BHWC.shape[1] * x_BHWC.shape[2]
     xla = lambda x, w: conv2d(x, w, stride, padding)
-    xla3x3 = lambda x, w: conv2d(x, w, 1, 1)
     branches = {}
     if k == 1 and stride == 1 and padding == 0:
         product = lambda x, w: matmul(x, w[0, 0])
@@ -230,11 +228,37 @@ def conv(x_BHWC: jax.Array, kernel_HWIO: jax.Array, stride: int, padding: int) -
     elif k == 3 and stride == 1 and padding == 1:
         pad = lambda x: jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
         branches = _product_branches(batch, positions, x_BHWC.dtype, pad)
-        if tpu_conv.fits(x_BHWC.shape, kernel_HWIO.shape[-1], x_BHWC.dtype):
-            branches["tpu"] = _per_device(tpu_conv.conv3x3, xla3x3, batched=(True, False))
     if not branches:
         return xla(x_BHWC, kernel_HWIO)
     return jax.lax.platform_dependent(x_BHWC, kernel_HWIO, default=xla, **branches)
+
+
+def biased_conv(
+    x_BHWC: jax.Array, kernel_HWIO: jax.Array, bias_O: jax.Array, stride: int, padding: int, upsample2x: bool = False
+) -> jax.Array:
+    """A layer's convolution plus its bias, summed in `accumulator(x.dtype)` and rounded once to x's dtype:
+    `conv`, or with `upsample2x` (3x3, padding 1) `upsample2x_conv`, then the bias.
+
+    On the TPU, bfloat16 3x3 stride-1 convolutions that `tpu_conv.fits` run as sdjax's Pallas kernel, the
+    bias added inside and the output written in bfloat16 (the upsampling ones on the repeated map). SD
+    1.5's UNet CFG step on one v5e chip (bf16, cost model; README "Accelerators"): 21.70 ms with XLA's
+    convolutions and taps; 17.50 ms with the kernel on maps of widths 16 to 64; 16.34 ms also on the 8x8
+    maps (taps before); 16.06 ms with the bias added and bfloat16 written inside the kernel (before: a
+    float32 output that the next op read back)."""
+    upsample = (lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)) if upsample2x else (lambda x: x)
+
+    def plain(x, k, b):
+        y = upsample2x_conv(x, k) if upsample2x else conv(x, k, stride, padding)
+        return (y + b.astype(y.dtype)).astype(x.dtype)
+
+    shape = (
+        x_BHWC.shape if not upsample2x else (x_BHWC.shape[0], 2 * x_BHWC.shape[1], 2 * x_BHWC.shape[2], x_BHWC.shape[3])
+    )
+    is_3x3 = kernel_HWIO.shape[:2] == (3, 3) and stride == 1 and padding == 1
+    if not (is_3x3 and tpu_conv.fits(shape, kernel_HWIO.shape[-1], x_BHWC.dtype)):
+        return plain(x_BHWC, kernel_HWIO, bias_O)
+    pallas = _per_device(lambda x, k, b: tpu_conv.conv3x3(upsample(x), k, b), plain, batched=(True, False, False))
+    return jax.lax.platform_dependent(x_BHWC, kernel_HWIO, bias_O, default=plain, tpu=pallas)
 
 
 def valid_conv(padded_BHWC: jax.Array, kernel_HWIO: jax.Array) -> jax.Array:
@@ -421,6 +445,7 @@ __all__ = [
     "ROWS_MAX_POSITIONS",
     "accumulator",
     "attention",
+    "biased_conv",
     "conv",
     "conv2d",
     "flash_attention_tpu",

@@ -79,7 +79,7 @@ def layer_norm(epsilon: float, dtype, name: str) -> nn.LayerNorm:
 class Conv2d(nn.Module):
     """A 2-D convolution on NHWC input with PyTorch's symmetric padding; params `kernel` (HWIO) and `bias`.
     With `upsample2x` (a 3x3 kernel, padding 1) it convolves the nearest-neighbour 2x enlargement of the
-    input, (B, H, W, C) -> (B, 2H, 2W, O), by `kernels.upsample2x_conv`."""
+    input, (B, H, W, C) -> (B, 2H, 2W, O) (`kernels.biased_conv`)."""
 
     features: int
     kernel_size: int
@@ -94,9 +94,7 @@ class Conv2d(nn.Module):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x_BHWC.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         x_BHWC, kernel = x_BHWC.astype(self.dtype), kernel.astype(self.dtype)
-        if self.upsample2x:
-            return _add_bias(kernels.upsample2x_conv(x_BHWC, kernel), bias, self.dtype)
-        return _add_bias(kernels.conv(x_BHWC, kernel, self.stride, self.padding), bias, self.dtype)
+        return kernels.biased_conv(x_BHWC, kernel, bias, self.stride, self.padding, self.upsample2x)
 
 
 def _add_bias(y: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:

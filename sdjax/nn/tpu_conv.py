@@ -1,15 +1,16 @@
-"""A Pallas TPU kernel for 3x3 stride-1 convolutions with zero padding 1, NHWC: one read of the input.
+"""A Pallas TPU kernel for 3x3 stride-1 convolutions with zero padding 1 and a bias, NHWC, bfloat16.
 
 XLA's TPU convolution emitter re-lays its input out before every convolution (rows and columns swapped, the
 width padded to a multiple of 8 plus halo, the map cut into overlapping column chunks), and in SD 1.5's UNet
 those copies cost about as much as the convolutions themselves (README "Accelerators"). This kernel reads
-the zero-padded input in its own layout: each grid step takes `rows + 2` padded rows of one image (row
-windows overlap by the halo: `pl.Element` offsets), and sums the nine kernel taps as matrix products of
-shifted windows, (rows * W, C) @ (C, O_block), accumulated in float32 in VMEM.
+each image once in its own layout. A grid step (image, output-channel block, row block) copies its rows
+plus one halo row above and below (zeros outside the image) into VMEM, sums the nine kernel taps as
+(rows * W, C) @ (C, O_block) products in float32, shifts the three kernel columns' sums along W on the
+output side, adds the bias and writes the block rounded once to bfloat16.
 
 The declared cost (what the TPU compiler's cost model prices the call at) counts the MXU's real work:
 input and output channels rounded up to the 128-wide matrix unit (SD 1.5's 320 channels cost as 384),
-and the bytes of the padded input, the weights and the float32 output.
+and the bytes of the input, the weights and the output.
 """
 
 from __future__ import annotations
@@ -31,19 +32,14 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def _sublanes(dtype) -> int:
-    """Rows of one (sublanes x 128) VMEM tile: 8 for 32-bit, 16 for 16-bit types."""
-    return 8 * 4 // jnp.dtype(dtype).itemsize
-
-
 def fits(x_BHWC_shape, out_channels: int, dtype) -> bool:
     """Whether the kernel takes this convolution: bfloat16 (float32 keeps XLA's convolution at
     `Precision.HIGHEST`, the parity mode; Mosaic cannot load float16 vectors on a v5e), the width a multiple
-    of the dtype's tile rows (row windows are reshaped to (rows * W, C) without a copy), and its VMEM blocks
+    of 8 (row windows are reshaped to (rows * W, C): whole sublane tiles), and its VMEM blocks
     (one whole input image, the weight block, the output block, each double-buffered, and the float32
     partial sums) within VMEM_LIMIT_BYTES."""
     _, h, w, c = x_BHWC_shape
-    if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16) or w % _sublanes(dtype):
+    if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16) or w % 8:
         return False
     itemsize = jnp.dtype(dtype).itemsize
     rows, o_block = _blocks(h, w, c, out_channels, itemsize)
@@ -69,8 +65,9 @@ def _blocks(h: int, w: int, c: int, o: int, itemsize: int) -> tuple[int, int]:
     return rows, o_block
 
 
-def _conv_kernel(x_ref, w_ref, out_ref, rows_ref, *, rows: int):
-    """One grid step: output rows [r * rows, (r + 1) * rows) of one image, O_block channels.
+def _conv_kernel(x_ref, w_ref, bias_ref, out_ref, rows_ref, *, rows: int):
+    """One grid step: output rows [r * rows, (r + 1) * rows) of one image, O_block channels, plus the bias,
+    rounded once to the output dtype.
 
     The input rows it needs (one halo row above and below, zero outside the image) are copied into
     `rows_ref` (rows + 2, W, C); kernel row i reads its rows i..i + rows, as one (rows * W, C) matrix, and
@@ -108,13 +105,15 @@ def _conv_kernel(x_ref, w_ref, out_ref, rows_ref, *, rows: int):
     column = jax.lax.broadcasted_iota(jnp.int32, (n, 1), 0) % width
     left = jnp.where(column == 0, 0.0, pltpu.roll(by_column[0], 1, 0))  # y[w] += Y_0[w - 1]
     right = jnp.where(column == width - 1, 0.0, pltpu.roll(by_column[2], n - 1, 0))  # y[w] += Y_2[w + 1]
-    out_ref[0] = (by_column[1] + left + right).reshape(rows, width, -1)
+    y = by_column[1] + left + right + bias_ref[...]
+    out_ref[0] = y.reshape(rows, width, -1).astype(out_ref.dtype)
 
 
-@functools.partial(jax.custom_vjp)
-def conv3x3(x_BHWC: jax.Array, kernel_HWIO: jax.Array) -> jax.Array:
-    """3x3 convolution, stride 1, zero padding 1: (B, H, W, C), (3, 3, C, O) -> (B, H, W, O) float32.
-    Gradients are XLA's (training on TPU differentiates the plain convolution)."""
+@jax.custom_vjp
+def conv3x3(x_BHWC: jax.Array, kernel_HWIO: jax.Array, bias_O: jax.Array) -> jax.Array:
+    """3x3 convolution, stride 1, zero padding 1, plus a bias: (B, H, W, C), (3, 3, C, O), (O,) ->
+    (B, H, W, O) in x's dtype, summed in float32 and rounded once. Gradients are XLA's (training on TPU
+    differentiates the plain convolution)."""
     b, h, w, c = x_BHWC.shape
     o = kernel_HWIO.shape[-1]
     itemsize = x_BHWC.dtype.itemsize
@@ -122,7 +121,7 @@ def conv3x3(x_BHWC: jax.Array, kernel_HWIO: jax.Array) -> jax.Array:
     cost = pl.CostEstimate(
         flops=2 * b * h * w * 9 * _round_up(c, MXU) * _round_up(o, MXU),
         transcendentals=0,
-        bytes_accessed=(x_BHWC.size + kernel_HWIO.size) * itemsize + b * h * w * o * 4,
+        bytes_accessed=(x_BHWC.size + kernel_HWIO.size + b * h * w * o) * itemsize + o * 4,
     )
     return pl.pallas_call(
         functools.partial(_conv_kernel, rows=rows),
@@ -130,19 +129,21 @@ def conv3x3(x_BHWC: jax.Array, kernel_HWIO: jax.Array) -> jax.Array:
         in_specs=[
             pl.BlockSpec((1, h, w, c), lambda n, k, r: (n, 0, 0, 0)),
             pl.BlockSpec((3, 3, c, o_block), lambda n, k, r: (0, 0, 0, k)),
+            pl.BlockSpec((1, o_block), lambda n, k, r: (0, k)),
         ],
         out_specs=pl.BlockSpec((1, rows, w, o_block), lambda n, k, r: (n, r, 0, k)),
-        out_shape=jax.ShapeDtypeStruct((b, h, w, o), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct((b, h, w, o), x_BHWC.dtype),
         scratch_shapes=[pltpu.VMEM((rows + 2, w, c), x_BHWC.dtype)],
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=VMEM_LIMIT_BYTES
         ),
         cost_estimate=cost,
-    )(x_BHWC, kernel_HWIO)
+    )(x_BHWC, kernel_HWIO, bias_O.astype(jnp.float32).reshape(1, o))
 
 
-def _reference(x_BHWC, kernel_HWIO):
-    return jax.lax.conv_general_dilated(
+def _reference(x_BHWC, kernel_HWIO, bias_O):
+    """The same with XLA's convolution."""
+    y = jax.lax.conv_general_dilated(
         x_BHWC,
         kernel_HWIO,
         (1, 1),
@@ -150,17 +151,16 @@ def _reference(x_BHWC, kernel_HWIO):
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
         preferred_element_type=jnp.float32,
     )
+    return (y + bias_O.astype(jnp.float32)).astype(x_BHWC.dtype)
 
 
-def _conv3x3_fwd(x_BHWC, kernel_HWIO):
-    return conv3x3(x_BHWC, kernel_HWIO), (x_BHWC, kernel_HWIO)
+def _conv3x3_fwd(x_BHWC, kernel_HWIO, bias_O):
+    return conv3x3(x_BHWC, kernel_HWIO, bias_O), (x_BHWC, kernel_HWIO, bias_O)
 
 
 def _conv3x3_bwd(residuals, dy_BHWO):
-    x_BHWC, kernel_HWIO = residuals
-    _, pullback = jax.vjp(_reference, x_BHWC, kernel_HWIO)
-    dx, dk = pullback(dy_BHWO.astype(jnp.float32))
-    return dx.astype(x_BHWC.dtype), dk.astype(kernel_HWIO.dtype)
+    _, pullback = jax.vjp(_reference, *residuals)
+    return pullback(dy_BHWO)
 
 
 conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
