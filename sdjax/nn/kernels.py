@@ -245,15 +245,13 @@ def biased_conv(
     convolutions and taps; 17.50 ms with the kernel on maps of widths 16 to 64; 16.34 ms also on the 8x8
     maps (taps before); 16.06 ms with the bias added and bfloat16 written inside the kernel (before: a
     float32 output that the next op read back)."""
-    upsample = (lambda x: jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)) if upsample2x else (lambda x: x)
+    upsample = _nearest_2x if upsample2x else (lambda x: x)
 
     def plain(x, k, b):
         y = upsample2x_conv(x, k) if upsample2x else conv(x, k, stride, padding)
         return (y + b.astype(y.dtype)).astype(x.dtype)
 
-    shape = (
-        x_BHWC.shape if not upsample2x else (x_BHWC.shape[0], 2 * x_BHWC.shape[1], 2 * x_BHWC.shape[2], x_BHWC.shape[3])
-    )
+    shape = jax.eval_shape(upsample, x_BHWC).shape
     is_3x3 = kernel_HWIO.shape[:2] == (3, 3) and stride == 1 and padding == 1
     out_channels = kernel_HWIO.shape[-1]
     if not (is_3x3 and tpu_conv.fits(shape, out_channels, x_BHWC.dtype) and _tpu_pallas(shape[0], out_channels)):
@@ -319,13 +317,18 @@ def _subpixel_upsample_conv(x_BHWC: jax.Array, kernel_HWIO: jax.Array) -> jax.Ar
     return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, o)
 
 
+def _nearest_2x(x_BHWC: jax.Array) -> jax.Array:
+    """Nearest-neighbour 2x enlargement, (B, H, W, C) -> (B, 2H, 2W, C)."""
+    return jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2)
+
+
 def upsample2x_conv(x_BHWC: jax.Array, kernel_HWIO: jax.Array) -> jax.Array:
     """conv3x3(nearest_2x(x)), stride 1, padding 1, output in `accumulator(x.dtype)`: (B, H, W, C) ->
     (B, 2H, 2W, O). On the CPU in the sub-pixel form where the map is the larger (B*H*W >= 4*O: the VAE
     decoder's, not the UNet's 1280-channel ones; the form builds a kernel 16/9 the conv's size each call);
     elsewhere the repeated map through `conv`: on one v5e chip (cost model, bf16) SD 1.5's VAE decode takes
     28.0 ms that way against 35.5 ms in the sub-pixel form."""
-    repeated = lambda x, k: conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), k, 1, 1)
+    repeated = lambda x, k: conv(_nearest_2x(x), k, 1, 1)
     b, h, w, _ = x_BHWC.shape
     if b * h * w < 4 * kernel_HWIO.shape[-1]:
         return repeated(x_BHWC, kernel_HWIO)
@@ -333,10 +336,6 @@ def upsample2x_conv(x_BHWC: jax.Array, kernel_HWIO: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------- attention
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def flash_attention_tpu(q_BQHD, k_BKHD, v_BKHD, *, block: int = 512) -> jax.Array:
@@ -352,8 +351,8 @@ def flash_attention_tpu(q_BQHD, k_BKHD, v_BKHD, *, block: int = 512) -> jax.Arra
 
     b, q_len, _, d = q_BQHD.shape
     k_len = k_BKHD.shape[1]
-    d_pad = d if d <= TPU_LANES else _round_up(d, TPU_LANES)
-    q_pad, k_pad = _round_up(q_len, TPU_LANES), _round_up(k_len, TPU_LANES)
+    d_pad = d if d <= TPU_LANES else tpu_conv.round_up(d, TPU_LANES)
+    q_pad, k_pad = tpu_conv.round_up(q_len, TPU_LANES), tpu_conv.round_up(k_len, TPU_LANES)
 
     def heads_first(x_BTHD, length):
         x = jnp.pad(x_BTHD, ((0, 0), (0, length - x_BTHD.shape[1]), (0, 0), (0, d_pad - d)))

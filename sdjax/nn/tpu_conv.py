@@ -28,7 +28,8 @@ WEIGHT_BLOCK_BYTES = 8 * 2**20  # the largest weight block (3 x 3 x C x O_block)
 VMEM_LIMIT_BYTES = 96 * 2**20  # of a v5e's 128 MiB
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
+    """n rounded up to a multiple of `multiple`."""
     return -(-n // multiple) * multiple
 
 
@@ -43,7 +44,7 @@ def fits(x_BHWC_shape, out_channels: int, dtype) -> bool:
         return False
     itemsize = jnp.dtype(dtype).itemsize
     rows, o_block = _blocks(h, w, c, out_channels, itemsize)
-    lanes_c, lanes_o = _round_up(c, MXU), _round_up(o_block, MXU)
+    lanes_c, lanes_o = round_up(c, MXU), round_up(o_block, MXU)
     image = 2 * h * w * lanes_c * itemsize
     weights = 2 * 9 * lanes_c * lanes_o * itemsize
     scratch = (rows + 2) * w * lanes_c * itemsize
@@ -119,7 +120,7 @@ def conv3x3(x_BHWC: jax.Array, kernel_HWIO: jax.Array, bias_O: jax.Array) -> jax
     itemsize = x_BHWC.dtype.itemsize
     rows, o_block = _blocks(h, w, c, o, itemsize)
     cost = pl.CostEstimate(
-        flops=2 * b * h * w * 9 * _round_up(c, MXU) * _round_up(o, MXU),
+        flops=2 * b * h * w * 9 * round_up(c, MXU) * round_up(o, MXU),
         transcendentals=0,
         bytes_accessed=(x_BHWC.size + kernel_HWIO.size + b * h * w * o) * itemsize + o * 4,
     )
