@@ -251,7 +251,8 @@ def biased_conv(
         y = upsample2x_conv(x, k) if upsample2x else conv(x, k, stride, padding)
         return (y + b.astype(y.dtype)).astype(x.dtype)
 
-    shape = jax.eval_shape(upsample, x_BHWC).shape
+    b, h, w, c = x_BHWC.shape
+    shape = (b, 2 * h, 2 * w, c) if upsample2x else (b, h, w, c)
     is_3x3 = kernel_HWIO.shape[:2] == (3, 3) and stride == 1 and padding == 1
     out_channels = kernel_HWIO.shape[-1]
     if not (is_3x3 and tpu_conv.fits(shape, out_channels, x_BHWC.dtype) and _tpu_pallas(shape[0], out_channels)):
