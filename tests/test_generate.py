@@ -430,6 +430,33 @@ def test_float16_vae_overflow_is_decoded_in_float32(model):
 
 
 @EPSILON
+def test_a_batch_is_decoded_one_image_at_a_time(model):
+    """A group of several images is decoded image by image (diffusers' `enable_slicing`): the same pixels as
+    decoding each alone, and only one image's activations in the program's temporary memory."""
+    import jax
+
+    from sdjax.generate import _decode
+
+    pipe = model[4]
+    sf = pipe.vae.config.scaling_factor
+    decode = jax.jit(_decode, static_argnums=(0, 3))
+    latents = noise_for(pipe, 4, seed=3, size=128)
+    images, finite = decode(pipe.vae, pipe.params["vae"], latents, sf)
+    alone = np.concatenate([np.asarray(decode(pipe.vae, pipe.params["vae"], z[None], sf)[0]) for z in latents])
+    assert np.asarray(finite).all()
+    assert np.abs(np.asarray(images).astype(int) - alone).max() <= 1
+
+    def temporary_bytes(batch):
+        z = jax.ShapeDtypeStruct((batch, *latents.shape[1:]), np.float32)
+        compiled = decode.lower(pipe.vae, pipe.params["vae"], z, sf).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    one, four = temporary_bytes(1), temporary_bytes(4)
+    print(f"decode temporaries: one image {one / 2**20:.2f} MiB, four {four / 2**20:.2f} MiB")
+    assert four < 2 * one
+
+
+@EPSILON
 def test_unmerged_loras_match_merged_and_do_not_recompile(model, tmp_path):
     """`loras=[(file, scale)]` applies adapters inside the program: the images of `load_lora` (merged), and
     no recompile for another scale or another LoRA file of the same shapes."""

@@ -37,8 +37,10 @@ def test_tiny_report_for_a_v5e_slice(tmp_path):
     # drawn with the ControlNet of the tiny UNet: each model call costs more than the UNet's alone
     assert report["controlnet"] and row["control_cost"] > 1.0
     assert row["control_step"]["flops"] > row["unet_step"]["flops"]
-    # Euler a: 3 model calls (ControlNet + UNet) and a decode per batch of 2 images, 4 chips in the slice
-    expected = 3 * row["control_step"]["time_s"] + row["vae_decode"]["time_s"]
+    # Euler a: 3 model calls (ControlNet + UNet) per batch of 2 images and their decodes, one image at a time
+    # as the whole-image program does; 4 chips in the slice
+    assert row["decode_s"] == pytest.approx(2 * row["vae_decode"]["time_s"])
+    expected = 3 * row["control_step"]["time_s"] + row["decode_s"]
     assert row["image_batch_s"] == pytest.approx(expected)
     assert row["images_per_s_slice"] == pytest.approx(4 * 2 / expected)
     assert "largest per-chip batch that fits: 2" in done.stdout
