@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from sdjax.nn import kernels, tpu_conv
+from sdjax.nn import kernels, tpu_attention, tpu_conv
 from sdjax.nn.attention import dot_product_attention
 
 
@@ -53,6 +53,93 @@ def test_tpu_flash_attention_gradients_equal_the_reference():
     reference = jax.grad(loss(dot_product_attention), (0, 1, 2))(q, k, v)
     for a, b in zip(ours, reference, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def _packed(q, k, v):
+    """`tpu_attention.packed_attention` on (B, T, H, D) tensors: packed, keys padded to 128, unpacked."""
+    b, q_len, heads, d = q.shape
+    k_len = k.shape[1]
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, -k_len % 128), (0, 0), (0, 0)))  # noqa: E731
+    pack = lambda x: tpu_attention.pack(x.reshape(*x.shape[:2], heads * d), d)  # noqa: E731
+    out = tpu_attention.packed_attention(pack(q), pack(pad(k)), pack(pad(v)), heads=heads, head_dim=d, key_len=k_len)
+    width = tpu_attention.heads_per_group(d) * d
+    groups = out.reshape(b, q_len, -1, 128)[..., :width].reshape(b, q_len, -1)
+    return groups[..., : heads * d].reshape(b, q_len, heads, d)
+
+
+@pytest.mark.parametrize(
+    "q_len, k_len, heads, dim",
+    [
+        (64, 64, 8, 40),  # SD 1.5's heads: 3 to a lane group, the last group 2 heads + padding
+        (1024, 1024, 3, 40),  # two query blocks, two key blocks: the online softmax across blocks
+        (136, 77, 5, 64),  # SD 2's heads, 2 to a group, an odd count; cross-attention's masked key padding
+        (64, 600, 10, 64),  # 10 heads of 64 = 5 whole groups (no regrouping); a partly padded last key block
+        (72, 200, 2, 80),  # one head to a group
+        (64, 64, 1, 128),  # a head filling its group
+    ],
+)
+def test_tpu_packed_attention_equals_the_reference(q_len, k_len, heads, dim):
+    q, k, v = _qkv(q_len, k_len, heads, dim)
+    with pltpu.force_tpu_interpret_mode():
+        ours = jax.jit(_packed)(q, k, v)
+    np.testing.assert_allclose(ours, dot_product_attention(q, k, v), rtol=2e-5, atol=2e-5)
+
+
+def test_tpu_packing_puts_whole_heads_in_each_lane_group():
+    x = jnp.arange(2 * 3 * 320, dtype=jnp.float32).reshape(2, 3, 320)  # 8 heads of 40
+    packed = tpu_attention.pack(x, 40)
+    assert packed.shape == (2, 3, 384)
+    np.testing.assert_array_equal(packed[..., 128 + 40 : 128 + 80], x[..., 160:200])  # head 4: group 1, slot 1
+    assert not packed[..., 120:128].any() and not packed[..., 256 + 80 :].any()
+    whole_groups = x[..., :256]  # 4 heads of 64: SD 2's layout is packed already
+    assert tpu_attention.pack(whole_groups, 64) is whole_groups
+
+
+def _attention_weights(channels, context_dim, heads, dim, dtype):
+    keys = jax.random.split(jax.random.key(21), 5)
+    inner = heads * dim
+    shapes = [(channels, inner), (context_dim, inner), (context_dim, inner), (inner, channels), (channels,)]
+    scaled = [jax.random.normal(key, shape) * shape[0] ** -0.5 for key, shape in zip(keys, shapes, strict=True)]
+    return [w.astype(dtype) for w in scaled]
+
+
+@pytest.mark.parametrize("heads, dim, context_len", [(8, 40, 77), (5, 64, None), (2, 80, 77)])
+def test_projected_attention_on_the_tpu_is_the_layers_attention(heads, dim, context_len):
+    """The TPU branch (weights regrouped, the packed kernel) against the other backends' (projections,
+    (B, N, H, D) attention, output projection), bfloat16; and its gradients are the plain path's."""
+    x = jax.random.normal(jax.random.key(22), (2, 72, 96), jnp.bfloat16)
+    context = x if context_len is None else jax.random.normal(jax.random.key(23), (2, context_len, 48), jnp.bfloat16)
+    weights = _attention_weights(96, context.shape[-1], heads, dim, jnp.bfloat16)
+    args = (x, context, *weights)
+    plain = kernels.projected_attention(*args, heads=heads, head_dim=dim)
+    with pltpu.force_tpu_interpret_mode():
+        ours = kernels._projected_attention_packed(heads, dim, False, *args)
+    assert ours.shape == plain.shape and ours.dtype == plain.dtype == jnp.bfloat16
+    np.testing.assert_allclose(ours.astype(jnp.float32), plain.astype(jnp.float32), rtol=3e-2, atol=3e-2)
+
+    cotangent = jax.random.normal(jax.random.key(24), plain.shape)
+    loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * cotangent)  # noqa: E731
+    with pltpu.force_tpu_interpret_mode():
+        ours = jax.grad(loss(functools.partial(kernels._projected_attention_tpu, heads, dim, False)), range(7))(*args)
+    want = jax.grad(loss(functools.partial(kernels._projected_attention_plain, heads, dim, False)), range(7))(*args)
+    for a, b in zip(ours, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_projected_attention_lowers_to_the_packed_kernel_on_the_tpu():
+    """bfloat16 heads of at most 128 lanes get the packed kernel (one call, no flash kernel), wider heads
+    and float32 JAX's flash kernel; the CPU gets neither."""
+
+    def lower(platform, heads, dim, dtype):
+        x = jnp.ones((2, 64, 96), dtype)
+        weights = _attention_weights(96, 96, heads, dim, dtype)
+        f = jax.jit(functools.partial(kernels.projected_attention, heads=heads, head_dim=dim))
+        return jax.export.export(f, platforms=(platform,))(x, x, *weights).mlir_module()
+
+    packed = lower("tpu", 8, 40, jnp.bfloat16)
+    assert packed.count("tpu_custom_call") == 1 and "flash" not in packed
+    assert "flash" in lower("tpu", 2, 160, jnp.bfloat16) and "flash" in lower("tpu", 8, 40, jnp.float32)
+    assert "tpu_custom_call" not in lower("cpu", 8, 40, jnp.bfloat16)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """The kernels behind the layers, chosen per target platform: attention, convolutions and products.
 
-The layers call `attention`, `biased_conv`, `conv`, `conv2d` and `matmul` and never name a backend. Each
+The layers call `attention`, `projected_attention`, `biased_conv`, `conv`, `conv2d` and `matmul` and never
+name a backend. Each
 choice is made with `jax.lax.platform_dependent`, so it follows the platform a program is lowered for (a
 TPU topology compiled on a CPU host gets the TPU kernels, although the host's own backend is the CPU), and
 only the chosen branch is lowered. The measurements behind each choice are in the README ("Kernel
@@ -11,6 +12,10 @@ choices on XLA:CPU" and "Accelerators: TPU and GPU").
 | attention (not causal) | query-chunked einsum (attention.py)| Pallas flash attention      | cuDNN fused attention if|
 |                        |                                    | (tokens padded; heads over  | its limits allow, else  |
 |                        |                                    | 128 padded to 128s)         | cpu                     |
+| projected attention    | projections + `attention`          | bf16 heads <= 128: weights  | as cpu                  |
+| (diffusers' Attention) |                                    | regrouped, packed-heads     |                         |
+|                        |                                    | kernel (tpu_attention.py);  |                         |
+|                        |                                    | else as cpu                 |                         |
 | 3x3 conv, stride 1     | products over shifted copies on    | Pallas kernel (tpu_conv.py) | XLA convolution         |
 |                        | small maps, else XLA               | in bfloat16 where it fits   |                         |
 |                        |                                    | VMEM; else one product      |                         |
@@ -33,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from sdjax.nn import tpu_conv
+from sdjax.nn import tpu_attention, tpu_conv
 from sdjax.nn.attention import dot_product_attention as chunked_attention
 from sdjax.nn.precision import accumulator, precision
 
@@ -452,6 +457,70 @@ def attention(q_BQHD, k_BKHD, v_BKHD, *, upcast: bool = False, causal: bool = Fa
     return jax.lax.platform_dependent(q_BQHD, k_BKHD, v_BKHD, **branches)
 
 
+def _project(x, w):
+    """x @ w in x's dtype, accumulated in `accumulator` and rounded once (a bias-free `Dense`)."""
+    return matmul(x, w.astype(x.dtype)).astype(x.dtype)
+
+
+def _projected_attention_plain(heads, head_dim, upcast, x, context, wq, wk, wv, wo, bo):
+    split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, head_dim)  # noqa: E731
+    q, k, v = split(_project(x, wq)), split(_project(context, wk)), split(_project(context, wv))
+    out = attention(q, k, v, upcast=upcast)
+    out = out.reshape(out.shape[0], out.shape[1], heads * head_dim)
+    return (matmul(out, wo.astype(x.dtype)) + bo.astype(accumulator(x.dtype))).astype(x.dtype)
+
+
+def _projected_attention_packed(heads, head_dim, upcast, x, context, wq, wk, wv, wo, bo):
+    """The same through `tpu_attention.packed_attention`: the weights' columns regrouped into packed lane
+    groups (to_out's rows likewise, zero rows for the padding lanes), so that no activation is re-laid out;
+    queries padded to a multiple of 8 tokens, keys to a multiple of 128 (masked)."""
+    columns = lambda w: tpu_attention.pack(w[None].astype(x.dtype), head_dim)[0]  # noqa: E731
+    q_len, k_len = x.shape[1], context.shape[1]
+    x = jnp.pad(x, ((0, 0), (0, tpu_conv.round_up(q_len, 8) - q_len), (0, 0)))
+    context = jnp.pad(context, ((0, 0), (0, tpu_conv.round_up(k_len, TPU_LANES) - k_len), (0, 0)))
+    q, k, v = _project(x, columns(wq)), _project(context, columns(wk)), _project(context, columns(wv))
+    out = tpu_attention.packed_attention(q, k, v, heads=heads, head_dim=head_dim, key_len=k_len)[:, :q_len]
+    return (matmul(out, columns(wo.T).T) + bo.astype(accumulator(x.dtype))).astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _projected_attention_tpu(heads, head_dim, upcast, *args):
+    """`_projected_attention_packed`, differentiated through the plain path (on the TPU JAX's flash kernel
+    and its backward kernels)."""
+    return _projected_attention_packed(heads, head_dim, upcast, *args)
+
+
+def _projected_attention_tpu_fwd(heads, head_dim, upcast, *args):
+    return jax.vjp(functools.partial(_projected_attention_plain, heads, head_dim, upcast), *args)
+
+
+def _projected_attention_tpu_bwd(heads, head_dim, upcast, pullback, dy):
+    return pullback(dy)
+
+
+_projected_attention_tpu.defvjp(_projected_attention_tpu_fwd, _projected_attention_tpu_bwd)
+
+
+def projected_attention(
+    x_BNC, context_BMD, wq_CI, wk_DI, wv_DI, wo_IC, bo_C, *, heads: int, head_dim: int, upcast: bool = False
+) -> jax.Array:
+    """diffusers' `Attention` from its weights: to_q(x), to_k/to_v(context) (no bias), `attention` over
+    `heads` heads of `head_dim`, to_out.0 (with bias); (B, N, C), (B, M, D) -> (B, N, C') in x's dtype, each
+    product accumulated in `accumulator` and rounded once.
+
+    On the TPU, bfloat16 heads of at most 128 lanes skip the (B, N, H, D) layout altogether: the projection
+    weights are regrouped so that q, k and v come out of their products already packed, `128 // D` heads to
+    a lane group, and `tpu_attention`'s kernel attends in that layout (README "Accelerators: TPU and GPU"
+    for the figures). Differentiated, the plain path runs instead."""
+    args = (x_BNC, context_BMD, wq_CI, wk_DI, wv_DI, wo_IC, bo_C)
+    plain = functools.partial(_projected_attention_plain, heads, head_dim, upcast)
+    if x_BNC.dtype != jnp.bfloat16 or head_dim > TPU_LANES:
+        return plain(*args)
+    tpu = functools.partial(_projected_attention_tpu, heads, head_dim, upcast)
+    per_device = _per_device(tpu, plain, batched=(True, True, False, False, False, False, False))
+    return jax.lax.platform_dependent(*args, default=plain, tpu=per_device)
+
+
 __all__ = [
     "IM2COL_MAX_POSITIONS",
     "ROWS_MAX_POSITIONS",
@@ -463,6 +532,7 @@ __all__ = [
     "flash_attention_tpu",
     "matmul",
     "precision",
+    "projected_attention",
     "upsample2x_conv",
     "valid_conv",
 ]

@@ -119,6 +119,20 @@ class Dense(nn.Module):
         return _add_bias(kernels.matmul(x.astype(self.dtype), kernel.astype(self.dtype)), bias, self.dtype)
 
 
+class LinearWeights(nn.Module):
+    """A `Dense` layer's parameters, `kernel` (in, out) and `bias` (None without), returned unapplied for a
+    kernel that applies them itself (`kernels.projected_attention`)."""
+
+    features: int
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        return kernel, bias
+
+
 def conv(features: int, kernel: int, name: str | None, dtype, stride: int = 1, padding: int | None = None) -> Conv2d:
     """A 2-D convolution on NHWC input with PyTorch's symmetric padding ((kernel-1)//2 by default)."""
     pad = (kernel - 1) // 2 if padding is None else padding
@@ -274,14 +288,15 @@ class CrossAttention(nn.Module):
     @nn.compact
     def __call__(self, x_BNC: jax.Array, context_BMD: jax.Array | None = None) -> jax.Array:
         context_BMD = x_BNC if context_BMD is None else context_BMD
-        inner = self.heads * self.head_dim
-        q = Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x_BNC)
-        k = Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context_BMD)
-        v = Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context_BMD)
-        split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, self.head_dim)
-        out = kernels.attention(split(q), split(k), split(v), upcast=self.upcast)
-        out = out.reshape(out.shape[0], out.shape[1], inner)
-        return Dense(x_BNC.shape[-1], dtype=self.dtype, name="to_out.0")(out)
+        channels, inner = x_BNC.shape[-1], self.heads * self.head_dim
+        wq, _ = LinearWeights(inner, use_bias=False, name="to_q")(channels)
+        wk, _ = LinearWeights(inner, use_bias=False, name="to_k")(context_BMD.shape[-1])
+        wv, _ = LinearWeights(inner, use_bias=False, name="to_v")(context_BMD.shape[-1])
+        wo, bo = LinearWeights(channels, name="to_out.0")(inner)
+        x, context = x_BNC.astype(self.dtype), context_BMD.astype(self.dtype)
+        return kernels.projected_attention(
+            x, context, wq, wk, wv, wo, bo, heads=self.heads, head_dim=self.head_dim, upcast=self.upcast
+        )
 
 
 class GEGLU(nn.Module):
