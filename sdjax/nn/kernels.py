@@ -33,12 +33,13 @@ TF32 and TPUs bf16 passes by default); half-precision operands accumulate in flo
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from sdjax.nn import tpu_attention, tpu_conv
+from sdjax.nn import tpu_attention, tpu_conv, tpu_geglu
 from sdjax.nn.attention import dot_product_attention as chunked_attention
 from sdjax.nn.precision import accumulator, precision
 
@@ -521,6 +522,38 @@ def projected_attention(
     return jax.lax.platform_dependent(*args, default=plain, tpu=per_device)
 
 
+def _geglu_plain(x, w, b):
+    dtype = x.dtype
+    y = (matmul(x, w.astype(dtype)) + b.astype(accumulator(dtype))).astype(dtype)
+    hidden, gate = jnp.split(y, 2, axis=-1)
+    return hidden * jax.nn.gelu(gate, approximate=False)
+
+
+@jax.custom_vjp
+def _geglu_tpu(x, w, b):
+    """`tpu_geglu.geglu` over the rows of x (..., K); differentiated through the plain path."""
+    out = tpu_geglu.geglu(x.reshape(-1, x.shape[-1]), w.astype(x.dtype), b)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+_geglu_tpu.defvjp(lambda x, w, b: jax.vjp(_geglu_plain, x, w, b), lambda pullback, dy: pullback(dy))
+
+
+def geglu(x: jax.Array, w_KF2: jax.Array, b_F2: jax.Array) -> jax.Array:
+    """diffusers' GEGLU: x (..., K) @ w (K, 2F) + b, split into (hidden, gate), hidden * gelu(gate) with the
+    exact erf GELU; (..., F) in x's dtype. The product is accumulated in `accumulator` and rounded once, as
+    a `Dense` layer.
+
+    On the TPU, bfloat16 rows run as `tpu_geglu`'s kernel: the 2F-wide product stays in VMEM and only the
+    F-wide result is written, activated in float32 and rounded once (README "Accelerators: TPU and GPU").
+    Differentiated, the plain path runs instead."""
+    rows = math.prod(x.shape[:-1])
+    if not tpu_geglu.fits(rows, x.shape[-1], w_KF2.shape[-1] // 2, x.dtype):
+        return _geglu_plain(x, w_KF2, b_F2)
+    per_device = _per_device(_geglu_tpu, _geglu_plain, batched=(True, False, False))
+    return jax.lax.platform_dependent(x, w_KF2, b_F2, default=_geglu_plain, tpu=per_device)
+
+
 __all__ = [
     "IM2COL_MAX_POSITIONS",
     "ROWS_MAX_POSITIONS",
@@ -530,6 +563,7 @@ __all__ = [
     "conv",
     "conv2d",
     "flash_attention_tpu",
+    "geglu",
     "matmul",
     "precision",
     "projected_attention",

@@ -307,8 +307,8 @@ class GEGLU(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        hidden, gate = jnp.split(Dense(2 * self.features, dtype=self.dtype, name="proj")(x), 2, axis=-1)
-        return hidden * jax.nn.gelu(gate, approximate=False)
+        kernel, bias = LinearWeights(2 * self.features, name="proj")(x.shape[-1])
+        return kernels.geglu(x.astype(self.dtype), kernel, bias)
 
 
 class BasicTransformerBlock(nn.Module):

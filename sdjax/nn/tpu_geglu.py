@@ -1,0 +1,79 @@
+"""A Pallas TPU kernel for the GEGLU feed-forward's first half: x @ W + b split into (hidden, gate), then
+hidden * gelu(gate) (exact erf GELU), bfloat16.
+
+As XLA compiles it, the product writes both halves (2F columns) to HBM and the GEGLU fusion reads them back;
+this kernel keeps the two halves' sums in VMEM and writes only the F-wide result, rounded once. A grid
+step (column block j, row block i) multiplies a (rows, K) block of x by the hidden and the gate column
+blocks of W; the column blocks are the outer loop, so each weight block is read once and x once per
+column block.
+
+The declared cost is the product's FLOPs, one erf per output, and the bytes of x (once per column block),
+W and the output.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+ROW_BLOCK = 512  # rows of x per grid step (at most)
+WEIGHT_BLOCK_BYTES = 8 * 2**20  # hidden + gate column blocks held in VMEM
+VMEM_LIMIT_BYTES = 64 * 2**20
+
+
+def _largest_divisor(n: int, limit: int, step: int) -> int:
+    """The largest multiple of `step` that divides n and is <= limit (n itself a multiple of step)."""
+    best = step
+    for size in range(step, min(n, limit) + 1, step):
+        if n % size == 0:
+            best = size
+    return best
+
+
+def fits(rows: int, in_features: int, features: int, dtype) -> bool:
+    """Whether the kernel takes this GEGLU: bfloat16, whole sublane tiles of rows, F in 128-lane tiles."""
+    return jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and rows % 8 == 0 and features % 128 == 0 and in_features > 0
+
+
+def _geglu_kernel(x_ref, wh_ref, wg_ref, bh_ref, bg_ref, out_ref):
+    x = x_ref[...]
+    hidden = jnp.dot(x, wh_ref[...], preferred_element_type=jnp.float32) + bh_ref[...]
+    gate = jnp.dot(x, wg_ref[...], preferred_element_type=jnp.float32) + bg_ref[...]
+    gelu = 0.5 * gate * (1.0 + jax.lax.erf(gate * (2.0**-0.5)))
+    out_ref[...] = (hidden * gelu).astype(out_ref.dtype)
+
+
+def geglu(x_MK: jax.Array, w_KF2: jax.Array, b_F2: jax.Array) -> jax.Array:
+    """(M, K) @ (K, 2F) + (2F,) -> hidden (first F columns) * gelu(gate) (last F): (M, F) in x's dtype,
+    summed and activated in float32, rounded once. Needs `fits`."""
+    m, k = x_MK.shape
+    f = w_KF2.shape[1] // 2
+    itemsize = x_MK.dtype.itemsize
+    cols = _largest_divisor(f, max(128, WEIGHT_BLOCK_BYTES // (2 * 2 * k * itemsize)), 128)
+    rows = _largest_divisor(m, ROW_BLOCK, 8)
+    col_blocks = f // cols
+    cost = pl.CostEstimate(
+        flops=2 * m * k * 2 * f,
+        transcendentals=m * f,
+        bytes_accessed=(x_MK.size * col_blocks + w_KF2.size + m * f) * itemsize + 2 * f * 4,
+    )
+    bias = b_F2.astype(jnp.float32).reshape(1, 2 * f)
+    return pl.pallas_call(
+        _geglu_kernel,
+        grid=(col_blocks, m // rows),
+        in_specs=[
+            pl.BlockSpec((rows, k), lambda j, i: (i, 0)),
+            pl.BlockSpec((k, cols), lambda j, i: (0, j)),
+            pl.BlockSpec((k, cols), lambda j, i: (0, j + col_blocks)),
+            pl.BlockSpec((1, cols), lambda j, i: (0, j)),
+            pl.BlockSpec((1, cols), lambda j, i: (0, j + col_blocks)),
+        ],
+        out_specs=pl.BlockSpec((rows, cols), lambda j, i: (i, j)),
+        out_shape=jax.ShapeDtypeStruct((m, f), x_MK.dtype),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel"), vmem_limit_bytes=VMEM_LIMIT_BYTES
+        ),
+        cost_estimate=cost,
+    )(x_MK, w_KF2, w_KF2, bias, bias)
