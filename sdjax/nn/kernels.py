@@ -1,10 +1,9 @@
 """The kernels behind the layers, chosen per target platform: attention, convolutions and products.
 
-The layers call `attention`, `projected_attention`, `biased_conv`, `conv`, `conv2d` and `matmul` and never
-name a backend. Each
-choice is made with `jax.lax.platform_dependent`, so it follows the platform a program is lowered for (a
-TPU topology compiled on a CPU host gets the TPU kernels, although the host's own backend is the CPU), and
-only the chosen branch is lowered. The measurements behind each choice are in the README ("Kernel
+The layers call `attention`, `projected_attention`, `geglu`, `biased_conv`, `conv`, `conv2d` and `matmul`
+and never name a backend. Each choice is made with `jax.lax.platform_dependent`, so it follows the
+platform a program is lowered for (a TPU topology compiled on a CPU host gets the TPU kernels, although
+the host's own backend is the CPU), and only the chosen branch is lowered. The measurements behind each choice are in the README ("Kernel
 choices on XLA:CPU" and "Accelerators: TPU and GPU").
 
 | operation              | cpu                                | tpu                         | cuda / rocm             |
@@ -21,6 +20,8 @@ choices on XLA:CPU" and "Accelerators: TPU and GPU").
 |                        |                                    | VMEM; else one product      |                         |
 |                        |                                    | per tap up to 512 rows      |                         |
 |                        |                                    | (`_tpu_form`), else XLA     |                         |
+| GEGLU feed-forward     | product, split, erf GELU           | bf16: Pallas kernel         | as cpu                  |
+|                        |                                    | (tpu_geglu.py)              |                         |
 | 1x1 conv               | one product in half precision      | one product up to 32,768    | XLA convolution         |
 |                        |                                    | rows, else XLA              |                         |
 | nearest 2x + 3x3 conv  | sub-pixel 2x2 convs on large maps  | repeat, then as 3x3 conv    | repeat, then XLA        |
