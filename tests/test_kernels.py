@@ -74,7 +74,6 @@ def _packed(q, k, v):
         (1024, 1024, 3, 40),  # two query blocks, two key blocks: the online softmax across blocks
         (136, 77, 5, 64),  # SD 2's heads, 2 to a group, an odd count; cross-attention's masked key padding
         (64, 600, 10, 64),  # 10 heads of 64 = 5 whole groups (no regrouping); a partly padded last key block
-        (72, 200, 2, 80),  # one head to a group
         (64, 64, 1, 128),  # a head filling its group
     ],
 )
@@ -143,7 +142,7 @@ def test_projected_attention_lowers_to_the_packed_kernel_on_the_tpu():
     assert "tpu_custom_call" not in lower("cpu", 8, 40, jnp.bfloat16)
 
 
-@pytest.mark.parametrize("rows, in_features, features", [(2 * 64, 320, 1280), (24, 2048, 1280), (1032, 64, 384)])
+@pytest.mark.parametrize("rows, in_features, features", [(2 * 64, 320, 1280), (1032, 2048, 1280)])
 def test_tpu_geglu_is_the_layers_feed_forward(rows, in_features, features):
     """The TPU branch (`tpu_geglu`: the product's two halves kept in VMEM, erf GELU in float32, rounded once)
     against the other backends' (a Dense layer rounded to bfloat16, then the GELU); several row and column
