@@ -3,8 +3,8 @@
 The layers call `attention`, `projected_attention`, `geglu`, `biased_conv`, `conv`, `conv2d` and `matmul`
 and never name a backend. Each choice is made with `jax.lax.platform_dependent`, so it follows the
 platform a program is lowered for (a TPU topology compiled on a CPU host gets the TPU kernels, although
-the host's own backend is the CPU), and only the chosen branch is lowered. The measurements behind each choice are in the README ("Kernel
-choices on XLA:CPU" and "Accelerators: TPU and GPU").
+the host's own backend is the CPU), and only the chosen branch is lowered. The measurements behind each
+choice are in the README ("Kernel choices on XLA:CPU" and "Accelerators: TPU and GPU").
 
 | operation              | cpu                                | tpu                         | cuda / rocm             |
 |------------------------|------------------------------------|-----------------------------|-------------------------|
@@ -513,7 +513,8 @@ def projected_attention(
     On the TPU, bfloat16 heads of at most 128 lanes skip the (B, N, H, D) layout altogether: the projection
     weights are regrouped so that q, k and v come out of their products already packed, `128 // D` heads to
     a lane group, and `tpu_attention`'s kernel attends in that layout (README "Accelerators: TPU and GPU"
-    for the figures). Differentiated, the plain path runs instead."""
+    for the figures). `upcast` needs nothing more there: bfloat16 products summed in float32 are exact, as
+    float32 operands would give. Differentiated, the plain path runs instead."""
     args = (x_BNC, context_BMD, wq_CI, wk_DI, wv_DI, wo_IC, bo_C)
     plain = functools.partial(_projected_attention_plain, heads, head_dim, upcast)
     if x_BNC.dtype != jnp.bfloat16 or head_dim > TPU_LANES:
@@ -548,10 +549,12 @@ def geglu(x: jax.Array, w_KF2: jax.Array, b_F2: jax.Array) -> jax.Array:
     On the TPU, bfloat16 rows run as `tpu_geglu`'s kernel: the 2F-wide product stays in VMEM and only the
     F-wide result is written, activated in float32 and rounded once (README "Accelerators: TPU and GPU").
     Differentiated, the plain path runs instead."""
-    rows = math.prod(x.shape[:-1])
-    if not tpu_geglu.fits(rows, x.shape[-1], w_KF2.shape[-1] // 2, x.dtype):
-        return _geglu_plain(x, w_KF2, b_F2)
-    per_device = _per_device(_geglu_tpu, _geglu_plain, batched=(True, False, False))
+
+    def tpu(x, w, b):  # the rows of one device: under a mesh fewer than the whole batch's
+        fits = tpu_geglu.fits(math.prod(x.shape[:-1]), x.shape[-1], w.shape[-1] // 2, x.dtype)
+        return _geglu_tpu(x, w, b) if fits else _geglu_plain(x, w, b)
+
+    per_device = _per_device(tpu, _geglu_plain, batched=(True, False, False))
     return jax.lax.platform_dependent(x, w_KF2, b_F2, default=_geglu_plain, tpu=per_device)
 
 
