@@ -371,8 +371,8 @@ def flash_attention_tpu(q_BQHD, k_BKHD, v_BKHD, *, block: int = 512) -> jax.Arra
     if k_pad != k_len:
         kv_ids = jnp.broadcast_to((jnp.arange(k_pad) < k_len).astype(jnp.int32), (b, k_pad))
         segments = tpu_flash.SegmentIds(q=jnp.ones((b, q_pad), jnp.int32), kv=kv_ids)
-    block_q = _largest_block(q_pad, block)
-    block_k = _largest_block(k_pad, block)
+    block_q = tpu_conv.largest_divisor(q_pad, block, TPU_LANES)
+    block_k = tpu_conv.largest_divisor(k_pad, block, TPU_LANES)
     sizes = tpu_flash.BlockSizes(
         block_q=block_q,
         block_k_major=block_k,
@@ -388,15 +388,6 @@ def flash_attention_tpu(q_BQHD, k_BKHD, v_BKHD, *, block: int = 512) -> jax.Arra
     )
     out = tpu_flash.flash_attention(q, k, v, segment_ids=segments, sm_scale=d**-0.5, block_sizes=sizes)
     return out.transpose(0, 2, 1, 3)[:, :q_len, :, :d]
-
-
-def _largest_block(length: int, limit: int) -> int:
-    """The largest multiple of 128 that divides `length` (itself a multiple of 128) and is <= limit."""
-    best = TPU_LANES
-    for size in range(TPU_LANES, min(length, limit) + 1, TPU_LANES):
-        if length % size == 0:
-            best = size
-    return best
 
 
 def _per_device(kernel, fallback, batched: tuple[bool, ...] | None = None):

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from sdjax.nn import tpu_conv
+
 LANES = 128  # a lane group: the TPU's vector and matrix-unit width
 BLOCK = 512  # tokens per query or key block (at most)
 _NEG = -1e30  # the running maximum's start and masked scores: exp() of it is 0, and no inf - inf
@@ -46,14 +48,6 @@ def pack(x_BTC: jax.Array, head_dim: int) -> jax.Array:
     groups = [x_BTC[..., start : start + width] for start in range(0, c, width)]
     pad = lambda g: jnp.pad(g, ((0, 0), (0, 0), (0, LANES - g.shape[-1])))  # noqa: E731
     return jnp.concatenate([pad(g) for g in groups], axis=-1)
-
-
-def _block(length: int) -> int:
-    """The largest block of at most BLOCK tokens that divides `length` (a multiple of 8), in multiples of 8."""
-    size = min(length, BLOCK)
-    while length % size:
-        size -= 8
-    return size
 
 
 def _attention_kernel(q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, p, d, scale, key_len, block_k, masked):
@@ -113,7 +107,8 @@ def packed_attention(q_BQL, k_BKL, v_BKL, *, heads: int, head_dim: int, key_len:
         raise ValueError(f"packed_attention: token counts {q_len}, {k_len} or lanes {lanes} not tileable")
     p = heads_per_group(head_dim)
     groups = lanes // LANES
-    block_q, block_k = _block(q_len), _block(k_len)
+    block_q = tpu_conv.largest_divisor(q_len, BLOCK, 8)
+    block_k = tpu_conv.largest_divisor(k_len, BLOCK, 8)
     itemsize = q_BQL.dtype.itemsize
     cost = pl.CostEstimate(
         flops=4 * b * heads * q_len * key_len * head_dim,

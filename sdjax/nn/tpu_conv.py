@@ -33,6 +33,16 @@ def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def largest_divisor(n: int, limit: int, step: int) -> int:
+    """The largest multiple of `step` that divides n and is <= limit (`step` when none is; n itself a
+    multiple of step): block sizes of the Pallas kernels."""
+    best = step
+    for size in range(step, min(n, limit) + 1, step):
+        if n % size == 0:
+            best = size
+    return best
+
+
 def fits(x_BHWC_shape, out_channels: int, dtype) -> bool:
     """Whether the kernel takes this convolution: bfloat16 (float32 keeps XLA's convolution at
     `Precision.HIGHEST`, the parity mode; Mosaic cannot load float16 vectors on a v5e), the width a multiple

@@ -18,18 +18,11 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from sdjax.nn import tpu_conv
+
 ROW_BLOCK = 512  # rows of x per grid step (at most)
 WEIGHT_BLOCK_BYTES = 8 * 2**20  # hidden + gate column blocks held in VMEM
 VMEM_LIMIT_BYTES = 64 * 2**20
-
-
-def _largest_divisor(n: int, limit: int, step: int) -> int:
-    """The largest multiple of `step` that divides n and is <= limit (n itself a multiple of step)."""
-    best = step
-    for size in range(step, min(n, limit) + 1, step):
-        if n % size == 0:
-            best = size
-    return best
 
 
 def fits(rows: int, in_features: int, features: int, dtype) -> bool:
@@ -51,8 +44,8 @@ def geglu(x_MK: jax.Array, w_KF2: jax.Array, b_F2: jax.Array) -> jax.Array:
     m, k = x_MK.shape
     f = w_KF2.shape[1] // 2
     itemsize = x_MK.dtype.itemsize
-    cols = _largest_divisor(f, max(128, WEIGHT_BLOCK_BYTES // (2 * 2 * k * itemsize)), 128)
-    rows = _largest_divisor(m, ROW_BLOCK, 8)
+    cols = tpu_conv.largest_divisor(f, max(128, WEIGHT_BLOCK_BYTES // (2 * 2 * k * itemsize)), 128)
+    rows = tpu_conv.largest_divisor(m, ROW_BLOCK, 8)
     col_blocks = f // cols
     cost = pl.CostEstimate(
         flops=2 * m * k * 2 * f,
