@@ -233,6 +233,74 @@ def test_biased_conv_on_the_tpu_is_the_layers_convolution():
         np.testing.assert_allclose(ours.astype(jnp.float32), plain.astype(jnp.float32), rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize(
+    "shape, out_channels",
+    [
+        ((2, 6, 16, 24), 256),  # three row blocks of two input rows, two output-channel blocks
+        ((1, 8, 8, 8), 128),  # one row block: both halos are the image's zero padding
+    ],
+)
+def test_tpu_upsample_conv_equals_the_repeated_maps_convolution(monkeypatch, shape, out_channels):
+    """conv3x3(nearest_2x(x)) + bias as the Pallas kernel that never builds the repeated map (interpret
+    mode), against XLA's convolution of the repeated map: the same bfloat16 products summed in float32, so
+    all but a few outputs (sums rounded the other way) are equal and none is more than one step apart."""
+    c = shape[-1]
+    monkeypatch.setattr(tpu_conv, "TARGET_ROWS", 4 * shape[2])  # two input rows per grid step when upsampling
+    monkeypatch.setattr(tpu_conv, "WEIGHT_BLOCK_BYTES", 9 * c * 128 * 2)
+    x = jax.random.normal(jax.random.key(20), shape, jnp.bfloat16)
+    kernel = (jax.random.normal(jax.random.key(21), (3, 3, c, out_channels)) * 0.2).astype(jnp.bfloat16)
+    bias = jax.random.normal(jax.random.key(22), (out_channels,))
+    with pltpu.force_tpu_interpret_mode():
+        ours = tpu_conv.upsample2x_conv3x3(x, kernel, bias)
+    reference = tpu_conv._upsample_reference(x, kernel, bias)
+    b, h, w, _ = shape
+    assert ours.shape == reference.shape == (b, 2 * h, 2 * w, out_channels) and ours.dtype == jnp.bfloat16
+    ours, reference = np.asarray(ours, np.float32), np.asarray(reference, np.float32)
+    np.testing.assert_allclose(ours, reference, rtol=8e-3, atol=1e-2)
+    assert np.mean(ours == reference) > 0.99
+
+
+def test_interleaved_bfloat16_rounds_like_a_cast():
+    """The upsampling kernel's output packing: rows interleaved, each value rounded to nearest-even
+    bfloat16 exactly as `astype` does, NaN and infinities kept."""
+    even = jax.random.normal(jax.random.key(23), (16, 128)) * 100
+    halfway = jax.lax.bitcast_convert_type(jnp.arange(16 * 128, dtype=jnp.uint32) * 0x10000 + 0x3F808000, jnp.float32)
+    odd = halfway.reshape(16, 128).at[0, :4].set(jnp.array([jnp.nan, jnp.inf, -jnp.inf, -0.0]))
+    packed = jax.jit(tpu_conv._interleaved_bfloat16)(even, odd)
+    expected = jnp.stack([even, odd], axis=1).reshape(32, 128).astype(jnp.bfloat16)
+    assert packed.dtype == jnp.bfloat16 and packed.shape == (32, 128)
+    same = jax.lax.bitcast_convert_type(packed, jnp.uint16) == jax.lax.bitcast_convert_type(expected, jnp.uint16)
+    assert bool(jnp.all(same | (jnp.isnan(packed) & jnp.isnan(expected))))
+
+
+def test_tpu_upsample_conv_gradients_are_xlas():
+    x = jax.random.normal(jax.random.key(24), (1, 4, 8, 8), jnp.bfloat16)
+    kernel = (jax.random.normal(jax.random.key(25), (3, 3, 8, 128)) * 0.1).astype(jnp.bfloat16)
+    bias = jax.random.normal(jax.random.key(26), (128,))
+    weights = jax.random.normal(jax.random.key(27), (1, 8, 16, 128))
+    loss = lambda conv: lambda x, k, b: jnp.sum(conv(x, k, b).astype(jnp.float32) * weights)  # noqa: E731
+    with pltpu.force_tpu_interpret_mode():
+        ours = jax.grad(loss(tpu_conv.upsample2x_conv3x3), (0, 1, 2))(x, kernel, bias)
+    reference = jax.grad(loss(tpu_conv._upsample_reference), (0, 1, 2))(x, kernel, bias)
+    for a, b in zip(ours, reference, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_upsampling_convolutions_lower_to_one_kernel_on_the_tpu():
+    """With whole 128-lane output tiles, nearest 2x + 3x3 conv is one Pallas call and no repeated map;
+    otherwise the repeat, then the convolution kernel."""
+
+    def lower(out_channels):
+        kernel = jnp.ones((3, 3, 16, out_channels), jnp.bfloat16)
+        f = jax.jit(kernels.biased_conv, static_argnums=(3, 4, 5))
+        x = jnp.ones((2, 8, 8, 16), jnp.bfloat16)
+        return jax.export.export(f, platforms=("tpu",))(x, kernel, jnp.zeros(out_channels), 1, 1, True).mlir_module()
+
+    fused, repeated = lower(128), lower(16)
+    assert fused.count("tpu_custom_call") == 1 and "broadcast_in_dim" not in fused.split("tpu_custom_call")[0]
+    assert repeated.count("tpu_custom_call") == 1 and "broadcast_in_dim" in repeated
+
+
 def test_tpu_conv_takes_bfloat16_maps_that_fit():
     assert tpu_conv.fits((2, 64, 64, 960), 320, jnp.bfloat16)
     assert not tpu_conv.fits((2, 64, 64, 320), 320, jnp.float32)  # the parity mode keeps XLA's
@@ -240,6 +308,10 @@ def test_tpu_conv_takes_bfloat16_maps_that_fit():
     assert tpu_conv.fits((2, 8, 8, 1280), 1280, jnp.bfloat16)
     assert not tpu_conv.fits((2, 8, 12, 1280), 1280, jnp.bfloat16)  # width not whole sublane tiles
     assert not tpu_conv.fits((2, 128, 128, 960), 320, jnp.bfloat16)  # the whole image exceeds VMEM
+    # upsampling: the input image in VMEM, not the repeated one; whole 128-lane output tiles
+    assert tpu_conv.fits((1, 128, 128, 512), 512, jnp.bfloat16, upsample2x=True)  # SD's VAE, to 256x256
+    assert not tpu_conv.fits((1, 256, 256, 512), 512, jnp.bfloat16)
+    assert not tpu_conv.fits((2, 32, 32, 640), 320, jnp.bfloat16, upsample2x=True)
 
 
 @pytest.mark.parametrize("stride, padding", [(1, 1), (2, 1), (1, 0)])

@@ -24,7 +24,10 @@ choice are in the README ("Kernel choices on XLA:CPU" and "Accelerators: TPU and
 |                        |                                    | (tpu_geglu.py)              |                         |
 | 1x1 conv               | one product in half precision      | one product up to 32,768    | XLA convolution         |
 |                        |                                    | rows, else XLA              |                         |
-| nearest 2x + 3x3 conv  | sub-pixel 2x2 convs on large maps  | repeat, then as 3x3 conv    | repeat, then XLA        |
+| nearest 2x + 3x3 conv  | sub-pixel 2x2 convs on large maps  | bf16, whole 128-lane output | repeat, then XLA        |
+|                        |                                    | tiles: Pallas kernel on the |                         |
+|                        |                                    | unrepeated map; else repeat,|                         |
+|                        |                                    | then as 3x3 conv            |                         |
 | conv gradients         | per-tap matrix products            | XLA's                       | XLA's                   |
 
 Precision: float32 products and convolutions ask for `Precision.HIGHEST` (the parity mode: GPUs would use
@@ -247,24 +250,34 @@ def biased_conv(
     `conv`, or with `upsample2x` (3x3, padding 1) `upsample2x_conv`, then the bias.
 
     On the TPU, bfloat16 3x3 stride-1 convolutions that `tpu_conv.fits` run as sdjax's Pallas kernel, the
-    bias added inside and the output written in bfloat16 (the upsampling ones on the repeated map). SD
-    1.5's UNet CFG step on one v5e chip (bf16, cost model; README "Accelerators"): 21.70 ms with XLA's
-    convolutions and taps; 17.50 ms with the kernel on maps of widths 16 to 64; 16.34 ms also on the 8x8
-    maps (taps before); 16.06 ms with the bias added and bfloat16 written inside the kernel (before: a
-    float32 output that the next op read back)."""
-    upsample = _nearest_2x if upsample2x else (lambda x: x)
+    bias added inside and the output written in bfloat16. SD 1.5's UNet CFG step on one v5e chip (bf16,
+    cost model; README "Accelerators"): 21.70 ms with XLA's convolutions and taps; 17.50 ms with the kernel
+    on maps of widths 16 to 64; 16.34 ms also on the 8x8 maps (taps before); 16.06 ms with the bias added
+    and bfloat16 written inside the kernel (before: a float32 output that the next op read back).
+
+    Upsampling ones with whole 128-lane output tiles run as `tpu_conv.upsample2x_conv3x3`, which never
+    builds the repeated map (XLA wrote it in a layout with two rows per tile: 1.84 ms for SD 1.5's
+    64x64x640 map at batch 4); the others on the repeated map. At batch 4 (cost model, with a SiLU after):
+    8x8x1280 0.351 -> 0.142 ms, 16x16x1280 1.404 -> 0.568 ms, 32x32x640 1.612 -> 0.625 ms; the UNet CFG
+    step 49.22 -> 46.23 ms."""
 
     def plain(x, k, b):
         y = upsample2x_conv(x, k) if upsample2x else conv(x, k, stride, padding)
         return (y + b.astype(y.dtype)).astype(x.dtype)
 
     b, h, w, c = x_BHWC.shape
-    shape = (b, 2 * h, 2 * w, c) if upsample2x else (b, h, w, c)
-    is_3x3 = kernel_HWIO.shape[:2] == (3, 3) and stride == 1 and padding == 1
     out_channels = kernel_HWIO.shape[-1]
-    if not (is_3x3 and tpu_conv.fits(shape, out_channels, x_BHWC.dtype) and _tpu_pallas(shape[0], out_channels)):
+    if not (kernel_HWIO.shape[:2] == (3, 3) and stride == 1 and padding == 1):
         return plain(x_BHWC, kernel_HWIO, bias_O)
-    pallas = _per_device(lambda x, k, b: tpu_conv.conv3x3(upsample(x), k, b), plain, batched=(True, False, False))
+    if upsample2x and tpu_conv.fits(x_BHWC.shape, out_channels, x_BHWC.dtype, upsample2x=True):
+        kernel = tpu_conv.upsample2x_conv3x3
+    elif tpu_conv.fits((b, 2 * h, 2 * w, c) if upsample2x else x_BHWC.shape, out_channels, x_BHWC.dtype):
+        kernel = (lambda x, k, b: tpu_conv.conv3x3(_nearest_2x(x), k, b)) if upsample2x else tpu_conv.conv3x3
+        if not _tpu_pallas(b, out_channels):
+            return plain(x_BHWC, kernel_HWIO, bias_O)
+    else:
+        return plain(x_BHWC, kernel_HWIO, bias_O)
+    pallas = _per_device(kernel, plain, batched=(True, False, False))
     return jax.lax.platform_dependent(x_BHWC, kernel_HWIO, bias_O, default=plain, tpu=pallas)
 
 

@@ -16,6 +16,7 @@ and the bytes of the input, the weights and the output.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -43,30 +44,35 @@ def largest_divisor(n: int, limit: int, step: int) -> int:
     return best
 
 
-def fits(x_BHWC_shape, out_channels: int, dtype) -> bool:
-    """Whether the kernel takes this convolution: bfloat16 (float32 keeps XLA's convolution at
-    `Precision.HIGHEST`, the parity mode; Mosaic cannot load float16 vectors on a v5e), the width a multiple
-    of 8 (row windows are reshaped to (rows * W, C): whole sublane tiles), and its VMEM blocks
-    (one whole input image, the weight block, the output block, each double-buffered, and the float32
-    partial sums) within VMEM_LIMIT_BYTES."""
+def fits(x_BHWC_shape, out_channels: int, dtype, upsample2x: bool = False) -> bool:
+    """Whether the kernel takes this convolution (`conv3x3`, or with `upsample2x` `upsample2x_conv3x3` of
+    this input): bfloat16 (float32 keeps XLA's convolution at `Precision.HIGHEST`, the parity mode; Mosaic
+    cannot load float16 vectors on a v5e), the width a multiple of 8 (row windows are reshaped to (rows * W,
+    C): whole sublane tiles), output channels whole 128-lane tiles when upsampling (the interleaved output
+    is built a tile at a time), and its VMEM blocks (one whole input image, the weight block, the output
+    block, each double-buffered, and the float32 partial sums) within VMEM_LIMIT_BYTES."""
     _, h, w, c = x_BHWC_shape
-    if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16) or w % 8:
+    if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16) or w % 8 or (upsample2x and out_channels % MXU):
         return False
     itemsize = jnp.dtype(dtype).itemsize
-    rows, o_block = _blocks(h, w, c, out_channels, itemsize)
+    rows, o_block = _blocks(h, w, c, out_channels, itemsize, upsample2x)
     lanes_c, lanes_o = round_up(c, MXU), round_up(o_block, MXU)
     image = 2 * h * w * lanes_c * itemsize
     weights = 2 * 9 * lanes_c * lanes_o * itemsize
     scratch = (rows + 2) * w * lanes_c * itemsize
-    sums = 6 * rows * w * lanes_o * 4  # output block (double-buffered), three partial sums, one temporary
+    if upsample2x:  # output block (double-buffered), three shared and three parity sums, four temporaries
+        sums = 2 * 4 * rows * w * lanes_o * itemsize + 10 * rows * w * lanes_o * 4
+    else:  # output block (double-buffered), three partial sums, one temporary
+        sums = 6 * rows * w * lanes_o * 4
     return image + weights + scratch + sums <= VMEM_LIMIT_BYTES * 3 // 4
 
 
-def _blocks(h: int, w: int, c: int, o: int, itemsize: int) -> tuple[int, int]:
-    """(rows per grid step, output channels per grid step): rows x W near TARGET_ROWS and dividing H;
-    output channels a multiple of 128 dividing O whose weight block fits WEIGHT_BLOCK_BYTES (all of O when
-    O is not a multiple of 128)."""
-    rows = max(1, min(h, TARGET_ROWS // w))
+def _blocks(h: int, w: int, c: int, o: int, itemsize: int, upsample2x: bool = False) -> tuple[int, int]:
+    """(input rows per grid step, output channels per grid step): rows x W near TARGET_ROWS (half of it when
+    upsampling: each input position gives four outputs) and dividing H; output channels a multiple of 128
+    dividing O whose weight block fits WEIGHT_BLOCK_BYTES (all of O when O is not a multiple of 128)."""
+    target = TARGET_ROWS // 2 if upsample2x else TARGET_ROWS
+    rows = max(1, min(h, target // w))
     while h % rows:
         rows -= 1
     o_block = o
@@ -76,17 +82,10 @@ def _blocks(h: int, w: int, c: int, o: int, itemsize: int) -> tuple[int, int]:
     return rows, o_block
 
 
-def _conv_kernel(x_ref, w_ref, bias_ref, out_ref, rows_ref, *, rows: int):
-    """One grid step: output rows [r * rows, (r + 1) * rows) of one image, O_block channels, plus the bias,
-    rounded once to the output dtype.
-
-    The input rows it needs (one halo row above and below, zero outside the image) are copied into
-    `rows_ref` (rows + 2, W, C); kernel row i reads its rows i..i + rows, as one (rows * W, C) matrix, and
-    kernel column j's product Y_j is shifted along W by j - 1 on the output side (rolled, with the wrapped
-    column zeroed), so no input is ever read at an unaligned offset."""
-    r = pl.program_id(2)
+def _copy_rows_with_halo(x_ref, rows_ref, top, rows: int) -> None:
+    """Copies rows [top - 1, top + rows + 1) of the image in `x_ref` (1, H, W, C) into `rows_ref`
+    (rows + 2, W, C), with zero rows where the halo falls outside the image."""
     height, width, channels = x_ref.shape[1:]
-    top = r * rows
     rows_ref[pl.ds(1, rows)] = x_ref[0, pl.ds(top, rows)]
     zero_row = jnp.zeros((1, width, channels), rows_ref.dtype)
 
@@ -106,54 +105,88 @@ def _conv_kernel(x_ref, w_ref, bias_ref, out_ref, rows_ref, *, rows: int):
     def _():
         rows_ref[pl.ds(rows + 1, 1)] = zero_row
 
+
+def _shifted_columns(y, width: int, shift: int):
+    """y (rows * W, O), row-major over (row, column), with each column taking column `column + shift`'s
+    values (shift -1 or +1), zero where that falls outside the row: a roll along the rows, the wrapped
+    column zeroed."""
+    n = y.shape[0]
+    column = jax.lax.broadcasted_iota(jnp.int32, (n, 1), 0) % width
+    if shift == -1:
+        return jnp.where(column == 0, 0.0, pltpu.roll(y, 1, 0))
+    return jnp.where(column == width - 1, 0.0, pltpu.roll(y, n - 1, 0))
+
+
+def _conv_kernel(x_ref, w_ref, bias_ref, out_ref, rows_ref, *, rows: int):
+    """One grid step: output rows [r * rows, (r + 1) * rows) of one image, O_block channels, plus the bias,
+    rounded once to the output dtype.
+
+    The input rows it needs (one halo row above and below, zero outside the image) are copied into
+    `rows_ref` (rows + 2, W, C); kernel row i reads its rows i..i + rows, as one (rows * W, C) matrix, and
+    kernel column j's product Y_j is shifted along W by j - 1 on the output side (rolled, with the wrapped
+    column zeroed), so no input is ever read at an unaligned offset."""
+    width, channels = x_ref.shape[2:]
+    _copy_rows_with_halo(x_ref, rows_ref, pl.program_id(2) * rows, rows)
     by_column = [None, None, None]
     for i in range(3):
         window = rows_ref[pl.ds(i, rows)].reshape(rows * width, channels)
         for j in range(3):
             part = jnp.dot(window, w_ref[i, j], preferred_element_type=jnp.float32)
             by_column[j] = part if by_column[j] is None else by_column[j] + part
-    n = rows * width
-    column = jax.lax.broadcasted_iota(jnp.int32, (n, 1), 0) % width
-    left = jnp.where(column == 0, 0.0, pltpu.roll(by_column[0], 1, 0))  # y[w] += Y_0[w - 1]
-    right = jnp.where(column == width - 1, 0.0, pltpu.roll(by_column[2], n - 1, 0))  # y[w] += Y_2[w + 1]
+    left = _shifted_columns(by_column[0], width, -1)  # y[w] += Y_0[w - 1]
+    right = _shifted_columns(by_column[2], width, +1)  # y[w] += Y_2[w + 1]
     y = by_column[1] + left + right + bias_ref[...]
     out_ref[0] = y.reshape(rows, width, -1).astype(out_ref.dtype)
 
 
-@jax.custom_vjp
-def conv3x3(x_BHWC: jax.Array, kernel_HWIO: jax.Array, bias_O: jax.Array) -> jax.Array:
-    """3x3 convolution, stride 1, zero padding 1, plus a bias: (B, H, W, C), (3, 3, C, O), (O,) ->
-    (B, H, W, O) in x's dtype, summed in float32 and rounded once. Gradients are XLA's (training on TPU
-    differentiates the plain convolution)."""
-    b, h, w, c = x_BHWC.shape
-    o = kernel_HWIO.shape[-1]
-    itemsize = x_BHWC.dtype.itemsize
-    rows, o_block = _blocks(h, w, c, o, itemsize)
-    cost = pl.CostEstimate(
-        flops=2 * b * h * w * 9 * round_up(c, MXU) * round_up(o, MXU),
-        transcendentals=0,
-        bytes_accessed=(x_BHWC.size + kernel_HWIO.size + b * h * w * o) * itemsize + o * 4,
-    )
-    return pl.pallas_call(
-        functools.partial(_conv_kernel, rows=rows),
-        grid=(b, o // o_block, h // rows),
-        in_specs=[
-            pl.BlockSpec((1, h, w, c), lambda n, k, r: (n, 0, 0, 0)),
-            pl.BlockSpec((3, 3, c, o_block), lambda n, k, r: (0, 0, 0, k)),
-            pl.BlockSpec((1, o_block), lambda n, k, r: (0, k)),
-        ],
-        out_specs=pl.BlockSpec((1, rows, w, o_block), lambda n, k, r: (n, r, 0, k)),
-        out_shape=jax.ShapeDtypeStruct((b, h, w, o), x_BHWC.dtype),
-        scratch_shapes=[pltpu.VMEM((rows + 2, w, c), x_BHWC.dtype)],
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=VMEM_LIMIT_BYTES
-        ),
-        cost_estimate=cost,
-    )(x_BHWC, kernel_HWIO, bias_O.astype(jnp.float32).reshape(1, o))
+def _bfloat16_bits(y):
+    """float32 y's bfloat16 rounding (to nearest, ties to even; NaN stays NaN) in the upper 16 bits of a
+    uint32."""
+    bits = jax.lax.bitcast_convert_type(y, jnp.uint32)
+    rounded = bits + jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))
+    return jnp.where(jnp.isnan(y), jnp.uint32(0x7FC00000), rounded)
+
+
+def _interleaved_bfloat16(even, odd):
+    """Two float32 (n, O) arrays as one bfloat16 (2n, O): row 2i is even[i], row 2i + 1 is odd[i], each
+    rounded once. A bfloat16 tile packs rows 2i and 2i + 1 into one 32-bit word (the lower half first), so
+    the words are built with integer operations and reinterpreted, with no sublane shuffle."""
+    words = (_bfloat16_bits(odd) & jnp.uint32(0xFFFF0000)) | (_bfloat16_bits(even) >> 16)
+    return pltpu.bitcast(words, jnp.bfloat16)
+
+
+def _upsample_conv_kernel(x_ref, w_ref, bias_ref, out_ref, rows_ref, *, rows: int):
+    """One grid step of conv3x3(nearest_2x(x)) + bias: input rows [r * rows, (r + 1) * rows) of one image
+    give output rows [2 r * rows, 2 (r + 1) * rows), O_block channels, as `out_ref` (1, rows, 2, 2W, O_block).
+
+    Output row 2i + a, column 2j + b reads the repeated map's rows 2i + a - 1 .. 2i + a + 1, i.e. input rows
+    (i - 1, i, i) for a = 0 and (i, i, i + 1) for a = 1 under kernel rows 0, 1, 2 (columns likewise with j and
+    b). So with window s the input rows shifted by s - 1 and Y[s, i, j] = window_s @ kernel[i, j], parity
+    a's kernel-column sums are S_a[j] = Y[0, 0, j] + Y[1, 1, j] + Y[1, 2, j] (a = 0) or Y[1, 0, j] + Y[1, 1, j]
+    + Y[2, 2, j] (a = 1): 15 distinct products of the input's size, where the repeated map needs 36. Column
+    2j sums S[0] at column j - 1, S[1] and S[2]; column 2j + 1 sums S[0], S[1] and S[2] at column j + 1. The
+    products are the repeated map's exactly (the same bfloat16 operands, summed in float32)."""
+    width, channels = x_ref.shape[2:]
+    _copy_rows_with_halo(x_ref, rows_ref, pl.program_id(2) * rows, rows)
+    n = rows * width
+    windows = [rows_ref[pl.ds(s, rows)].reshape(n, channels) for s in range(3)]
+
+    def product(s, i, j):
+        return jnp.dot(windows[s], w_ref[i, j], preferred_element_type=jnp.float32)
+
+    shared = [product(1, 1, j) for j in range(3)]
+    for a in range(2):
+        if a == 0:
+            sums = [product(0, 0, j) + shared[j] + product(1, 2, j) for j in range(3)]
+        else:
+            sums = [product(1, 0, j) + shared[j] + product(2, 2, j) for j in range(3)]
+        even = _shifted_columns(sums[0], width, -1) + sums[1] + sums[2] + bias_ref[...]
+        odd = sums[0] + sums[1] + _shifted_columns(sums[2], width, +1) + bias_ref[...]
+        out_ref[0, :, a] = _interleaved_bfloat16(even, odd).reshape(rows, 2 * width, -1)
 
 
 def _reference(x_BHWC, kernel_HWIO, bias_O):
-    """The same with XLA's convolution."""
+    """`conv3x3` with XLA's convolution."""
     y = jax.lax.conv_general_dilated(
         x_BHWC,
         kernel_HWIO,
@@ -165,13 +198,100 @@ def _reference(x_BHWC, kernel_HWIO, bias_O):
     return (y + bias_O.astype(jnp.float32)).astype(x_BHWC.dtype)
 
 
-def _conv3x3_fwd(x_BHWC, kernel_HWIO, bias_O):
-    return conv3x3(x_BHWC, kernel_HWIO, bias_O), (x_BHWC, kernel_HWIO, bias_O)
+def _upsample_reference(x_BHWC, kernel_HWIO, bias_O):
+    """`upsample2x_conv3x3` as XLA's convolution of the repeated map."""
+    return _reference(jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2), kernel_HWIO, bias_O)
 
 
-def _conv3x3_bwd(residuals, dy_BHWO):
-    _, pullback = jax.vjp(_reference, *residuals)
-    return pullback(dy_BHWO)
+def _with_gradients_of(reference):
+    """Makes a kernel function differentiable with `reference`'s gradients (training on the TPU
+    differentiates XLA's convolution; the kernels only run forward)."""
+
+    def wrap(kernel_fn):
+        differentiable = jax.custom_vjp(kernel_fn)
+
+        def forward(*args):
+            return kernel_fn(*args), args
+
+        def backward(args, dy):
+            return jax.vjp(reference, *args)[1](dy)
+
+        differentiable.defvjp(forward, backward)
+        return differentiable
+
+    return wrap
 
 
-conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
+def _pallas_conv(kernel_fn, x_BHWC, kernel_HWIO, bias_O, *, rows, o_block, out_block, out_shape, flops):
+    """Runs a convolution kernel over the grid (image, output-channel block, row block of `rows` input
+    rows): each step gets the whole input image, its (3, 3, C, o_block) weights and bias, and a row
+    scratch with halos; `out_block` is the output block's shape, indexed (image, row block, 0..., channel
+    block). The declared cost is `flops` and the bytes of the input, the weights and the output."""
+    b, h, w, c = x_BHWC.shape
+    o = kernel_HWIO.shape[-1]
+    itemsize = x_BHWC.dtype.itemsize
+    middle = (0,) * (len(out_block) - 3)
+    cost = pl.CostEstimate(
+        flops=flops,
+        transcendentals=0,
+        bytes_accessed=(x_BHWC.size + kernel_HWIO.size + math.prod(out_shape)) * itemsize + o * 4,
+    )
+    return pl.pallas_call(
+        functools.partial(kernel_fn, rows=rows),
+        grid=(b, o // o_block, h // rows),
+        in_specs=[
+            pl.BlockSpec((1, h, w, c), lambda n, k, r: (n, 0, 0, 0)),
+            pl.BlockSpec((3, 3, c, o_block), lambda n, k, r: (0, 0, 0, k)),
+            pl.BlockSpec((1, o_block), lambda n, k, r: (0, k)),
+        ],
+        out_specs=pl.BlockSpec(out_block, lambda n, k, r: (n, r, *middle, k)),
+        out_shape=jax.ShapeDtypeStruct(out_shape, x_BHWC.dtype),
+        scratch_shapes=[pltpu.VMEM((rows + 2, w, c), x_BHWC.dtype)],
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=VMEM_LIMIT_BYTES
+        ),
+        cost_estimate=cost,
+    )(x_BHWC, kernel_HWIO, bias_O.astype(jnp.float32).reshape(1, o))
+
+
+@_with_gradients_of(_reference)
+def conv3x3(x_BHWC: jax.Array, kernel_HWIO: jax.Array, bias_O: jax.Array) -> jax.Array:
+    """3x3 convolution, stride 1, zero padding 1, plus a bias: (B, H, W, C), (3, 3, C, O), (O,) ->
+    (B, H, W, O) in x's dtype, summed in float32 and rounded once. Gradients are XLA's."""
+    b, h, w, c = x_BHWC.shape
+    o = kernel_HWIO.shape[-1]
+    rows, o_block = _blocks(h, w, c, o, x_BHWC.dtype.itemsize)
+    return _pallas_conv(
+        _conv_kernel,
+        x_BHWC,
+        kernel_HWIO,
+        bias_O,
+        rows=rows,
+        o_block=o_block,
+        out_block=(1, rows, w, o_block),
+        out_shape=(b, h, w, o),
+        flops=2 * b * h * w * 9 * round_up(c, MXU) * round_up(o, MXU),
+    )
+
+
+@_with_gradients_of(_upsample_reference)
+def upsample2x_conv3x3(x_BHWC: jax.Array, kernel_HWIO: jax.Array, bias_O: jax.Array) -> jax.Array:
+    """conv3x3(nearest_2x(x)) + bias, stride 1, zero padding 1, without the repeated map: (B, H, W, C),
+    (3, 3, C, O), (O,) -> (B, 2H, 2W, O) in bfloat16, summed in float32 and rounded once. Reads each input
+    image once and does 15 products of the input's size per output-channel block where the repeated map
+    needs 36 (`_upsample_conv_kernel`). Gradients are XLA's."""
+    b, h, w, c = x_BHWC.shape
+    o = kernel_HWIO.shape[-1]
+    rows, o_block = _blocks(h, w, c, o, x_BHWC.dtype.itemsize, upsample2x=True)
+    y = _pallas_conv(
+        _upsample_conv_kernel,
+        x_BHWC,
+        kernel_HWIO,
+        bias_O,
+        rows=rows,
+        o_block=o_block,
+        out_block=(1, rows, 2, 2 * w, o_block),
+        out_shape=(b, h, 2, 2 * w, o),
+        flops=2 * b * h * w * 15 * round_up(c, MXU) * o,
+    )
+    return y.reshape(b, 2 * h, 2 * w, o)  # (H, 2) -> 2H: the tiled minor dims are unchanged, a bitcast
