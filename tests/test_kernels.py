@@ -288,17 +288,20 @@ def test_tpu_upsample_conv_gradients_are_xlas():
 
 def test_upsampling_convolutions_lower_to_one_kernel_on_the_tpu():
     """With whole 128-lane output tiles, nearest 2x + 3x3 conv is one Pallas call and no repeated map;
-    otherwise the repeat, then the convolution kernel."""
+    otherwise the repeat, then the convolution kernel; and XLA's convolution where the repeated map is too
+    large for the kernel (the convolutions after it are XLA's too, and want XLA's layout)."""
 
-    def lower(out_channels):
-        kernel = jnp.ones((3, 3, 16, out_channels), jnp.bfloat16)
+    def lower(shape, out_channels):
+        kernel = jnp.ones((3, 3, shape[-1], out_channels), jnp.bfloat16)
         f = jax.jit(kernels.biased_conv, static_argnums=(3, 4, 5))
-        x = jnp.ones((2, 8, 8, 16), jnp.bfloat16)
+        x = jnp.ones(shape, jnp.bfloat16)
         return jax.export.export(f, platforms=("tpu",))(x, kernel, jnp.zeros(out_channels), 1, 1, True).mlir_module()
 
-    fused, repeated = lower(128), lower(16)
+    fused, repeated = lower((2, 8, 8, 16), 128), lower((2, 8, 8, 16), 16)
     assert fused.count("tpu_custom_call") == 1 and "broadcast_in_dim" not in fused.split("tpu_custom_call")[0]
     assert repeated.count("tpu_custom_call") == 1 and "broadcast_in_dim" in repeated
+    too_large = lower((1, 128, 128, 512), 512)  # SD's VAE decoder, 128x128 -> 256x256
+    assert "tpu_custom_call" not in too_large and "convolution" in too_large
 
 
 def test_tpu_conv_takes_bfloat16_maps_that_fit():

@@ -255,11 +255,14 @@ def biased_conv(
     on maps of widths 16 to 64; 16.34 ms also on the 8x8 maps (taps before); 16.06 ms with the bias added
     and bfloat16 written inside the kernel (before: a float32 output that the next op read back).
 
-    Upsampling ones with whole 128-lane output tiles run as `tpu_conv.upsample2x_conv3x3`, which never
-    builds the repeated map (XLA wrote it in a layout with two rows per tile: 1.84 ms for SD 1.5's
-    64x64x640 map at batch 4); the others on the repeated map. At batch 4 (cost model, with a SiLU after):
-    8x8x1280 0.351 -> 0.142 ms, 16x16x1280 1.404 -> 0.568 ms, 32x32x640 1.612 -> 0.625 ms; the UNet CFG
-    step 49.22 -> 46.23 ms."""
+    Upsampling ones whose repeated map the kernel would take run as `tpu_conv.upsample2x_conv3x3` where
+    their output channels are whole 128-lane tiles: it never builds the repeated map (XLA wrote it in a
+    layout with two rows per tile: 1.84 ms for SD 1.5's 64x64x640 map at batch 4). At batch 4 (cost model,
+    with a SiLU after): 8x8x1280 0.351 -> 0.142 ms, 16x16x1280 1.404 -> 0.568 ms, 32x32x640 1.612 -> 0.625
+    ms; the UNet CFG step 49.22 -> 46.23 ms. Where the repeated map is too large for the kernel, the
+    convolutions after it are XLA's, which want their input in XLA's padded layout: there the kernel's
+    output would be copied (SD 1.5's VAE decode: 19.87 ms without the upsampling kernel, 19.54 ms with it
+    on the 64x64 map, 20.12 ms with it on the 128x128 map too), so they stay XLA's on the repeated map."""
 
     def plain(x, k, b):
         y = upsample2x_conv(x, k) if upsample2x else conv(x, k, stride, padding)
@@ -267,16 +270,16 @@ def biased_conv(
 
     b, h, w, c = x_BHWC.shape
     out_channels = kernel_HWIO.shape[-1]
-    if not (kernel_HWIO.shape[:2] == (3, 3) and stride == 1 and padding == 1):
+    is_3x3 = kernel_HWIO.shape[:2] == (3, 3) and stride == 1 and padding == 1
+    conv_shape = (b, 2 * h, 2 * w, c) if upsample2x else (b, h, w, c)
+    if not (is_3x3 and tpu_conv.fits(conv_shape, out_channels, x_BHWC.dtype) and _tpu_pallas(b, out_channels)):
         return plain(x_BHWC, kernel_HWIO, bias_O)
-    if upsample2x and tpu_conv.fits(x_BHWC.shape, out_channels, x_BHWC.dtype, upsample2x=True):
+    if not upsample2x:
+        kernel = tpu_conv.conv3x3
+    elif tpu_conv.fits(x_BHWC.shape, out_channels, x_BHWC.dtype, upsample2x=True):
         kernel = tpu_conv.upsample2x_conv3x3
-    elif tpu_conv.fits((b, 2 * h, 2 * w, c) if upsample2x else x_BHWC.shape, out_channels, x_BHWC.dtype):
-        kernel = (lambda x, k, b: tpu_conv.conv3x3(_nearest_2x(x), k, b)) if upsample2x else tpu_conv.conv3x3
-        if not _tpu_pallas(b, out_channels):
-            return plain(x_BHWC, kernel_HWIO, bias_O)
     else:
-        return plain(x_BHWC, kernel_HWIO, bias_O)
+        kernel = lambda x, k, b: tpu_conv.conv3x3(_nearest_2x(x), k, b)  # noqa: E731
     pallas = _per_device(kernel, plain, batched=(True, False, False))
     return jax.lax.platform_dependent(x_BHWC, kernel_HWIO, bias_O, default=plain, tpu=pallas)
 
