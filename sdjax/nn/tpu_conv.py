@@ -48,9 +48,10 @@ def fits(x_BHWC_shape, out_channels: int, dtype, upsample2x: bool = False) -> bo
     """Whether the kernel takes this convolution (`conv3x3`, or with `upsample2x` `upsample2x_conv3x3` of
     this input): bfloat16 (float32 keeps XLA's convolution at `Precision.HIGHEST`, the parity mode; Mosaic
     cannot load float16 vectors on a v5e), the width a multiple of 8 (row windows are reshaped to (rows * W,
-    C): whole sublane tiles), output channels whole 128-lane tiles when upsampling (the interleaved output
-    is built a tile at a time), and its VMEM blocks (one whole input image, the weight block, the output
-    block, each double-buffered, and the float32 partial sums) within VMEM_LIMIT_BYTES."""
+    C): whole sublane tiles), output channels whole 128-lane tiles when upsampling (as every upsampler of
+    SD's UNets and VAEs has: the only ones compiled and measured for the TPU), and its VMEM blocks (one
+    whole input image, the weight block, the output block, each double-buffered, and the float32 partial
+    sums) within VMEM_LIMIT_BYTES."""
     _, h, w, c = x_BHWC_shape
     if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16) or w % 8 or (upsample2x and out_channels % MXU):
         return False
