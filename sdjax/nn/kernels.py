@@ -279,7 +279,7 @@ def biased_conv(
     elif tpu_conv.fits(x_BHWC.shape, out_channels, x_BHWC.dtype, upsample2x=True):
         kernel = tpu_conv.upsample2x_conv3x3
     else:
-        kernel = lambda x, k, b: tpu_conv.conv3x3(_nearest_2x(x), k, b)  # noqa: E731
+        kernel = lambda x, k, b: tpu_conv.conv3x3(tpu_conv.nearest_2x(x), k, b)  # noqa: E731
     pallas = _per_device(kernel, plain, batched=(True, False, False))
     return jax.lax.platform_dependent(x_BHWC, kernel_HWIO, bias_O, default=plain, tpu=pallas)
 
@@ -341,18 +341,13 @@ def _subpixel_upsample_conv(x_BHWC: jax.Array, kernel_HWIO: jax.Array) -> jax.Ar
     return jnp.stack(rows, axis=2).reshape(b, 2 * h, 2 * w, o)
 
 
-def _nearest_2x(x_BHWC: jax.Array) -> jax.Array:
-    """Nearest-neighbour 2x enlargement, (B, H, W, C) -> (B, 2H, 2W, C)."""
-    return jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2)
-
-
 def upsample2x_conv(x_BHWC: jax.Array, kernel_HWIO: jax.Array) -> jax.Array:
     """conv3x3(nearest_2x(x)), stride 1, padding 1, output in `accumulator(x.dtype)`: (B, H, W, C) ->
     (B, 2H, 2W, O). On the CPU in the sub-pixel form where the map is the larger (B*H*W >= 4*O: the VAE
     decoder's, not the UNet's 1280-channel ones; the form builds a kernel 16/9 the conv's size each call);
     elsewhere the repeated map through `conv`: on one v5e chip (cost model, bf16) SD 1.5's VAE decode takes
     28.0 ms that way against 35.5 ms in the sub-pixel form."""
-    repeated = lambda x, k: conv(_nearest_2x(x), k, 1, 1)
+    repeated = lambda x, k: conv(tpu_conv.nearest_2x(x), k, 1, 1)
     b, h, w, _ = x_BHWC.shape
     if b * h * w < 4 * kernel_HWIO.shape[-1]:
         return repeated(x_BHWC, kernel_HWIO)

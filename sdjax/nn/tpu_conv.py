@@ -8,6 +8,10 @@ plus one halo row above and below (zeros outside the image) into VMEM, sums the 
 (rows * W, C) @ (C, O_block) products in float32, shifts the three kernel columns' sums along W on the
 output side, adds the bias and writes the block rounded once to bfloat16.
 
+`upsample2x_conv3x3` is the same for a 3x3 convolution of the nearest-2x enlarged map, computed from the
+unenlarged one: both output row parities from three windows of the input rows (15 products of the input's
+size), the two column parities interleaved on the way out.
+
 The declared cost (what the TPU compiler's cost model prices the call at) counts the MXU's real work:
 input and output channels rounded up to the 128-wide matrix unit (SD 1.5's 320 channels cost as 384),
 and the bytes of the input, the weights and the output.
@@ -199,9 +203,15 @@ def _reference(x_BHWC, kernel_HWIO, bias_O):
     return (y + bias_O.astype(jnp.float32)).astype(x_BHWC.dtype)
 
 
+def nearest_2x(x_BHWC: jax.Array) -> jax.Array:
+    """Nearest-neighbour 2x enlargement, (B, H, W, C) -> (B, 2H, 2W, C): the repeated map that
+    `upsample2x_conv3x3` never builds (and the layers' upsampling wherever it is built)."""
+    return jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2)
+
+
 def _upsample_reference(x_BHWC, kernel_HWIO, bias_O):
     """`upsample2x_conv3x3` as XLA's convolution of the repeated map."""
-    return _reference(jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2), kernel_HWIO, bias_O)
+    return _reference(nearest_2x(x_BHWC), kernel_HWIO, bias_O)
 
 
 def _with_gradients_of(reference):
