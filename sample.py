@@ -238,14 +238,27 @@ def _pair(text: str) -> tuple[int, int]:
 
 
 def model_shapes(args):
-    """The pipeline of --model with its parameters as shapes (configs only), when the program can be compiled
-    before the weights are read: a diffusers folder (or the demo model) without --embedding, --vae or
-    --controlnet (they change the text encoder's shapes or need weights). None otherwise."""
+    """The pipeline of --model (and --vae) with its parameters as shapes, when the program can be compiled
+    before the weights are read: a diffusers folder (or the demo model) or a single `.safetensors` file,
+    without --embedding or --controlnet (they change the text encoder's shapes or need weights). None
+    otherwise (a `.ckpt` pickle has no header to read the shapes from)."""
     import sdjax
+    from sdjax.convert.tensor_files import is_torch_pickle
 
-    if args.embedding or args.vae or args.controlnet or (args.model and not Path(args.model).expanduser().is_dir()):
+    model = Path(args.model).expanduser() if args.model else None
+    if args.embedding or args.controlnet or (model is not None and model.is_file() and is_torch_pickle(model)):
         return None
-    return sdjax.load_pipeline(args.model, dtype=model_dtype(args), prediction_type=args.prediction_type, weights=False)
+    vae = Path(args.vae).expanduser() if args.vae else None
+    if vae is not None and vae.is_file() and is_torch_pickle(vae):
+        return None
+    return sdjax.load_pipeline(
+        args.model,
+        dtype=model_dtype(args),
+        config=args.config,
+        prediction_type=args.prediction_type,
+        vae=args.vae,
+        weights=False,
+    )
 
 
 def load_model(args, progress: Progress):

@@ -68,10 +68,11 @@ class StableDiffusionPipeline(ModelParts):
         mesh = sharding.make_mesh(mesh) if isinstance(mesh, str) else mesh
         return dataclasses.replace(self, params=sharding.shard_params(self.params, mesh))
 
-    def with_vae(self, vae: str | Path) -> StableDiffusionPipeline:
+    def with_vae(self, vae: str | Path, *, weights: bool = True) -> StableDiffusionPipeline:
         """A new pipeline with the VAE read from an LDM-layout `.safetensors` file or a diffusers VAE folder
-        (see `sdjax.convert.single_file.load_vae`), in this pipeline's dtype."""
-        module, params = single_file.load_vae(vae, self.vae.config, self.dtype)
+        (see `sdjax.convert.single_file.load_vae`), in this pipeline's dtype; `weights=False`: its params as
+        shapes (see `load_pipeline`)."""
+        module, params = single_file.load_vae(vae, self.vae.config, self.dtype, weights=weights)
         return dataclasses.replace(self, vae=module, params={**self.params, "vae": params})
 
     def load_lora(self, path: str | Path, scale: float | dict[str, float] = 1.0) -> StableDiffusionPipeline:
@@ -145,10 +146,11 @@ def load_pipeline(
         files cannot show it: the default is diffusers' (epsilon, except v_prediction for 768px SD 2.x).
       vae: a VAE replacing the model's: an LDM-layout `.safetensors` file (e.g.
         vae-ft-mse-840000-ema-pruned) or a diffusers VAE folder.
-      weights: False reads only the configs, tokenizer and scheduler of a diffusers folder: the params are
-        `jax.ShapeDtypeStruct`s, enough to compile programs (`sdjax.generate.compile_generate`) before the
-        weights are read, so that the compiler's memory and the weights are never resident together; call
-        again with weights=True to run them.
+      weights: False reads no tensor: the params are `jax.ShapeDtypeStruct`s, enough to compile programs
+        (`sdjax.generate.compile_generate`) before the weights are read, so that the compiler's memory and
+        the weights are never resident together; call again with weights=True to run them. A folder's
+        configs, tokenizer and scheduler are read; a single `.safetensors` file's header is read and
+        checked (a `.ckpt` pickle has no header: ValueError); so is a `vae` file's.
     """
     if path is None:
         if not (DEMO_MODEL / "model_index.json").is_file():
@@ -161,20 +163,18 @@ def load_pipeline(
     if not root.exists():
         raise FileNotFoundError(f"model path {root} does not exist")
     if root.is_file():
-        if not weights:
-            raise ValueError("weights=False needs a diffusers folder; a single-file checkpoint is read whole")
-        parts = single_file.load_single_file(root, config=config, dtype=dtype, prediction_type=prediction_type, vae=vae)
+        parts = single_file.load_single_file(
+            root, config=config, dtype=dtype, prediction_type=prediction_type, vae=vae, weights=weights
+        )
         release_free_memory()  # the conversion's freed buffers (see sdjax.memory)
         return StableDiffusionPipeline.from_parts(parts)
     if config is not None:
         raise ValueError("config= is for single-file checkpoints; a diffusers folder carries its own configs")
-    if vae is not None and not weights:
-        raise ValueError("weights=False cannot replace the VAE (vae=...): load it with the weights")
     parts = diffusers_folder.load_folder(root, dtype, variant, weights=weights)
     scheduler_config = with_prediction_type(parts.scheduler_config, prediction_type)
     pipe = StableDiffusionPipeline.from_parts(dataclasses.replace(parts, scheduler_config=scheduler_config))
     if vae is not None:
-        pipe = pipe.with_vae(vae)
+        pipe = pipe.with_vae(vae, weights=weights)
     release_free_memory()  # the conversion's freed buffers (see sdjax.memory)
     return pipe
 

@@ -92,6 +92,26 @@ def test_writes_pngs_with_a1111_parameters(folder, pipe, tmp_path, capsys):
     np.testing.assert_array_equal(pixels(out / "00003-6.png"), pixels(out / "00001-6.png"))
 
 
+def test_a_single_file_model_compiles_before_its_weights_are_read(folder, pipe, tmp_path, capsys):
+    """A `.safetensors` checkpoint (here with --vae) is compiled from its header and configs, then loaded, as a
+    folder is: the compiler's memory and the weights are never resident together; the image is `generate`'s.
+    A `.ckpt` pickle has no header: it is loaded first."""
+    single = pipe.save_single_file(tmp_path / "tiny.safetensors")
+    out = tmp_path / "out"
+    args = ["a red cube", "--model", single, "--config", folder, "--vae", single, "--steps", 3, "--seed", 5]
+    code, err = run_cli(capsys, *args, "--out", out)
+    assert code == 0, err
+    assert 0 <= err.index("compiling (") < err.index("loading "), err
+    expected = pipe.generate("a red cube", num_inference_steps=3, seed=5)
+    np.testing.assert_array_equal(pixels(out / "00000-5.png"), expected[0])
+    import torch
+    from safetensors.numpy import load_file
+
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save({k: torch.from_numpy(v) for k, v in load_file(single).items()}, ckpt)
+    assert CLI.model_shapes(CLI.parse_args(["x", "--model", str(ckpt), "--config", str(folder)])) is None
+
+
 def test_img2img_metadata_and_lora_tags(folder, pipe, torch_models, tmp_path, capsys):
     """`<lora:name:w>` tags load LoRAs from --lora-dir at that weight; the tag stays in the metadata."""
     loras = tmp_path / "loras"

@@ -243,6 +243,41 @@ def test_export_then_reload_is_identical(case, tmp_path):
     assert again.text_encoder.config == case.pipe.text_encoder.config
 
 
+def test_shapes_only_load_reads_the_header_alone(case, tmp_path, monkeypatch):
+    """load_pipeline(file, weights=False) (sample.py compiles from it before loading): the params are
+    `ShapeDtypeStruct`s of exactly the loaded shapes, with the file's VAE or an external one (a file or a
+    diffusers VAE folder), no tensor is read, and a tensor of the wrong shape is named before any compile."""
+    structs = lambda params, dtype: jax.tree.map(lambda x: (x.shape, jnp.dtype(dtype)), params)  # noqa: E731
+    loaded = structs(case.pipe.params, jnp.bfloat16)
+
+    def no_tensor_reads(*args):
+        raise AssertionError("weights=False read a tensor")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(SafetensorsFile, "__getitem__", no_tensor_reads)
+        patched.setattr(SafetensorsFile, "mapped", no_tensor_reads)
+        for vae in (None, case.path, case.config / "vae"):
+            shapes = sdjax.load_pipeline(case.path, config=case.config, dtype="bfloat16", vae=vae, weights=False)
+            assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(shapes.params))
+            assert structs(shapes.params, jnp.bfloat16) == loaded
+            assert shapes.unet.config == case.pipe.unet.config and shapes.dtype == jnp.bfloat16
+
+    bad = dict(case.tensors)
+    key = "model.diffusion_model.input_blocks.1.0.in_layers.2.weight"
+    bad[key] = np.zeros(bad[key].shape[:2] + (1, 1), np.float32)
+    save_safetensors(tmp_path / "bad.safetensors", bad)
+    with pytest.raises(ConversionError) as err:
+        sdjax.load_pipeline(tmp_path / "bad.safetensors", config=case.config, weights=False)
+    assert key in _one_line(err)
+
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({k: torch.tensor(v) for k, v in case.tensors.items()}, ckpt)
+    for model, vae in ((ckpt, None), (case.path, ckpt)):
+        with pytest.raises(ValueError) as err:
+            sdjax.load_pipeline(model, config=case.config, vae=vae, weights=False)
+        assert f"weights=False needs a .safetensors file; {ckpt} is a PyTorch pickle" in _one_line(err)
+
+
 @pytest.mark.parametrize("case", ["sd1"], indirect=True)
 def test_half_precision_file_is_cast(case, tmp_path):
     path = tmp_path / "fp16.safetensors"

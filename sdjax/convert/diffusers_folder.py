@@ -142,8 +142,13 @@ def abstract_component(root: Path, spec: ComponentSpec, dtype) -> tuple[Any, dic
         raise FileNotFoundError(f"{root} has no '{spec.folder}/' component folder")
     config = spec.config_cls.from_dict(read_json(directory / "config.json"), what=f"{directory}/config.json")
     module = spec.module_cls(config, dtype=dtype)
-    shapes = abstract_params(module)
-    return module, jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype)), shapes)
+    return module, params_as_shapes(module, dtype)
+
+
+def params_as_shapes(module, dtype) -> dict:
+    """The parameters a total conversion fills for `module`, as `jax.ShapeDtypeStruct`s of `dtype` (nothing
+    allocated): what a program is compiled against before the weights are read."""
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(dtype)), abstract_params(module))
 
 
 def save_component(root: Path, spec: ComponentSpec, module, params, dtype=None) -> None:

@@ -260,6 +260,9 @@ class TorchTensors(Mapping):
             _TO_TORCH[entry.layout](array if self._dtype is None else array.astype(self._dtype))
         )
 
+    def __contains__(self, key: object) -> bool:  # Mapping's default converts the tensor
+        return key in self._entries
+
     def __iter__(self):
         return iter(self._entries)
 

@@ -30,11 +30,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from sdjax.convert import ldm_keys
-from sdjax.convert.diffusers_folder import TEXT_ENCODER, UNET, VAE, keymap_for, load_component
+from sdjax.convert.diffusers_folder import (
+    TEXT_ENCODER,
+    UNET,
+    VAE,
+    abstract_component,
+    keymap_for,
+    load_component,
+    params_as_shapes,
+)
 from sdjax.convert.keymap import ConversionError, TorchTensors, listing, torch_to_params
 from sdjax.convert.parts import ModelParts
 from sdjax.convert.tensor_files import (
     CheckpointError,
+    SafetensorsFile,
     dtype_of,
     origin_of,
     read_checkpoint,
@@ -229,25 +238,24 @@ def component_entries(
 
 
 class _DiffusersView(Mapping[str, np.ndarray]):
-    """The diffusers-named tensors of one component, computed on access from the LDM-named file."""
+    """The diffusers-named tensors of one component: views of the LDM-named file's tensors, memory-mapped
+    where the file allows (`SafetensorsFile.mapped`), so that a conversion reads each byte once (a fused
+    q/k/v tensor too: each third is a slice of the map) and, like a folder's, on several threads."""
 
     def __init__(self, tensors: Mapping[str, np.ndarray], entries: list[ldm_keys.LdmEntry]):
         self._tensors = tensors
         self._where = {k: (e, i) for e in entries for i, k in enumerate(e.diffusers_keys) if e.ldm_key in tensors}
-        self._fused: dict[str, list] = {}  # a fused q/k/v tensor is read once, kept until all three are taken
-
-    def _ldm(self, entry: ldm_keys.LdmEntry) -> np.ndarray:
-        if len(entry.diffusers_keys) == 1:
-            return self._tensors[entry.ldm_key]
-        held = self._fused.setdefault(entry.ldm_key, [self._tensors[entry.ldm_key], len(entry.diffusers_keys)])
-        held[1] -= 1
-        if held[1] == 0:
-            del self._fused[entry.ldm_key]
-        return held[0]
+        self._read = getattr(tensors, "mapped", tensors.__getitem__)
+        self.thread_safe = getattr(tensors, "thread_safe", False)
 
     def __getitem__(self, key: str) -> np.ndarray:
         entry, slot = self._where[key]
-        return ldm_keys.to_diffusers(entry, self._ldm(entry), slot)
+        return ldm_keys.to_diffusers(entry, self._read(entry.ldm_key), slot)
+
+    mapped = __getitem__  # a view either way: the converter's layout change or cast is its one copy
+
+    def __contains__(self, key: object) -> bool:  # Mapping's default converts the tensor
+        return key in self._where
 
     def shape(self, key: str) -> tuple[int, ...]:
         entry, _ = self._where[key]
@@ -326,22 +334,28 @@ def _vae_layout(keys: set[str]) -> str | None:
     return None
 
 
-def load_vae(source: str | Path, config: VAEConfig, dtype=jnp.float32) -> tuple[AutoencoderKL, dict]:
+def load_vae(
+    source: str | Path, config: VAEConfig, dtype=jnp.float32, *, weights: bool = True
+) -> tuple[AutoencoderKL, dict]:
     """An external VAE -> (module, params).
 
     `source` is a diffusers VAE folder (its own config.json decides the architecture), a diffusers model
     folder with a `vae/` sub-folder, or a weight file in the LDM layout (`encoder.down.0.block.0...`, e.g.
     vae-ft-mse-840000-ema-pruned.safetensors, optionally under `first_stage_model.`; a whole SD checkpoint
-    works too) or in the diffusers layout; a file is read with `config` as its architecture.
+    works too) or in the diffusers layout; a file is read with `config` as its architecture. `weights=False`
+    returns the params as `jax.ShapeDtypeStruct`s, after checking a file's names and shapes (its header).
     """
     source = Path(source).expanduser()
+    read = load_component if weights else abstract_component
     if source.is_dir():
         if (source / "vae" / "config.json").is_file():
-            return load_component(source, VAE, dtype)
+            return read(source, VAE, dtype)
         if (source / "config.json").is_file():
-            return load_component(source.parent, dataclasses.replace(VAE, folder=source.name), dtype)
+            return read(source.parent, dataclasses.replace(VAE, folder=source.name), dtype)
         raise FileNotFoundError(f"VAE folder {source} has neither config.json nor vae/config.json")
     tensors = read_checkpoint(source)
+    if not weights:
+        _refuse_pickle(tensors, source)
     prefixed = any(k.startswith(ldm_keys.VAE_PREFIX) for k in tensors)
     strip = ldm_keys.VAE_PREFIX if prefixed else ""
     keys = {k[len(strip) :] for k in tensors if k.startswith(strip)}
@@ -362,7 +376,15 @@ def load_vae(source: str | Path, config: VAEConfig, dtype=jnp.float32) -> tuple[
         return inner is None or _is_skipped(key) or inner.startswith(ldm_keys.VAE_FILE_SKIP_PREFIXES)
 
     _check_file(tensors, expected, skip, f"VAE file {source}")
+    if not weights:
+        return module, params_as_shapes(module, dtype)
     return module, _convert(tensors, entries, keymap, dtype, f"VAE file {source}")
+
+
+def _refuse_pickle(tensors: Mapping[str, np.ndarray], path: Path) -> None:
+    """Shapes-only loading (`weights=False`) reads headers; a PyTorch pickle has none: it is read whole."""
+    if not isinstance(tensors, SafetensorsFile):
+        raise ValueError(f"weights=False needs a .safetensors file; {path} is a PyTorch pickle, read whole on load")
 
 
 # ---------------------------------------------------------------------------------------------- load / save
@@ -375,6 +397,7 @@ def load_single_file(
     dtype=jnp.float32,
     prediction_type: str | None = None,
     vae: str | Path | None = None,
+    weights: bool = True,
 ) -> ModelParts:
     """The parts of an SD 1.x / 2.x / inpainting / SDXL (base, refiner) single-file checkpoint.
 
@@ -386,6 +409,8 @@ def load_single_file(
       prediction_type: "epsilon", "v_prediction" or "sample", written into the scheduler config; default:
         the config's (SD 2.x: v_prediction, else epsilon). For SD 2.x, "epsilon" selects the 512 "base" config.
       vae: an external VAE replacing the file's (see `load_vae`); needed when the file has none.
+      weights: False checks the file's names and shapes (its header) but reads no tensor: the params are
+        `jax.ShapeDtypeStruct`s, enough to compile before loading. `.safetensors` files only.
     Raises:
       CheckpointError (unknown layout, unsupported UNet, pickle without torch), ConversionError
       (tensors that do not fit the architecture, all named), each with a one-line message.
@@ -394,6 +419,8 @@ def load_single_file(
     dtype = resolve_dtype(dtype)
     with_prediction_type({}, prediction_type)  # checks the name before the file is read
     tensors = read_checkpoint(path)
+    if not weights:
+        _refuse_pickle(tensors, path)
     model_type = detect_model_type(tensors, str(path))
     if config is not None:
         folder, overrides = Path(config).expanduser(), {}
@@ -435,9 +462,12 @@ def load_single_file(
     _check_file(tensors, expected, skip, f"{path} (read as {source_note}; pass config=DIR for other architectures)")
 
     what = f"weights in {path}"
-    params = {part: _convert(tensors, entries[part], keymaps[part], dtype, what) for part in layouts}
+    if weights:
+        params = {part: _convert(tensors, entries[part], keymaps[part], dtype, what) for part in layouts}
+    else:
+        params = {part: params_as_shapes(modules[part], dtype) for part in layouts}
     if vae is not None:
-        modules["vae"], params["vae"] = load_vae(vae, cfg.vae, dtype)
+        modules["vae"], params["vae"] = load_vae(vae, cfg.vae, dtype, weights=weights)
     sdxl = cfg.text_encoder_2 is not None
     return ModelParts(
         unet=modules["unet"],

@@ -154,6 +154,9 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
             return np.empty(shape, dtype)
         return np.memmap(self.path, dtype=dtype, mode="r", offset=self._start + begin, shape=shape)
 
+    def __contains__(self, name: object) -> bool:  # Mapping's default reads the tensor
+        return name in self._entries
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 
@@ -313,6 +316,9 @@ class ShardedTensors(Mapping[str, np.ndarray]):
 
     def mapped(self, key: str) -> np.ndarray:
         return self._where[key].mapped(key)
+
+    def __contains__(self, key: object) -> bool:  # Mapping's default reads the tensor
+        return key in self._where
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
