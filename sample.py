@@ -238,20 +238,19 @@ def _pair(text: str) -> tuple[int, int]:
 
 
 def model_shapes(args):
-    """The pipeline of --model (and --vae) with its parameters as shapes, when the program can be compiled
-    before the weights are read: a diffusers folder (or the demo model) or a single `.safetensors` file,
-    without --embedding or --controlnet (they change the text encoder's shapes or need weights). None
-    otherwise (a `.ckpt` pickle has no header to read the shapes from)."""
+    """The pipeline of --model (with --vae and --embedding) with its parameters as shapes, when the program
+    can be compiled before the weights are read: a diffusers folder (or the demo model) or a single
+    `.safetensors` file. None otherwise: with --controlnet (its weights are read first), or for a `.ckpt`
+    pickle as the model or VAE (no header to read the shapes from)."""
     import sdjax
     from sdjax.convert.tensor_files import is_torch_pickle
 
-    model = Path(args.model).expanduser() if args.model else None
-    if args.embedding or args.controlnet or (model is not None and model.is_file() and is_torch_pickle(model)):
+    def pickled(path) -> bool:
+        return path is not None and Path(path).expanduser().is_file() and is_torch_pickle(Path(path).expanduser())
+
+    if args.controlnet or pickled(args.model) or pickled(args.vae):
         return None
-    vae = Path(args.vae).expanduser() if args.vae else None
-    if vae is not None and vae.is_file() and is_torch_pickle(vae):
-        return None
-    return sdjax.load_pipeline(
+    shapes = sdjax.load_pipeline(
         args.model,
         dtype=model_dtype(args),
         config=args.config,
@@ -259,6 +258,9 @@ def model_shapes(args):
         vae=args.vae,
         weights=False,
     )
+    for path in args.embedding:  # small files: read twice, here for the text encoder's grown shapes
+        shapes = shapes.load_textual_inversion(path)
+    return shapes
 
 
 def load_model(args, progress: Progress):

@@ -25,6 +25,7 @@ from reference import (
 )
 
 import sdjax
+from sdjax.convert.tensor_files import save_safetensors
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,16 +94,19 @@ def test_writes_pngs_with_a1111_parameters(folder, pipe, tmp_path, capsys):
 
 
 def test_a_single_file_model_compiles_before_its_weights_are_read(folder, pipe, tmp_path, capsys):
-    """A `.safetensors` checkpoint (here with --vae) is compiled from its header and configs, then loaded, as a
-    folder is: the compiler's memory and the weights are never resident together; the image is `generate`'s.
-    A `.ckpt` pickle has no header: it is loaded first."""
+    """A `.safetensors` checkpoint (here with --vae and a two-vector --embedding) is compiled from its header,
+    configs and the embedding's shape, then loaded, as a folder is: the compiler's memory and the weights are
+    never resident together; the image is `generate`'s. A `.ckpt` pickle has no header: it is loaded first."""
     single = pipe.save_single_file(tmp_path / "tiny.safetensors")
+    width = pipe.text_encoder.config.hidden_size
+    embedding = tmp_path / "Pixel-Art.safetensors"
+    save_safetensors(embedding, {"emb_params": np.random.default_rng(0).standard_normal((2, width), np.float32)})
     out = tmp_path / "out"
-    args = ["a red cube", "--model", single, "--config", folder, "--vae", single, "--steps", 3, "--seed", 5]
-    code, err = run_cli(capsys, *args, "--out", out)
+    args = ["a Pixel-Art cube", "--model", single, "--config", folder, "--vae", single, "--embedding", embedding]
+    code, err = run_cli(capsys, *args, "--steps", 3, "--seed", 5, "--out", out)
     assert code == 0, err
     assert 0 <= err.index("compiling (") < err.index("loading "), err
-    expected = pipe.generate("a red cube", num_inference_steps=3, seed=5)
+    expected = pipe.load_textual_inversion(embedding).generate("a Pixel-Art cube", num_inference_steps=3, seed=5)
     np.testing.assert_array_equal(pixels(out / "00000-5.png"), expected[0])
     import torch
     from safetensors.numpy import load_file

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -145,7 +146,8 @@ def add_embedding(
     """Adds one embedding -> (tokenizer, text-encoder module, text-encoder params), all new.
 
     The n vectors (n, D) become tokens `trigger`, `trigger_1`, ... with ids V, V+1, ... where V is the
-    embedding table's row count (= len(tokenizer)); the module's config `vocab_size` grows to V + n.
+    embedding table's row count (= len(tokenizer)); the module's config `vocab_size` grows to V + n. A table
+    given as a `jax.ShapeDtypeStruct` (a shapes-only pipeline) grows in shape only.
     """
     width = text_encoder.config.hidden_size
     if vectors.shape[1] != width:
@@ -173,7 +175,10 @@ def add_embedding(
     new = MultiVectorTokenizer(**fields, expansions=expansions)
     config = dataclasses.replace(text_encoder.config, vocab_size=rows + n)
     module = CLIPTextModel(config, dtype=text_encoder.dtype)
-    grown = jnp.concatenate([table, jnp.asarray(vectors, table.dtype)], axis=0)
+    if isinstance(table, jax.ShapeDtypeStruct):  # a shapes-only pipeline (`load_pipeline(weights=False)`)
+        grown = jax.ShapeDtypeStruct((rows + n, width), table.dtype)
+    else:
+        grown = jnp.concatenate([table, jnp.asarray(vectors, table.dtype)], axis=0)
     new_params = dict(params)
     new_params["embeddings.token_embedding"] = {**params["embeddings.token_embedding"], "embedding": grown}
     return new, module, new_params
