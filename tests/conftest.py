@@ -11,7 +11,9 @@ XLA compile time dominates this suite (a tiny pipeline's program compiles for fa
 much faster at LLVM optimisation level 0: README.md, "Tests"), so tests compile with XLA's backend
 optimisation level 0 (`--xla_backend_optimization_level=0`, which also reaches the subprocesses the tests
 start). Parity tolerances and bit-identity checks are unaffected: run with `SDJAX_TEST_XLA_OPT=full`
-to test under the default optimisation instead (as `make test-slow` does).
+to test under the default optimisation instead (as `make test-slow` does). A test module whose programs
+run far longer than they compile says `XLA_OPTIMISATION = "full"`: a pytest process whose tests all come
+from such modules compiles with XLA's default optimisation (tests/test_demo.py: 114 s -> 77 s).
 """
 
 import gc
@@ -33,13 +35,25 @@ _OWNS_CACHE = "SDJAX_TEST_SESSION_CACHE" not in os.environ
 if _OWNS_CACHE:
     os.environ["SDJAX_TEST_SESSION_CACHE"] = tempfile.mkdtemp(prefix="sdjax-test-xla-")
 os.environ["SDJAX_CACHE_DIR"] = os.environ["SDJAX_TEST_SESSION_CACHE"]
+_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
 if os.environ.get("SDJAX_TEST_XLA_OPT", "fast") != "full":
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
+    os.environ["XLA_FLAGS"] = f"{_XLA_FLAGS} --xla_backend_optimization_level=0".strip()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sdjax.compile_cache import enable_compilation_cache  # noqa: E402
 
 enable_compilation_cache(os.environ["SDJAX_CACHE_DIR"])
+
+
+def pytest_collection_finish(session):
+    """XLA's default optimisation when every collected test asks for it (`XLA_OPTIMISATION = "full"` in its
+    module), unless a module already started JAX's backends while it was imported (level 0 stays then)."""
+    from jax._src import xla_bridge
+
+    modules = {item.module for item in session.items}
+    if modules and all(getattr(m, "XLA_OPTIMISATION", "fast") == "full" for m in modules):
+        if not xla_bridge.backends_are_initialized():
+            os.environ["XLA_FLAGS"] = _XLA_FLAGS
 
 
 @pytest.fixture(autouse=True, scope="module")

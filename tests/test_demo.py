@@ -32,6 +32,9 @@ from train.demo_eval import (
     score,
 )
 
+# The demo model's programs run far longer than they compile: XLA's default optimisation (see conftest.py)
+XLA_OPTIMISATION = "full"
+
 HUE_TARGET = 0.85
 TOP5_TARGET = 0.5
 
