@@ -245,10 +245,8 @@ def model_shapes(args):
     import sdjax
     from sdjax.convert.tensor_files import is_torch_pickle
 
-    def pickled(path) -> bool:
-        return path is not None and Path(path).expanduser().is_file() and is_torch_pickle(Path(path).expanduser())
-
-    if args.controlnet or pickled(args.model) or pickled(args.vae):
+    files = [Path(p).expanduser() for p in (args.model, args.vae) if p is not None]
+    if args.controlnet or any(f.is_file() and is_torch_pickle(f) for f in files):
         return None
     shapes = sdjax.load_pipeline(
         args.model,

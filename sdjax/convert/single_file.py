@@ -43,8 +43,8 @@ from sdjax.convert.keymap import ConversionError, TorchTensors, listing, torch_t
 from sdjax.convert.parts import ModelParts
 from sdjax.convert.tensor_files import (
     CheckpointError,
-    SafetensorsFile,
     dtype_of,
+    is_torch_pickle,
     origin_of,
     read_checkpoint,
     save_safetensors,
@@ -353,9 +353,9 @@ def load_vae(
         if (source / "config.json").is_file():
             return read(source.parent, dataclasses.replace(VAE, folder=source.name), dtype)
         raise FileNotFoundError(f"VAE folder {source} has neither config.json nor vae/config.json")
-    tensors = read_checkpoint(source)
     if not weights:
-        _refuse_pickle(tensors, source)
+        _refuse_pickle(source)
+    tensors = read_checkpoint(source)
     prefixed = any(k.startswith(ldm_keys.VAE_PREFIX) for k in tensors)
     strip = ldm_keys.VAE_PREFIX if prefixed else ""
     keys = {k[len(strip) :] for k in tensors if k.startswith(strip)}
@@ -381,9 +381,10 @@ def load_vae(
     return module, _convert(tensors, entries, keymap, dtype, f"VAE file {source}")
 
 
-def _refuse_pickle(tensors: Mapping[str, np.ndarray], path: Path) -> None:
-    """Shapes-only loading (`weights=False`) reads headers; a PyTorch pickle has none: it is read whole."""
-    if not isinstance(tensors, SafetensorsFile):
+def _refuse_pickle(path: Path) -> None:
+    """Shapes-only loading (`weights=False`) reads headers; a PyTorch pickle has none (it is read whole), so
+    it is refused before it is read."""
+    if path.is_file() and is_torch_pickle(path):
         raise ValueError(f"weights=False needs a .safetensors file; {path} is a PyTorch pickle, read whole on load")
 
 
@@ -418,9 +419,9 @@ def load_single_file(
     path = Path(path).expanduser()
     dtype = resolve_dtype(dtype)
     with_prediction_type({}, prediction_type)  # checks the name before the file is read
-    tensors = read_checkpoint(path)
     if not weights:
-        _refuse_pickle(tensors, path)
+        _refuse_pickle(path)
+    tensors = read_checkpoint(path)
     model_type = detect_model_type(tensors, str(path))
     if config is not None:
         folder, overrides = Path(config).expanduser(), {}
