@@ -239,14 +239,14 @@ def _pair(text: str) -> tuple[int, int]:
 
 def model_shapes(args):
     """The pipeline of --model (with --vae and --embedding) with its parameters as shapes, when the program
-    can be compiled before the weights are read: a diffusers folder (or the demo model) or a single
-    `.safetensors` file. None otherwise: with --controlnet (its weights are read first), or for a `.ckpt`
-    pickle as the model or VAE (no header to read the shapes from)."""
+    can be compiled before the weights are read: every model, VAE and --controlnet a diffusers folder (or
+    the demo model) or a `.safetensors` file. None when one is a `.ckpt`/`.pth` pickle (no header to read
+    the shapes from: it is loaded first)."""
     import sdjax
     from sdjax.convert.tensor_files import is_torch_pickle
 
-    files = [Path(p).expanduser() for p in (args.model, args.vae) if p is not None]
-    if args.controlnet or any(f.is_file() and is_torch_pickle(f) for f in files):
+    files = [Path(p).expanduser() for p in (args.model, args.vae, *args.controlnet) if p is not None]
+    if any(f.is_file() and is_torch_pickle(f) for f in files):
         return None
     shapes = sdjax.load_pipeline(
         args.model,
@@ -288,27 +288,36 @@ def _per_net(values: list, n: int, default) -> list:
 RESIZE_MODES = {"crop": "Crop and Resize", "resize": "Just Resize", "pad": "Resize and Fill"}
 
 
-def load_controls(args, dtype: str, progress: Progress, size: tuple[int, int]) -> dict:
-    """The ControlNet options of `generate` from --controlnet/--control-image/--control-resize/--preprocess/
-    --control-* (empty without --controlnet): the ControlNets, their condition images (fitted to `size`, the
-    (width, height) drawn, then preprocessed) and settings."""
+def load_controlnets(args, dtype: str, progress: Progress, weights: bool = True) -> list:
+    """The --controlnet nets in `dtype`; `weights=False`: their parameters as shapes (a folder's config.json
+    or a `.safetensors` file's header), to compile against before the weights are read."""
+    import sdjax
+
+    nets = []
+    for path in args.controlnet:
+        if weights:
+            progress.say(f"loading ControlNet {path}")
+        nets.append(sdjax.load_controlnet(path, dtype=dtype, weights=weights))
+    return nets
+
+
+def load_controls(args, nets: list, size: tuple[int, int]) -> dict:
+    """The ControlNet options of `generate` from --control-image/--control-resize/--preprocess/--control-*
+    for `nets` (`load_controlnets`; empty without --controlnet): the ControlNets, their condition images
+    (fitted to `size`, the (width, height) drawn, then preprocessed) and settings."""
     if not args.controlnet:
         return {}
-    import sdjax
     from sdjax import control_images
     from sdjax import images as image_io
 
     n = len(args.controlnet)
-    nets, conditions = [], []
-    for path, image, fit, method in zip(
-        args.controlnet,
+    conditions = []
+    for image, fit, method in zip(
         args.control_image,
         _per_net(args.control_resize, n, "crop"),
         _per_net(args.preprocess, n, "none"),
         strict=True,
     ):
-        progress.say(f"loading ControlNet {path}")
-        nets.append(sdjax.load_controlnet(path, dtype=dtype))
         fitted = control_images.fit_to_size(image_io.open_image(image, "control image"), *size, mode=fit)
         conditions.append(fitted if method == "none" else control_images.preprocess(method, fitted))
     return dict(
@@ -447,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = int(_host_max(len(chunks))) if multi else len(chunks)
     if steps == 0:
         return 0
-    controls = load_controls(args, model_dtype(args), progress, size)
+    dtype = model_dtype(args)
+    controls = load_controls(args, load_controlnets(args, dtype, progress, weights=shapes is None), size)
     compiled = None
     failed: list[Path] = []  # images that came out non-finite (not written)
     merged = {(): base}  # LoRA tag set -> pipeline with those LoRAs merged (parameters only: no recompile)
@@ -481,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
             compiled = compile_for(shapes, plan, place_inputs(inputs, None), shapes.params)
             base, shapes = load_model(args, progress), None
             merged = {(): base}
+            if controls:
+                controls = {**controls, "controlnet": load_controlnets(args, dtype, progress)}
         tags = tuple(tagged[chunk[0] if chunk else 0][1])
         if tags not in merged:
             pipe = base

@@ -542,9 +542,10 @@ def _sdxl_conditioning(params, group, shared, text_encoders, clip_skip, dtype, h
 
 def place_inputs(inputs: Inputs, mesh: Mesh | None) -> Inputs:
     """Host inputs -> device arrays: per-image rows as global arrays split over the mesh's batch axes (this
-    process's rows at its place in the global batch), scalars as they are."""
+    process's rows at its place in the global batch), scalars as they are. Shapes (`jax.ShapeDtypeStruct`:
+    the parameters of a ControlNet loaded with `weights=False`) stay shapes, to compile against."""
     if mesh is None:
-        return jax.tree.map(jnp.asarray, inputs)
+        return jax.tree.map(lambda a: a if isinstance(a, jax.ShapeDtypeStruct) else jnp.asarray(a), inputs)
     fields = {k: getattr(inputs, k) for k in _PER_IMAGE if getattr(inputs, k) is not None}
     return dataclasses.replace(inputs, **global_batch(fields, mesh))
 

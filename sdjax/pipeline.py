@@ -228,13 +228,17 @@ class ControlNet:
         return out
 
 
-def load_controlnet(path: str | Path, dtype=jnp.float32, config: str | Path | None = None) -> ControlNet:
+def load_controlnet(
+    path: str | Path, dtype=jnp.float32, config: str | Path | None = None, *, weights: bool = True
+) -> ControlNet:
     """A ControlNet, parameters in `dtype` (float32, bfloat16 or float16), from a diffusers folder
     (config.json + diffusion_pytorch_model.safetensors) or a single file as users download them
     (`control_v11p_sd15_canny.safetensors` or `.pth`; lllyasviel's `control_model.*` names, or bare): its
     architecture is the SD 1.5 or SD 2.1 ControlNet, told by its cross-attention width, unless `config`
-    names a folder with its config.json."""
-    module, params = controlnet_file.load_controlnet(Path(path), dtype, config)
+    names a folder with its config.json. `weights=False` reads only a folder's config.json or a
+    `.safetensors` file's header (names and shapes checked): the params are `jax.ShapeDtypeStruct`s, enough
+    to compile a program (`compile_generate`) before the weights are read."""
+    module, params = controlnet_file.load_controlnet(Path(path), dtype, config, weights=weights)
     release_free_memory()
     return ControlNet(module, params)
 

@@ -224,6 +224,46 @@ def test_single_files_in_lllyasviels_layout(pair, tmp_path, prefix):
         sdjax.load_controlnet(unet)
 
 
+def test_shapes_only_controlnets_read_no_tensor(controlled, tmp_path, monkeypatch):
+    """load_controlnet(weights=False) (sample.py compiles from it before loading): a folder's config.json or a
+    `.safetensors` file's header alone gives exactly the loaded params' shapes and dtypes; a wrong shape in
+    the file is named, a `.pth` pickle is refused before it is read."""
+    import jax
+
+    from sdjax.convert import tensor_files
+    from sdjax.convert.controlnet_file import to_single_file_tensors
+    from sdjax.convert.tensor_files import save_safetensors
+
+    folder, *_, nets = controlled
+    net = nets[0]
+    single = tmp_path / "control_tiny.safetensors"
+    tensors = to_single_file_tensors(net.module, net.params)
+    save_safetensors(single, tensors)
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in tensors.items()}, tmp_path / "c.pth")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights=False read a tensor")
+
+    def shapes(tree):
+        return jax.tree.map(lambda a: (a.shape, np.dtype(a.dtype)), tree)
+
+    for path, config in [(folder.parent / "cn3", None), (single, folder.parent / "cn3")]:
+        loaded = sdjax.load_controlnet(path, "bfloat16", config=config)
+        with monkeypatch.context() as patch:
+            patch.setattr(tensor_files.SafetensorsFile, "__getitem__", refuse)
+            patch.setattr(tensor_files.SafetensorsFile, "mapped", refuse)
+            abstract = sdjax.load_controlnet(path, "bfloat16", config=config, weights=False)
+        assert abstract.module == loaded.module
+        assert all(isinstance(a, jax.ShapeDtypeStruct) for a in jax.tree.leaves(abstract.params))
+        assert shapes(abstract.params) == shapes(loaded.params)
+    key = "control_model.input_hint_block.0.weight"
+    save_safetensors(tmp_path / "bad.safetensors", {**tensors, key: np.zeros((3, 3, 3, 3), np.float32)})
+    with pytest.raises(ValueError, match=f"with the wrong shape: {key} \\(3, 3, 3, 3\\)"):
+        sdjax.load_controlnet(tmp_path / "bad.safetensors", config=folder.parent / "cn3", weights=False)
+    with pytest.raises(ValueError, match="weights=False needs a .safetensors file"):
+        sdjax.load_controlnet(tmp_path / "c.pth", config=folder.parent / "cn3", weights=False)
+
+
 # ---------------------------------------------------------------------------------------------- sampling
 
 
@@ -421,7 +461,9 @@ def test_bad_controlnet_requests_are_one_line(controlled, tmp_path):
 
 def test_sample_cli_with_controlnet(controlled, tmp_path, capsys):
     """sample.py --controlnet/--control-image/--preprocess canny: the API's image, and the settings in the PNG
-    as A1111's ControlNet extension writes them; bad ControlNet arguments are one line."""
+    as A1111's ControlNet extension writes them; the program is compiled before the model's and the
+    ControlNet's weights are read (a `.pth` ControlNet is loaded first); bad ControlNet arguments are one
+    line."""
     from PIL import Image
 
     import sample
@@ -433,8 +475,14 @@ def test_sample_cli_with_controlnet(controlled, tmp_path, capsys):
     Image.fromarray(np.clip(photo.astype(int) * 0.7 + 40, 0, 255).astype(np.uint8)).save(source)
     out = tmp_path / "out"
     args = ["a red cube", "--model", folder, "--controlnet", folder.parent / "cn3", "--control-image", source]
-    args += ["--preprocess", "canny", "--control-scale", "0.8", "--steps", "3", "--out", out, "--no-progress"]
+    args += ["--preprocess", "canny", "--control-scale", "0.8", "--steps", "3", "--out", out]
     assert sample.cli([str(a) for a in args]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert 0 <= err.index("compiling (") < err.index("loading ") < err.index("loading ControlNet"), err
+    pth = tmp_path / "cn3.pth"
+    pth.write_bytes(b"PK\x03\x04")  # a torch.save zip: only its first bytes are looked at
+    pickled = ["x", "--model", str(folder), "--controlnet", str(pth), "--control-image", str(source)]
+    assert sample.model_shapes(sample.parse_args(pickled)) is None
     written = out / "00000-0.png"
     text = Image.open(written).info["parameters"]
     assert (
@@ -451,7 +499,8 @@ def test_sample_cli_with_controlnet(controlled, tmp_path, capsys):
     assert np.abs(np.asarray(Image.open(written)).astype(int) - drawn_with("crop")).max() <= 1
     # --control-resize resize: stretched to the output size as diffusers does
     args[args.index(out)] = tmp_path / "stretched"
-    assert sample.cli([str(a) for a in [*args, "--control-resize", "resize"]]) == 0, capsys.readouterr().err
+    stretch = [*args, "--control-resize", "resize", "--no-progress"]
+    assert sample.cli([str(a) for a in stretch]) == 0, capsys.readouterr().err
     stretched = Image.open(tmp_path / "stretched" / "00000-0.png")
     assert "Resize Mode: Just Resize" in stretched.info["parameters"]
     assert np.abs(np.asarray(stretched).astype(int) - drawn_with("resize")).max() <= 1

@@ -232,18 +232,15 @@ def controlled_unet_step(unet, controlnet, unet_params, control_params, x, t, co
 def abstract_controlnet(config, dtype: str):
     """A sdjax.ControlNet of `config` (a ControlNetConfig, or a ControlNet folder whose config.json to read)
     whose parameters are shapes: enough to compile its programs, no weights read."""
-    import jax
-
     import sdjax
-    from sdjax.convert.diffusers_folder import CONTROLNET, abstract_component, abstract_params
+    from sdjax.convert.diffusers_folder import params_as_shapes
     from sdjax.nn.config_utils import resolve_dtype
     from sdjax.nn.controlnet import ControlNetConfig, ControlNetModel
 
     if not isinstance(config, ControlNetConfig):
-        return sdjax.ControlNet(*abstract_component(Path(config), CONTROLNET, resolve_dtype(dtype)))
+        return sdjax.load_controlnet(Path(config), dtype, weights=False)
     module = ControlNetModel(config, dtype=resolve_dtype(dtype))
-    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, module.dtype), abstract_params(module))
-    return sdjax.ControlNet(module, params)
+    return sdjax.ControlNet(module, params_as_shapes(module, module.dtype))
 
 
 def _free(programs: dict, name: str) -> None:

@@ -16,9 +16,17 @@ from pathlib import Path
 import numpy as np
 
 from sdjax.convert import ldm_keys
-from sdjax.convert.diffusers_folder import CONTROLNET, load_controlnet_folder
+from sdjax.convert.diffusers_folder import CONTROLNET, load_controlnet_folder, params_as_shapes
 from sdjax.convert.keymap import params_to_torch
-from sdjax.convert.single_file import SHIPPED_MODELS, _check_file, _convert, _expected_shapes, _is_skipped, _keymap
+from sdjax.convert.single_file import (
+    SHIPPED_MODELS,
+    _check_file,
+    _convert,
+    _expected_shapes,
+    _is_skipped,
+    _keymap,
+    _refuse_pickle,
+)
 from sdjax.convert.tensor_files import CheckpointError, read_checkpoint, shape_of
 from sdjax.nn.config_utils import read_json, resolve_dtype
 from sdjax.nn.controlnet import ControlNetConfig, ControlNetModel
@@ -28,15 +36,21 @@ _CONFIG_BY_CONTEXT_WIDTH = {768: "controlnet-sd15", 1024: "controlnet-sd21"}
 _ATTN2_KEY = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 
 
-def load_controlnet(path: str | Path, dtype, config: str | Path | None = None) -> tuple[ControlNetModel, dict]:
+def load_controlnet(
+    path: str | Path, dtype, config: str | Path | None = None, *, weights: bool = True
+) -> tuple[ControlNetModel, dict]:
     """A diffusers ControlNet folder or a single ControlNet file -> (module, params in `dtype`). `config`
-    (a folder with config.json, or the file itself) overrides a single file's detected architecture."""
+    (a folder with config.json, or the file itself) overrides a single file's detected architecture.
+    `weights=False` reads a folder's config.json, or checks a `.safetensors` file's names and shapes (its
+    header), and returns the params as `jax.ShapeDtypeStruct`s; a `.pth`/`.ckpt` pickle is refused."""
     path = Path(path).expanduser()
     if path.is_dir():
-        return load_controlnet_folder(path, dtype)
+        return load_controlnet_folder(path, dtype, weights=weights)
     if not path.exists():
         raise FileNotFoundError(f"ControlNet {path} does not exist")
-    return _load_file(path, resolve_dtype(dtype), config)
+    if not weights:
+        _refuse_pickle(path)
+    return _load_file(path, resolve_dtype(dtype), config, weights)
 
 
 def _strip_prefix(tensors: Mapping[str, np.ndarray], path: Path) -> str:
@@ -73,7 +87,7 @@ def _file_config(tensors: Mapping[str, np.ndarray], prefix: str, path: Path, con
     return ControlNetConfig.from_dict(raw, what=f"the shipped {_CONFIG_BY_CONTEXT_WIDTH[width]} config")
 
 
-def _load_file(path: Path, dtype, config) -> tuple[ControlNetModel, dict]:
+def _load_file(path: Path, dtype, config, weights: bool) -> tuple[ControlNetModel, dict]:
     tensors = read_checkpoint(path)
     prefix = _strip_prefix(tensors, path)
     module = ControlNetModel(_file_config(tensors, prefix, path, config), dtype=dtype)
@@ -84,6 +98,8 @@ def _load_file(path: Path, dtype, config) -> tuple[ControlNetModel, dict]:
         return not key.startswith(prefix) or _is_skipped(key) or key.startswith("lora_")
 
     _check_file(tensors, _expected_shapes(entries, keymap), skip, f"ControlNet file {path}")
+    if not weights:
+        return module, params_as_shapes(module, dtype)
     return module, _convert(tensors, entries, keymap, dtype, f"ControlNet file {path}")
 
 

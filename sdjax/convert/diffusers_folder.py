@@ -169,15 +169,19 @@ def save_component(root: Path, spec: ComponentSpec, module, params, dtype=None) 
     files.write_text(directory / "config.json", json.dumps(config, indent=2) + "\n")
 
 
-def load_controlnet_folder(root: Path, dtype, variant: str | None = None) -> tuple[ControlNetModel, dict]:
+def load_controlnet_folder(
+    root: Path, dtype, variant: str | None = None, *, weights: bool = True
+) -> tuple[ControlNetModel, dict]:
     """A diffusers ControlNet folder (config.json of `ControlNetModel` + diffusion_pytorch_model.safetensors)
-    -> (module, params cast to `dtype`)."""
+    -> (module, params cast to `dtype`); `weights=False` reads config.json alone (params as shapes)."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"ControlNet folder {root} does not exist")
     config = read_json(root / "config.json")
     if config.get("_class_name", "ControlNetModel") != "ControlNetModel":
         raise ValueError(f"{root} holds a {config['_class_name']}, not a ControlNetModel")
+    if not weights:
+        return abstract_component(root, CONTROLNET, resolve_dtype(dtype))
     return load_component(root, CONTROLNET, resolve_dtype(dtype), variant)
 
 
