@@ -5,6 +5,7 @@ which kernel each platform's lowering actually gets."""
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from sdjax.nn import kernels, tpu_attention, tpu_conv, tpu_geglu
+from sdjax.nn import kernels, norms, tpu_attention, tpu_conv, tpu_geglu
 from sdjax.nn.attention import dot_product_attention
 
 
@@ -231,6 +232,84 @@ def test_biased_conv_on_the_tpu_is_the_layers_convolution():
         # the CPU upsamples in the sub-pixel form, whose 2x2 kernels are sums of bf16 taps, rounded in bf16
         tolerance = 3e-2 if upsample else 1e-2
         np.testing.assert_allclose(ours.astype(jnp.float32), plain.astype(jnp.float32), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize(
+    "shape, out_channels",
+    [
+        ((2, 6, 16, 24), 256),  # three row blocks (halos inside the image and at both edges), two O blocks
+        ((1, 8, 8, 8), 40),  # one row block: both halos are the image's zero padding, not silu(shift)
+    ],
+)
+def test_tpu_silu_conv_equals_xla_on_the_activated_map(monkeypatch, shape, out_channels):
+    """silu_conv3x3 (interpret mode): the affine map and SiLU applied in the kernel's input copy, against
+    XLA's convolution of silu(x * scale + shift): the same bfloat16 operands, so all but a few sums
+    (rounded the other way) are equal. The padding stays zero: silu(0 * scale + shift) would not be."""
+    b, _, _, c = shape
+    monkeypatch.setattr(tpu_conv, "TARGET_ROWS", 2 * shape[2])
+    monkeypatch.setattr(tpu_conv, "WEIGHT_BLOCK_BYTES", 9 * c * 128 * 2)
+    x = jax.random.normal(jax.random.key(40), shape, jnp.bfloat16)
+    scale = jax.random.uniform(jax.random.key(41), (b, c), minval=0.5, maxval=2.0)
+    shift = jax.random.normal(jax.random.key(42), (b, c)) + 1.0
+    kernel = (jax.random.normal(jax.random.key(43), (3, 3, c, out_channels)) * 0.2).astype(jnp.bfloat16)
+    bias = jax.random.normal(jax.random.key(44), (out_channels,))
+    with pltpu.force_tpu_interpret_mode():
+        ours = tpu_conv.silu_conv3x3(x, scale, shift, kernel, bias)
+    reference = tpu_conv._silu_reference(x, scale, shift, kernel, bias)
+    assert ours.shape == reference.shape == (*shape[:3], out_channels) and ours.dtype == jnp.bfloat16
+    ours, reference = np.asarray(ours, np.float32), np.asarray(reference, np.float32)
+    np.testing.assert_allclose(ours, reference, rtol=8e-3, atol=1e-2)
+    assert np.mean(ours == reference) > 0.98
+    weights = jax.random.normal(jax.random.key(45), ours.shape)
+    loss = lambda conv: lambda *a: jnp.sum(conv(*a).astype(jnp.float32) * weights)  # noqa: E731
+    args = (x, scale, shift, kernel, bias)
+    with pltpu.force_tpu_interpret_mode():
+        grads = jax.grad(loss(tpu_conv.silu_conv3x3), range(5))(*args)
+    for a, r in zip(grads, jax.grad(loss(tpu_conv._silu_reference), range(5))(*args), strict=True):
+        np.testing.assert_array_equal(a, r)
+
+
+@pytest.mark.parametrize("offset", [False, True])
+def test_norm_act_conv_on_the_tpu_is_the_resnet_blocks_path(offset):
+    """The TPU branch of norm_act_conv (GroupNorm folded into the kernel's input as x * a + b, the time
+    embedding's offset into b) against the other backends' GroupNorm, SiLU, then convolution: within a
+    bfloat16 rounding of the activated map. Lowered for the TPU it is one Pallas call and no activated map;
+    for the CPU the same program as the layers' GroupNorm, SiLU and Conv2d one after the other."""
+    x = (jax.random.normal(jax.random.key(46), (2, 8, 16, 64)) * 2 + 0.5).astype(jnp.bfloat16)
+    t = jax.random.normal(jax.random.key(47), (2, 64), jnp.bfloat16) if offset else None
+    gamma = jax.random.uniform(jax.random.key(48), (64,), minval=0.5, maxval=1.5)
+    beta = jax.random.normal(jax.random.key(49), (64,)) * 0.3
+    kernel = (jax.random.normal(jax.random.key(50), (3, 3, 64, 128)) * 0.05).astype(jnp.bfloat16)
+    bias = jax.random.normal(jax.random.key(51), (128,))
+    options = dict(groups=8, eps=1e-5, act=jax.nn.silu, dtype=jnp.bfloat16)
+    plain = jax.jit(functools.partial(kernels.norm_act_conv, **options))(x, t, gamma, beta, kernel, bias)
+    shifted = x if t is None else x + t[:, None, None, :]
+    a, b = norms.group_norm_affine(shifted, gamma, beta, 8, 1e-5, jnp.bfloat16)
+    if t is not None:
+        b = b + t.astype(jnp.float32) * a
+    with pltpu.force_tpu_interpret_mode():
+        ours = tpu_conv.silu_conv3x3(x, a, b, kernel, bias)
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(plain, np.float32), rtol=3e-2, atol=3e-2)
+
+    def ours(x, t, gamma, beta, kernel, bias):
+        return kernels.norm_act_conv(x, t, gamma, beta, kernel, bias, **options)
+
+    def layers(x, t, gamma, beta, kernel, bias):
+        h = x if t is None else x + t[:, None, None, :]
+        h = jax.nn.silu(norms.group_norm(h, gamma, beta, 8, 1e-5, jnp.bfloat16))
+        return kernels.biased_conv(h, kernel, bias, 1, 1)
+
+    args = (x, t, gamma, beta, kernel, bias)
+    tpu = jax.export.export(jax.jit(ours), platforms=("tpu",))(*args).mlir_module()
+    assert tpu.count("tpu_custom_call") == 1 and "logistic" not in tpu
+    cpu = jax.jit(ours).lower(*args).compile().as_text()
+    expected = jax.jit(layers).lower(*args).compile().as_text()
+
+    def instructions(hlo: str) -> list[str]:  # the optimised program's instructions, without metadata
+        lines = [line for line in hlo.splitlines() if re.match(r"\s*(ROOT )?%", line)]
+        return [re.sub(r"metadata=\{[^}]*\}|\.\d+", "", line) for line in lines]
+
+    assert instructions(cpu) == instructions(expected)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.nn import kernels
+from sdjax.nn import kernels, norms
 
 _ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
@@ -32,13 +32,20 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return _ACTIVATIONS[name]
 
 
+def _group_norm_params(module: nn.Module, channels: int) -> tuple[jax.Array, jax.Array]:
+    """A GroupNorm's per-channel `scale` and `bias` (float32), declared on `module`."""
+    return (
+        module.param("scale", nn.initializers.ones, (channels,), jnp.float32),
+        module.param("bias", nn.initializers.zeros, (channels,), jnp.float32),
+    )
+
+
 class GroupNorm(nn.Module):
     """Group normalisation over the channel (last) axis; statistics in fp32 whatever the input dtype.
 
     x (B, ..., C) is split into `num_groups` groups of C/num_groups channels; each group of each sample is
-    normalised over all its positions and channels, then scaled and shifted per channel. In float32 (the
-    parity mode) the variance takes a second pass over x - mean, as PyTorch; in half precision one pass
-    (E[x^2] - E[x]^2, in float32), which XLA fuses into the op that produces x (`_fast_variance`).
+    normalised over all its positions and channels, then scaled and shifted per channel (`norms.group_norm`:
+    PyTorch's two-pass variance in float32, one pass in half precision).
     """
 
     num_groups: int
@@ -47,33 +54,23 @@ class GroupNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        channels = x.shape[-1]
-        if channels % self.num_groups:
-            raise ValueError(f"GroupNorm: {channels} channels do not split into {self.num_groups} groups")
-        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
-        x32 = x.astype(jnp.float32).reshape(x.shape[0], -1, self.num_groups, channels // self.num_groups)
-        mean = x32.mean(axis=(1, 3), keepdims=True)
-        if _fast_variance(self.dtype):
-            var = jnp.maximum(jnp.square(x32).mean(axis=(1, 3), keepdims=True) - jnp.square(mean), 0.0)
-        else:
-            var = jnp.square(x32 - mean).mean(axis=(1, 3), keepdims=True)
-        y = ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+        scale, bias = _group_norm_params(self, x.shape[-1])
+        return norms.group_norm(x, scale, bias, self.num_groups, self.epsilon, self.dtype)
 
 
-def _fast_variance(dtype) -> bool:
-    """Whether norms of a `dtype` model take their variance in one pass: in half precision (the speed modes).
-    On one TPU v5e chip (cost model, SD 1.5 at 512x512, bf16) the one-pass statistics fuse into the op
-    before the norm and take ResNet blocks from 0.66 to 0.61 ms (64x64x320) and 1.20 to 1.12 ms (64x64x960);
-    float32 keeps PyTorch's two passes for parity."""
-    return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+class GroupNormWeights(nn.Module):
+    """A `GroupNorm`'s parameters, `scale` and `bias`, returned unapplied for a kernel that applies them
+    itself (`kernels.norm_act_conv`)."""
+
+    @nn.compact
+    def __call__(self, channels: int) -> tuple[jax.Array, jax.Array]:
+        return _group_norm_params(self, channels)
 
 
 def layer_norm(epsilon: float, dtype, name: str) -> nn.LayerNorm:
     """LayerNorm over the last axis, statistics in float32: PyTorch's two-pass variance in float32, one pass
-    in half precision (`_fast_variance`)."""
-    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, use_fast_variance=_fast_variance(dtype), name=name)
+    in half precision (`norms.fast_variance`)."""
+    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, use_fast_variance=norms.fast_variance(dtype), name=name)
 
 
 class Conv2d(nn.Module):
@@ -90,11 +87,27 @@ class Conv2d(nn.Module):
 
     @nn.compact
     def __call__(self, x_BHWC: jax.Array) -> jax.Array:
-        k = self.kernel_size
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, x_BHWC.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        kernel, bias = _conv_params(self, x_BHWC.shape[-1], self.features, self.kernel_size)
         x_BHWC, kernel = x_BHWC.astype(self.dtype), kernel.astype(self.dtype)
         return kernels.biased_conv(x_BHWC, kernel, bias, self.stride, self.padding, self.upsample2x)
+
+
+def _conv_params(module: nn.Module, in_channels: int, features: int, size: int) -> tuple[jax.Array, jax.Array]:
+    """A convolution's `kernel` (size, size, in, out: HWIO) and `bias`, declared on `module`."""
+    kernel = module.param("kernel", nn.initializers.lecun_normal(), (size, size, in_channels, features))
+    return kernel, module.param("bias", nn.initializers.zeros, (features,))
+
+
+class ConvWeights(nn.Module):
+    """A `Conv2d`'s parameters, `kernel` (HWIO) and `bias`, returned unapplied for a kernel that applies
+    them itself (`kernels.norm_act_conv`)."""
+
+    features: int
+    kernel_size: int
+
+    @nn.compact
+    def __call__(self, in_channels: int) -> tuple[jax.Array, jax.Array]:
+        return _conv_params(self, in_channels, self.features, self.kernel_size)
 
 
 def _add_bias(y: jax.Array, bias: jax.Array | None, dtype) -> jax.Array:
@@ -227,16 +240,33 @@ class ResnetBlock2D(nn.Module):
     @nn.compact
     def __call__(self, x_BHWC: jax.Array, temb_BT: jax.Array | None) -> jax.Array:
         act = activation(self.act_fn)
-        h = act(GroupNorm(self.groups, self.eps, self.dtype, name="norm1")(x_BHWC))
-        h = conv(self.out_channels, 3, "conv1", self.dtype)(h)
+        h = self._norm_act_conv(x_BHWC, None, "norm1", "conv1")
+        t = None
         if temb_BT is not None:
             t = Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(act(temb_BT))
-            h = h + t[:, None, None, :]
-        h = act(GroupNorm(self.groups, self.eps, self.dtype, name="norm2")(h))
-        h = conv(self.out_channels, 3, "conv2", self.dtype)(h)
+        h = self._norm_act_conv(h, t, "norm2", "conv2")
         if x_BHWC.shape[-1] != self.out_channels:
             x_BHWC = conv(self.out_channels, 1, "conv_shortcut", self.dtype)(x_BHWC)
         return (x_BHWC + h) / self.output_scale_factor
+
+    def _norm_act_conv(self, x_BHWC: jax.Array, offset_BC: jax.Array | None, norm: str, conv_name: str) -> jax.Array:
+        """conv(act(norm(x + offset))): the 3x3 convolution `conv_name` of the activated GroupNorm `norm` of
+        x, plus a per-channel offset (the time embedding) first (`kernels.norm_act_conv`)."""
+        channels = x_BHWC.shape[-1]
+        scale, bias = GroupNormWeights(name=norm)(channels)
+        kernel, conv_bias = ConvWeights(self.out_channels, 3, name=conv_name)(channels)
+        return kernels.norm_act_conv(
+            x_BHWC,
+            offset_BC,
+            scale,
+            bias,
+            kernel.astype(self.dtype),
+            conv_bias,
+            groups=self.groups,
+            eps=self.eps,
+            act=activation(self.act_fn),
+            dtype=self.dtype,
+        )
 
 
 class Downsample2D(nn.Module):

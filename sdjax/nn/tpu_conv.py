@@ -8,6 +8,9 @@ plus one halo row above and below (zeros outside the image) into VMEM, sums the 
 (rows * W, C) @ (C, O_block) products in float32, shifts the three kernel columns' sums along W on the
 output side, adds the bias and writes the block rounded once to bfloat16.
 
+`silu_conv3x3` is the same for the convolution of silu(x * scale + shift), the per-image, per-channel
+affine map (a folded GroupNorm) and the SiLU applied to the rows as they are copied in.
+
 `upsample2x_conv3x3` is the same for a 3x3 convolution of the nearest-2x enlarged map, computed from the
 unenlarged one: both output row parities from three windows of the input rows (15 products of the input's
 size), the two column parities interleaved on the way out.
@@ -48,14 +51,15 @@ def largest_divisor(n: int, limit: int, step: int) -> int:
     return best
 
 
-def fits(x_BHWC_shape, out_channels: int, dtype, upsample2x: bool = False) -> bool:
+def fits(x_BHWC_shape, out_channels: int, dtype, upsample2x: bool = False, normalized: bool = False) -> bool:
     """Whether the kernel takes this convolution (`conv3x3`, or with `upsample2x` `upsample2x_conv3x3` of
     this input): bfloat16 (float32 keeps XLA's convolution at `Precision.HIGHEST`, the parity mode; Mosaic
     cannot load float16 vectors on a v5e), the width a multiple of 8 (row windows are reshaped to (rows * W,
     C): whole sublane tiles), output channels whole 128-lane tiles when upsampling (as every upsampler of
     SD's UNets and VAEs has: the only ones compiled and measured for the TPU), and its VMEM blocks (one
     whole input image, the weight block, the output block, each double-buffered, and the float32 partial
-    sums) within VMEM_LIMIT_BYTES."""
+    sums; with `normalized` (`silu_conv3x3`) the scratch is the whole padded image, and two float32
+    temporaries of a block of its rows) within VMEM_LIMIT_BYTES."""
     _, h, w, c = x_BHWC_shape
     if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16) or w % 8 or (upsample2x and out_channels % MXU):
         return False
@@ -64,12 +68,13 @@ def fits(x_BHWC_shape, out_channels: int, dtype, upsample2x: bool = False) -> bo
     lanes_c, lanes_o = round_up(c, MXU), round_up(o_block, MXU)
     image = 2 * h * w * lanes_c * itemsize
     weights = 2 * 9 * lanes_c * lanes_o * itemsize
-    scratch = (rows + 2) * w * lanes_c * itemsize
+    scratch = ((h if normalized else rows) + 2) * w * lanes_c * itemsize
     if upsample2x:  # output block (double-buffered), three shared and three parity sums, four temporaries
         sums = 2 * 4 * rows * w * lanes_o * itemsize + 10 * rows * w * lanes_o * 4
     else:  # output block (double-buffered), three partial sums, one temporary
         sums = 6 * rows * w * lanes_o * 4
-    return image + weights + scratch + sums <= VMEM_LIMIT_BYTES * 3 // 4
+    loaded = 2 * rows * w * lanes_c * 4 if normalized else 0
+    return image + weights + scratch + sums + loaded <= VMEM_LIMIT_BYTES * 3 // 4
 
 
 def _blocks(h: int, w: int, c: int, o: int, itemsize: int, upsample2x: bool = False) -> tuple[int, int]:
@@ -122,26 +127,51 @@ def _shifted_columns(y, width: int, shift: int):
     return jnp.where(column == width - 1, 0.0, pltpu.roll(y, n - 1, 0))
 
 
-def _conv_kernel(x_ref, w_ref, bias_ref, out_ref, rows_ref, *, rows: int):
-    """One grid step: output rows [r * rows, (r + 1) * rows) of one image, O_block channels, plus the bias,
-    rounded once to the output dtype.
-
-    The input rows it needs (one halo row above and below, zero outside the image) are copied into
-    `rows_ref` (rows + 2, W, C); kernel row i reads its rows i..i + rows, as one (rows * W, C) matrix, and
-    kernel column j's product Y_j is shifted along W by j - 1 on the output side (rolled, with the wrapped
-    column zeroed), so no input is ever read at an unaligned offset."""
-    width, channels = x_ref.shape[2:]
-    _copy_rows_with_halo(x_ref, rows_ref, pl.program_id(2) * rows, rows)
+def _sum_taps(window, w_ref, bias_ref, out_ref, rows: int, width: int) -> None:
+    """Output rows of one grid step: kernel row i's input rows are `window(i)` (rows * W, C); kernel column
+    j's product Y_j is shifted along W by j - 1 on the output side (rolled, with the wrapped column
+    zeroed), so no input is ever read at an unaligned offset; plus the bias, rounded once."""
     by_column = [None, None, None]
     for i in range(3):
-        window = rows_ref[pl.ds(i, rows)].reshape(rows * width, channels)
+        rows_i = window(i)
         for j in range(3):
-            part = jnp.dot(window, w_ref[i, j], preferred_element_type=jnp.float32)
+            part = jnp.dot(rows_i, w_ref[i, j], preferred_element_type=jnp.float32)
             by_column[j] = part if by_column[j] is None else by_column[j] + part
     left = _shifted_columns(by_column[0], width, -1)  # y[w] += Y_0[w - 1]
     right = _shifted_columns(by_column[2], width, +1)  # y[w] += Y_2[w + 1]
     y = by_column[1] + left + right + bias_ref[...]
     out_ref[0] = y.reshape(rows, width, -1).astype(out_ref.dtype)
+
+
+def _conv_kernel(x_ref, w_ref, bias_ref, out_ref, rows_ref, *, rows: int):
+    """One grid step: output rows [r * rows, (r + 1) * rows) of one image, O_block channels, plus the bias,
+    rounded once to the output dtype. The input rows it needs (one halo row above and below, zero outside
+    the image) are copied into `rows_ref` (rows + 2, W, C), kernel row i reading rows i..i + rows."""
+    width, channels = x_ref.shape[2:]
+    _copy_rows_with_halo(x_ref, rows_ref, pl.program_id(2) * rows, rows)
+    window = lambda i: rows_ref[pl.ds(i, rows)].reshape(rows * width, channels)  # noqa: E731
+    _sum_taps(window, w_ref, bias_ref, out_ref, rows, width)
+
+
+def _silu_conv_kernel(x_ref, scale_ref, shift_ref, w_ref, bias_ref, out_ref, image_ref, *, rows: int):
+    """`_conv_kernel` of silu(x * scale + shift): at an image's first grid step, the whole activated image
+    is written into `image_ref` (H + 2, W, C) between two zero rows (the convolution's padding: the
+    activation of a zero would not be zero), `rows` rows at a time in float32; every step of the image
+    then reads its windows from there. scale and shift are the image's (1, 1, C) float32 rows."""
+    height, width, channels = x_ref.shape[1:]
+
+    @pl.when((pl.program_id(1) == 0) & (pl.program_id(2) == 0))
+    def _():
+        zero_row = jnp.zeros((1, width, channels), image_ref.dtype)
+        image_ref[pl.ds(0, 1)] = zero_row
+        image_ref[pl.ds(height + 1, 1)] = zero_row
+        for top in range(0, height, rows):
+            y = x_ref[0, pl.ds(top, rows)].astype(jnp.float32) * scale_ref[0] + shift_ref[0]
+            image_ref[pl.ds(1 + top, rows)] = (y / (1.0 + jnp.exp(-y))).astype(image_ref.dtype)
+
+    top = pl.program_id(2) * rows
+    window = lambda i: image_ref[pl.ds(top + i, rows)].reshape(rows * width, channels)  # noqa: E731
+    _sum_taps(window, w_ref, bias_ref, out_ref, rows, width)
 
 
 def _bfloat16_bits(y):
@@ -233,47 +263,52 @@ def _with_gradients_of(reference):
     return wrap
 
 
-def _pallas_conv(kernel_fn, x_BHWC, kernel_HWIO, bias_O, *, rows, o_block, out_block, out_shape, flops):
+def _pallas_conv(kernel_fn, x_BHWC, kernel_HWIO, bias_O, *, rows, o_block, out_block, out_shape, flops, affine=None):
     """Runs a convolution kernel over the grid (image, output-channel block, row block of `rows` input
     rows): each step gets the whole input image, its (3, 3, C, o_block) weights and bias, and a row
     scratch with halos; `out_block` is the output block's shape, indexed (image, row block, 0..., channel
-    block). The declared cost is `flops` and the bytes of the input, the weights and the output."""
+    block). With `affine` (a (scale, shift) pair, float32 (B, C)) the kernel is `_silu_conv_kernel`'s kind:
+    it also gets the image's scale and shift rows, its scratch holds the whole padded image, and the
+    steps of an image run in order. The declared cost is `flops`, the bytes read and written, and with
+    `affine` one transcendental (the SiLU's exp) per input element."""
     b, h, w, c = x_BHWC.shape
     o = kernel_HWIO.shape[-1]
     itemsize = x_BHWC.dtype.itemsize
     middle = (0,) * (len(out_block) - 3)
+    per_image = [] if affine is None else [a.astype(jnp.float32).reshape(b, 1, c) for a in affine]
     cost = pl.CostEstimate(
         flops=flops,
-        transcendentals=0,
-        bytes_accessed=(x_BHWC.size + kernel_HWIO.size + math.prod(out_shape)) * itemsize + o * 4,
+        transcendentals=0 if affine is None else x_BHWC.size,
+        bytes_accessed=(x_BHWC.size + kernel_HWIO.size + math.prod(out_shape)) * itemsize
+        + o * 4
+        + sum(a.size * 4 for a in per_image),
     )
+    scratch = (rows + 2, w, c) if affine is None else (h + 2, w, c)
+    order = ("parallel", "parallel" if affine is None else "arbitrary", "arbitrary")
     return pl.pallas_call(
         functools.partial(kernel_fn, rows=rows),
         grid=(b, o // o_block, h // rows),
         in_specs=[
             pl.BlockSpec((1, h, w, c), lambda n, k, r: (n, 0, 0, 0)),
+            *[pl.BlockSpec((1, 1, c), lambda n, k, r: (n, 0, 0)) for _ in per_image],
             pl.BlockSpec((3, 3, c, o_block), lambda n, k, r: (0, 0, 0, k)),
             pl.BlockSpec((1, o_block), lambda n, k, r: (0, k)),
         ],
         out_specs=pl.BlockSpec(out_block, lambda n, k, r: (n, r, *middle, k)),
         out_shape=jax.ShapeDtypeStruct(out_shape, x_BHWC.dtype),
-        scratch_shapes=[pltpu.VMEM((rows + 2, w, c), x_BHWC.dtype)],
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=VMEM_LIMIT_BYTES
-        ),
+        scratch_shapes=[pltpu.VMEM(scratch, x_BHWC.dtype)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=order, vmem_limit_bytes=VMEM_LIMIT_BYTES),
         cost_estimate=cost,
-    )(x_BHWC, kernel_HWIO, bias_O.astype(jnp.float32).reshape(1, o))
+    )(x_BHWC, *per_image, kernel_HWIO, bias_O.astype(jnp.float32).reshape(1, o))
 
 
-@_with_gradients_of(_reference)
-def conv3x3(x_BHWC: jax.Array, kernel_HWIO: jax.Array, bias_O: jax.Array) -> jax.Array:
-    """3x3 convolution, stride 1, zero padding 1, plus a bias: (B, H, W, C), (3, 3, C, O), (O,) ->
-    (B, H, W, O) in x's dtype, summed in float32 and rounded once. Gradients are XLA's."""
+def _conv3x3_grid(x_BHWC, kernel_HWIO, bias_O, affine=None) -> jax.Array:
+    """A 3x3 convolution's kernel call: `_conv_kernel`, or with `affine` (scale, shift) `_silu_conv_kernel`."""
     b, h, w, c = x_BHWC.shape
     o = kernel_HWIO.shape[-1]
     rows, o_block = _blocks(h, w, c, o, x_BHWC.dtype.itemsize)
     return _pallas_conv(
-        _conv_kernel,
+        _conv_kernel if affine is None else _silu_conv_kernel,
         x_BHWC,
         kernel_HWIO,
         bias_O,
@@ -282,7 +317,37 @@ def conv3x3(x_BHWC: jax.Array, kernel_HWIO: jax.Array, bias_O: jax.Array) -> jax
         out_block=(1, rows, w, o_block),
         out_shape=(b, h, w, o),
         flops=2 * b * h * w * 9 * round_up(c, MXU) * round_up(o, MXU),
+        affine=affine,
     )
+
+
+@_with_gradients_of(_reference)
+def conv3x3(x_BHWC: jax.Array, kernel_HWIO: jax.Array, bias_O: jax.Array) -> jax.Array:
+    """3x3 convolution, stride 1, zero padding 1, plus a bias: (B, H, W, C), (3, 3, C, O), (O,) ->
+    (B, H, W, O) in x's dtype, summed in float32 and rounded once. Gradients are XLA's."""
+    return _conv3x3_grid(x_BHWC, kernel_HWIO, bias_O)
+
+
+def silu_of_affine(x_BHWC: jax.Array, scale_BC: jax.Array, shift_BC: jax.Array) -> jax.Array:
+    """silu(x * scale + shift) per image and channel, in float32, rounded to x's dtype: what
+    `silu_conv3x3` convolves."""
+    y = x_BHWC.astype(jnp.float32) * scale_BC[:, None, None, :] + shift_BC[:, None, None, :]
+    return jax.nn.silu(y).astype(x_BHWC.dtype)
+
+
+def _silu_reference(x_BHWC, scale_BC, shift_BC, kernel_HWIO, bias_O):
+    """`silu_conv3x3` with XLA's convolution."""
+    return _reference(silu_of_affine(x_BHWC, scale_BC, shift_BC), kernel_HWIO, bias_O)
+
+
+@_with_gradients_of(_silu_reference)
+def silu_conv3x3(
+    x_BHWC: jax.Array, scale_BC: jax.Array, shift_BC: jax.Array, kernel_HWIO: jax.Array, bias_O: jax.Array
+) -> jax.Array:
+    """conv3x3(silu(x * scale + shift)) + bias with the affine map and the SiLU applied in the kernel's input
+    copy (a GroupNorm folded into per-image, per-channel scale and shift, float32 (B, C)): (B, H, W, C) ->
+    (B, H, W, O) in x's dtype. The activated map is never written out; gradients are XLA's."""
+    return _conv3x3_grid(x_BHWC, kernel_HWIO, bias_O, (scale_BC, shift_BC))
 
 
 @_with_gradients_of(_upsample_reference)
