@@ -91,6 +91,10 @@ def test_tpu_packing_puts_whole_heads_in_each_lane_group():
     assert packed.shape == (2, 3, 384)
     np.testing.assert_array_equal(packed[..., 128 + 40 : 128 + 80], x[..., 160:200])  # head 4: group 1, slot 1
     assert not packed[..., 120:128].any() and not packed[..., 256 + 80 :].any()
+    weights = jax.random.normal(jax.random.key(5), (320, 320), jnp.bfloat16)  # packed by a 0/1 product: exact
+    moved = tpu_attention.pack(weights, 40)
+    assert moved.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(moved[:, 256 : 256 + 80], weights[:, 240:])
     whole_groups = x[..., :256]  # 4 heads of 64: SD 2's layout is packed already
     assert tpu_attention.pack(whole_groups, 64) is whole_groups
 

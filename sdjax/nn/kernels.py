@@ -540,7 +540,7 @@ def _projected_attention_packed(heads, head_dim, upcast, x, context, wq, wk, wv,
     """The same through `tpu_attention.packed_attention`: the weights' columns regrouped into packed lane
     groups (to_out's rows likewise, zero rows for the padding lanes), so that no activation is re-laid out;
     queries padded to a multiple of 8 tokens, keys to a multiple of 128 (masked)."""
-    columns = lambda w: tpu_attention.pack(w[None].astype(x.dtype), head_dim)[0]  # noqa: E731
+    columns = lambda w: tpu_attention.pack(w.astype(x.dtype), head_dim)  # noqa: E731
     q_len, k_len = x.shape[1], context.shape[1]
     x = jnp.pad(x, ((0, 0), (0, tpu_conv.round_up(q_len, 8) - q_len), (0, 0)))
     context = jnp.pad(context, ((0, 0), (0, tpu_conv.round_up(k_len, TPU_LANES) - k_len), (0, 0)))
