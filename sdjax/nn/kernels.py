@@ -319,7 +319,7 @@ def norm_act_conv(
         return biased_conv(h, kernel, conv_bias, 1, 1)
 
     args = (x_BHWC, offset_BC, scale_C, bias_C, kernel_HWIO, bias_O)
-    b, _, _, c = x_BHWC.shape
+    b = x_BHWC.shape[0]
     out_channels = kernel_HWIO.shape[-1]
     if not (
         act is jax.nn.silu
