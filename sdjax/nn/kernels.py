@@ -307,16 +307,15 @@ def norm_act_conv(
     Everywhere, these are `norms.group_norm`, `act` and `biased_conv` one after the other. On the TPU, with a
     SiLU, in bfloat16 and where `biased_conv` would run the Pallas kernel, the norm's statistics stay XLA's
     (they fuse into the op that produced x) and become a per-image, per-channel affine map that the kernel
-    applies, with the SiLU, to the rows it copies in (`tpu_conv.silu_conv3x3`): the normalised map is never
-    written out and read back. One v5e chip, cost model, GroupNorm + SiLU + convolution at batch 2:
-    64x64x960 -> 320 0.585 -> 0.380 ms, 64x64x320 0.222 -> 0.148 ms, 32x32x640 0.160 -> 0.128 ms (README
-    "Accelerators" for the UNet step)."""
+    applies, with the SiLU, to each image as it copies it into VMEM (`tpu_conv.silu_conv3x3`): the
+    normalised map is never written out and read back. One v5e chip, cost model, GroupNorm + SiLU +
+    convolution at batch 2: 64x64x960 -> 320 0.585 -> 0.380 ms, 64x64x320 0.222 -> 0.148 ms, 32x32x640
+    0.160 -> 0.128 ms (README "Accelerators" for the UNet step)."""
 
     def plain(x, offset, scale, bias, kernel, conv_bias):
         if offset is not None:
             x = x + offset[:, None, None, :]
-        h = act(norms.group_norm(x, scale, bias, groups, eps, dtype)).astype(dtype)
-        return biased_conv(h, kernel, conv_bias, 1, 1)
+        return biased_conv(act(norms.group_norm(x, scale, bias, groups, eps, dtype)), kernel, conv_bias, 1, 1)
 
     args = (x_BHWC, offset_BC, scale_C, bias_C, kernel_HWIO, bias_O)
     b = x_BHWC.shape[0]

@@ -328,16 +328,10 @@ def conv3x3(x_BHWC: jax.Array, kernel_HWIO: jax.Array, bias_O: jax.Array) -> jax
     return _conv3x3_grid(x_BHWC, kernel_HWIO, bias_O)
 
 
-def silu_of_affine(x_BHWC: jax.Array, scale_BC: jax.Array, shift_BC: jax.Array) -> jax.Array:
-    """silu(x * scale + shift) per image and channel, in float32, rounded to x's dtype: what
-    `silu_conv3x3` convolves."""
-    y = x_BHWC.astype(jnp.float32) * scale_BC[:, None, None, :] + shift_BC[:, None, None, :]
-    return jax.nn.silu(y).astype(x_BHWC.dtype)
-
-
 def _silu_reference(x_BHWC, scale_BC, shift_BC, kernel_HWIO, bias_O):
-    """`silu_conv3x3` with XLA's convolution."""
-    return _reference(silu_of_affine(x_BHWC, scale_BC, shift_BC), kernel_HWIO, bias_O)
+    """`silu_conv3x3` with XLA's convolution of silu(x * scale + shift) (float32, rounded to x's dtype)."""
+    y = x_BHWC.astype(jnp.float32) * scale_BC[:, None, None, :] + shift_BC[:, None, None, :]
+    return _reference(jax.nn.silu(y).astype(x_BHWC.dtype), kernel_HWIO, bias_O)
 
 
 @_with_gradients_of(_silu_reference)
