@@ -239,46 +239,62 @@ def test_biased_conv_on_the_tpu_is_the_layers_convolution():
 
 
 @pytest.mark.parametrize(
-    "shape, out_channels",
+    "shape, out_channels, offset",
     [
-        ((2, 6, 16, 24), 256),  # three row blocks (halos inside the image and at both edges), two O blocks
-        ((1, 8, 8, 8), 40),  # one row block: both halos are the image's zero padding, not silu(shift)
+        ((2, 6, 16, 24), 256, True),  # three row blocks (halos inside the image and at both edges), two O blocks
+        ((1, 8, 8, 8), 40, False),  # one row block: both halos are the image's zero padding, not silu(b)
+        ((3, 4, 8, 40), 128, True),  # three images (the kernel picks its image's statistics), 10 per group
     ],
 )
-def test_tpu_silu_conv_equals_xla_on_the_activated_map(monkeypatch, shape, out_channels):
-    """silu_conv3x3 (interpret mode): the affine map and SiLU applied in the kernel's input copy, against
-    XLA's convolution of silu(x * scale + shift): the same bfloat16 operands, so all but a few sums
-    (rounded the other way) are equal. The padding stays zero: silu(0 * scale + shift) would not be."""
+def test_tpu_norm_silu_conv_equals_xla_on_the_activated_map(monkeypatch, shape, out_channels, offset):
+    """norm_silu_conv3x3 (interpret mode): the GroupNorm's affine map made from the per-channel sums in the
+    kernel and applied with the SiLU in its input copy, against `_norm_silu_reference` (the same map in
+    XLA, then XLA's convolution of silu(x * a + b)): the same bfloat16 operands, so all but a few sums
+    (rounded the other way) are equal, and the gradients are the reference's. The padding stays zero:
+    silu(0 * a + b) would not be."""
     b, _, _, c = shape
     monkeypatch.setattr(tpu_conv, "TARGET_ROWS", 2 * shape[2])
     monkeypatch.setattr(tpu_conv, "WEIGHT_BLOCK_BYTES", 9 * c * 128 * 2)
-    x = jax.random.normal(jax.random.key(40), shape, jnp.bfloat16)
-    scale = jax.random.uniform(jax.random.key(41), (b, c), minval=0.5, maxval=2.0)
-    shift = jax.random.normal(jax.random.key(42), (b, c)) + 1.0
-    kernel = (jax.random.normal(jax.random.key(43), (3, 3, c, out_channels)) * 0.2).astype(jnp.bfloat16)
-    bias = jax.random.normal(jax.random.key(44), (out_channels,))
+    x = (jax.random.normal(jax.random.key(40), shape) * 1.5 + 0.3).astype(jnp.bfloat16)
+    t = jax.random.normal(jax.random.key(41), (b, c)) if offset else None
+    shifted = x.astype(jnp.float32) + (0 if t is None else t[:, None, None, :])
+    sums, squares = shifted.sum(axis=(1, 2)), jnp.square(shifted).sum(axis=(1, 2))
+    gamma = jax.random.uniform(jax.random.key(42), (c,), minval=0.5, maxval=2.0).astype(jnp.bfloat16)
+    beta = (jax.random.normal(jax.random.key(43), (c,)) + 1.0).astype(jnp.bfloat16)
+    kernel = (jax.random.normal(jax.random.key(44), (3, 3, c, out_channels)) * 0.2).astype(jnp.bfloat16)
+    bias = jax.random.normal(jax.random.key(45), (out_channels,)).astype(jnp.bfloat16)
+    groups = 4 if c % 4 == 0 else 2
+    args = (x, sums, squares, t, gamma, beta, kernel, bias)
+    options = dict(groups=groups, eps=1e-5)
     with pltpu.force_tpu_interpret_mode():
-        ours = tpu_conv.silu_conv3x3(x, scale, shift, kernel, bias)
-    reference = tpu_conv._silu_reference(x, scale, shift, kernel, bias)
+        ours = tpu_conv.norm_silu_conv3x3(*args, **options)
+    reference = tpu_conv._norm_silu_reference(*args, **options)
     assert ours.shape == reference.shape == (*shape[:3], out_channels) and ours.dtype == jnp.bfloat16
     ours, reference = np.asarray(ours, np.float32), np.asarray(reference, np.float32)
     np.testing.assert_allclose(ours, reference, rtol=8e-3, atol=1e-2)
     assert np.mean(ours == reference) > 0.98
-    weights = jax.random.normal(jax.random.key(45), ours.shape)
-    loss = lambda conv: lambda *a: jnp.sum(conv(*a).astype(jnp.float32) * weights)  # noqa: E731
-    args = (x, scale, shift, kernel, bias)
+    # the reference is the layers' GroupNorm, SiLU and convolution of x + t, within their roundings
+    norm = norms.group_norm(shifted, gamma, beta, groups, 1e-5, jnp.float32)
+    layers = tpu_conv._reference(jax.nn.silu(norm).astype(jnp.bfloat16), kernel, bias)
+    np.testing.assert_allclose(reference, np.asarray(layers, np.float32), rtol=3e-2, atol=3e-2)
+    weights = jax.random.normal(jax.random.key(46), ours.shape)
+    loss = lambda conv: lambda *a: jnp.sum(conv(*a, **options).astype(jnp.float32) * weights)  # noqa: E731
+    wrt = [i for i, a in enumerate(args) if a is not None]
     with pltpu.force_tpu_interpret_mode():
-        grads = jax.grad(loss(tpu_conv.silu_conv3x3), range(5))(*args)
-    for a, r in zip(grads, jax.grad(loss(tpu_conv._silu_reference), range(5))(*args), strict=True):
+        grads = jax.grad(loss(tpu_conv.norm_silu_conv3x3), wrt)(*args)
+    for a, r in zip(grads, jax.grad(loss(tpu_conv._norm_silu_reference), wrt)(*args), strict=True):
         np.testing.assert_array_equal(a, r)
+    with pytest.raises(ValueError, match="do not split into 7 groups"):
+        tpu_conv.norm_silu_conv3x3(*args, groups=7, eps=1e-5)
 
 
 @pytest.mark.parametrize("offset", [False, True])
 def test_norm_act_conv_on_the_tpu_is_the_resnet_blocks_path(offset):
-    """The TPU branch of norm_act_conv (GroupNorm folded into the kernel's input as x * a + b, the time
-    embedding's offset into b) against the other backends' GroupNorm, SiLU, then convolution: within a
-    bfloat16 rounding of the activated map. Lowered for the TPU it is one Pallas call and no activated map;
-    for the CPU the same program as the layers' GroupNorm, SiLU and Conv2d one after the other."""
+    """The TPU branch of norm_act_conv (the per-channel sums of x + t in, GroupNorm folded into the kernel's
+    input as x * a + b, the time embedding's offset into b) against the other backends' GroupNorm, SiLU,
+    then convolution: within a bfloat16 rounding of the activated map. Lowered for the TPU it is one Pallas
+    call and no activated map; for the CPU the same program as the layers'
+    GroupNorm, SiLU and Conv2d one after the other."""
     x = (jax.random.normal(jax.random.key(46), (2, 8, 16, 64)) * 2 + 0.5).astype(jnp.bfloat16)
     t = jax.random.normal(jax.random.key(47), (2, 64), jnp.bfloat16) if offset else None
     gamma = jax.random.uniform(jax.random.key(48), (64,), minval=0.5, maxval=1.5)
@@ -287,12 +303,11 @@ def test_norm_act_conv_on_the_tpu_is_the_resnet_blocks_path(offset):
     bias = jax.random.normal(jax.random.key(51), (128,))
     options = dict(groups=8, eps=1e-5, act=jax.nn.silu, dtype=jnp.bfloat16)
     plain = jax.jit(functools.partial(kernels.norm_act_conv, **options))(x, t, gamma, beta, kernel, bias)
-    shifted = x if t is None else x + t[:, None, None, :]
-    a, b = norms.group_norm_affine(shifted, gamma, beta, 8, 1e-5, jnp.bfloat16)
-    if t is not None:
-        b = b + t.astype(jnp.float32) * a
+    shifted = (x if t is None else x + t[:, None, None, :]).astype(jnp.float32)
+    sums, squares = shifted.sum(axis=(1, 2)), jnp.square(shifted).sum(axis=(1, 2))
+    offset = None if t is None else t.astype(jnp.float32)
     with pltpu.force_tpu_interpret_mode():
-        ours = tpu_conv.silu_conv3x3(x, a, b, kernel, bias)
+        ours = tpu_conv.norm_silu_conv3x3(x, sums, squares, offset, gamma, beta, kernel, bias, groups=8, eps=1e-5)
     np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(plain, np.float32), rtol=3e-2, atol=3e-2)
 
     def ours(x, t, gamma, beta, kernel, bias):
@@ -306,6 +321,7 @@ def test_norm_act_conv_on_the_tpu_is_the_resnet_blocks_path(offset):
     args = (x, t, gamma, beta, kernel, bias)
     tpu = jax.export.export(jax.jit(ours), platforms=("tpu",))(*args).mlir_module()
     assert tpu.count("tpu_custom_call") == 1 and "logistic" not in tpu
+    assert re.findall(r'kernel_name = "(\w+)"', tpu) == ["_norm_silu_conv_kernel"]
     cpu = jax.jit(ours).lower(*args).compile().as_text()
     expected = jax.jit(layers).lower(*args).compile().as_text()
 

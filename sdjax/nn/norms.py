@@ -41,15 +41,3 @@ def group_norm(x_BHWC: jax.Array, scale_C: jax.Array, bias_C: jax.Array, groups:
     x32, mean, var = group_statistics(x_BHWC, groups, dtype)
     y = ((x32 - mean) * jax.lax.rsqrt(var + eps)).reshape(x_BHWC.shape)
     return (y * scale_C.astype(jnp.float32) + bias_C.astype(jnp.float32)).astype(dtype)
-
-
-def group_norm_affine(
-    x_BHWC: jax.Array, scale_C: jax.Array, bias_C: jax.Array, groups: int, eps: float, dtype
-) -> tuple[jax.Array, jax.Array]:
-    """GroupNorm as one per-sample, per-channel affine map: (a, b), both float32 (B, C), such that
-    group_norm(x) = x * a + b before rounding (a = scale / std of the channel's group, b = bias - mean * a)."""
-    b, channels = x_BHWC.shape[0], x_BHWC.shape[-1]
-    _, mean, var = group_statistics(x_BHWC, groups, dtype)
-    per_channel = lambda s: jnp.broadcast_to(s, (b, 1, groups, channels // groups)).reshape(b, channels)  # noqa: E731
-    a = per_channel(jax.lax.rsqrt(var + eps)) * scale_C.astype(jnp.float32)
-    return a, bias_C.astype(jnp.float32) - per_channel(mean) * a

@@ -8,8 +8,9 @@ plus one halo row above and below (zeros outside the image) into VMEM, sums the 
 (rows * W, C) @ (C, O_block) products in float32, shifts the three kernel columns' sums along W on the
 output side, adds the bias and writes the block rounded once to bfloat16.
 
-`silu_conv3x3` is the same for the convolution of silu(x * scale + shift), the per-image, per-channel
-affine map (a folded GroupNorm) and the SiLU applied to the rows as they are copied in.
+`norm_silu_conv3x3` is the same for the convolution of silu(GroupNorm(x)): from XLA's per-channel sums the
+kernel makes the norm a per-image, per-channel affine map and applies it, with the SiLU, to each image as
+it is copied in.
 
 `upsample2x_conv3x3` is the same for a 3x3 convolution of the nearest-2x enlarged map, computed from the
 unenlarged one: both output row parities from three windows of the input rows (15 products of the input's
@@ -58,7 +59,7 @@ def fits(x_BHWC_shape, out_channels: int, dtype, upsample2x: bool = False, norma
     C): whole sublane tiles), output channels whole 128-lane tiles when upsampling (as every upsampler of
     SD's UNets and VAEs has: the only ones compiled and measured for the TPU), and its VMEM blocks (one
     whole input image, the weight block, the output block, each double-buffered, and the float32 partial
-    sums; with `normalized` (`silu_conv3x3`) the scratch is the whole padded image, and two float32
+    sums; with `normalized` (`norm_silu_conv3x3`) the scratch is the whole padded image, and two float32
     temporaries of a block of its rows) within VMEM_LIMIT_BYTES."""
     _, h, w, c = x_BHWC_shape
     if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16) or w % 8 or (upsample2x and out_channels % MXU):
@@ -139,7 +140,7 @@ def _sum_taps(window, w_ref, bias_ref, out_ref, rows: int, width: int) -> None:
             by_column[j] = part if by_column[j] is None else by_column[j] + part
     left = _shifted_columns(by_column[0], width, -1)  # y[w] += Y_0[w - 1]
     right = _shifted_columns(by_column[2], width, +1)  # y[w] += Y_2[w + 1]
-    y = by_column[1] + left + right + bias_ref[...]
+    y = by_column[1] + left + right + bias_ref[...].astype(jnp.float32)
     out_ref[0] = y.reshape(rows, width, -1).astype(out_ref.dtype)
 
 
@@ -153,20 +154,54 @@ def _conv_kernel(x_ref, w_ref, bias_ref, out_ref, rows_ref, *, rows: int):
     _sum_taps(window, w_ref, bias_ref, out_ref, rows, width)
 
 
-def _silu_conv_kernel(x_ref, scale_ref, shift_ref, w_ref, bias_ref, out_ref, image_ref, *, rows: int):
-    """`_conv_kernel` of silu(x * scale + shift): at an image's first grid step, the whole activated image
-    is written into `image_ref` (H + 2, W, C) between two zero rows (the convolution's padding: the
-    activation of a zero would not be zero), `rows` rows at a time in float32; every step of the image
-    then reads its windows from there. scale and shift are the image's (1, 1, C) float32 rows."""
+def group_affine(sums_1C, squares_1C, offset_1C, scale_1C, bias_1C, *, groups: int, count: int, eps: float):
+    """GroupNorm of one image as a per-channel affine map, from the per-channel sums of x and of x^2 over
+    the image's positions (all (1, C) float32; `count` positions x channels per group): (a, b) such that
+    group_norm(x + offset) = x * a + b (a = scale / std of the channel's group, b = bias - (mean - offset)
+    * a; offset None for none), the variance in one pass. Written with masks and sums only, so that the
+    kernel and XLA (the gradients' reference) compute it the same way."""
+    channels = sums_1C.shape[-1]
+    group = jax.lax.broadcasted_iota(jnp.int32, (groups, channels), 0) * (channels // groups)
+    channel = jax.lax.broadcasted_iota(jnp.int32, (groups, channels), 1)
+    member = (channel >= group) & (channel < group + channels // groups)  # (G, C)
+    of_group = lambda v: jnp.sum(jnp.where(member, v, 0.0), axis=1, keepdims=True) / count  # noqa: E731
+    of_channel = lambda g: jnp.sum(jnp.where(member, g, 0.0), axis=0, keepdims=True)  # noqa: E731
+    mean = of_group(sums_1C)
+    variance = jnp.maximum(of_group(squares_1C) - mean * mean, 0.0)
+    a = of_channel(jax.lax.rsqrt(variance + eps)) * scale_1C
+    b = bias_1C - of_channel(mean) * a
+    return a, b if offset_1C is None else b + offset_1C * a
+
+
+def _image_row(ref):
+    """Row `pl.program_id(0)` (this step's image) of a whole (B, C) input, float32 (1, C)."""
+    rows = jax.lax.broadcasted_iota(jnp.int32, ref.shape, 0)
+    return jnp.sum(jnp.where(rows == pl.program_id(0), ref[...].astype(jnp.float32), 0.0), axis=0, keepdims=True)
+
+
+def _norm_silu_conv_kernel(x_ref, *refs, rows: int, groups: int, eps: float):
+    """`_conv_kernel` of silu(GroupNorm(x + offset)): at an image's first grid step its GroupNorm becomes an
+    affine map (`group_affine`, from the (B, C) per-channel sums of x + offset and of its squares, the
+    offset, and the norm's (1, C) scale and bias), and the whole activated image is written into
+    `image_ref` (H + 2, W, C) between two zero rows (the convolution's padding: the activation of a zero
+    would not be zero), `rows` rows at a time in float32; every step of the image then reads its windows
+    from there. refs: sums, squares, [offset,] scale, bias, weights, conv bias, out, image scratch."""
+    *stats, w_ref, bias_ref, out_ref, image_ref = refs
     height, width, channels = x_ref.shape[1:]
 
     @pl.when((pl.program_id(1) == 0) & (pl.program_id(2) == 0))
     def _():
+        sums, squares, *offset = [_image_row(ref) for ref in stats[:-2]]
+        scale, bias = (ref[...].astype(jnp.float32) for ref in stats[-2:])
+        a, b = group_affine(
+            sums, squares, offset[0] if offset else None, scale, bias,
+            groups=groups, count=height * width * (channels // groups), eps=eps,
+        )  # fmt: skip
         zero_row = jnp.zeros((1, width, channels), image_ref.dtype)
         image_ref[pl.ds(0, 1)] = zero_row
         image_ref[pl.ds(height + 1, 1)] = zero_row
         for top in range(0, height, rows):
-            y = x_ref[0, pl.ds(top, rows)].astype(jnp.float32) * scale_ref[0] + shift_ref[0]
+            y = x_ref[0, pl.ds(top, rows)].astype(jnp.float32) * a + b
             image_ref[pl.ds(1 + top, rows)] = (y / (1.0 + jnp.exp(-y))).astype(image_ref.dtype)
 
     top = pl.program_id(2) * rows
@@ -215,8 +250,9 @@ def _upsample_conv_kernel(x_ref, w_ref, bias_ref, out_ref, rows_ref, *, rows: in
             sums = [product(0, 0, j) + shared[j] + product(1, 2, j) for j in range(3)]
         else:
             sums = [product(1, 0, j) + shared[j] + product(2, 2, j) for j in range(3)]
-        even = _shifted_columns(sums[0], width, -1) + sums[1] + sums[2] + bias_ref[...]
-        odd = sums[0] + sums[1] + _shifted_columns(sums[2], width, +1) + bias_ref[...]
+        bias = bias_ref[...].astype(jnp.float32)
+        even = _shifted_columns(sums[0], width, -1) + sums[1] + sums[2] + bias
+        odd = sums[0] + sums[1] + _shifted_columns(sums[2], width, +1) + bias
         out_ref[0, :, a] = _interleaved_bfloat16(even, odd).reshape(rows, 2 * width, -1)
 
 
@@ -263,34 +299,33 @@ def _with_gradients_of(reference):
     return wrap
 
 
-def _pallas_conv(kernel_fn, x_BHWC, kernel_HWIO, bias_O, *, rows, o_block, out_block, out_shape, flops, affine=None):
+def _pallas_conv(kernel_fn, x_BHWC, kernel_HWIO, bias_O, *, rows, o_block, out_block, out_shape, flops, norm=()):
     """Runs a convolution kernel over the grid (image, output-channel block, row block of `rows` input
-    rows): each step gets the whole input image, its (3, 3, C, o_block) weights and bias, and a row
-    scratch with halos; `out_block` is the output block's shape, indexed (image, row block, 0..., channel
-    block). With `affine` (a (scale, shift) pair, float32 (B, C)) the kernel is `_silu_conv_kernel`'s kind:
-    it also gets the image's scale and shift rows, its scratch holds the whole padded image, and the
-    steps of an image run in order. The declared cost is `flops`, the bytes read and written, and with
-    `affine` one transcendental (the SiLU's exp) per input element."""
+    rows): each step gets the whole input image, its (3, 3, C, o_block) weights and bias (in their own
+    dtype), and a row scratch with halos; `out_block` is the output block's shape, indexed (image, row
+    block, 0..., channel block). With `norm` (the inputs of `_norm_silu_conv_kernel`'s GroupNorm, each
+    passed whole) its scratch holds the whole padded image and the steps of an image run in order. The
+    declared cost is `flops`, the bytes read and written, and with `norm` one transcendental (the SiLU's
+    exp) per input element."""
     b, h, w, c = x_BHWC.shape
     o = kernel_HWIO.shape[-1]
     itemsize = x_BHWC.dtype.itemsize
     middle = (0,) * (len(out_block) - 3)
-    per_image = [] if affine is None else [a.astype(jnp.float32).reshape(b, 1, c) for a in affine]
     cost = pl.CostEstimate(
         flops=flops,
-        transcendentals=0 if affine is None else x_BHWC.size,
+        transcendentals=x_BHWC.size if norm else 0,
         bytes_accessed=(x_BHWC.size + kernel_HWIO.size + math.prod(out_shape)) * itemsize
-        + o * 4
-        + sum(a.size * 4 for a in per_image),
+        + sum(a.size * a.dtype.itemsize for a in (*norm, bias_O)),
     )
-    scratch = (rows + 2, w, c) if affine is None else (h + 2, w, c)
-    order = ("parallel", "parallel" if affine is None else "arbitrary", "arbitrary")
+    whole = lambda a: pl.BlockSpec(a.shape, lambda n, k, r: (0,) * a.ndim)  # noqa: E731
+    scratch = (h + 2, w, c) if norm else (rows + 2, w, c)
+    order = ("parallel", "arbitrary" if norm else "parallel", "arbitrary")
     return pl.pallas_call(
         functools.partial(kernel_fn, rows=rows),
         grid=(b, o // o_block, h // rows),
         in_specs=[
             pl.BlockSpec((1, h, w, c), lambda n, k, r: (n, 0, 0, 0)),
-            *[pl.BlockSpec((1, 1, c), lambda n, k, r: (n, 0, 0)) for _ in per_image],
+            *[whole(a) for a in norm],
             pl.BlockSpec((3, 3, c, o_block), lambda n, k, r: (0, 0, 0, k)),
             pl.BlockSpec((1, o_block), lambda n, k, r: (0, k)),
         ],
@@ -299,16 +334,16 @@ def _pallas_conv(kernel_fn, x_BHWC, kernel_HWIO, bias_O, *, rows, o_block, out_b
         scratch_shapes=[pltpu.VMEM(scratch, x_BHWC.dtype)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=order, vmem_limit_bytes=VMEM_LIMIT_BYTES),
         cost_estimate=cost,
-    )(x_BHWC, *per_image, kernel_HWIO, bias_O.astype(jnp.float32).reshape(1, o))
+    )(x_BHWC, *norm, kernel_HWIO, bias_O.reshape(1, o))
 
 
-def _conv3x3_grid(x_BHWC, kernel_HWIO, bias_O, affine=None) -> jax.Array:
-    """A 3x3 convolution's kernel call: `_conv_kernel`, or with `affine` (scale, shift) `_silu_conv_kernel`."""
+def _conv3x3_grid(x_BHWC, kernel_HWIO, bias_O, kernel_fn=_conv_kernel, norm=()) -> jax.Array:
+    """A 3x3 convolution's kernel call: `_conv_kernel`, or `_norm_silu_conv_kernel` with its `norm` inputs."""
     b, h, w, c = x_BHWC.shape
     o = kernel_HWIO.shape[-1]
     rows, o_block = _blocks(h, w, c, o, x_BHWC.dtype.itemsize)
     return _pallas_conv(
-        _conv_kernel if affine is None else _silu_conv_kernel,
+        kernel_fn,
         x_BHWC,
         kernel_HWIO,
         bias_O,
@@ -317,7 +352,7 @@ def _conv3x3_grid(x_BHWC, kernel_HWIO, bias_O, affine=None) -> jax.Array:
         out_block=(1, rows, w, o_block),
         out_shape=(b, h, w, o),
         flops=2 * b * h * w * 9 * round_up(c, MXU) * round_up(o, MXU),
-        affine=affine,
+        norm=norm,
     )
 
 
@@ -328,20 +363,56 @@ def conv3x3(x_BHWC: jax.Array, kernel_HWIO: jax.Array, bias_O: jax.Array) -> jax
     return _conv3x3_grid(x_BHWC, kernel_HWIO, bias_O)
 
 
-def _silu_reference(x_BHWC, scale_BC, shift_BC, kernel_HWIO, bias_O):
-    """`silu_conv3x3` with XLA's convolution of silu(x * scale + shift) (float32, rounded to x's dtype)."""
-    y = x_BHWC.astype(jnp.float32) * scale_BC[:, None, None, :] + shift_BC[:, None, None, :]
+def _norm_silu_reference(x_BHWC, sums_BC, squares_BC, offset_BC, scale_C, bias_C, kernel_HWIO, bias_O, *, groups, eps):
+    """`norm_silu_conv3x3` in XLA: `group_affine` per image, then XLA's convolution of silu(x * a + b)
+    (float32, rounded to x's dtype)."""
+    b, h, w, c = x_BHWC.shape
+    rows = lambda v: v.astype(jnp.float32).reshape(b, 1, c)  # noqa: E731
+    one = lambda v: v.astype(jnp.float32).reshape(1, c)  # noqa: E731
+    affine = functools.partial(group_affine, groups=groups, count=h * w * (c // groups), eps=eps)
+    offsets = None if offset_BC is None else rows(offset_BC)
+    a, shift = jax.vmap(affine, in_axes=(0, 0, None if offsets is None else 0, None, None))(
+        rows(sums_BC), rows(squares_BC), offsets, one(scale_C), one(bias_C)
+    )
+    y = x_BHWC.astype(jnp.float32) * a[:, :, None, :] + shift[:, :, None, :]
     return _reference(jax.nn.silu(y).astype(x_BHWC.dtype), kernel_HWIO, bias_O)
 
 
-@_with_gradients_of(_silu_reference)
-def silu_conv3x3(
-    x_BHWC: jax.Array, scale_BC: jax.Array, shift_BC: jax.Array, kernel_HWIO: jax.Array, bias_O: jax.Array
+@functools.cache
+def _norm_silu_conv(groups: int, eps: float, with_offset: bool):
+    """`norm_silu_conv3x3` for one GroupNorm's settings, with `_norm_silu_reference`'s gradients."""
+    reference = functools.partial(_norm_silu_reference, groups=groups, eps=eps)
+    kernel_fn = functools.partial(_norm_silu_conv_kernel, groups=groups, eps=eps)
+
+    def call(x, sums, squares, offset, scale, bias, kernel, conv_bias):
+        norm = (sums, squares, *([offset] if with_offset else []), scale.reshape(1, -1), bias.reshape(1, -1))
+        return _conv3x3_grid(x, kernel, conv_bias, kernel_fn, norm)
+
+    return _with_gradients_of(reference)(call)
+
+
+def norm_silu_conv3x3(
+    x_BHWC: jax.Array,
+    sums_BC: jax.Array,
+    squares_BC: jax.Array,
+    offset_BC: jax.Array | None,
+    scale_C: jax.Array,
+    bias_C: jax.Array,
+    kernel_HWIO: jax.Array,
+    bias_O: jax.Array,
+    *,
+    groups: int,
+    eps: float,
 ) -> jax.Array:
-    """conv3x3(silu(x * scale + shift)) + bias with the affine map and the SiLU applied in the kernel's input
-    copy (a GroupNorm folded into per-image, per-channel scale and shift, float32 (B, C)): (B, H, W, C) ->
-    (B, H, W, O) in x's dtype. The activated map is never written out; gradients are XLA's."""
-    return _conv3x3_grid(x_BHWC, kernel_HWIO, bias_O, (scale_BC, shift_BC))
+    """conv3x3(silu(GroupNorm(x + offset))) + bias, with the norm and the SiLU applied in the kernel's input
+    copy: x (B, H, W, C) -> (B, H, W, O) in x's dtype. The norm's statistics come in as the float32 (B, C)
+    per-channel sums of x + offset and of its squares over the positions (XLA fuses them into the op that
+    made x); the kernel makes them the affine map of `group_affine` (offset (B, C) or None; scale and
+    bias (C,)). The activated map is never written out; gradients are XLA's."""
+    if x_BHWC.shape[-1] % groups:
+        raise ValueError(f"GroupNorm: {x_BHWC.shape[-1]} channels do not split into {groups} groups")
+    conv = _norm_silu_conv(groups, float(eps), offset_BC is not None)
+    return conv(x_BHWC, sums_BC, squares_BC, offset_BC, scale_C, bias_C, kernel_HWIO, bias_O)
 
 
 @_with_gradients_of(_upsample_reference)
