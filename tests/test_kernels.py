@@ -267,7 +267,7 @@ def test_tpu_norm_silu_conv_equals_xla_on_the_activated_map(monkeypatch, shape, 
     args = (x, sums, squares, t, gamma, beta, kernel, bias)
     options = dict(groups=groups, eps=1e-5)
     with pltpu.force_tpu_interpret_mode():
-        ours = tpu_conv.norm_silu_conv3x3(*args, **options)
+        ours = jax.jit(functools.partial(tpu_conv.norm_silu_conv3x3, **options))(*args)
     reference = tpu_conv._norm_silu_reference(*args, **options)
     assert ours.shape == reference.shape == (*shape[:3], out_channels) and ours.dtype == jnp.bfloat16
     ours, reference = np.asarray(ours, np.float32), np.asarray(reference, np.float32)
@@ -280,9 +280,9 @@ def test_tpu_norm_silu_conv_equals_xla_on_the_activated_map(monkeypatch, shape, 
     weights = jax.random.normal(jax.random.key(46), ours.shape)
     loss = lambda conv: lambda *a: jnp.sum(conv(*a, **options).astype(jnp.float32) * weights)  # noqa: E731
     wrt = [i for i, a in enumerate(args) if a is not None]
-    with pltpu.force_tpu_interpret_mode():
-        grads = jax.grad(loss(tpu_conv.norm_silu_conv3x3), wrt)(*args)
-    for a, r in zip(grads, jax.grad(loss(tpu_conv._norm_silu_reference), wrt)(*args), strict=True):
+    with pltpu.force_tpu_interpret_mode():  # jitted: the kernel's unused forward output is dropped
+        grads = jax.jit(jax.grad(loss(tpu_conv.norm_silu_conv3x3), wrt))(*args)
+    for a, r in zip(grads, jax.jit(jax.grad(loss(tpu_conv._norm_silu_reference), wrt))(*args), strict=True):
         np.testing.assert_array_equal(a, r)
     with pytest.raises(ValueError, match="do not split into 7 groups"):
         tpu_conv.norm_silu_conv3x3(*args, groups=7, eps=1e-5)
@@ -293,8 +293,8 @@ def test_norm_act_conv_on_the_tpu_is_the_resnet_blocks_path(offset):
     """The TPU branch of norm_act_conv (the per-channel sums of x + t in, GroupNorm folded into the kernel's
     input as x * a + b, the time embedding's offset into b) against the other backends' GroupNorm, SiLU,
     then convolution: within a bfloat16 rounding of the activated map. Lowered for the TPU it is one Pallas
-    call and no activated map; for the CPU the same program as the layers'
-    GroupNorm, SiLU and Conv2d one after the other."""
+    call and no activated map; for the CPU the same program as the layers' GroupNorm, SiLU and Conv2d one
+    after the other."""
     x = (jax.random.normal(jax.random.key(46), (2, 8, 16, 64)) * 2 + 0.5).astype(jnp.bfloat16)
     t = jax.random.normal(jax.random.key(47), (2, 64), jnp.bfloat16) if offset else None
     gamma = jax.random.uniform(jax.random.key(48), (64,), minval=0.5, maxval=1.5)
@@ -307,7 +307,8 @@ def test_norm_act_conv_on_the_tpu_is_the_resnet_blocks_path(offset):
     sums, squares = shifted.sum(axis=(1, 2)), jnp.square(shifted).sum(axis=(1, 2))
     offset = None if t is None else t.astype(jnp.float32)
     with pltpu.force_tpu_interpret_mode():
-        ours = tpu_conv.norm_silu_conv3x3(x, sums, squares, offset, gamma, beta, kernel, bias, groups=8, eps=1e-5)
+        fused = jax.jit(functools.partial(tpu_conv.norm_silu_conv3x3, groups=8, eps=1e-5))
+        ours = fused(x, sums, squares, offset, gamma, beta, kernel, bias)
     np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(plain, np.float32), rtol=3e-2, atol=3e-2)
 
     def ours(x, t, gamma, beta, kernel, bias):
