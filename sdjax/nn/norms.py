@@ -20,12 +20,17 @@ def fast_variance(dtype) -> bool:
     return jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+def check_groups(channels: int, groups: int) -> None:
+    """Refuses, in one line, a GroupNorm whose channels do not split into its groups."""
+    if channels % groups:
+        raise ValueError(f"GroupNorm: {channels} channels do not split into {groups} groups")
+
+
 def group_statistics(x_BHWC: jax.Array, groups: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(x in float32 as (B, H*W, G, C/G), mean, variance (B, 1, G, 1)) of each sample's channel groups; the
     variance in one pass when `fast_variance(dtype)`, else in two."""
     channels = x_BHWC.shape[-1]
-    if channels % groups:
-        raise ValueError(f"GroupNorm: {channels} channels do not split into {groups} groups")
+    check_groups(channels, groups)
     x32 = x_BHWC.astype(jnp.float32).reshape(x_BHWC.shape[0], -1, groups, channels // groups)
     mean = x32.mean(axis=(1, 3), keepdims=True)
     if fast_variance(dtype):

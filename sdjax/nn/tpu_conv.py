@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from sdjax.nn import norms
+
 MXU = 128  # the TPU matrix unit's width: operand dims are padded to multiples of it
 TARGET_ROWS = 1024  # output positions per grid step (rows x W), the accumulator's height
 WEIGHT_BLOCK_BYTES = 8 * 2**20  # the largest weight block (3 x 3 x C x O_block) held in VMEM
@@ -409,8 +411,7 @@ def norm_silu_conv3x3(
     per-channel sums of x + offset and of its squares over the positions (XLA fuses them into the op that
     made x); the kernel makes them the affine map of `group_affine` (offset (B, C) or None; scale and
     bias (C,)). The activated map is never written out; gradients are XLA's."""
-    if x_BHWC.shape[-1] % groups:
-        raise ValueError(f"GroupNorm: {x_BHWC.shape[-1]} channels do not split into {groups} groups")
+    norms.check_groups(x_BHWC.shape[-1], groups)
     conv = _norm_silu_conv(groups, float(eps), offset_BC is not None)
     return conv(x_BHWC, sums_BC, squares_BC, offset_BC, scale_C, bias_C, kernel_HWIO, bias_O)
 
