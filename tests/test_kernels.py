@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -172,6 +173,46 @@ def test_tpu_geglu_is_the_layers_feed_forward(rows, in_features, features):
         np.testing.assert_array_equal(a, c)
 
 
+@pytest.mark.parametrize("rows, in_features, features", [(96, 64, 256), (2 * 64, 320, 1280)])
+def test_tpu_norm_geglu_is_the_blocks_norm3_and_feed_forward(monkeypatch, rows, in_features, features):
+    """The LayerNorm applied inside the GEGLU kernel (interpret mode; several row and 128-wide column blocks,
+    so each column block normalises its rows again) gives the unfused kernel's result on the norm's output;
+    that norm is flax's `nn.LayerNorm` bit for bit (one-pass variance in bfloat16, two passes in float32),
+    the whole agrees with the other backends' path, and the gradients are the plain path's exactly."""
+    monkeypatch.setattr(tpu_geglu, "ROW_BLOCK", 32)
+    monkeypatch.setattr(tpu_geglu, "WEIGHT_BLOCK_BYTES", 2 * 2 * in_features * 128 * 2)
+    keys = jax.random.split(jax.random.key(33), 5)
+    x = (jax.random.normal(keys[0], (2, rows // 2, in_features)) * 3 + 1).astype(jnp.bfloat16)
+    scale = 1 + 0.2 * jax.random.normal(keys[1], (in_features,))
+    shift = 0.3 * jax.random.normal(keys[2], (in_features,))
+    w = (jax.random.normal(keys[3], (in_features, 2 * features)) * in_features**-0.5).astype(jnp.bfloat16)
+    b = jax.random.normal(keys[4], (2 * features,)).astype(jnp.bfloat16)
+    args = (x, scale, shift, w, b)
+
+    for dtype, fast in ((jnp.bfloat16, True), (jnp.float32, False)):
+        flax_norm = nn.LayerNorm(epsilon=1e-5, dtype=dtype, use_fast_variance=fast)
+        want = flax_norm.apply({"params": {"scale": scale, "bias": shift}}, x.astype(dtype))
+        np.testing.assert_array_equal(norms.layer_norm(x.astype(dtype), scale, shift, 1e-5, dtype), want)
+
+    fused_tpu = jax.jit(kernels._norm_geglu_tpu, static_argnums=(5, 6))
+    with pltpu.force_tpu_interpret_mode():
+        fused = fused_tpu(*args, 1e-5, jnp.bfloat16)
+        unfused = jax.jit(kernels._geglu_tpu)(norms.layer_norm(x, scale, shift, 1e-5, jnp.bfloat16), w, b)
+    assert fused.shape == unfused.shape == (2, rows // 2, features) and fused.dtype == jnp.bfloat16
+    assert jnp.mean(fused == unfused) > 0.99  # the statistics' summation order may move a rounding
+    np.testing.assert_allclose(fused.astype(jnp.float32), unfused.astype(jnp.float32), rtol=2**-7, atol=2**-7)
+    plain = kernels.norm_geglu(x, scale, shift, 1e-5, w, b, dtype=jnp.bfloat16)
+    np.testing.assert_allclose(fused.astype(jnp.float32), plain.astype(jnp.float32), rtol=2e-2, atol=2e-2)
+
+    cotangent = jax.random.normal(jax.random.key(34), fused.shape)
+    loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * cotangent)  # noqa: E731
+    plain_fn = functools.partial(kernels._norm_geglu_plain, eps=1e-5, dtype=jnp.bfloat16)
+    ours = jax.jit(jax.grad(loss(lambda *a: fused_tpu(*a, 1e-5, jnp.bfloat16)), range(5)))(*args)  # no kernel runs
+    want = jax.jit(jax.grad(loss(plain_fn), range(5)))(*args)
+    for a, c in zip(ours, want, strict=True):
+        np.testing.assert_array_equal(a, c)
+
+
 def test_tpu_geglu_blocks():
     assert tpu_geglu.fits(8192, 320, 1280, jnp.bfloat16)
     assert not tpu_geglu.fits(8192, 320, 1280, jnp.float32) and not tpu_geglu.fits(77, 320, 1280, jnp.bfloat16)
@@ -179,6 +220,15 @@ def test_tpu_geglu_blocks():
     w = jax.ShapeDtypeStruct((1280, 2 * 5120), jnp.bfloat16)
     text = jax.export.export(jax.jit(tpu_geglu.geglu), platforms=("tpu",))(x, w, jnp.zeros(10240)).mlir_module()
     assert text.count("tpu_custom_call") == 1
+    # with the block's norm3 folded in: one kernel on the TPU, the LayerNorm's reductions inside it
+    norm = jax.ShapeDtypeStruct((1280,), jnp.float32)
+    fused = jax.jit(lambda x, s, t, w, b: kernels.norm_geglu(x, s, t, 1e-5, w, b, dtype=jnp.bfloat16))
+    text = jax.export.export(fused, platforms=("tpu",))(x, norm, norm, w, jnp.zeros(10240)).mlir_module()
+    assert text.count("tpu_custom_call") == 1 and "stablehlo.reduce" not in text
+    assert (
+        "stablehlo.reduce"
+        in jax.export.export(fused, platforms=("cpu",))(x, norm, norm, w, jnp.zeros(10240)).mlir_module()
+    )
 
 
 @pytest.mark.parametrize(

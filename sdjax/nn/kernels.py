@@ -1,6 +1,6 @@
 """The kernels behind the layers, chosen per target platform: attention, convolutions and products.
 
-The layers call `attention`, `projected_attention`, `geglu`, `biased_conv`, `norm_act_conv`, `conv`,
+The layers call `attention`, `projected_attention`, `geglu`, `norm_geglu`, `biased_conv`, `norm_act_conv`, `conv`,
 `conv2d` and `matmul` and never name a backend. Each choice is made with `jax.lax.platform_dependent`, so it follows the
 platform a program is lowered for (a TPU topology compiled on a CPU host gets the TPU kernels, although
 the host's own backend is the CPU), and only the chosen branch is lowered. The measurements behind each
@@ -24,7 +24,8 @@ choice are in the README ("Kernel choices on XLA:CPU" and "Accelerators: TPU and
 | conv (ResNet blocks)   |                                    | the norm as an affine map   |                         |
 |                        |                                    | applied with the SiLU in    |                         |
 |                        |                                    | the kernel's input copy     |                         |
-| GEGLU feed-forward     | product, split, erf GELU           | bf16: Pallas kernel         | as cpu                  |
+| (LayerNorm +) GEGLU    | norm, product, split, erf GELU     | bf16: Pallas kernel, the    | as cpu                  |
+| feed-forward           |                                    | norm on its input rows      |                         |
 |                        |                                    | (tpu_geglu.py)              |                         |
 | 1x1 conv               | one product in half precision      | one product up to 32,768    | XLA convolution         |
 |                        |                                    | rows, else XLA              |                         |
@@ -622,6 +623,40 @@ def geglu(x: jax.Array, w_KF2: jax.Array, b_F2: jax.Array) -> jax.Array:
     return jax.lax.platform_dependent(x, w_KF2, b_F2, default=_geglu_plain, tpu=per_device)
 
 
+def _norm_geglu_plain(x, scale, bias, w, b, *, eps, dtype):
+    return _geglu_plain(norms.layer_norm(x, scale, bias, eps, dtype), w, b)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _norm_geglu_tpu(x, scale, bias, w, b, eps, dtype):
+    """`tpu_geglu.geglu` with the LayerNorm applied in the kernel; differentiated through the plain path."""
+    out = tpu_geglu.geglu(x.reshape(-1, x.shape[-1]), w.astype(dtype), b, norm=(scale, bias, eps))
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _norm_geglu_tpu_fwd(x, scale, bias, w, b, eps, dtype):
+    return jax.vjp(functools.partial(_norm_geglu_plain, eps=eps, dtype=dtype), x, scale, bias, w, b)
+
+
+_norm_geglu_tpu.defvjp(_norm_geglu_tpu_fwd, lambda eps, dtype, pullback, dy: pullback(dy))
+
+
+def norm_geglu(x, scale_C, bias_C, eps: float, w_KF2, b_F2, *, dtype) -> jax.Array:
+    """`geglu` of the LayerNorm of x (..., K) (`norms.layer_norm` with scale, bias, eps, in `dtype`);
+    (..., F) in `dtype`. On the TPU, where `geglu`'s kernel takes the rows, the norm runs inside it (the
+    rows are whole in every grid step, so their statistics are local)."""
+    plain = functools.partial(_norm_geglu_plain, eps=eps, dtype=dtype)
+
+    def tpu(x, scale, bias, w, b):
+        fits = jnp.dtype(x.dtype) == jnp.dtype(dtype) and tpu_geglu.fits(
+            math.prod(x.shape[:-1]), x.shape[-1], w.shape[-1] // 2, dtype
+        )
+        return _norm_geglu_tpu(x, scale, bias, w, b, eps, dtype) if fits else plain(x, scale, bias, w, b)
+
+    per_device = _per_device(tpu, plain, batched=(True, False, False, False, False))
+    return jax.lax.platform_dependent(x, scale_C, bias_C, w_KF2, b_F2, default=plain, tpu=per_device)
+
+
 __all__ = [
     "IM2COL_MAX_POSITIONS",
     "ROWS_MAX_POSITIONS",
@@ -633,6 +668,7 @@ __all__ = [
     "flash_attention_tpu",
     "geglu",
     "matmul",
+    "norm_geglu",
     "precision",
     "projected_attention",
     "upsample2x_conv",

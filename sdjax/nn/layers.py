@@ -329,16 +329,28 @@ class CrossAttention(nn.Module):
         )
 
 
+class LayerNormWeights(nn.Module):
+    """A LayerNorm's parameters, `scale` and `bias` (float32, as flax's `nn.LayerNorm`), returned unapplied
+    for a kernel that applies them itself (`kernels.norm_geglu`)."""
+
+    @nn.compact
+    def __call__(self, channels: int) -> tuple[jax.Array, jax.Array]:
+        return _group_norm_params(self, channels)
+
+
 class GEGLU(nn.Module):
-    """proj to 2 * features, split into (hidden, gate), return hidden * gelu(gate) (exact gelu)."""
+    """proj to 2 * features, split into (hidden, gate), return hidden * gelu(gate) (exact gelu); with `norm`
+    (scale, bias, eps), LayerNorm first."""
 
     features: int
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, norm: tuple[jax.Array, jax.Array, float] | None = None) -> jax.Array:
         kernel, bias = LinearWeights(2 * self.features, name="proj")(x.shape[-1])
-        return kernels.geglu(x.astype(self.dtype), kernel, bias)
+        if norm is None:
+            return kernels.geglu(x.astype(self.dtype), kernel, bias)
+        return kernels.norm_geglu(x, *norm, kernel, bias, dtype=self.dtype)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -357,8 +369,8 @@ class BasicTransformerBlock(nn.Module):
         x_BNC = x_BNC + attn("attn1")(h, context_BMD if self.only_cross_attention else None)
         h = layer_norm(1e-5, self.dtype, "norm2")(x_BNC)
         x_BNC = x_BNC + attn("attn2")(h, context_BMD)
-        h = layer_norm(1e-5, self.dtype, "norm3")(x_BNC)
-        return x_BNC + _FeedForward(self.dtype, name="ff")(h)
+        norm3 = (*LayerNormWeights(name="norm3")(x_BNC.shape[-1]), 1e-5)
+        return x_BNC + _FeedForward(self.dtype, name="ff")(x_BNC, norm3)
 
 
 class _FeedForward(nn.Module):
@@ -367,9 +379,9 @@ class _FeedForward(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BNC: jax.Array) -> jax.Array:
+    def __call__(self, x_BNC: jax.Array, norm: tuple[jax.Array, jax.Array, float] | None = None) -> jax.Array:
         dim = x_BNC.shape[-1]
-        h = GEGLU(4 * dim, self.dtype, name="net.0")(x_BNC)
+        h = GEGLU(4 * dim, self.dtype, name="net.0")(x_BNC, norm)
         return Dense(dim, dtype=self.dtype, name="net.2")(h)
 
 

@@ -46,3 +46,16 @@ def group_norm(x_BHWC: jax.Array, scale_C: jax.Array, bias_C: jax.Array, groups:
     x32, mean, var = group_statistics(x_BHWC, groups, dtype)
     y = ((x32 - mean) * jax.lax.rsqrt(var + eps)).reshape(x_BHWC.shape)
     return (y * scale_C.astype(jnp.float32) + bias_C.astype(jnp.float32)).astype(dtype)
+
+
+def layer_norm(x: jax.Array, scale_C: jax.Array, bias_C: jax.Array, eps: float, dtype) -> jax.Array:
+    """LayerNorm of x (..., C) over its last axis, as flax's `nn.LayerNorm`: mean and variance in float32
+    (one pass when `fast_variance(dtype)`, else two), (x - mean) * rsqrt(var + eps) * scale + bias; in `dtype`."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(axis=-1, keepdims=True)
+    if fast_variance(dtype):
+        var = jnp.maximum(jnp.square(x32).mean(axis=-1, keepdims=True) - jnp.square(mean), 0.0)
+    else:
+        var = jnp.square(x32 - mean).mean(axis=-1, keepdims=True)
+    mul = jax.lax.rsqrt(var + eps) * scale_C.astype(jnp.float32)
+    return ((x32 - mean) * mul + bias_C.astype(jnp.float32)).astype(dtype)
