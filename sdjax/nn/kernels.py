@@ -1,6 +1,6 @@
 """The kernels behind the layers, chosen per target platform: attention, convolutions and products.
 
-The layers call `attention`, `projected_attention`, `geglu`, `norm_geglu`, `biased_conv`, `norm_act_conv`, `conv`,
+The layers call `attention`, `projected_attention`, `feed_forward`, `biased_conv`, `norm_act_conv`, `conv`,
 `conv2d` and `matmul` and never name a backend. Each choice is made with `jax.lax.platform_dependent`, so it follows the
 platform a program is lowered for (a TPU topology compiled on a CPU host gets the TPU kernels, although
 the host's own backend is the CPU), and only the chosen branch is lowered. The measurements behind each
@@ -24,9 +24,8 @@ choice are in the README ("Kernel choices on XLA:CPU" and "Accelerators: TPU and
 | conv (ResNet blocks)   |                                    | the norm as an affine map   |                         |
 |                        |                                    | applied with the SiLU in    |                         |
 |                        |                                    | the kernel's input copy     |                         |
-| (LayerNorm +) GEGLU    | norm, product, split, erf GELU     | bf16: Pallas kernel, the    | as cpu                  |
-| feed-forward           |                                    | norm on its input rows      |                         |
-|                        |                                    | (tpu_geglu.py)              |                         |
+| LayerNorm + GEGLU      | norm, product, split, erf GELU,    | bf16: one Pallas kernel     | as cpu                  |
+| feed-forward + residual| product, residual add              | (tpu_feed_forward.py)       |                         |
 | 1x1 conv               | one product in half precision      | one product up to 32,768    | XLA convolution         |
 |                        |                                    | rows, else XLA              |                         |
 | nearest 2x + 3x3 conv  | sub-pixel 2x2 convs on large maps  | bf16, whole 128-lane output | repeat, then XLA        |
@@ -48,7 +47,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from sdjax.nn import norms, tpu_attention, tpu_conv, tpu_geglu
+from sdjax.nn import norms, tpu_attention, tpu_conv, tpu_feed_forward
 from sdjax.nn.attention import dot_product_attention as chunked_attention
 from sdjax.nn.precision import accumulator, precision
 
@@ -589,72 +588,54 @@ def projected_attention(
     return jax.lax.platform_dependent(*args, default=plain, tpu=per_device)
 
 
-def _geglu_plain(x, w, b):
+def _geglu(x, w, b):
+    """diffusers' GEGLU: x @ w + b (accumulated in `accumulator`, rounded once to x's dtype, as a `Dense`
+    layer) split into (hidden, gate), hidden * gelu(gate) with the exact erf GELU, in x's dtype."""
     dtype = x.dtype
     y = (matmul(x, w.astype(dtype)) + b.astype(accumulator(dtype))).astype(dtype)
     hidden, gate = jnp.split(y, 2, axis=-1)
     return hidden * jax.nn.gelu(gate, approximate=False)
 
 
-@jax.custom_vjp
-def _geglu_tpu(x, w, b):
-    """`tpu_geglu.geglu` over the rows of x (..., K); differentiated through the plain path."""
-    out = tpu_geglu.geglu(x.reshape(-1, x.shape[-1]), w.astype(x.dtype), b)
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+def _feed_forward_plain(x, scale, shift, w1, b1, w2, b2, *, eps, dtype):
+    h = _geglu(norms.layer_norm(x, scale, shift, eps, dtype), w1, b1)
+    y = matmul(h, w2.astype(dtype))
+    return x + (y + b2.astype(y.dtype)).astype(dtype)
 
 
-_geglu_tpu.defvjp(lambda x, w, b: jax.vjp(_geglu_plain, x, w, b), lambda pullback, dy: pullback(dy))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _feed_forward_tpu(x, scale, shift, w1, b1, w2, b2, eps, dtype):
+    """`tpu_feed_forward.feed_forward` over the rows of x (..., K); differentiated through the plain path."""
+    rows = x.reshape(-1, x.shape[-1])
+    out = tpu_feed_forward.feed_forward(rows, scale, shift, eps, w1.astype(dtype), b1, w2.astype(dtype), b2)
+    return out.reshape(x.shape)
 
 
-def geglu(x: jax.Array, w_KF2: jax.Array, b_F2: jax.Array) -> jax.Array:
-    """diffusers' GEGLU: x (..., K) @ w (K, 2F) + b, split into (hidden, gate), hidden * gelu(gate) with the
-    exact erf GELU; (..., F) in x's dtype. The product is accumulated in `accumulator` and rounded once, as
-    a `Dense` layer.
-
-    On the TPU, bfloat16 rows run as `tpu_geglu`'s kernel: the 2F-wide product stays in VMEM and only the
-    F-wide result is written, activated in float32 and rounded once (README "Accelerators: TPU and GPU").
-    Differentiated, the plain path runs instead."""
-
-    def tpu(x, w, b):  # the rows of one device: under a mesh fewer than the whole batch's
-        fits = tpu_geglu.fits(math.prod(x.shape[:-1]), x.shape[-1], w.shape[-1] // 2, x.dtype)
-        return _geglu_tpu(x, w, b) if fits else _geglu_plain(x, w, b)
-
-    per_device = _per_device(tpu, _geglu_plain, batched=(True, False, False))
-    return jax.lax.platform_dependent(x, w_KF2, b_F2, default=_geglu_plain, tpu=per_device)
+def _feed_forward_tpu_fwd(x, scale, shift, w1, b1, w2, b2, eps, dtype):
+    return jax.vjp(functools.partial(_feed_forward_plain, eps=eps, dtype=dtype), x, scale, shift, w1, b1, w2, b2)
 
 
-def _norm_geglu_plain(x, scale, bias, w, b, *, eps, dtype):
-    return _geglu_plain(norms.layer_norm(x, scale, bias, eps, dtype), w, b)
+_feed_forward_tpu.defvjp(_feed_forward_tpu_fwd, lambda eps, dtype, pullback, dy: pullback(dy))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _norm_geglu_tpu(x, scale, bias, w, b, eps, dtype):
-    """`tpu_geglu.geglu` with the LayerNorm applied in the kernel; differentiated through the plain path."""
-    out = tpu_geglu.geglu(x.reshape(-1, x.shape[-1]), w.astype(dtype), b, norm=(scale, bias, eps))
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+def feed_forward(x, scale_K, shift_K, eps: float, w_KF2, b_F2, w_FK, b_K, *, dtype) -> jax.Array:
+    """The transformer block's third sublayer: x + FeedForward(LayerNorm(x)), x (..., K) -> (..., K) in
+    `dtype`. The norm is `norms.layer_norm` (scale, shift, eps); the feed-forward diffusers' GEGLU one:
+    `_geglu` to F = w_KF2's width / 2 features, rounded to `dtype`, then a `Dense` layer back to K.
 
+    On the TPU, bfloat16 rows run as `tpu_feed_forward`'s kernel: the norm, both products and the residual
+    in one pass over VMEM, none of the F-wide or 2F-wide intermediates written (README "Accelerators: TPU
+    and GPU"). Differentiated, the plain path runs instead."""
+    plain = functools.partial(_feed_forward_plain, eps=eps, dtype=dtype)
 
-def _norm_geglu_tpu_fwd(x, scale, bias, w, b, eps, dtype):
-    return jax.vjp(functools.partial(_norm_geglu_plain, eps=eps, dtype=dtype), x, scale, bias, w, b)
+    def tpu(x, *weights):  # the rows of one device: under a mesh fewer than the whole batch's
+        rows, k, f = math.prod(x.shape[:-1]), x.shape[-1], weights[2].shape[-1] // 2
+        fits = x.dtype == jnp.dtype(dtype) and tpu_feed_forward.fits(rows, k, f, dtype)
+        return _feed_forward_tpu(x, *weights, eps, dtype) if fits else plain(x, *weights)
 
-
-_norm_geglu_tpu.defvjp(_norm_geglu_tpu_fwd, lambda eps, dtype, pullback, dy: pullback(dy))
-
-
-def norm_geglu(x, scale_C, bias_C, eps: float, w_KF2, b_F2, *, dtype) -> jax.Array:
-    """`geglu` of the LayerNorm of x (..., K) (`norms.layer_norm` with scale, bias, eps, in `dtype`);
-    (..., F) in `dtype`. On the TPU, where `geglu`'s kernel takes the rows, the norm runs inside it (the
-    rows are whole in every grid step, so their statistics are local)."""
-    plain = functools.partial(_norm_geglu_plain, eps=eps, dtype=dtype)
-
-    def tpu(x, scale, bias, w, b):
-        fits = jnp.dtype(x.dtype) == jnp.dtype(dtype) and tpu_geglu.fits(
-            math.prod(x.shape[:-1]), x.shape[-1], w.shape[-1] // 2, dtype
-        )
-        return _norm_geglu_tpu(x, scale, bias, w, b, eps, dtype) if fits else plain(x, scale, bias, w, b)
-
-    per_device = _per_device(tpu, plain, batched=(True, False, False, False, False))
-    return jax.lax.platform_dependent(x, scale_C, bias_C, w_KF2, b_F2, default=plain, tpu=per_device)
+    per_device = _per_device(tpu, plain, batched=(True,) + (False,) * 6)
+    args = (x, scale_K, shift_K, w_KF2, b_F2, w_FK, b_K)
+    return jax.lax.platform_dependent(*args, default=plain, tpu=per_device)
 
 
 __all__ = [
@@ -666,9 +647,8 @@ __all__ = [
     "conv",
     "conv2d",
     "flash_attention_tpu",
-    "geglu",
+    "feed_forward",
     "matmul",
-    "norm_geglu",
     "precision",
     "projected_attention",
     "upsample2x_conv",

@@ -331,30 +331,38 @@ class CrossAttention(nn.Module):
 
 class LayerNormWeights(nn.Module):
     """A LayerNorm's parameters, `scale` and `bias` (float32, as flax's `nn.LayerNorm`), returned unapplied
-    for a kernel that applies them itself (`kernels.norm_geglu`)."""
+    for a kernel that applies them itself (`kernels.feed_forward`)."""
 
     @nn.compact
     def __call__(self, channels: int) -> tuple[jax.Array, jax.Array]:
         return _group_norm_params(self, channels)
 
 
-class GEGLU(nn.Module):
-    """proj to 2 * features, split into (hidden, gate), return hidden * gelu(gate) (exact gelu); with `norm`
-    (scale, bias, eps), LayerNorm first."""
+class GEGLUWeights(nn.Module):
+    """diffusers' GEGLU layer's parameters: `proj`, a linear layer to 2 * features (hidden, then gate),
+    returned unapplied as (kernel, bias)."""
 
     features: int
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, norm: tuple[jax.Array, jax.Array, float] | None = None) -> jax.Array:
-        kernel, bias = LinearWeights(2 * self.features, name="proj")(x.shape[-1])
-        if norm is None:
-            return kernels.geglu(x.astype(self.dtype), kernel, bias)
-        return kernels.norm_geglu(x, *norm, kernel, bias, dtype=self.dtype)
+    def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+        return LinearWeights(2 * self.features, name="proj")(in_features)
+
+
+class FeedForwardWeights(nn.Module):
+    """diffusers' `FeedForward` with GEGLU and inner width 4 * C: its parameters under net.0.proj and net.2,
+    returned unapplied as (net.0 kernel (C, 8C), bias, net.2 kernel (4C, C), bias)."""
+
+    @nn.compact
+    def __call__(self, channels: int) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+        w1, b1 = GEGLUWeights(4 * channels, name="net.0")(channels)
+        w2, b2 = LinearWeights(channels, name="net.2")(4 * channels)
+        return w1, b1, w2, b2
 
 
 class BasicTransformerBlock(nn.Module):
-    """Pre-norm self-attention (or cross-attention when `only_cross_attention`), cross-attention, GEGLU MLP."""
+    """Pre-norm self-attention (or cross-attention when `only_cross_attention`), cross-attention, GEGLU MLP,
+    each added to the residual stream; the last sublayer (norm3, ff, residual) is `kernels.feed_forward`."""
 
     heads: int
     head_dim: int
@@ -369,20 +377,9 @@ class BasicTransformerBlock(nn.Module):
         x_BNC = x_BNC + attn("attn1")(h, context_BMD if self.only_cross_attention else None)
         h = layer_norm(1e-5, self.dtype, "norm2")(x_BNC)
         x_BNC = x_BNC + attn("attn2")(h, context_BMD)
-        norm3 = (*LayerNormWeights(name="norm3")(x_BNC.shape[-1]), 1e-5)
-        return x_BNC + _FeedForward(self.dtype, name="ff")(x_BNC, norm3)
-
-
-class _FeedForward(nn.Module):
-    """diffusers' `FeedForward` with GEGLU, inner width 4 * C: parameters under net.0.proj and net.2."""
-
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x_BNC: jax.Array, norm: tuple[jax.Array, jax.Array, float] | None = None) -> jax.Array:
-        dim = x_BNC.shape[-1]
-        h = GEGLU(4 * dim, self.dtype, name="net.0")(x_BNC, norm)
-        return Dense(dim, dtype=self.dtype, name="net.2")(h)
+        scale, shift = LayerNormWeights(name="norm3")(x_BNC.shape[-1])
+        ff = FeedForwardWeights(name="ff")(x_BNC.shape[-1])
+        return kernels.feed_forward(x_BNC, scale, shift, 1e-5, *ff, dtype=self.dtype)
 
 
 class Transformer2D(nn.Module):
