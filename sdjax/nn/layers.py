@@ -32,8 +32,9 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return _ACTIVATIONS[name]
 
 
-def _group_norm_params(module: nn.Module, channels: int) -> tuple[jax.Array, jax.Array]:
-    """A GroupNorm's per-channel `scale` and `bias` (float32), declared on `module`."""
+def _norm_params(module: nn.Module, channels: int) -> tuple[jax.Array, jax.Array]:
+    """A GroupNorm's or LayerNorm's per-channel `scale` (ones) and `bias` (zeros), float32, declared on
+    `module`."""
     return (
         module.param("scale", nn.initializers.ones, (channels,), jnp.float32),
         module.param("bias", nn.initializers.zeros, (channels,), jnp.float32),
@@ -54,7 +55,7 @@ class GroupNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale, bias = _group_norm_params(self, x.shape[-1])
+        scale, bias = _norm_params(self, x.shape[-1])
         return norms.group_norm(x, scale, bias, self.num_groups, self.epsilon, self.dtype)
 
 
@@ -64,7 +65,7 @@ class GroupNormWeights(nn.Module):
 
     @nn.compact
     def __call__(self, channels: int) -> tuple[jax.Array, jax.Array]:
-        return _group_norm_params(self, channels)
+        return _norm_params(self, channels)
 
 
 def layer_norm(epsilon: float, dtype, name: str) -> nn.LayerNorm:
@@ -335,7 +336,7 @@ class LayerNormWeights(nn.Module):
 
     @nn.compact
     def __call__(self, channels: int) -> tuple[jax.Array, jax.Array]:
-        return _group_norm_params(self, channels)
+        return _norm_params(self, channels)
 
 
 class GEGLUWeights(nn.Module):

@@ -1,5 +1,7 @@
-"""Group normalisation as plain functions over its parameters: the `GroupNorm` layer applies it, and
-`kernels.norm_act_conv` either applies it too or folds it into a TPU convolution's input.
+"""Group and layer normalisation as plain functions over their parameters: the `GroupNorm` layer applies
+the group norm, and `kernels.norm_act_conv` either applies it too or folds it into a TPU convolution's
+input; `kernels.feed_forward` applies the layer norm (the transformer blocks' norm3), or its TPU kernel
+does.
 
 Statistics are taken in float32 whatever the input dtype. In float32 (the parity mode) the variance takes a
 second pass over x - mean, as PyTorch; in half precision one pass (E[x^2] - E[x]^2, in float32), which XLA
