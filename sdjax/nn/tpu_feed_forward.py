@@ -3,9 +3,10 @@ x + net.2(GEGLU(LayerNorm(x))), diffusers' `norm3` followed by its GEGLU `FeedFo
 
 As XLA compiles the sublayer, the norm's output, the GEGLU product's 2F columns and the F-wide GEGLU
 output all go to HBM and are read back. Here each grid step (row block i, column block j of the F inner
-features) works in VMEM: at j = 0 it LayerNorms its rows (they are whole in the block, so the statistics
-are local; float32, one pass, rounded to bfloat16 as the norm's output would be) into a scratch buffer;
-then it multiplies them by the hidden and gate column blocks of W1, applies hidden * gelu(gate) (exact erf
+features) works in VMEM: at j = 0 it LayerNorms its rows with `norms.layer_norm`, the plain path's own
+function (the rows are whole in the block, so the statistics are local; float32, one pass in bfloat16),
+into a scratch buffer; then it multiplies them by the hidden and gate column blocks of W1, applies
+hidden * gelu(gate) (exact erf
 GELU, float32), rounds that to bfloat16 (the GEGLU layer's output dtype) and accumulates its product with
 the matching row block of W2 in float32. At the last column block it adds net.2's bias, rounds, and adds
 the residual x, rounded once more, as the block's bfloat16 addition would. Only x is read and only the
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from sdjax.nn import tpu_conv
+from sdjax.nn import norms, tpu_conv
 
 ROW_BLOCK = 2048  # rows per grid step (at most)
 ROW_BUFFER_BYTES = 24 * 2**20  # x (two buffers), its norm, the output (two buffers) and the float32 sum
@@ -49,14 +50,6 @@ def blocks(rows: int, in_features: int, features: int, itemsize: int = 2) -> tup
     return block_rows, tpu_conv.largest_divisor(features, max(128, cols_limit), 128)
 
 
-def layer_norm_rows(x, scale, bias, eps: float, dtype):
-    """The rows of x (rows, K) LayerNormed in float32 (one-pass variance), rounded to `dtype`."""
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, axis=-1, keepdims=True)
-    var = jnp.maximum(jnp.mean(x32 * x32, axis=-1, keepdims=True) - mean * mean, 0.0)
-    return ((x32 - mean) * (jax.lax.rsqrt(var + eps) * scale) + bias).astype(dtype)
-
-
 def _kernel(
     x_ref, scale_ref, shift_ref, wh_ref, wg_ref, bh_ref, bg_ref, w2_ref, b2_ref, out_ref, xn_ref, sum_ref, *, eps
 ):
@@ -64,7 +57,7 @@ def _kernel(
 
     @pl.when(j == 0)
     def _():
-        xn_ref[...] = layer_norm_rows(x_ref[...], scale_ref[...], shift_ref[...], eps, xn_ref.dtype)
+        xn_ref[...] = norms.layer_norm(x_ref[...], scale_ref[...], shift_ref[...], eps, xn_ref.dtype)
         sum_ref[...] = jnp.zeros_like(sum_ref)
 
     x = xn_ref[...]
