@@ -38,6 +38,17 @@ CHIPS = {
 }
 
 
+# Names the platforms whose kernels programs are traced with (`sdjax.nn.kernels.by_platform`), comma-separated,
+# e.g. "cpu"; unset or empty: every platform's, so that a program can be lowered for any.
+KERNEL_PLATFORMS_ENV = "SDJAX_KERNEL_PLATFORMS"
+
+
+def kernel_platforms() -> tuple[str, ...] | None:
+    """The platforms named in $SDJAX_KERNEL_PLATFORMS, None (every platform) when it is unset or empty."""
+    named = tuple(p.strip() for p in os.environ.get(KERNEL_PLATFORMS_ENV, "").split(",") if p.strip())
+    return named or None
+
+
 def parse_target(target: str) -> tuple[str, str]:
     """ "tpu:v5e:2x2" -> ("v5e", "v5e:2x2"); a one-line ValueError for anything else."""
     parts = target.split(":")
@@ -49,7 +60,14 @@ def parse_target(target: str) -> tuple[str, str]:
 
 
 def topology_devices(generation: str, topology: str) -> list:
-    """The abstract TPU devices of a topology (libtpu's compiler; no TPU needed)."""
+    """The abstract TPU devices of a topology (libtpu's compiler; no TPU needed). Refused in one line when
+    $SDJAX_KERNEL_PLATFORMS leaves the TPU's kernels out of the programs (`kernels.by_platform`)."""
+    named = kernel_platforms()
+    if named is not None and "tpu" not in named:
+        raise RuntimeError(
+            f"cannot compile for {topology}: {KERNEL_PLATFORMS_ENV}={','.join(named)} leaves the TPU's kernels "
+            f"out; unset it or add tpu"
+        )
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", CHIPS[generation].accelerator_type)
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")

@@ -1,5 +1,5 @@
 """Test-session set-up: no hub access, no writes to the user's compilation cache, the reference helpers
-importable as `reference`, and fast compiles.
+importable as `reference`, fast compiles, and the CPU's kernels alone traced (below).
 
 Compiled programs are shared through a persistent compilation cache private to the test run (a temporary
 directory that every subprocess a test starts, and every pytest process of tests/run_suite.py, uses
@@ -41,6 +41,12 @@ if os.environ.get("SDJAX_TEST_XLA_OPT", "fast") != "full":
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sdjax.compile_cache import enable_compilation_cache  # noqa: E402
+from sdjax.targets import KERNEL_PLATFORMS_ENV  # noqa: E402
+
+# Programs are traced with the CPU's kernels only (sdjax.nn.kernels.by_platform): tracing every TPU kernel
+# into every CPU program cost 3-17% of a test's time (README "Tests"). A module that lowers for other
+# platforms (jax.export, TPU topologies) says `KERNEL_PLATFORMS = "all"`.
+_KERNEL_PLATFORMS = os.environ.setdefault(KERNEL_PLATFORMS_ENV, "cpu")
 
 enable_compilation_cache(os.environ["SDJAX_CACHE_DIR"])
 
@@ -54,6 +60,20 @@ def pytest_collection_finish(session):
     if modules and all(getattr(m, "XLA_OPTIMISATION", "fast") == "full" for m in modules):
         if not xla_bridge.backends_are_initialized():
             os.environ["XLA_FLAGS"] = _XLA_FLAGS
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _kernel_platforms(request):
+    """$SDJAX_KERNEL_PLATFORMS unset (every platform's kernels traced) for the tests of a module that says
+    `KERNEL_PLATFORMS = "all"`, and for the processes they start."""
+    if getattr(request.module, "KERNEL_PLATFORMS", None) != "all":
+        yield
+        return
+    os.environ.pop(KERNEL_PLATFORMS_ENV, None)
+    try:
+        yield
+    finally:
+        os.environ[KERNEL_PLATFORMS_ENV] = _KERNEL_PLATFORMS
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -16,6 +16,8 @@ from sdjax import testing
 from sdjax.generate import modules, place_inputs, program
 from sdjax.request import prepare
 
+KERNEL_PLATFORMS = "all"  # lowers for the TPU and CUDA: every platform's kernels traced (conftest.py)
+
 PLATFORMS = ("cuda", "tpu")
 CPU_ONLY = re.compile(r"lapack|ducc|cpu|ynn|onednn|eigen", re.IGNORECASE)
 

@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
+from sdjax import targets
 from sdjax.nn import kernels, norms, tpu_attention, tpu_conv, tpu_feed_forward
 from sdjax.nn.attention import dot_product_attention
+
+KERNEL_PLATFORMS = "all"  # lowers for the TPU and CUDA: every platform's kernels traced (conftest.py)
 
 
 def _qkv(q_len, k_len, heads, dim, dtype=jnp.float32, seed=0):
@@ -111,23 +114,34 @@ def _attention_weights(channels, context_dim, heads, dim, dtype):
 @pytest.mark.parametrize("heads, dim, context_len", [(8, 40, 77), (5, 64, None), (2, 80, 77)])
 def test_projected_attention_on_the_tpu_is_the_layers_attention(heads, dim, context_len):
     """The TPU branch (weights regrouped, the packed kernel) against the other backends' (projections,
-    (B, N, H, D) attention, output projection), bfloat16; and its gradients are the plain path's."""
+    (B, N, H, D) attention, output projection), bfloat16; with a residual (to_out.0 and the addition inside
+    the kernel) against the branch without plus the residual; and its gradients are the plain path's."""
     x = jax.random.normal(jax.random.key(22), (2, 72, 96), jnp.bfloat16)
     context = x if context_len is None else jax.random.normal(jax.random.key(23), (2, context_len, 48), jnp.bfloat16)
     weights = _attention_weights(96, context.shape[-1], heads, dim, jnp.bfloat16)
+    residual = (3 * jax.random.normal(jax.random.key(25), x.shape)).astype(jnp.bfloat16)
     args = (x, context, *weights)
     plain = kernels.projected_attention(*args, heads=heads, head_dim=dim)
+    packed = jax.jit(functools.partial(kernels._projected_attention_packed, heads, dim, False))
     with pltpu.force_tpu_interpret_mode():
-        ours = jax.jit(functools.partial(kernels._projected_attention_packed, heads, dim, False))(*args)
+        ours = packed(*args)
+        fused = packed(*args, residual)
     assert ours.shape == plain.shape and ours.dtype == plain.dtype == jnp.bfloat16
     np.testing.assert_allclose(ours.astype(jnp.float32), plain.astype(jnp.float32), rtol=3e-2, atol=3e-2)
+    # the same arithmetic but for the order of to_out.0's float32 sums (per lane group in the kernel)
+    want = (residual + ours).astype(jnp.float32)
+    assert fused.shape == residual.shape and fused.dtype == jnp.bfloat16
+    step = 2.0 ** (np.floor(np.log2(np.abs(np.asarray(want)).max())) - 7)  # one bf16 step at the largest
+    assert np.abs(np.asarray(fused, np.float32) - np.asarray(want)).max() <= step
+    assert np.mean(np.asarray(fused, np.float32) == np.asarray(want)) > 0.95
 
+    with_residual = (*args, residual)
     cotangent = jax.random.normal(jax.random.key(24), plain.shape)
     loss = lambda f: lambda *a: jnp.sum(f(*a).astype(jnp.float32) * cotangent)  # noqa: E731
     tpu = functools.partial(kernels._projected_attention_tpu, heads, dim, False)
-    ours = jax.jit(jax.grad(loss(tpu), range(7)))(*args)  # no interpret mode: the Pallas kernel is not run
+    ours = jax.jit(jax.grad(loss(tpu), range(8)))(*with_residual)  # no interpret mode: the kernel is not run
     plain = functools.partial(kernels._projected_attention_plain, heads, dim, False)
-    want = jax.jit(jax.grad(loss(plain), range(7)))(*args)
+    want = jax.jit(jax.grad(loss(plain), range(8)))(*with_residual)
     for a, b in zip(ours, want, strict=True):
         np.testing.assert_array_equal(a, b)
 
@@ -144,6 +158,15 @@ def test_projected_attention_lowers_to_the_packed_kernel_on_the_tpu():
 
     packed = lower("tpu", 8, 40, jnp.bfloat16)
     assert packed.count("tpu_custom_call") == 1 and "flash" not in packed
+    x = jnp.ones((2, 64, 96), jnp.bfloat16)
+    f = jax.jit(functools.partial(kernels.projected_attention, heads=8, head_dim=40))
+    weights = _attention_weights(96, 96, 8, 40, jnp.bfloat16)
+    fused = jax.export.export(f, platforms=("tpu",))(x, x, *weights, residual_BNC=x).mlir_module()
+    # one kernel, to_out.0's product inside it: the projections q, k, v are XLA's three dot_generals
+    assert (
+        fused.count("tpu_custom_call") == 1
+        and fused.count("stablehlo.dot_general") == packed.count("stablehlo.dot_general") - 1
+    )
     assert "flash" in lower("tpu", 2, 160, jnp.bfloat16) and "flash" in lower("tpu", 8, 40, jnp.float32)
     assert "tpu_custom_call" not in lower("cpu", 8, 40, jnp.bfloat16)
 
@@ -531,3 +554,21 @@ def test_tpu_1x1_convolutions_are_products_up_to_the_row_limit():
     np.testing.assert_allclose(
         kernels.matmul(x, kernel[0, 0]), kernels._conv_nhwc(x, kernel, 1, 0), rtol=1e-5, atol=1e-5
     )
+
+
+def test_kernel_platforms_trace_only_the_named_platforms_branches(monkeypatch):
+    """With $SDJAX_KERNEL_PLATFORMS=cpu a layer's convolution traces the CPU's branch alone (the TPU's and
+    CUDA's are not traced), computes the same numbers, and refuses to lower for the TPU."""
+    x = jax.random.normal(jax.random.key(40), (2, 8, 8, 16), jnp.bfloat16)
+    kernel = jax.random.normal(jax.random.key(41), (3, 3, 16, 16), jnp.bfloat16) * 0.1
+    fresh = lambda: lambda x, k: kernels.conv(x, k, 1, 1)  # noqa: E731  (a new function: no cached trace)
+    branches = lambda jaxpr: [len(e.params["branches"]) for e in jaxpr.eqns if e.primitive.name == "cond"]  # noqa: E731
+    every = jax.make_jaxpr(fresh())(x, kernel)
+    want = jax.jit(fresh())(x, kernel)
+    monkeypatch.setenv(targets.KERNEL_PLATFORMS_ENV, "cpu")
+    assert targets.kernel_platforms() == ("cpu",)
+    named = jax.make_jaxpr(fresh())(x, kernel)
+    assert branches(every) == [3] and branches(named) == [1]  # cpu, tpu and the default; then cpu alone
+    np.testing.assert_array_equal(jax.jit(fresh())(x, kernel), want)
+    with pytest.raises(NotImplementedError, match="platform tpu"):
+        jax.export.export(jax.jit(fresh()), platforms=("tpu",))(x, kernel)

@@ -12,12 +12,17 @@ import pytest
 
 from sdjax import targets
 
+KERNEL_PLATFORMS = "all"  # lowers for the TPU and CUDA: every platform's kernels traced (conftest.py)
 
-def test_bad_targets_are_one_line_errors():
+
+def test_bad_targets_are_one_line_errors(monkeypatch):
     for bad in ("gpu:a100", "tpu:v9:2x2", "tpu:v5e"):
         with pytest.raises(ValueError, match="--target must be tpu:GENERATION:TOPOLOGY"):
             targets.parse_target(bad)
     assert targets.parse_target("tpu:v5e:4x4") == ("v5e", "v5e:4x4")
+    monkeypatch.setenv("SDJAX_KERNEL_PLATFORMS", "cpu")  # programs without the TPU's kernels
+    with pytest.raises(RuntimeError, match="SDJAX_KERNEL_PLATFORMS=cpu leaves the TPU's kernels out"):
+        targets.topology_devices("v5e", "v5e:2x2")
 
 
 def test_tiny_report_for_a_v5e_slice(tmp_path):

@@ -1,9 +1,9 @@
 """The kernels behind the layers, chosen per target platform: attention, convolutions and products.
 
 The layers call `attention`, `projected_attention`, `feed_forward`, `biased_conv`, `norm_act_conv`, `conv`,
-`conv2d` and `matmul` and never name a backend. Each choice is made with `jax.lax.platform_dependent`, so it follows the
-platform a program is lowered for (a TPU topology compiled on a CPU host gets the TPU kernels, although
-the host's own backend is the CPU), and only the chosen branch is lowered. The measurements behind each
+`conv2d` and `matmul` and never name a backend. Each choice is made with `jax.lax.platform_dependent` (`by_platform`),
+so it follows the platform a program is lowered for (a TPU topology compiled on a CPU host gets the TPU kernels,
+although the host's own backend is the CPU), and only the chosen branch is lowered. The measurements behind each
 choice are in the README ("Kernel choices on XLA:CPU" and "Accelerators: TPU and GPU").
 
 | operation              | cpu                                | tpu                         | cuda / rocm             |
@@ -50,6 +50,7 @@ from jax.sharding import PartitionSpec
 from sdjax.nn import norms, tpu_attention, tpu_conv, tpu_feed_forward
 from sdjax.nn.attention import dot_product_attention as chunked_attention
 from sdjax.nn.precision import accumulator, precision
+from sdjax.targets import kernel_platforms
 
 # 3x3 convolutions on feature maps of at most this many positions run on the CPU as one matrix product
 # over the nine shifted copies of the input (im2col); in half precision up to ROWS_MAX_POSITIONS as one
@@ -64,6 +65,20 @@ TPU_TAPS_MAX_ROWS = 512
 TPU_1X1_PRODUCT_MAX_ROWS = 32768
 # The Pallas TPU flash kernel works on blocks of 128 tokens; head dims above 128 must be multiples of 128.
 TPU_LANES = 128
+
+
+def by_platform(*args, default, **branches):
+    """`jax.lax.platform_dependent(*args, default=default, **branches)`: the branch of the platform the
+    program is lowered for. JAX traces every branch, lowered or not; with $SDJAX_KERNEL_PLATFORMS set (e.g.
+    to `cpu`, as the test suite does) only the named platforms' branches are traced, and lowering the
+    program for another platform fails (JAX's error names the platform; `sdjax.targets.kernel_platforms`).
+    Tracing the TPU kernels into every CPU program cost the test suite's tiny models 3-17% of a test's time
+    (README "Tests")."""
+    named = kernel_platforms()
+    if named is not None:
+        branches = {p: branches.get(p, default) for p in named}
+        default = None
+    return jax.lax.platform_dependent(*args, default=default, **branches)
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -149,11 +164,9 @@ def _conv2d_bwd(stride, padding, residuals, dy_BHWO):
         dx, dk = grads
         return dx.astype(x_BHWC.dtype), dk.astype(kernel.dtype)
 
-    branches = {
-        "cpu": lambda *a: cast(_conv2d_bwd_products(stride, padding, *a)),
-        "default": lambda *a: cast(_conv2d_bwd_xla(stride, padding, *a)),
-    }
-    return jax.lax.platform_dependent(x_BHWC, kernel, dy_BHWO, **branches)
+    products = lambda *a: cast(_conv2d_bwd_products(stride, padding, *a))  # noqa: E731
+    xla = lambda *a: cast(_conv2d_bwd_xla(stride, padding, *a))  # noqa: E731
+    return by_platform(x_BHWC, kernel, dy_BHWO, default=xla, cpu=products)
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
@@ -244,7 +257,7 @@ def conv(x_BHWC: jax.Array, kernel_HWIO: jax.Array, stride: int, padding: int) -
         branches = _product_branches(batch, positions, x_BHWC.dtype, pad)
     if not branches:
         return xla(x_BHWC, kernel_HWIO)
-    return jax.lax.platform_dependent(x_BHWC, kernel_HWIO, default=xla, **branches)
+    return by_platform(x_BHWC, kernel_HWIO, default=xla, **branches)
 
 
 def biased_conv(
@@ -285,7 +298,7 @@ def biased_conv(
     else:
         kernel = lambda x, k, b: tpu_conv.conv3x3(tpu_conv.nearest_2x(x), k, b)  # noqa: E731
     pallas = _per_device(kernel, plain, batched=(True, False, False))
-    return jax.lax.platform_dependent(x_BHWC, kernel_HWIO, bias_O, default=plain, tpu=pallas)
+    return by_platform(x_BHWC, kernel_HWIO, bias_O, default=plain, tpu=pallas)
 
 
 def norm_act_conv(
@@ -343,7 +356,7 @@ def norm_act_conv(
         args, plain, fused, batched = args[:1] + args[2:], drop(plain), drop(fused), (True, False, False, False, False)
     else:
         batched = (True, True, False, False, False, False)
-    return jax.lax.platform_dependent(*args, default=plain, tpu=_per_device(fused, plain, batched=batched))
+    return by_platform(*args, default=plain, tpu=_per_device(fused, plain, batched=batched))
 
 
 def _tpu_pallas(batch: int, out_channels: int) -> bool:
@@ -365,7 +378,7 @@ def valid_conv(padded_BHWC: jax.Array, kernel_HWIO: jax.Array) -> jax.Array:
     branches = _product_branches(batch, positions, padded_BHWC.dtype, lambda x: x)
     if not branches:
         return xla(padded_BHWC, kernel_HWIO)
-    return jax.lax.platform_dependent(padded_BHWC, kernel_HWIO, default=xla, **branches)
+    return by_platform(padded_BHWC, kernel_HWIO, default=xla, **branches)
 
 
 def _subpixel_kernels(kernel_HWIO: jax.Array) -> jax.Array:
@@ -413,7 +426,7 @@ def upsample2x_conv(x_BHWC: jax.Array, kernel_HWIO: jax.Array) -> jax.Array:
     b, h, w, _ = x_BHWC.shape
     if b * h * w < 4 * kernel_HWIO.shape[-1]:
         return repeated(x_BHWC, kernel_HWIO)
-    return jax.lax.platform_dependent(x_BHWC, kernel_HWIO, cpu=_subpixel_upsample_conv, default=repeated)
+    return by_platform(x_BHWC, kernel_HWIO, cpu=_subpixel_upsample_conv, default=repeated)
 
 
 # ---------------------------------------------------------------------------------------------- attention
@@ -517,10 +530,10 @@ def attention(q_BQHD, k_BKHD, v_BKHD, *, upcast: bool = False, causal: bool = Fa
     if causal:
         return xla(q_BQHD, k_BKHD, v_BKHD)
     flash = lambda q, k, v: flash_attention_tpu(q, k, v).astype(v.dtype)
-    branches = {"default": xla, "tpu": _per_device(flash, xla)}
+    branches = {"tpu": _per_device(flash, xla)}
     if _cudnn_fits(q_BQHD) and _cudnn_available():
         branches["cuda"] = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
-    return jax.lax.platform_dependent(q_BQHD, k_BKHD, v_BKHD, **branches)
+    return by_platform(q_BQHD, k_BKHD, v_BKHD, default=xla, **branches)
 
 
 def _project(x, w):
@@ -528,24 +541,31 @@ def _project(x, w):
     return matmul(x, w.astype(x.dtype)).astype(x.dtype)
 
 
-def _projected_attention_plain(heads, head_dim, upcast, x, context, wq, wk, wv, wo, bo):
+def _projected_attention_plain(heads, head_dim, upcast, x, context, wq, wk, wv, wo, bo, residual=None):
     split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, head_dim)  # noqa: E731
     q, k, v = split(_project(x, wq)), split(_project(context, wk)), split(_project(context, wv))
     out = attention(q, k, v, upcast=upcast)
     out = out.reshape(out.shape[0], out.shape[1], heads * head_dim)
-    return (matmul(out, wo.astype(x.dtype)) + bo.astype(accumulator(x.dtype))).astype(x.dtype)
+    out = (matmul(out, wo.astype(x.dtype)) + bo.astype(accumulator(x.dtype))).astype(x.dtype)
+    return out if residual is None else residual + out
 
 
-def _projected_attention_packed(heads, head_dim, upcast, x, context, wq, wk, wv, wo, bo):
-    """The same through `tpu_attention.packed_attention`: the weights' columns regrouped into packed lane
-    groups (to_out's rows likewise, zero rows for the padding lanes), so that no activation is re-laid out;
-    queries padded to a multiple of 8 tokens, keys to a multiple of 128 (masked)."""
+def _projected_attention_packed(heads, head_dim, upcast, x, context, wq, wk, wv, wo, bo, residual=None):
+    """The same through `tpu_attention.packed_attention` (`packed_attention_out` with a residual): the
+    weights' columns regrouped into packed lane groups (to_out's rows likewise, zero rows for the padding
+    lanes), so that no activation is re-laid out; queries padded to a multiple of 8 tokens, keys to a
+    multiple of 128 (masked)."""
     columns = lambda w: tpu_attention.pack(w.astype(x.dtype), head_dim)  # noqa: E731
     q_len, k_len = x.shape[1], context.shape[1]
-    x = jnp.pad(x, ((0, 0), (0, tpu_conv.round_up(q_len, 8) - q_len), (0, 0)))
+    pad_queries = lambda t: jnp.pad(t, ((0, 0), (0, tpu_conv.round_up(q_len, 8) - q_len), (0, 0)))  # noqa: E731
+    x = pad_queries(x)
     context = jnp.pad(context, ((0, 0), (0, tpu_conv.round_up(k_len, TPU_LANES) - k_len), (0, 0)))
     q, k, v = _project(x, columns(wq)), _project(context, columns(wk)), _project(context, columns(wv))
-    out = tpu_attention.packed_attention(q, k, v, heads=heads, head_dim=head_dim, key_len=k_len)[:, :q_len]
+    shape = dict(heads=heads, head_dim=head_dim, key_len=k_len)
+    if residual is not None:
+        wo_rows = columns(wo.T).T
+        return tpu_attention.packed_attention_out(q, k, v, wo_rows, bo, pad_queries(residual), **shape)[:, :q_len]
+    out = tpu_attention.packed_attention(q, k, v, **shape)[:, :q_len]
     return (matmul(out, columns(wo.T).T) + bo.astype(accumulator(x.dtype))).astype(x.dtype)
 
 
@@ -568,24 +588,40 @@ _projected_attention_tpu.defvjp(_projected_attention_tpu_fwd, _projected_attenti
 
 
 def projected_attention(
-    x_BNC, context_BMD, wq_CI, wk_DI, wv_DI, wo_IC, bo_C, *, heads: int, head_dim: int, upcast: bool = False
+    x_BNC,
+    context_BMD,
+    wq_CI,
+    wk_DI,
+    wv_DI,
+    wo_IC,
+    bo_C,
+    *,
+    heads: int,
+    head_dim: int,
+    upcast: bool = False,
+    residual_BNC: jax.Array | None = None,
 ) -> jax.Array:
     """diffusers' `Attention` from its weights: to_q(x), to_k/to_v(context) (no bias), `attention` over
     `heads` heads of `head_dim`, to_out.0 (with bias); (B, N, C), (B, M, D) -> (B, N, C') in x's dtype, each
-    product accumulated in `accumulator` and rounded once.
+    product accumulated in `accumulator` and rounded once; plus `residual_BNC` (B, N, C') when given (the
+    transformer block's residual stream), added in x's dtype.
 
     On the TPU, bfloat16 heads of at most 128 lanes skip the (B, N, H, D) layout altogether: the projection
     weights are regrouped so that q, k and v come out of their products already packed, `128 // D` heads to
-    a lane group, and `tpu_attention`'s kernel attends in that layout (README "Accelerators: TPU and GPU"
-    for the figures). `upcast` needs nothing more there: bfloat16 products summed in float32 are exact, as
-    float32 operands would give. Differentiated, the plain path runs instead."""
+    a lane group, and `tpu_attention`'s kernel attends in that layout, with to_out.0 and the residual inside
+    it when there is one (README "Accelerators: TPU and GPU" for the figures). `upcast` needs nothing more
+    there: bfloat16 products summed in float32 are exact, as float32 operands would give. Differentiated,
+    the plain path runs instead."""
     args = (x_BNC, context_BMD, wq_CI, wk_DI, wv_DI, wo_IC, bo_C)
+    batched = (True, True, False, False, False, False, False)
+    if residual_BNC is not None:
+        args, batched = (*args, residual_BNC), (*batched, True)
     plain = functools.partial(_projected_attention_plain, heads, head_dim, upcast)
     if x_BNC.dtype != jnp.bfloat16 or head_dim > TPU_LANES:
         return plain(*args)
     tpu = functools.partial(_projected_attention_tpu, heads, head_dim, upcast)
-    per_device = _per_device(tpu, plain, batched=(True, True, False, False, False, False, False))
-    return jax.lax.platform_dependent(*args, default=plain, tpu=per_device)
+    per_device = _per_device(tpu, plain, batched=batched)
+    return by_platform(*args, default=plain, tpu=per_device)
 
 
 def _geglu(x, w, b):
@@ -635,7 +671,7 @@ def feed_forward(x, scale_K, shift_K, eps: float, w_KF2, b_F2, w_FK, b_K, *, dty
 
     per_device = _per_device(tpu, plain, batched=(True,) + (False,) * 6)
     args = (x, scale_K, shift_K, w_KF2, b_F2, w_FK, b_K)
-    return jax.lax.platform_dependent(*args, default=plain, tpu=per_device)
+    return by_platform(*args, default=plain, tpu=per_device)
 
 
 __all__ = [
@@ -644,6 +680,7 @@ __all__ = [
     "accumulator",
     "attention",
     "biased_conv",
+    "by_platform",
     "conv",
     "conv2d",
     "flash_attention_tpu",

@@ -317,7 +317,10 @@ class CrossAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BNC: jax.Array, context_BMD: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self, x_BNC: jax.Array, context_BMD: jax.Array | None = None, residual_BNC: jax.Array | None = None
+    ) -> jax.Array:
+        """The attention of x over the context (x itself when None), plus `residual_BNC` when given."""
         context_BMD = x_BNC if context_BMD is None else context_BMD
         channels, inner = x_BNC.shape[-1], self.heads * self.head_dim
         wq, _ = LinearWeights(inner, use_bias=False, name="to_q")(channels)
@@ -326,7 +329,17 @@ class CrossAttention(nn.Module):
         wo, bo = LinearWeights(channels, name="to_out.0")(inner)
         x, context = x_BNC.astype(self.dtype), context_BMD.astype(self.dtype)
         return kernels.projected_attention(
-            x, context, wq, wk, wv, wo, bo, heads=self.heads, head_dim=self.head_dim, upcast=self.upcast
+            x,
+            context,
+            wq,
+            wk,
+            wv,
+            wo,
+            bo,
+            heads=self.heads,
+            head_dim=self.head_dim,
+            upcast=self.upcast,
+            residual_BNC=residual_BNC,
         )
 
 
@@ -375,9 +388,9 @@ class BasicTransformerBlock(nn.Module):
     def __call__(self, x_BNC: jax.Array, context_BMD: jax.Array) -> jax.Array:
         attn = lambda name: CrossAttention(self.heads, self.head_dim, self.upcast, self.dtype, name=name)
         h = layer_norm(1e-5, self.dtype, "norm1")(x_BNC)
-        x_BNC = x_BNC + attn("attn1")(h, context_BMD if self.only_cross_attention else None)
+        x_BNC = attn("attn1")(h, context_BMD if self.only_cross_attention else None, residual_BNC=x_BNC)
         h = layer_norm(1e-5, self.dtype, "norm2")(x_BNC)
-        x_BNC = x_BNC + attn("attn2")(h, context_BMD)
+        x_BNC = attn("attn2")(h, context_BMD, residual_BNC=x_BNC)
         scale, shift = LayerNormWeights(name="norm3")(x_BNC.shape[-1])
         ff = FeedForwardWeights(name="ff")(x_BNC.shape[-1])
         return kernels.feed_forward(x_BNC, scale, shift, 1e-5, *ff, dtype=self.dtype)

@@ -10,10 +10,18 @@ step (image, lane group, query block, key block) runs the online softmax of each
 scores of head j are q's lanes of head j (the others masked to zero) against all 128 lanes of k, so no
 lane is ever shifted; head j's output lanes take its probabilities times v.
 
+`packed_attention_out` also applies the attention's output projection and the transformer block's
+residual: its grid runs the lane groups innermost but one, and each group's normalised output, rounded
+as `packed_attention` returns it, is multiplied by that group's rows of to_out's weights into a float32
+sum; the bias and the residual follow after the last group. The attention output (64x64 latents at batch
+2: 6.3 MB per layer) is never written and read back.
+
 The declared cost is that of the attention itself, as JAX's flash kernel declares it and as the TPU cost
 model prices XLA's own products (checked: scores over 40-wide heads cost 0.31x those over 128-wide heads):
-4 B H Tq Tk D FLOPs, the exponentials, and the packed tensors' bytes read and written once. On the chip
-every head costs a full 128-lane pass, in this kernel as in JAX's.
+4 B H Tq Tk D FLOPs, the exponentials, and the packed tensors' bytes read and written once (with the
+output projection: its product's FLOPs over the packed lanes, the residual's and the output's bytes, and
+the weights' once per query block). On the chip every head costs a full 128-lane pass, in this kernel as
+in JAX's.
 """
 
 from __future__ import annotations
@@ -65,14 +73,16 @@ def pack(x_BTC: jax.Array, head_dim: int) -> jax.Array:
     return moved.astype(x_BTC.dtype)
 
 
-def _attention_kernel(q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, p, d, scale, key_len, block_k, masked):
-    """One (image, lane group, query block, key block) step of the online softmax over the group's p heads.
+def _online_softmax_step(
+    q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, *, key_block, p, d, scale, key_len, block_k, masked
+):
+    """Key block `key_block` of the online softmax over a lane group's p heads (the first one resets the
+    running state).
 
     m_ref, l_ref (p, tq, 128) float32: each head's running row maximum and sum (the same in every lane);
     acc_ref (tq, 128) float32: the unnormalised output, each head in its own lanes."""
-    kb = pl.program_id(3)
 
-    @pl.when(kb == 0)
+    @pl.when(key_block == 0)
     def _():
         m_ref[...] = jnp.full(m_ref.shape, _NEG, jnp.float32)
         l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
@@ -84,7 +94,7 @@ def _attention_kernel(q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, p, d
     lane = jax.lax.broadcasted_iota(jnp.int32, (1, LANES), 1)
     real_key = None
     if masked:
-        real_key = kb * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1) < key_len
+        real_key = key_block * block_k + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1) < key_len
     acc = acc_ref[...]
     for j in range(p):
         in_head = (lane >= j * d) & (lane < (j + 1) * d)
@@ -102,12 +112,60 @@ def _attention_kernel(q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, p, d
         acc = jnp.where(in_head, acc * alpha + pv, acc)
     acc_ref[...] = acc
 
+
+def _normalised(acc_ref, l_ref, *, p, d) -> jax.Array:
+    """The group's attention output (tq, 128) float32: each head's lanes divided by its softmax sum."""
+    lane = jax.lax.broadcasted_iota(jnp.int32, (1, LANES), 1)
+    acc = acc_ref[...]
+    total = jnp.ones_like(acc)
+    for j in range(p):
+        total = jnp.where((lane >= j * d) & (lane < (j + 1) * d), l_ref[j], total)
+    return acc / total
+
+
+def _attention_kernel(q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, p, d, **softmax):
+    """One (image, lane group, query block, key block) grid step: the group's heads' attention output."""
+    kb = pl.program_id(3)
+    _online_softmax_step(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, key_block=kb, p=p, d=d, **softmax)
+
     @pl.when(kb == pl.num_programs(3) - 1)
     def _():
-        total = jnp.ones_like(acc)
-        for j in range(p):
-            total = jnp.where((lane >= j * d) & (lane < (j + 1) * d), l_ref[j], total)
-        o_ref[0] = (acc_ref[...] / total).astype(o_ref.dtype)
+        o_ref[0] = _normalised(acc_ref, l_ref, p=p, d=d).astype(o_ref.dtype)
+
+
+def _attention_out_kernel(
+    q_ref, k_ref, v_ref, wo_ref, bo_ref, x_ref, o_ref, m_ref, l_ref, acc_ref, sum_ref, *, p, d, **softmax
+):
+    """One (image, query block, lane group, key block) grid step of x + to_out(attention): at a group's last
+    key block its output, rounded to the attention's dtype, times the group's rows of to_out's weights joins
+    the float32 sum; after the last group the bias, then the residual x, each rounded as the layer would."""
+    g, kb = pl.program_id(2), pl.program_id(3)
+
+    @pl.when((g == 0) & (kb == 0))
+    def _():
+        sum_ref[...] = jnp.zeros_like(sum_ref)
+
+    _online_softmax_step(q_ref, k_ref, v_ref, m_ref, l_ref, acc_ref, key_block=kb, p=p, d=d, **softmax)
+
+    @pl.when(kb == pl.num_programs(3) - 1)
+    def _():
+        heads = _normalised(acc_ref, l_ref, p=p, d=d).astype(q_ref.dtype)
+        sum_ref[...] += jnp.dot(heads, wo_ref[...], preferred_element_type=jnp.float32)
+
+        @pl.when(g == pl.num_programs(2) - 1)
+        def _():
+            y = (sum_ref[...] + bo_ref[...]).astype(q_ref.dtype)
+            o_ref[0] = (x_ref[0].astype(jnp.float32) + y.astype(jnp.float32)).astype(o_ref.dtype)
+
+
+def _blocks(q_BQL, k_BKL):
+    """(query block, key block) token counts of packed q (B, Tq, G * 128) and k (B, Tk, G * 128); a one-line
+    ValueError when they cannot be tiled."""
+    q_len, lanes = q_BQL.shape[1:]
+    k_len = k_BKL.shape[1]
+    if q_len % 8 or k_len % LANES or lanes % LANES:
+        raise ValueError(f"packed_attention: token counts {q_len}, {k_len} or lanes {lanes} not tileable")
+    return tpu_conv.largest_divisor(q_len, BLOCK, 8), tpu_conv.largest_divisor(k_len, BLOCK, 8)
 
 
 def packed_attention(q_BQL, k_BKL, v_BKL, *, heads: int, head_dim: int, key_len: int | None = None) -> jax.Array:
@@ -118,30 +176,18 @@ def packed_attention(q_BQL, k_BKL, v_BKL, *, heads: int, head_dim: int, key_len:
     b, q_len, lanes = q_BQL.shape
     k_len = k_BKL.shape[1]
     key_len = k_len if key_len is None else key_len
-    if q_len % 8 or k_len % LANES or lanes % LANES:
-        raise ValueError(f"packed_attention: token counts {q_len}, {k_len} or lanes {lanes} not tileable")
+    block_q, block_k = _blocks(q_BQL, k_BKL)
     p = heads_per_group(head_dim)
-    groups = lanes // LANES
-    block_q = tpu_conv.largest_divisor(q_len, BLOCK, 8)
-    block_k = tpu_conv.largest_divisor(k_len, BLOCK, 8)
     itemsize = q_BQL.dtype.itemsize
     cost = pl.CostEstimate(
         flops=4 * b * heads * q_len * key_len * head_dim,
         transcendentals=b * heads * q_len * key_len,
         bytes_accessed=(2 * q_BQL.size + k_BKL.size + v_BKL.size) * itemsize,
     )
-    kernel = functools.partial(
-        _attention_kernel,
-        p=p,
-        d=head_dim,
-        scale=head_dim**-0.5,
-        key_len=key_len,
-        block_k=block_k,
-        masked=key_len < k_len,
-    )
+    softmax = _softmax_args(head_dim, key_len, k_len, block_k)
     return pl.pallas_call(
-        kernel,
-        grid=(b, groups, q_len // block_q, k_len // block_k),
+        functools.partial(_attention_kernel, p=p, d=head_dim, **softmax),
+        grid=(b, lanes // LANES, q_len // block_q, k_len // block_k),
         in_specs=[
             pl.BlockSpec((1, block_q, LANES), lambda n, g, i, j: (n, i, g)),
             pl.BlockSpec((1, block_k, LANES), lambda n, g, i, j: (n, j, g)),
@@ -149,11 +195,63 @@ def packed_attention(q_BQL, k_BKL, v_BKL, *, heads: int, head_dim: int, key_len:
         ],
         out_specs=pl.BlockSpec((1, block_q, LANES), lambda n, g, i, j: (n, i, g)),
         out_shape=jax.ShapeDtypeStruct(q_BQL.shape, q_BQL.dtype),
-        scratch_shapes=[
-            pltpu.VMEM((p, block_q, LANES), jnp.float32),
-            pltpu.VMEM((p, block_q, LANES), jnp.float32),
-            pltpu.VMEM((block_q, LANES), jnp.float32),
-        ],
+        scratch_shapes=_softmax_scratch(p, block_q),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost,
     )(q_BQL, k_BKL, v_BKL)
+
+
+def _softmax_args(head_dim: int, key_len: int, k_len: int, block_k: int) -> dict:
+    return dict(scale=head_dim**-0.5, key_len=key_len, block_k=block_k, masked=key_len < k_len)
+
+
+def _softmax_scratch(p: int, block_q: int) -> list:
+    """The running maxima and sums of the group's p heads, and the unnormalised output (float32)."""
+    return [
+        pltpu.VMEM((p, block_q, LANES), jnp.float32),
+        pltpu.VMEM((p, block_q, LANES), jnp.float32),
+        pltpu.VMEM((block_q, LANES), jnp.float32),
+    ]
+
+
+def packed_attention_out(
+    q_BQL, k_BKL, v_BKL, wo_LC, bo_C, x_BQC, *, heads: int, head_dim: int, key_len: int | None = None
+) -> jax.Array:
+    """x + (packed_attention(q, k, v) @ wo + bo): the attention sublayer's output projection (to_out.0, its
+    rows packed as q's lanes: (G * 128, C), zero rows for the padding lanes) and its residual x (B, Tq, C),
+    in one kernel: (B, Tq, C) in x's dtype. The attention output is rounded to q's dtype before the product
+    (as `packed_attention` returns it), the product accumulated in float32, the bias added and the result
+    rounded to q's dtype, then the residual added and rounded to x's, as the layers compute it. The
+    attention output is never written out. Same token rules as `packed_attention`."""
+    b, q_len, lanes = q_BQL.shape
+    k_len, channels = k_BKL.shape[1], wo_LC.shape[1]
+    key_len = k_len if key_len is None else key_len
+    block_q, block_k = _blocks(q_BQL, k_BKL)
+    p = heads_per_group(head_dim)
+    itemsize = q_BQL.dtype.itemsize
+    q_blocks = q_len // block_q
+    cost = pl.CostEstimate(
+        flops=4 * b * heads * q_len * key_len * head_dim + 2 * b * q_len * lanes * channels,
+        transcendentals=b * heads * q_len * key_len,
+        bytes_accessed=(q_BQL.size + k_BKL.size + v_BKL.size + 2 * x_BQC.size + b * q_blocks * wo_LC.size) * itemsize
+        + 4 * channels,
+    )
+    softmax = _softmax_args(head_dim, key_len, k_len, block_k)
+    rows = pl.BlockSpec((1, block_q, channels), lambda n, i, g, j: (n, i, 0))
+    return pl.pallas_call(
+        functools.partial(_attention_out_kernel, p=p, d=head_dim, **softmax),
+        grid=(b, q_blocks, lanes // LANES, k_len // block_k),
+        in_specs=[
+            pl.BlockSpec((1, block_q, LANES), lambda n, i, g, j: (n, i, g)),
+            pl.BlockSpec((1, block_k, LANES), lambda n, i, g, j: (n, j, g)),
+            pl.BlockSpec((1, block_k, LANES), lambda n, i, g, j: (n, j, g)),
+            pl.BlockSpec((LANES, channels), lambda n, i, g, j: (g, 0)),
+            pl.BlockSpec((1, channels), lambda n, i, g, j: (0, 0)),
+            rows,
+        ],
+        out_specs=rows,
+        out_shape=jax.ShapeDtypeStruct(x_BQC.shape, x_BQC.dtype),
+        scratch_shapes=[*_softmax_scratch(p, block_q), pltpu.VMEM((block_q, channels), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary")),
+        cost_estimate=cost,
+    )(q_BQL, k_BKL, v_BKL, wo_LC, bo_C.astype(jnp.float32).reshape(1, channels), x_BQC)
