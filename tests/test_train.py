@@ -1030,11 +1030,13 @@ def test_every_run_config_loads_with_its_tiny_variant(path):
     assert tiny.optim.steps < full.optim.steps
 
 
-def _four_image_batch():
-    """A random:tiny config for batches of 4 at 32x32, its pipeline and one batch of 4 captioned images."""
+def _four_image_batch(base: Path):
+    """A config of the MICRO model `base` for batches of 4 at 32x32, its pipeline and one batch of 4 captioned
+    images. (The step's accumulation and remat do not depend on the architecture; the MICRO model's compile
+    takes half the tiny one's.)"""
     from train import model
 
-    config = TrainConfig(model="random:tiny", images=Images(resolution=32), optim=Optim(batch_size=4))
+    config = TrainConfig(model=str(base), images=Images(resolution=32), optim=Optim(batch_size=4))
     pipe = model.load_start(config)
     rng = np.random.default_rng(0)
     batch = {
@@ -1047,7 +1049,7 @@ def _four_image_batch():
     return config, pipe, batch
 
 
-def test_gradient_accumulation_gives_the_large_batch_step():
+def test_gradient_accumulation_gives_the_large_batch_step(base):
     """One update of 4 images as 2 micro-batches of 2 equals the update of all 4 at once (loss, gradient
     norm and parameters to 1e-6 relative, fp32): each row draws its noise and timestep from the step and
     its row id, whatever micro-batch holds it."""
@@ -1056,7 +1058,7 @@ def test_gradient_accumulation_gives_the_large_batch_step():
     from train import model
     from train.step import init_state, make_optimizer, train_step
 
-    config, pipe, batch = _four_image_batch()
+    config, pipe, batch = _four_image_batch(base)
     key = jax.random.key(1)
 
     def update(accum: int):
@@ -1082,7 +1084,7 @@ def test_gradient_accumulation_gives_the_large_batch_step():
 @pytest.mark.parametrize(
     "remat", ["full", pytest.param("dots", marks=pytest.mark.slow), pytest.param("dots_all", marks=pytest.mark.slow)]
 )
-def test_remat_policy_gives_the_gradients_of_no_remat(remat):
+def test_remat_policy_gives_the_gradients_of_no_remat(remat, base):
     """Every remat policy gives the gradients of no remat (fp32, relative L2 <= 1e-6 over all parameters).
     The default run checks "full", the shipped configs' policy; the others are slow."""
     import jax.numpy as jnp
@@ -1090,7 +1092,7 @@ def test_remat_policy_gives_the_gradients_of_no_remat(remat):
     from train import model
     from train.objective import diffusion_loss
 
-    config, pipe, batch = _four_image_batch()
+    config, pipe, batch = _four_image_batch(base)
     key = jax.random.key(1)
 
     def gradients(remat: str):

@@ -13,7 +13,8 @@ choice are in the README ("Kernel choices on XLA:CPU" and "Accelerators: TPU and
 |                        |                                    | 128 padded to 128s)         | cpu                     |
 | projected attention    | projections + `attention`          | bf16 heads <= 128: weights  | as cpu                  |
 | (diffusers' Attention) |                                    | regrouped, packed-heads     |                         |
-|                        |                                    | kernel (tpu_attention.py);  |                         |
+|                        |                                    | kernel (tpu_attention.py),  |                         |
+|                        |                                    | to_out and residual inside; |                         |
 |                        |                                    | else as cpu                 |                         |
 | 3x3 conv, stride 1     | products over shifted copies on    | Pallas kernel (tpu_conv.py) | XLA convolution         |
 |                        | small maps, else XLA               | in bfloat16 where it fits   |                         |
