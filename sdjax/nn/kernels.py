@@ -604,8 +604,8 @@ def projected_attention(
 ) -> jax.Array:
     """diffusers' `Attention` from its weights: to_q(x), to_k/to_v(context) (no bias), `attention` over
     `heads` heads of `head_dim`, to_out.0 (with bias); (B, N, C), (B, M, D) -> (B, N, C') in x's dtype, each
-    product accumulated in `accumulator` and rounded once; plus `residual_BNC` (B, N, C') when given (the
-    transformer block's residual stream), added in x's dtype.
+    product accumulated in `accumulator` and rounded once; with `residual_BNC` (B, N, C'), the transformer
+    block's residual stream, residual + that output, as the block adds them.
 
     On the TPU, bfloat16 heads of at most 128 lanes skip the (B, N, H, D) layout altogether: the projection
     weights are regrouped so that q, k and v come out of their products already packed, `128 // D` heads to
