@@ -537,17 +537,21 @@ def attention(q_BQHD, k_BKHD, v_BKHD, *, upcast: bool = False, causal: bool = Fa
     return by_platform(q_BQHD, k_BKHD, v_BKHD, default=xla, **branches)
 
 
-def _project(x, w):
-    """x @ w in x's dtype, accumulated in `accumulator` and rounded once (a bias-free `Dense`)."""
-    return matmul(x, w.astype(x.dtype)).astype(x.dtype)
+def _dense(x, w, b=None):
+    """x @ w (+ b) as a `Dense` layer computes it: accumulated in `accumulator`, the bias added there, rounded
+    once to x's dtype."""
+    y = matmul(x, w.astype(x.dtype))
+    if b is not None:
+        y = y + b.astype(y.dtype)
+    return y.astype(x.dtype)
 
 
 def _projected_attention_plain(heads, head_dim, upcast, x, context, wq, wk, wv, wo, bo, residual=None):
     split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, head_dim)  # noqa: E731
-    q, k, v = split(_project(x, wq)), split(_project(context, wk)), split(_project(context, wv))
+    q, k, v = split(_dense(x, wq)), split(_dense(context, wk)), split(_dense(context, wv))
     out = attention(q, k, v, upcast=upcast)
     out = out.reshape(out.shape[0], out.shape[1], heads * head_dim)
-    out = (matmul(out, wo.astype(x.dtype)) + bo.astype(accumulator(x.dtype))).astype(x.dtype)
+    out = _dense(out, wo, bo)
     return out if residual is None else residual + out
 
 
@@ -561,13 +565,12 @@ def _projected_attention_packed(heads, head_dim, upcast, x, context, wq, wk, wv,
     pad_queries = lambda t: jnp.pad(t, ((0, 0), (0, tpu_conv.round_up(q_len, 8) - q_len), (0, 0)))  # noqa: E731
     x = pad_queries(x)
     context = jnp.pad(context, ((0, 0), (0, tpu_conv.round_up(k_len, TPU_LANES) - k_len), (0, 0)))
-    q, k, v = _project(x, columns(wq)), _project(context, columns(wk)), _project(context, columns(wv))
+    q, k, v = _dense(x, columns(wq)), _dense(context, columns(wk)), _dense(context, columns(wv))
     shape = dict(heads=heads, head_dim=head_dim, key_len=k_len)
+    wo_rows = columns(wo.T).T
     if residual is not None:
-        wo_rows = columns(wo.T).T
         return tpu_attention.packed_attention_out(q, k, v, wo_rows, bo, pad_queries(residual), **shape)[:, :q_len]
-    out = tpu_attention.packed_attention(q, k, v, **shape)[:, :q_len]
-    return (matmul(out, columns(wo.T).T) + bo.astype(accumulator(x.dtype))).astype(x.dtype)
+    return _dense(tpu_attention.packed_attention(q, k, v, **shape)[:, :q_len], wo_rows, bo)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -628,16 +631,12 @@ def projected_attention(
 def _geglu(x, w, b):
     """diffusers' GEGLU: x @ w + b (accumulated in `accumulator`, rounded once to x's dtype, as a `Dense`
     layer) split into (hidden, gate), hidden * gelu(gate) with the exact erf GELU, in x's dtype."""
-    dtype = x.dtype
-    y = (matmul(x, w.astype(dtype)) + b.astype(accumulator(dtype))).astype(dtype)
-    hidden, gate = jnp.split(y, 2, axis=-1)
+    hidden, gate = jnp.split(_dense(x, w, b), 2, axis=-1)
     return hidden * jax.nn.gelu(gate, approximate=False)
 
 
 def _feed_forward_plain(x, scale, shift, w1, b1, w2, b2, *, eps, dtype):
-    h = _geglu(norms.layer_norm(x, scale, shift, eps, dtype), w1, b1)
-    y = matmul(h, w2.astype(dtype))
-    return x + (y + b2.astype(y.dtype)).astype(dtype)
+    return x + _dense(_geglu(norms.layer_norm(x, scale, shift, eps, dtype), w1, b1), w2, b2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))

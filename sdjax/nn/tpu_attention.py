@@ -202,6 +202,7 @@ def packed_attention(q_BQL, k_BKL, v_BKL, *, heads: int, head_dim: int, key_len:
 
 
 def _softmax_args(head_dim: int, key_len: int, k_len: int, block_k: int) -> dict:
+    """`_online_softmax_step`'s static arguments: the score scale, the real key count and the key block."""
     return dict(scale=head_dim**-0.5, key_len=key_len, block_k=block_k, masked=key_len < k_len)
 
 
