@@ -303,19 +303,22 @@ def test_biased_conv_on_the_tpu_is_the_layers_convolution():
 
 
 @pytest.mark.parametrize(
-    "shape, out_channels, offset",
+    "shape, out_channels, offset, widths",
     [
-        ((2, 6, 16, 24), 256, True),  # three row blocks (halos inside the image and at both edges), two O blocks
-        ((1, 8, 8, 8), 40, False),  # one row block: both halos are the image's zero padding, not silu(b)
-        ((3, 4, 8, 40), 128, True),  # three images (the kernel picks its image's statistics), 10 per group
+        ((2, 6, 16, 24), 256, True, None),  # three row blocks (halos inside and at both edges), two O blocks
+        ((1, 8, 8, 8), 40, False, None),  # one row block: both halos are the image's zero padding, not silu(b)
+        ((3, 4, 8, 40), 128, True, None),  # three images (the kernel picks its image's statistics), 10 per group
+        ((2, 6, 16, 24), 128, True, (16, 8)),  # two channel parts, group 2 (channels 12..17) straddling both
+        ((1, 4, 8, 48), 40, False, (32, 16)),  # parts of 2 and 1 groups
     ],
 )
-def test_tpu_norm_silu_conv_equals_xla_on_the_activated_map(monkeypatch, shape, out_channels, offset):
+def test_tpu_norm_silu_conv_equals_xla_on_the_activated_map(monkeypatch, shape, out_channels, offset, widths):
     """norm_silu_conv3x3 (interpret mode): the GroupNorm's affine map made from the per-channel sums in the
     kernel and applied with the SiLU in its input copy, against `_norm_silu_reference` (the same map in
     XLA, then XLA's convolution of silu(x * a + b)): the same bfloat16 operands, so all but a few sums
     (rounded the other way) are equal, and the gradients are the reference's. The padding stays zero:
-    silu(0 * a + b) would not be."""
+    silu(0 * a + b) would not be. With `widths` x comes in channel parts (an up block's map and skip), whose
+    concatenation the kernel never builds: the same results as the concatenated input's."""
     b, _, _, c = shape
     monkeypatch.setattr(tpu_conv, "TARGET_ROWS", 2 * shape[2])
     monkeypatch.setattr(tpu_conv, "WEIGHT_BLOCK_BYTES", 9 * c * 128 * 2)
@@ -328,10 +331,18 @@ def test_tpu_norm_silu_conv_equals_xla_on_the_activated_map(monkeypatch, shape, 
     kernel = (jax.random.normal(jax.random.key(44), (3, 3, c, out_channels)) * 0.2).astype(jnp.bfloat16)
     bias = jax.random.normal(jax.random.key(45), (out_channels,)).astype(jnp.bfloat16)
     groups = 4 if c % 4 == 0 else 2
+    whole = x
+    if widths is not None:
+        x = tuple(jnp.split(x, [widths[0]], axis=-1))
     args = (x, sums, squares, t, gamma, beta, kernel, bias)
     options = dict(groups=groups, eps=1e-5)
     with pltpu.force_tpu_interpret_mode():
         ours = jax.jit(functools.partial(tpu_conv.norm_silu_conv3x3, **options))(*args)
+        if widths is not None:  # the concatenated input's result, but for the order of float32 sums
+            concatenated = jax.jit(functools.partial(tpu_conv.norm_silu_conv3x3, **options))(whole, *args[1:])
+            concatenated = np.asarray(concatenated, np.float32)
+            np.testing.assert_allclose(np.asarray(ours, np.float32), concatenated, rtol=8e-3, atol=1e-2)
+            assert np.mean(np.asarray(ours, np.float32) == concatenated) > 0.98
     reference = tpu_conv._norm_silu_reference(*args, **options)
     assert ours.shape == reference.shape == (*shape[:3], out_channels) and ours.dtype == jnp.bfloat16
     ours, reference = np.asarray(ours, np.float32), np.asarray(reference, np.float32)
@@ -346,7 +357,8 @@ def test_tpu_norm_silu_conv_equals_xla_on_the_activated_map(monkeypatch, shape, 
     wrt = [i for i, a in enumerate(args) if a is not None]
     with pltpu.force_tpu_interpret_mode():  # jitted: the kernel's unused forward output is dropped
         grads = jax.jit(jax.grad(loss(tpu_conv.norm_silu_conv3x3), wrt))(*args)
-    for a, r in zip(grads, jax.jit(jax.grad(loss(tpu_conv._norm_silu_reference), wrt))(*args), strict=True):
+    expected = jax.jit(jax.grad(loss(tpu_conv._norm_silu_reference), wrt))(*args)
+    for a, r in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(a, r)
     with pytest.raises(ValueError, match="do not split into 7 groups"):
         tpu_conv.norm_silu_conv3x3(*args, groups=7, eps=1e-5)
@@ -395,6 +407,29 @@ def test_norm_act_conv_on_the_tpu_is_the_resnet_blocks_path(offset):
         return [re.sub(r"metadata=\{[^}]*\}|\.\d+", "", line) for line in lines]
 
     assert instructions(cpu) == instructions(expected)
+
+
+@pytest.mark.parametrize("channels, skip_channels, parts", [(128, 128, True), (32, 16, False)])
+def test_an_up_blocks_resnet_reads_its_map_and_skip_as_parts_on_the_tpu(channels, skip_channels, parts):
+    """ResnetBlock2D given a skip connection (as up blocks give it) is the block applied to the map and the
+    skip concatenated: the same output on the CPU. Lowered for the TPU, conv1's GroupNorm kernel reads the
+    two as channel parts where that pads no more lanes than their concatenation (128 + 128), so the
+    concatenation is built only for conv_shortcut's product, which XLA fuses it into; 32 + 16 channels
+    would pad to 256 lanes as parts against 128, and are concatenated first."""
+    from sdjax.nn.layers import ResnetBlock2D
+
+    block = ResnetBlock2D(128, groups=8, eps=1e-5, dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(60), (2, 8, 16, channels), jnp.bfloat16)
+    skip = jax.random.normal(jax.random.key(61), (2, 8, 16, skip_channels), jnp.bfloat16)
+    temb = jax.random.normal(jax.random.key(62), (2, 64))
+    joined = jnp.concatenate([x, skip], axis=-1)
+    params = block.init(jax.random.key(63), joined, temb)
+    apply = jax.jit(block.apply)
+    np.testing.assert_array_equal(apply(params, x, temb, skip), apply(params, joined, temb))
+    tpu = jax.export.export(apply, platforms=("tpu",))(params, x, temb, skip).mlir_module()
+    assert re.findall(r'kernel_name = "(\w+)"', tpu) == ["_norm_silu_conv_kernel"] * 2  # conv1 and conv2
+    conv1 = re.search(r"tpu_custom_call.*_norm_silu_conv_kernel.*", tpu).group(0)
+    assert conv1.count(f"tensor<2x8x16x{channels + skip_channels}xbf16>") == (0 if parts else 1)
 
 
 @pytest.mark.parametrize(

@@ -42,6 +42,7 @@ TF32 and TPUs bf16 passes by default); half-precision operands accumulate in flo
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import jax
@@ -314,50 +315,82 @@ def norm_act_conv(
     eps: float,
     act,
     dtype,
+    parts: tuple[jax.Array, jax.Array] | None = None,
 ) -> jax.Array:
     """A ResNet block's normalise-activate-convolve: the 3x3 convolution (stride 1, padding 1, plus bias) of
-    act(GroupNorm(x + offset)), x (B, H, W, C), offset (B, C) or None, in `dtype`: (B, H, W, O).
+    act(GroupNorm(x + offset)), x (B, H, W, C), offset (B, C) or None, in `dtype`: (B, H, W, O). `parts`:
+    x's two channel parts (an up block's map and skip connection; x is their concatenation), or None.
 
-    Everywhere, these are `norms.group_norm`, `act` and `biased_conv` one after the other. On the TPU, with a
-    SiLU, in bfloat16 and where `biased_conv` would run the Pallas kernel, the norm's per-channel sums stay
+    Everywhere, these are `norms.group_norm`, `act` and `biased_conv` one after the other. On the TPU, with
+    a SiLU, in bfloat16 and where `biased_conv` would run the Pallas kernel, the norm's per-channel sums stay
     XLA's (they fuse into the op that produced x); the kernel makes them a per-image, per-channel affine map
     and applies it, with the SiLU, to each image as it copies it into VMEM (`tpu_conv.norm_silu_conv3x3`):
     the normalised map is never written out and read back. One v5e chip, cost model, GroupNorm + SiLU +
     convolution at batch 2: 64x64x960 -> 320 0.585 -> 0.380 ms, 64x64x320 0.222 -> 0.148 ms, 32x32x640
-    0.160 -> 0.128 ms (README "Accelerators" for the UNet step)."""
+    0.160 -> 0.128 ms (README "Accelerators" for the UNet step). There the kernel reads an up block's
+    `parts` as they are, so that x is not written for it (only XLA's 1x1 shortcut product reads x, which
+    fuses the concatenation in), where that pads no more channels to the matrix unit's width than x
+    (`tpu_conv.parts_pay`): SD 1.5's UNet CFG step 13.63 -> 13.43 ms (README "Accelerators")."""
 
-    def plain(x, offset, scale, bias, kernel, conv_bias):
+    def plain(x, first, second, offset, scale, bias, kernel, conv_bias):
         if offset is not None:
             x = x + offset[:, None, None, :]
         return biased_conv(act(norms.group_norm(x, scale, bias, groups, eps, dtype)), kernel, conv_bias, 1, 1)
 
-    args = (x_BHWC, offset_BC, scale_C, bias_C, kernel_HWIO, bias_O)
+    if parts is not None and tpu_conv.parts_pay([p.shape[-1] for p in parts]):
+        read = tuple(parts)
+    else:
+        read = (x_BHWC,)
+    widths = [p.shape[-1] for p in read]
     b = x_BHWC.shape[0]
     out_channels = kernel_HWIO.shape[-1]
+    split = read if len(read) == 2 else (None, None)
+    args = (x_BHWC, *split, offset_BC, scale_C, bias_C, kernel_HWIO, bias_O)
     if not (
         act is jax.nn.silu
         and kernel_HWIO.shape[:2] == (3, 3)
         and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
-        and x_BHWC.dtype == jnp.bfloat16
-        and tpu_conv.fits(x_BHWC.shape, out_channels, x_BHWC.dtype, normalized=True)
+        and all(p.dtype == jnp.bfloat16 for p in read)
+        and tpu_conv.fits(x_BHWC.shape, out_channels, jnp.bfloat16, normalized=True, widths=widths)
         and _tpu_pallas(b, out_channels)
     ):
         return plain(*args)
 
-    def fused(x, offset, scale, bias, kernel, conv_bias):
-        shifted = (x if offset is None else x + offset[:, None, None, :]).astype(jnp.float32)
-        sums, squares = jnp.sum(shifted, axis=(1, 2)), jnp.sum(jnp.square(shifted), axis=(1, 2))
+    def fused(x, first, second, offset, scale, bias, kernel, conv_bias):
+        read = [x] if first is None else [first, second]
+        if offset is not None:
+            offsets = jnp.split(offset, list(itertools.accumulate(widths))[:-1], axis=-1)
+            shifted = [(p + o[:, None, None, :]).astype(jnp.float32) for p, o in zip(read, offsets, strict=True)]
+        else:
+            shifted = [p.astype(jnp.float32) for p in read]
+        sums = jnp.concatenate([jnp.sum(p, axis=(1, 2)) for p in shifted], axis=-1)
+        squares = jnp.concatenate([jnp.sum(jnp.square(p), axis=(1, 2)) for p in shifted], axis=-1)
         offset = None if offset is None else offset.astype(jnp.float32)
         return tpu_conv.norm_silu_conv3x3(
-            x, sums, squares, offset, scale, bias, kernel, conv_bias, groups=groups, eps=eps
+            read, sums, squares, offset, scale, bias, kernel, conv_bias, groups=groups, eps=eps
         )
 
-    if offset_BC is None:  # platform_dependent takes arrays only
-        drop = lambda f: lambda x, *rest: f(x, None, *rest)  # noqa: E731
-        args, plain, fused, batched = args[:1] + args[2:], drop(plain), drop(fused), (True, False, False, False, False)
-    else:
-        batched = (True, True, False, False, False, False)
-    return by_platform(*args, default=plain, tpu=_per_device(fused, plain, batched=batched))
+    return _by_platform_with_nones(args, plain, fused, batched=(True, True, True, True))
+
+
+def _by_platform_with_nones(args, plain, tpu, *, batched):
+    """`by_platform(*args, default=plain, tpu=tpu run per device)` where some args may be None (the
+    branches still get them, as None; `platform_dependent` takes arrays only). `batched`: whether each of
+    the first args carries the batch (split over devices); the rest do not."""
+    present = [k for k, a in enumerate(args) if a is not None]
+
+    def rebuild(f):
+        def call(*given):
+            full = [None] * len(args)
+            for k, a in zip(present, given, strict=True):
+                full[k] = a
+            return f(*full)
+
+        return call
+
+    flags = [bool(batched[k]) if k < len(batched) else False for k in present]
+    per_device = _per_device(rebuild(tpu), rebuild(plain), batched=tuple(flags))
+    return by_platform(*[args[k] for k in present], default=rebuild(plain), tpu=per_device)
 
 
 def _tpu_pallas(batch: int, out_channels: int) -> bool:

@@ -228,7 +228,9 @@ class TextTimeEmbedding(nn.Module):
 class ResnetBlock2D(nn.Module):
     """GroupNorm-act-conv twice, with the time embedding added in between and a (1x1) skip path.
 
-    (B, H, W, Cin), temb (B, T) or None -> (B, H, W, out_channels), divided by `output_scale_factor`.
+    (B, H, W, Cin), temb (B, T) or None -> (B, H, W, out_channels), divided by `output_scale_factor`. With
+    `skip_BHWC` (an up block's skip connection) the input is x and the skip concatenated along channels, which
+    conv1's TPU kernel may read as two parts (`kernels.norm_act_conv`).
     """
 
     out_channels: int
@@ -239,9 +241,13 @@ class ResnetBlock2D(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BHWC: jax.Array, temb_BT: jax.Array | None) -> jax.Array:
+    def __call__(self, x_BHWC: jax.Array, temb_BT: jax.Array | None, skip_BHWC: jax.Array | None = None) -> jax.Array:
         act = activation(self.act_fn)
-        h = self._norm_act_conv(x_BHWC, None, "norm1", "conv1")
+        parts = None
+        if skip_BHWC is not None:
+            parts = (x_BHWC, skip_BHWC)
+            x_BHWC = jnp.concatenate(parts, axis=-1)
+        h = self._norm_act_conv(x_BHWC, None, "norm1", "conv1", parts)
         t = None
         if temb_BT is not None:
             t = Dense(self.out_channels, dtype=self.dtype, name="time_emb_proj")(act(temb_BT))
@@ -250,9 +256,12 @@ class ResnetBlock2D(nn.Module):
             x_BHWC = conv(self.out_channels, 1, "conv_shortcut", self.dtype)(x_BHWC)
         return (x_BHWC + h) / self.output_scale_factor
 
-    def _norm_act_conv(self, x_BHWC: jax.Array, offset_BC: jax.Array | None, norm: str, conv_name: str) -> jax.Array:
+    def _norm_act_conv(
+        self, x_BHWC: jax.Array, offset_BC: jax.Array | None, norm: str, conv_name: str, parts=None
+    ) -> jax.Array:
         """conv(act(norm(x + offset))): the 3x3 convolution `conv_name` of the activated GroupNorm `norm` of
-        x, plus a per-channel offset (the time embedding) first (`kernels.norm_act_conv`)."""
+        x, plus a per-channel offset (the time embedding) first; `parts`: x's channel parts, or None
+        (`kernels.norm_act_conv`)."""
         channels = x_BHWC.shape[-1]
         scale, bias = GroupNormWeights(name=norm)(channels)
         kernel, conv_bias = ConvWeights(self.out_channels, 3, name=conv_name)(channels)
@@ -267,6 +276,7 @@ class ResnetBlock2D(nn.Module):
             eps=self.eps,
             act=activation(self.act_fn),
             dtype=self.dtype,
+            parts=parts,
         )
 
 

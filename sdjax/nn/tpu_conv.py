@@ -10,7 +10,8 @@ output side, adds the bias and writes the block rounded once to bfloat16.
 
 `norm_silu_conv3x3` is the same for the convolution of silu(GroupNorm(x)): from XLA's per-channel sums the
 kernel makes the norm a per-image, per-channel affine map and applies it, with the SiLU, to each image as
-it is copied in.
+it is copied in. x may come as channel parts (an up block's map and skip connection), each multiplied by
+its own rows of the weights, so that their concatenation is never built.
 
 `upsample2x_conv3x3` is the same for a 3x3 convolution of the nearest-2x enlarged map, computed from the
 unenlarged one: both output row parities from three windows of the input rows (15 products of the input's
@@ -24,7 +25,9 @@ and the bytes of the input, the weights and the output.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +57,9 @@ def largest_divisor(n: int, limit: int, step: int) -> int:
     return best
 
 
-def fits(x_BHWC_shape, out_channels: int, dtype, upsample2x: bool = False, normalized: bool = False) -> bool:
+def fits(
+    x_BHWC_shape, out_channels: int, dtype, upsample2x: bool = False, normalized: bool = False, widths=None
+) -> bool:
     """Whether the kernel takes this convolution (`conv3x3`, or with `upsample2x` `upsample2x_conv3x3` of
     this input): bfloat16 (float32 keeps XLA's convolution at `Precision.HIGHEST`, the parity mode; Mosaic
     cannot load float16 vectors on a v5e), the width a multiple of 8 (row windows are reshaped to (rows * W,
@@ -62,13 +67,17 @@ def fits(x_BHWC_shape, out_channels: int, dtype, upsample2x: bool = False, norma
     SD's UNets and VAEs has: the only ones compiled and measured for the TPU), and its VMEM blocks (one
     whole input image, the weight block, the output block, each double-buffered, and the float32 partial
     sums; with `normalized` (`norm_silu_conv3x3`) the scratch is the whole padded image, and two float32
-    temporaries of a block of its rows) within VMEM_LIMIT_BYTES."""
+    temporaries of a block of its rows) within VMEM_LIMIT_BYTES. `widths`: the input's channel parts for
+    `norm_silu_conv3x3` (each part's channels take whole lane tiles), which must pass `parts_fit`."""
     _, h, w, c = x_BHWC_shape
     if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16) or w % 8 or (upsample2x and out_channels % MXU):
         return False
+    if widths is not None and (sum(widths) != c or not parts_fit(widths)):
+        return False
     itemsize = jnp.dtype(dtype).itemsize
     rows, o_block = _blocks(h, w, c, out_channels, itemsize, upsample2x)
-    lanes_c, lanes_o = round_up(c, MXU), round_up(o_block, MXU)
+    lanes_c = sum(round_up(width, MXU) for width in widths or [c])
+    lanes_o = round_up(o_block, MXU)
     image = 2 * h * w * lanes_c * itemsize
     weights = 2 * 9 * lanes_c * lanes_o * itemsize
     scratch = ((h if normalized else rows) + 2) * w * lanes_c * itemsize
@@ -130,16 +139,18 @@ def _shifted_columns(y, width: int, shift: int):
     return jnp.where(column == width - 1, 0.0, pltpu.roll(y, n - 1, 0))
 
 
-def _sum_taps(window, w_ref, bias_ref, out_ref, rows: int, width: int) -> None:
-    """Output rows of one grid step: kernel row i's input rows are `window(i)` (rows * W, C); kernel column
-    j's product Y_j is shifted along W by j - 1 on the output side (rolled, with the wrapped column
-    zeroed), so no input is ever read at an unaligned offset; plus the bias, rounded once."""
+def _sum_taps(window, w_refs, bias_ref, out_ref, rows: int, width: int) -> None:
+    """Output rows of one grid step: kernel row i's input rows are `window(i)`, one (rows * W, C_part) array
+    per channel part of the input, each multiplied by its part's weights in `w_refs`; kernel column j's
+    product Y_j is shifted along W by j - 1 on the output side (rolled, with the wrapped column zeroed), so
+    no input is ever read at an unaligned offset; plus the bias, rounded once."""
     by_column = [None, None, None]
     for i in range(3):
         rows_i = window(i)
         for j in range(3):
-            part = jnp.dot(rows_i, w_ref[i, j], preferred_element_type=jnp.float32)
-            by_column[j] = part if by_column[j] is None else by_column[j] + part
+            for part_rows, w_ref in zip(rows_i, w_refs, strict=True):
+                part = jnp.dot(part_rows, w_ref[i, j], preferred_element_type=jnp.float32)
+                by_column[j] = part if by_column[j] is None else by_column[j] + part
     left = _shifted_columns(by_column[0], width, -1)  # y[w] += Y_0[w - 1]
     right = _shifted_columns(by_column[2], width, +1)  # y[w] += Y_2[w + 1]
     y = by_column[1] + left + right + bias_ref[...].astype(jnp.float32)
@@ -152,27 +163,41 @@ def _conv_kernel(x_ref, w_ref, bias_ref, out_ref, rows_ref, *, rows: int):
     the image) are copied into `rows_ref` (rows + 2, W, C), kernel row i reading rows i..i + rows."""
     width, channels = x_ref.shape[2:]
     _copy_rows_with_halo(x_ref, rows_ref, pl.program_id(2) * rows, rows)
-    window = lambda i: rows_ref[pl.ds(i, rows)].reshape(rows * width, channels)  # noqa: E731
-    _sum_taps(window, w_ref, bias_ref, out_ref, rows, width)
+    window = lambda i: [rows_ref[pl.ds(i, rows)].reshape(rows * width, channels)]  # noqa: E731
+    _sum_taps(window, [w_ref], bias_ref, out_ref, rows, width)
 
 
-def group_affine(sums_1C, squares_1C, offset_1C, scale_1C, bias_1C, *, groups: int, count: int, eps: float):
+def group_affine(sums, squares, offsets, scales, biases, *, groups: int, count: int, eps: float) -> list:
     """GroupNorm of one image as a per-channel affine map, from the per-channel sums of x and of x^2 over
-    the image's positions (all (1, C) float32; `count` positions x channels per group): (a, b) such that
+    the image's positions (`count` positions x channels per group): [(a, b), ...] such that
     group_norm(x + offset) = x * a + b (a = scale / std of the channel's group, b = bias - (mean - offset)
-    * a; offset None for none), the variance in one pass. Written with masks and sums only, so that the
-    kernel and XLA (the gradients' reference) compute it the same way."""
-    channels = sums_1C.shape[-1]
-    group = jax.lax.broadcasted_iota(jnp.int32, (groups, channels), 0) * (channels // groups)
-    channel = jax.lax.broadcasted_iota(jnp.int32, (groups, channels), 1)
-    member = (channel >= group) & (channel < group + channels // groups)  # (G, C)
-    of_group = lambda v: jnp.sum(jnp.where(member, v, 0.0), axis=1, keepdims=True) / count  # noqa: E731
-    of_channel = lambda g: jnp.sum(jnp.where(member, g, 0.0), axis=0, keepdims=True)  # noqa: E731
-    mean = of_group(sums_1C)
-    variance = jnp.maximum(of_group(squares_1C) - mean * mean, 0.0)
-    a = of_channel(jax.lax.rsqrt(variance + eps)) * scale_1C
-    b = bias_1C - of_channel(mean) * a
-    return a, b if offset_1C is None else b + offset_1C * a
+    * a), the variance in one pass. The channels may come in parts (the input's channels split in order, a
+    group possibly straddling two parts): each argument is a list with one float32 (1, C_part) array per
+    part (`offsets` None for no offset), and so is the result. Written with masks and sums only, so that the
+    kernel and XLA (the gradients' reference) compute it the same way, and no part is sliced along its lanes."""
+    channels = sum(part.shape[-1] for part in sums)
+    size = channels // groups
+    members, start = [], 0
+    for part in sums:  # (G, C_part): whether each of the part's channels is in group g
+        group = jax.lax.broadcasted_iota(jnp.int32, (groups, part.shape[-1]), 0) * size
+        channel = jax.lax.broadcasted_iota(jnp.int32, (groups, part.shape[-1]), 1) + start
+        members.append((channel >= group) & (channel < group + size))
+        start += part.shape[-1]
+    of_group = lambda values: (
+        sum(  # noqa: E731
+            jnp.sum(jnp.where(m, v, 0.0), axis=1, keepdims=True) for m, v in zip(members, values, strict=True)
+        )
+        / count
+    )
+    mean = of_group(sums)
+    inverse_std = jax.lax.rsqrt(jnp.maximum(of_group(squares) - mean * mean, 0.0) + eps)
+    maps = []
+    for k, member in enumerate(members):
+        of_channel = lambda g, member=member: jnp.sum(jnp.where(member, g, 0.0), axis=0, keepdims=True)  # noqa: E731
+        a = of_channel(inverse_std) * scales[k]
+        b = biases[k] - of_channel(mean) * a
+        maps.append((a, b if offsets is None else b + offsets[k] * a))
+    return maps
 
 
 def _image_row(ref):
@@ -181,34 +206,46 @@ def _image_row(ref):
     return jnp.sum(jnp.where(rows == pl.program_id(0), ref[...].astype(jnp.float32), 0.0), axis=0, keepdims=True)
 
 
-def _norm_silu_conv_kernel(x_ref, *refs, rows: int, groups: int, eps: float):
-    """`_conv_kernel` of silu(GroupNorm(x + offset)): at an image's first grid step its GroupNorm becomes an
-    affine map (`group_affine`, from the (B, C) per-channel sums of x + offset and of its squares, the
-    offset, and the norm's (1, C) scale and bias), and the whole activated image is written into
-    `image_ref` (H + 2, W, C) between two zero rows (the convolution's padding: the activation of a zero
-    would not be zero), `rows` rows at a time in float32; every step of the image then reads its windows
-    from there. refs: sums, squares, [offset,] scale, bias, weights, conv bias, out, image scratch."""
-    *stats, w_ref, bias_ref, out_ref, image_ref = refs
-    height, width, channels = x_ref.shape[1:]
+def _norm_silu_conv_kernel(*refs, parts: int, rows: int, groups: int, eps: float):
+    """`_conv_kernel` of silu(GroupNorm(x + offset)), x given as `parts` channel parts (the input is their
+    concatenation, which is never built): at an image's first grid step its GroupNorm becomes an affine map
+    per part (`group_affine`, from the (B, C_part) per-channel sums of x + offset and of its squares, the
+    offset, and the norm's (1, C_part) scale and bias), and each whole activated part is written into its
+    scratch (H + 2, W, C_part) between two zero rows (the convolution's padding: the activation of a zero
+    would not be zero), `rows` rows at a time in float32; every step of the image then reads its windows from
+    there, each part through its own rows of the weights. refs: the parts, then per part its sums, squares,
+    [offset,] scale and bias, then the weights, the conv bias, out, and per part its scratch."""
+    x_refs, refs = refs[:parts], refs[parts:]
+    per_part = (len(refs) - parts - 3) // parts
+    stats = [refs[k * per_part : (k + 1) * per_part] for k in range(parts)]
+    w_ref, bias_ref, out_ref, *image_refs = refs[per_part * parts :]
+    starts = list(itertools.accumulate((ref.shape[-1] for ref in x_refs), initial=0))[:-1]
+    w_refs = [w_ref.at[:, :, pl.ds(start, ref.shape[-1])] for start, ref in zip(starts, x_refs, strict=True)]
+    height, width = x_refs[0].shape[1:3]
+    channels = sum(ref.shape[-1] for ref in x_refs)
 
     @pl.when((pl.program_id(1) == 0) & (pl.program_id(2) == 0))
     def _():
-        sums, squares, *offset = [_image_row(ref) for ref in stats[:-2]]
-        scale, bias = (ref[...].astype(jnp.float32) for ref in stats[-2:])
-        a, b = group_affine(
-            sums, squares, offset[0] if offset else None, scale, bias,
+        rows_of = [[_image_row(ref) for ref in part[:-2]] for part in stats]
+        column = lambda k: [r[k] for r in rows_of]  # noqa: E731
+        norm_weights = lambda k: [part[k][...].astype(jnp.float32) for part in stats]  # noqa: E731
+        maps = group_affine(
+            column(0), column(1), column(2) if per_part == 5 else None, norm_weights(-2), norm_weights(-1),
             groups=groups, count=height * width * (channels // groups), eps=eps,
         )  # fmt: skip
-        zero_row = jnp.zeros((1, width, channels), image_ref.dtype)
-        image_ref[pl.ds(0, 1)] = zero_row
-        image_ref[pl.ds(height + 1, 1)] = zero_row
-        for top in range(0, height, rows):
-            y = x_ref[0, pl.ds(top, rows)].astype(jnp.float32) * a + b
-            image_ref[pl.ds(1 + top, rows)] = (y / (1.0 + jnp.exp(-y))).astype(image_ref.dtype)
+        for x_ref, image_ref, (a, b) in zip(x_refs, image_refs, maps, strict=True):
+            zero_row = jnp.zeros((1, width, x_ref.shape[-1]), image_ref.dtype)
+            image_ref[pl.ds(0, 1)] = zero_row
+            image_ref[pl.ds(height + 1, 1)] = zero_row
+            for top in range(0, height, rows):
+                y = x_ref[0, pl.ds(top, rows)].astype(jnp.float32) * a + b
+                image_ref[pl.ds(1 + top, rows)] = (y / (1.0 + jnp.exp(-y))).astype(image_ref.dtype)
 
     top = pl.program_id(2) * rows
-    window = lambda i: image_ref[pl.ds(top + i, rows)].reshape(rows * width, channels)  # noqa: E731
-    _sum_taps(window, w_ref, bias_ref, out_ref, rows, width)
+    window = lambda i: [  # noqa: E731
+        ref[pl.ds(top + i, rows)].reshape(rows * width, ref.shape[-1]) for ref in image_refs
+    ]
+    _sum_taps(window, w_refs, bias_ref, out_ref, rows, width)
 
 
 def _bfloat16_bits(y):
@@ -305,45 +342,57 @@ def _pallas_conv(kernel_fn, x_BHWC, kernel_HWIO, bias_O, *, rows, o_block, out_b
     """Runs a convolution kernel over the grid (image, output-channel block, row block of `rows` input
     rows): each step gets the whole input image, its (3, 3, C, o_block) weights and bias (in their own
     dtype), and a row scratch with halos; `out_block` is the output block's shape, indexed (image, row
-    block, 0..., channel block). With `norm` (the inputs of `_norm_silu_conv_kernel`'s GroupNorm, each
-    passed whole) its scratch holds the whole padded image and the steps of an image run in order. The
-    declared cost is `flops`, the bytes read and written, and with `norm` one transcendental (the SiLU's
-    exp) per input element."""
-    b, h, w, c = x_BHWC.shape
+    block, 0..., channel block). With `norm` (per channel part of the input, the inputs of
+    `_norm_silu_conv_kernel`'s GroupNorm, each passed whole) x may be a list of channel parts (`parts_fit`;
+    each reads its rows of the weight block), each part's scratch holds its whole padded image, and the
+    steps of an image run in order. The declared cost is `flops`, the bytes
+    read and written, and with `norm` one transcendental (the SiLU's exp) per input element."""
+    parts = list(x_BHWC) if isinstance(x_BHWC, list | tuple) else [x_BHWC]
+    b, h, w = parts[0].shape[:3]
     o = kernel_HWIO.shape[-1]
-    itemsize = x_BHWC.dtype.itemsize
+    itemsize = parts[0].dtype.itemsize
     middle = (0,) * (len(out_block) - 3)
+    norm_arrays = [a for part in norm for a in part]
+    size = sum(x.size for x in parts)
     cost = pl.CostEstimate(
         flops=flops,
-        transcendentals=x_BHWC.size if norm else 0,
-        bytes_accessed=(x_BHWC.size + kernel_HWIO.size + math.prod(out_shape)) * itemsize
-        + sum(a.size * a.dtype.itemsize for a in (*norm, bias_O)),
+        transcendentals=size if norm else 0,
+        bytes_accessed=(size + kernel_HWIO.size + math.prod(out_shape)) * itemsize
+        + sum(a.size * a.dtype.itemsize for a in (*norm_arrays, bias_O)),
     )
     whole = lambda a: pl.BlockSpec(a.shape, lambda n, k, r: (0,) * a.ndim)  # noqa: E731
-    scratch = (h + 2, w, c) if norm else (rows + 2, w, c)
+    c = sum(x.shape[-1] for x in parts)
+    if norm:
+        scratch = [pltpu.VMEM((h + 2, w, x.shape[-1]), x.dtype) for x in parts]
+    else:
+        scratch = [pltpu.VMEM((rows + 2, w, parts[0].shape[-1]), parts[0].dtype)]
     order = ("parallel", "arbitrary" if norm else "parallel", "arbitrary")
+    kernel_args = {"rows": rows, **({"parts": len(parts)} if norm else {})}
     return pl.pallas_call(
-        functools.partial(kernel_fn, rows=rows),
+        functools.partial(kernel_fn, **kernel_args),
         grid=(b, o // o_block, h // rows),
         in_specs=[
-            pl.BlockSpec((1, h, w, c), lambda n, k, r: (n, 0, 0, 0)),
-            *[whole(a) for a in norm],
+            *[pl.BlockSpec((1, h, w, x.shape[-1]), lambda n, k, r: (n, 0, 0, 0)) for x in parts],
+            *[whole(a) for a in norm_arrays],
             pl.BlockSpec((3, 3, c, o_block), lambda n, k, r: (0, 0, 0, k)),
             pl.BlockSpec((1, o_block), lambda n, k, r: (0, k)),
         ],
         out_specs=pl.BlockSpec(out_block, lambda n, k, r: (n, r, *middle, k)),
-        out_shape=jax.ShapeDtypeStruct(out_shape, x_BHWC.dtype),
-        scratch_shapes=[pltpu.VMEM(scratch, x_BHWC.dtype)],
+        out_shape=jax.ShapeDtypeStruct(out_shape, parts[0].dtype),
+        scratch_shapes=scratch,
         compiler_params=pltpu.CompilerParams(dimension_semantics=order, vmem_limit_bytes=VMEM_LIMIT_BYTES),
         cost_estimate=cost,
-    )(x_BHWC, *norm, kernel_HWIO, bias_O.reshape(1, o))
+    )(*parts, *norm_arrays, kernel_HWIO, bias_O.reshape(1, o))
 
 
 def _conv3x3_grid(x_BHWC, kernel_HWIO, bias_O, kernel_fn=_conv_kernel, norm=()) -> jax.Array:
-    """A 3x3 convolution's kernel call: `_conv_kernel`, or `_norm_silu_conv_kernel` with its `norm` inputs."""
-    b, h, w, c = x_BHWC.shape
+    """A 3x3 convolution's kernel call: `_conv_kernel`, or `_norm_silu_conv_kernel` with its `norm` inputs
+    (x then a list of channel parts)."""
+    parts = list(x_BHWC) if isinstance(x_BHWC, list | tuple) else [x_BHWC]
+    b, h, w = parts[0].shape[:3]
+    c = sum(x.shape[-1] for x in parts)
     o = kernel_HWIO.shape[-1]
-    rows, o_block = _blocks(h, w, c, o, x_BHWC.dtype.itemsize)
+    rows, o_block = _blocks(h, w, c, o, parts[0].dtype.itemsize)
     return _pallas_conv(
         kernel_fn,
         x_BHWC,
@@ -353,7 +402,7 @@ def _conv3x3_grid(x_BHWC, kernel_HWIO, bias_O, kernel_fn=_conv_kernel, norm=()) 
         o_block=o_block,
         out_block=(1, rows, w, o_block),
         out_shape=(b, h, w, o),
-        flops=2 * b * h * w * 9 * round_up(c, MXU) * round_up(o, MXU),
+        flops=2 * b * h * w * 9 * sum(round_up(x.shape[-1], MXU) for x in parts) * round_up(o, MXU),
         norm=norm,
     )
 
@@ -365,19 +414,33 @@ def conv3x3(x_BHWC: jax.Array, kernel_HWIO: jax.Array, bias_O: jax.Array) -> jax
     return _conv3x3_grid(x_BHWC, kernel_HWIO, bias_O)
 
 
-def _norm_silu_reference(x_BHWC, sums_BC, squares_BC, offset_BC, scale_C, bias_C, kernel_HWIO, bias_O, *, groups, eps):
-    """`norm_silu_conv3x3` in XLA: `group_affine` per image, then XLA's convolution of silu(x * a + b)
-    (float32, rounded to x's dtype)."""
-    b, h, w, c = x_BHWC.shape
-    rows = lambda v: v.astype(jnp.float32).reshape(b, 1, c)  # noqa: E731
-    one = lambda v: v.astype(jnp.float32).reshape(1, c)  # noqa: E731
+def _split(v, widths):
+    """v (..., C) cut along its last axis into consecutive pieces of `widths`."""
+    return jnp.split(v, list(itertools.accumulate(widths))[:-1], axis=-1)
+
+
+def _norm_silu_reference(parts, sums_BC, squares_BC, offset_BC, scale_C, bias_C, kernel_HWIO, bias_O, *, groups, eps):
+    """`norm_silu_conv3x3` in XLA: `group_affine` per image, then XLA's convolution of silu(x * a + b) of
+    the concatenated parts (float32, rounded to x's dtype); `parts` a sequence of channel parts or one x."""
+    parts = tuple(parts) if isinstance(parts, list | tuple) else (parts,)
+    b, h, w = parts[0].shape[:3]
+    widths = [x.shape[-1] for x in parts]
+    c = sum(widths)
+    rows = lambda v: [p.astype(jnp.float32).reshape(b, 1, -1) for p in _split(v, widths)]  # noqa: E731
+    one = lambda v: [p.astype(jnp.float32).reshape(1, -1) for p in _split(v, widths)]  # noqa: E731
     affine = functools.partial(group_affine, groups=groups, count=h * w * (c // groups), eps=eps)
     offsets = None if offset_BC is None else rows(offset_BC)
-    a, shift = jax.vmap(affine, in_axes=(0, 0, None if offsets is None else 0, None, None))(
+    maps = jax.vmap(affine, in_axes=(0, 0, None if offsets is None else 0, None, None))(
         rows(sums_BC), rows(squares_BC), offsets, one(scale_C), one(bias_C)
     )
-    y = x_BHWC.astype(jnp.float32) * a[:, :, None, :] + shift[:, :, None, :]
-    return _reference(jax.nn.silu(y).astype(x_BHWC.dtype), kernel_HWIO, bias_O)
+    y = jnp.concatenate(
+        [
+            x.astype(jnp.float32) * a[:, :, None, :] + shift[:, :, None, :]
+            for x, (a, shift) in zip(parts, maps, strict=True)
+        ],
+        -1,
+    )
+    return _reference(jax.nn.silu(y).astype(parts[0].dtype), kernel_HWIO, bias_O)
 
 
 @functools.cache
@@ -386,15 +449,30 @@ def _norm_silu_conv(groups: int, eps: float, with_offset: bool):
     reference = functools.partial(_norm_silu_reference, groups=groups, eps=eps)
     kernel_fn = functools.partial(_norm_silu_conv_kernel, groups=groups, eps=eps)
 
-    def call(x, sums, squares, offset, scale, bias, kernel, conv_bias):
-        norm = (sums, squares, *([offset] if with_offset else []), scale.reshape(1, -1), bias.reshape(1, -1))
-        return _conv3x3_grid(x, kernel, conv_bias, kernel_fn, norm)
+    def call(parts, sums, squares, offset, scale, bias, kernel, conv_bias):
+        widths = [x.shape[-1] for x in parts]
+        per_part = [_split(v, widths) for v in (sums, squares, *([offset] if with_offset else []))]
+        per_part += [_split(v.reshape(1, -1), widths) for v in (scale, bias)]
+        norm = [tuple(v[k] for v in per_part) for k in range(len(parts))]
+        return _conv3x3_grid(list(parts), kernel, conv_bias, kernel_fn, norm)
 
     return _with_gradients_of(reference)(call)
 
 
+def parts_fit(widths) -> bool:
+    """Whether `norm_silu_conv3x3` takes an input in channel parts of these widths without concatenating
+    them: each part's rows of the weights start on a whole bfloat16 sublane tile (16 rows)."""
+    return all(width % 16 == 0 for width in widths[:-1])
+
+
+def parts_pay(widths) -> bool:
+    """Whether reading an input in channel parts of these widths costs the matrix unit no more than their
+    concatenation: each part's channels are padded to whole 128-lane tiles on their own."""
+    return sum(round_up(width, MXU) for width in widths) == round_up(sum(widths), MXU)
+
+
 def norm_silu_conv3x3(
-    x_BHWC: jax.Array,
+    x_BHWC: jax.Array | Sequence[jax.Array],
     sums_BC: jax.Array,
     squares_BC: jax.Array,
     offset_BC: jax.Array | None,
@@ -407,13 +485,18 @@ def norm_silu_conv3x3(
     eps: float,
 ) -> jax.Array:
     """conv3x3(silu(GroupNorm(x + offset))) + bias, with the norm and the SiLU applied in the kernel's input
-    copy: x (B, H, W, C) -> (B, H, W, O) in x's dtype. The norm's statistics come in as the float32 (B, C)
+    copy: x (B, H, W, C) -> (B, H, W, O) in x's dtype. x may also be a sequence of channel parts (B, H, W,
+    C_part) whose concatenation is the input (an up block's upsampled map and its skip connection; see
+    `parts_fit`): the concatenation is never built. The norm's statistics come in as the float32 (B, C)
     per-channel sums of x + offset and of its squares over the positions (XLA fuses them into the op that
-    made x); the kernel makes them the affine map of `group_affine` (offset (B, C) or None; scale and
-    bias (C,)). The activated map is never written out; gradients are XLA's."""
-    norms.check_groups(x_BHWC.shape[-1], groups)
+    made x); the kernel makes them the affine map of `group_affine` (offset (B, C) or None; scale and bias
+    (C,)). The activated map is never written out; gradients are XLA's."""
+    parts = tuple(x_BHWC) if isinstance(x_BHWC, list | tuple) else (x_BHWC,)
+    norms.check_groups(sum(x.shape[-1] for x in parts), groups)
+    if not parts_fit([x.shape[-1] for x in parts]):
+        raise ValueError(f"channel parts {[x.shape[-1] for x in parts]}: all but the last must be multiples of 16")
     conv = _norm_silu_conv(groups, float(eps), offset_BC is not None)
-    return conv(x_BHWC, sums_BC, squares_BC, offset_BC, scale_C, bias_C, kernel_HWIO, bias_O)
+    return conv(parts, sums_BC, squares_BC, offset_BC, scale_C, bias_C, kernel_HWIO, bias_O)
 
 
 @_with_gradients_of(_upsample_reference)

@@ -219,8 +219,6 @@ class _UNetBlock(nn.Module):
         cfg = self.config
         outputs = []
         for j in range(self.num_layers):
-            if skips is not None:
-                h = jnp.concatenate([h, skips.pop()], axis=-1)
             h = rematted(ResnetBlock2D, self.remat)(
                 self.out_channels,
                 cfg.norm_num_groups,
@@ -228,7 +226,7 @@ class _UNetBlock(nn.Module):
                 cfg.act_fn,
                 dtype=self.dtype,
                 name=f"resnets.{j}",
-            )(h, temb)
+            )(h, temb, None if skips is None else skips.pop())
             if self.heads is not None:
                 h = rematted(Transformer2D, self.remat)(
                     self.heads,
