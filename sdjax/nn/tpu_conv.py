@@ -183,21 +183,24 @@ def group_affine(sums, squares, offsets, scales, biases, *, groups: int, count: 
         channel = jax.lax.broadcasted_iota(jnp.int32, (groups, part.shape[-1]), 1) + start
         members.append((channel >= group) & (channel < group + size))
         start += part.shape[-1]
-    of_group = lambda values: (
-        sum(  # noqa: E731
-            jnp.sum(jnp.where(m, v, 0.0), axis=1, keepdims=True) for m, v in zip(members, values, strict=True)
-        )
-        / count
-    )
+
+    def of_group(values):  # (G, 1): the mean over each group's channels, summed across the parts
+        per_part = [jnp.sum(jnp.where(m, v, 0.0), axis=1, keepdims=True) for m, v in zip(members, values, strict=True)]
+        return sum(per_part) / count
+
     mean = of_group(sums)
     inverse_std = jax.lax.rsqrt(jnp.maximum(of_group(squares) - mean * mean, 0.0) + eps)
     maps = []
     for k, member in enumerate(members):
-        of_channel = lambda g, member=member: jnp.sum(jnp.where(member, g, 0.0), axis=0, keepdims=True)  # noqa: E731
-        a = of_channel(inverse_std) * scales[k]
-        b = biases[k] - of_channel(mean) * a
+        a = _of_channel(member, inverse_std) * scales[k]
+        b = biases[k] - _of_channel(member, mean) * a
         maps.append((a, b if offsets is None else b + offsets[k] * a))
     return maps
+
+
+def _of_channel(member_GC, per_group_G1):
+    """(1, C): each channel's value of its group, from a (G, 1) per-group value and the (G, C) membership."""
+    return jnp.sum(jnp.where(member_GC, per_group_G1, 0.0), axis=0, keepdims=True)
 
 
 def _image_row(ref):
@@ -345,8 +348,8 @@ def _pallas_conv(kernel_fn, x_BHWC, kernel_HWIO, bias_O, *, rows, o_block, out_b
     block, 0..., channel block). With `norm` (per channel part of the input, the inputs of
     `_norm_silu_conv_kernel`'s GroupNorm, each passed whole) x may be a list of channel parts (`parts_fit`;
     each reads its rows of the weight block), each part's scratch holds its whole padded image, and the
-    steps of an image run in order. The declared cost is `flops`, the bytes
-    read and written, and with `norm` one transcendental (the SiLU's exp) per input element."""
+    steps of an image run in order. The declared cost is `flops`, the bytes read and written, and with
+    `norm` one transcendental (the SiLU's exp) per input element."""
     parts = list(x_BHWC) if isinstance(x_BHWC, list | tuple) else [x_BHWC]
     b, h, w = parts[0].shape[:3]
     o = kernel_HWIO.shape[-1]
