@@ -42,7 +42,6 @@ TF32 and TPUs bf16 passes by default); half-precision operands accumulate in flo
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 
 import jax
@@ -359,7 +358,7 @@ def norm_act_conv(
     def fused(x, first, second, offset, scale, bias, kernel, conv_bias):
         read = [x] if first is None else [first, second]
         if offset is not None:
-            offsets = jnp.split(offset, list(itertools.accumulate(widths))[:-1], axis=-1)
+            offsets = tpu_conv.split_channels(offset, widths)
             shifted = [(p + o[:, None, None, :]).astype(jnp.float32) for p, o in zip(read, offsets, strict=True)]
         else:
             shifted = [p.astype(jnp.float32) for p in read]

@@ -350,7 +350,7 @@ def _pallas_conv(kernel_fn, x_BHWC, kernel_HWIO, bias_O, *, rows, o_block, out_b
     each reads its rows of the weight block), each part's scratch holds its whole padded image, and the
     steps of an image run in order. The declared cost is `flops`, the bytes read and written, and with
     `norm` one transcendental (the SiLU's exp) per input element."""
-    parts = list(x_BHWC) if isinstance(x_BHWC, list | tuple) else [x_BHWC]
+    parts = as_parts(x_BHWC)
     b, h, w = parts[0].shape[:3]
     o = kernel_HWIO.shape[-1]
     itemsize = parts[0].dtype.itemsize
@@ -391,7 +391,7 @@ def _pallas_conv(kernel_fn, x_BHWC, kernel_HWIO, bias_O, *, rows, o_block, out_b
 def _conv3x3_grid(x_BHWC, kernel_HWIO, bias_O, kernel_fn=_conv_kernel, norm=()) -> jax.Array:
     """A 3x3 convolution's kernel call: `_conv_kernel`, or `_norm_silu_conv_kernel` with its `norm` inputs
     (x then a list of channel parts)."""
-    parts = list(x_BHWC) if isinstance(x_BHWC, list | tuple) else [x_BHWC]
+    parts = as_parts(x_BHWC)
     b, h, w = parts[0].shape[:3]
     c = sum(x.shape[-1] for x in parts)
     o = kernel_HWIO.shape[-1]
@@ -417,20 +417,25 @@ def conv3x3(x_BHWC: jax.Array, kernel_HWIO: jax.Array, bias_O: jax.Array) -> jax
     return _conv3x3_grid(x_BHWC, kernel_HWIO, bias_O)
 
 
-def _split(v, widths):
-    """v (..., C) cut along its last axis into consecutive pieces of `widths`."""
+def as_parts(x) -> tuple:
+    """An input given whole or as a sequence of channel parts, as a tuple of parts."""
+    return tuple(x) if isinstance(x, list | tuple) else (x,)
+
+
+def split_channels(v, widths) -> list:
+    """v (..., C) cut along its last axis into consecutive pieces of `widths` (an input's channel parts)."""
     return jnp.split(v, list(itertools.accumulate(widths))[:-1], axis=-1)
 
 
 def _norm_silu_reference(parts, sums_BC, squares_BC, offset_BC, scale_C, bias_C, kernel_HWIO, bias_O, *, groups, eps):
     """`norm_silu_conv3x3` in XLA: `group_affine` per image, then XLA's convolution of silu(x * a + b) of
     the concatenated parts (float32, rounded to x's dtype); `parts` a sequence of channel parts or one x."""
-    parts = tuple(parts) if isinstance(parts, list | tuple) else (parts,)
+    parts = as_parts(parts)
     b, h, w = parts[0].shape[:3]
     widths = [x.shape[-1] for x in parts]
     c = sum(widths)
-    rows = lambda v: [p.astype(jnp.float32).reshape(b, 1, -1) for p in _split(v, widths)]  # noqa: E731
-    one = lambda v: [p.astype(jnp.float32).reshape(1, -1) for p in _split(v, widths)]  # noqa: E731
+    rows = lambda v: [p.astype(jnp.float32).reshape(b, 1, -1) for p in split_channels(v, widths)]  # noqa: E731
+    one = lambda v: [p.astype(jnp.float32).reshape(1, -1) for p in split_channels(v, widths)]  # noqa: E731
     affine = functools.partial(group_affine, groups=groups, count=h * w * (c // groups), eps=eps)
     offsets = None if offset_BC is None else rows(offset_BC)
     maps = jax.vmap(affine, in_axes=(0, 0, None if offsets is None else 0, None, None))(
@@ -454,8 +459,8 @@ def _norm_silu_conv(groups: int, eps: float, with_offset: bool):
 
     def call(parts, sums, squares, offset, scale, bias, kernel, conv_bias):
         widths = [x.shape[-1] for x in parts]
-        per_part = [_split(v, widths) for v in (sums, squares, *([offset] if with_offset else []))]
-        per_part += [_split(v.reshape(1, -1), widths) for v in (scale, bias)]
+        per_part = [split_channels(v, widths) for v in (sums, squares, *([offset] if with_offset else []))]
+        per_part += [split_channels(v.reshape(1, -1), widths) for v in (scale, bias)]
         norm = [tuple(v[k] for v in per_part) for k in range(len(parts))]
         return _conv3x3_grid(list(parts), kernel, conv_bias, kernel_fn, norm)
 
@@ -494,7 +499,7 @@ def norm_silu_conv3x3(
     per-channel sums of x + offset and of its squares over the positions (XLA fuses them into the op that
     made x); the kernel makes them the affine map of `group_affine` (offset (B, C) or None; scale and bias
     (C,)). The activated map is never written out; gradients are XLA's."""
-    parts = tuple(x_BHWC) if isinstance(x_BHWC, list | tuple) else (x_BHWC,)
+    parts = as_parts(x_BHWC)
     norms.check_groups(sum(x.shape[-1] for x in parts), groups)
     if not parts_fit([x.shape[-1] for x in parts]):
         raise ValueError(f"channel parts {[x.shape[-1] for x in parts]}: all but the last must be multiples of 16")
