@@ -328,7 +328,8 @@ def _diffusers_controlnet(pipeline_cls, folder, unet, vae, text, nets, scheduler
 @pytest.mark.parametrize(
     ("name", "options"),
     [
-        ("euler", dict(controlnet_conditioning_scale=0.8)),
+        # a scale alone: `slow` (the default run scales two ControlNets in "multi")
+        pytest.param("euler", dict(controlnet_conditioning_scale=0.8), marks=pytest.mark.slow),
         ("dpmpp_2m_karras", dict(control_guidance_start=0.2, control_guidance_end=0.7)),
         ("heun", dict(guess_mode=True, guidance_scale=5.0)),
         ("ddim", dict(multi=True, controlnet_conditioning_scale=[0.6, 1.2], control_guidance_end=[1.0, 0.5])),
@@ -555,6 +556,7 @@ np.savez({out!r}, fsdp=images)
 """
 
 
+@pytest.mark.slow  # the default run checks this mesh without ControlNets (test_sharding.py)
 def test_eight_devices_with_controlnet_give_the_one_device_images(controlled, tmp_path):
     """The sharded program (the batch split in two, the UNet's weights FSDP-split in four) draws with a
     ControlNet the images of one device, but for float rounding (`assert_same_images_but_rounding`). (Data

@@ -111,7 +111,9 @@ def _attention_weights(channels, context_dim, heads, dim, dtype):
     return [w.astype(dtype) for w in scaled]
 
 
-@pytest.mark.parametrize("heads, dim, context_len", [(8, 40, 77), (5, 64, None), (2, 80, 77)])
+@pytest.mark.parametrize(
+    "heads, dim, context_len", [(8, 40, 77), (5, 64, None), pytest.param(2, 80, 77, marks=pytest.mark.slow)]
+)
 def test_projected_attention_on_the_tpu_is_the_layers_attention(heads, dim, context_len):
     """The TPU branch (weights regrouped, the packed kernel) against the other backends' (projections,
     (B, N, H, D) attention, output projection), bfloat16; with a residual (to_out.0 and the addition inside
@@ -183,7 +185,11 @@ def _feed_forward_args(rows, k, f, seed=31):
     return x, scale, shift, w1, b1, w2, b2
 
 
-@pytest.mark.parametrize("rows, in_features, features, small_blocks", [(96, 64, 256, True), (128, 320, 1280, False)])
+# SD 1.5's first width in one block of rows and columns: slow (the small blocks' case sums over blocks)
+@pytest.mark.parametrize(
+    "rows, in_features, features, small_blocks",
+    [(96, 64, 256, True), pytest.param(128, 320, 1280, False, marks=pytest.mark.slow)],
+)
 def test_tpu_feed_forward_is_the_blocks_third_sublayer(monkeypatch, rows, in_features, features, small_blocks):
     """The TPU kernel of x + ff(norm3(x)) (interpret mode; with small blocks, several row blocks and several
     128-wide inner column blocks summed into net.2's output) agrees with the other backends' path and with
@@ -307,9 +313,10 @@ def test_biased_conv_on_the_tpu_is_the_layers_convolution():
     [
         ((2, 6, 16, 24), 256, True, None),  # three row blocks (halos inside and at both edges), two O blocks
         ((1, 8, 8, 8), 40, False, None),  # one row block: both halos are the image's zero padding, not silu(b)
-        ((3, 4, 8, 40), 128, True, None),  # three images (the kernel picks its image's statistics), 10 per group
+        # three images (the kernel picks its image's statistics), 10 per group
+        pytest.param((3, 4, 8, 40), 128, True, None, marks=pytest.mark.slow),
         ((2, 6, 16, 24), 128, True, (16, 8)),  # two channel parts, group 2 (channels 12..17) straddling both
-        ((1, 4, 8, 48), 40, False, (32, 16)),  # parts of 2 and 1 groups
+        pytest.param((1, 4, 8, 48), 40, False, (32, 16), marks=pytest.mark.slow),  # parts of 2 and 1 groups
     ],
 )
 def test_tpu_norm_silu_conv_equals_xla_on_the_activated_map(monkeypatch, shape, out_channels, offset, widths):

@@ -129,7 +129,7 @@ def run_diffusers_sdxl(folder, models, scheduler, pipeline_class=None, **kwargs)
     "name",
     [
         "euler",
-        "dpmpp_2m_karras",
+        pytest.param("dpmpp_2m_karras", marks=pytest.mark.slow),  # schedulers: test_generate, test_schedulers
         pytest.param("ddim", marks=pytest.mark.slow),
         pytest.param("unipc", marks=pytest.mark.slow),
     ],
@@ -476,7 +476,7 @@ def test_single_file_round_trip_and_diffusers_conversion(sdxl, refiner, which, t
         assert np.array_equal(ours, theirs)
 
 
-@pytest.mark.parametrize("which", ["base", "refiner"])
+@pytest.mark.parametrize("which", ["base", pytest.param("refiner", marks=pytest.mark.slow)])
 def test_full_size_single_file_map_matches_diffusers(which):
     """The single-file map of the real SDXL base / refiner architectures (shipped configs), on shape-only
     tensors: diffusers' converters give the diffusers models' names and shapes, and the names released

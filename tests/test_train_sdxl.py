@@ -1,6 +1,7 @@
 """python -m train on SDXL models: one step's loss and UNet gradients equal diffusers'
-train_text_to_image_sdxl.py computation, the micro-conditioning of each row is the script's, and full and
-LoRA runs export what diffusers' SDXL pipeline loads (the tiny SDXL of sdjax.testing, 64x64 images)."""
+train_text_to_image_sdxl.py computation, the micro-conditioning of each row is the script's, and full
+(slow) and LoRA runs export what diffusers' SDXL pipeline loads (the tiny SDXL of sdjax.testing, 64x64
+images)."""
 
 from __future__ import annotations
 
@@ -114,6 +115,7 @@ def _args(base: Path, data: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow  # the default run: the LoRA run's SDXL export below, and SD 1.5's full export (test_train.py)
 def test_full_run_exports_an_sdxl_folder_diffusers_loads(tiny_sdxl, squares, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -184,7 +186,7 @@ def test_unsupported_sdxl_runs_are_one_line(tiny_sdxl, squares, tmp_path, extra,
     assert not (tmp_path / "out" / "final").exists()
 
 
-@pytest.mark.slow  # SDXL DreamBooth LoRA end to end; the default run checks DreamBooth on SD 1.5 (test_train.py)
+@pytest.mark.slow  # SDXL DreamBooth LoRA end to end; the default run: DreamBooth's step (test_train_parity.py)
 def test_dreambooth_lora_draws_its_class_images_and_exports(tiny_sdxl, squares, tmp_path):
     """DreamBooth on SDXL (as diffusers' train_dreambooth_lora_sdxl.py: LoRA, prior preservation): the class
     images are drawn by the SDXL pipeline itself, their rows carry their own time ids, and the LoRA it
