@@ -695,7 +695,7 @@ def _image(pipe, prompt):
     return pipe.generate(prompt, num_inference_steps=4, seed=3, height=16, width=16, mesh=None)[0].astype(np.int32)
 
 
-@pytest.mark.slow  # its step is held to train_dreambooth.py's in test_train_parity.py; a run's output: TI's
+@pytest.mark.slow  # its step: test_train_parity.py; a run's output loading: the textual inversion test below
 def test_dreambooth_output_loads_and_changes_the_images(tmp_path, base, squares):
     out = tmp_path / "db"
     run(parse(run_args("sd15_dreambooth", base, squares, out, "--steps", "6")))
@@ -1002,7 +1002,7 @@ def test_identity_init_starts_the_noise_prediction_at_its_input(base):
     """unet_init=identity: a fresh UNet predicts eps(x_t) = its input normalised as conv_norm_out's groups
     normalise it (any t, any text), the rest of the weights random; the default init predicts something
     else. (The MICRO architecture, 4 channels to a group: the rewiring is the same for any depth, and the
-    demo model's, one channel to a group, took four times as long.)"""
+    demo model's, one channel to a group, took more than twice as long.)"""
     import jax
     import jax.numpy as jnp
 
