@@ -222,7 +222,7 @@ def _norm_silu_conv_kernel(*refs, parts: int, rows: int, groups: int, eps: float
     per_part = (len(refs) - parts - 3) // parts
     stats = [refs[k * per_part : (k + 1) * per_part] for k in range(parts)]
     w_ref, bias_ref, out_ref, *image_refs = refs[per_part * parts :]
-    starts = list(itertools.accumulate((ref.shape[-1] for ref in x_refs), initial=0))[:-1]
+    starts = channel_starts([ref.shape[-1] for ref in x_refs])
     w_refs = [w_ref.at[:, :, pl.ds(start, ref.shape[-1])] for start, ref in zip(starts, x_refs, strict=True)]
     height, width = x_refs[0].shape[1:3]
     channels = sum(ref.shape[-1] for ref in x_refs)
@@ -422,9 +422,14 @@ def as_parts(x) -> tuple:
     return tuple(x) if isinstance(x, list | tuple) else (x,)
 
 
+def channel_starts(widths) -> list[int]:
+    """The first channel of each of consecutive channel parts of these widths."""
+    return list(itertools.accumulate(widths, initial=0))[:-1]
+
+
 def split_channels(v, widths) -> list:
     """v (..., C) cut along its last axis into consecutive pieces of `widths` (an input's channel parts)."""
-    return jnp.split(v, list(itertools.accumulate(widths))[:-1], axis=-1)
+    return jnp.split(v, channel_starts(widths)[1:], axis=-1)
 
 
 def _norm_silu_reference(parts, sums_BC, squares_BC, offset_BC, scale_C, bias_C, kernel_HWIO, bias_O, *, groups, eps):
