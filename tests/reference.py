@@ -26,8 +26,8 @@ SD21 = DATA / "stable-diffusion-2-1"
 
 # The shared tiny architectures (sdjax.testing); the reference CLIP configs pool at the largest token id
 # (eos_token_id 2, transformers' legacy rule), as diffusers' own tests do.
-TINY_UNET, TINY_VAE, SMALL_UNET, SMALL_VAE = (
-    dict(c) for c in (testing.TINY_UNET, testing.TINY_VAE, testing.SMALL_UNET, testing.SMALL_VAE)
+TINY_UNET, TINY_VAE, SMALL_UNET, SMALL_VAE, MICRO_UNET = (
+    dict(c) for c in (testing.TINY_UNET, testing.TINY_VAE, testing.SMALL_UNET, testing.SMALL_VAE, testing.MICRO_UNET)
 )
 TINY_CLIP = dict(testing.TINY_CLIP, eos_token_id=2)
 SMALL_CLIP = dict(testing.SMALL_CLIP, eos_token_id=2)

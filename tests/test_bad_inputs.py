@@ -73,8 +73,9 @@ def files(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    """A tiny random-weight diffusers folder."""
-    return testing.random_pipeline("tiny").save_pretrained(tmp_path_factory.mktemp("tinymodel") / "tiny")
+    """A tiny random-weight diffusers folder (the one-level MICRO_UNET: these tests check input handling)."""
+    arch = {"unet": testing.MICRO_UNET, "vae": testing.TINY_VAE, "text_encoder": testing.TINY_CLIP}
+    return testing.random_pipeline(arch).save_pretrained(tmp_path_factory.mktemp("tinymodel") / "tiny")
 
 
 # ---------------------------------------------------------------------------------------------- sample.py

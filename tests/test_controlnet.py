@@ -279,13 +279,14 @@ def test_shapes_only_controlnets_read_no_tensor(controlled, tmp_path, monkeypatc
 @pytest.fixture(scope="module")
 def controlled(tmp_path_factory):
     """(folder, torch unet, vae, text encoder, sdjax pipeline, [torch ControlNets], [sdjax ControlNets]):
-    the tiny model of test_generate and two ControlNets of its UNet (condition at the VAE's 8x)."""
-    from reference import SD15, TINY_CLIP, TINY_VAE, build_text_encoder, build_vae, save_folder
+    the tiny model of test_generate and two ControlNets of its one-level UNet (condition at the VAE's 8x).
+    These tests check the pipeline's use of ControlNets; CONFIGS' two-level ones check the residuals' wiring."""
+    from reference import MICRO_UNET, SD15, TINY_CLIP, TINY_VAE, build_text_encoder, build_vae, save_folder
     from test_generate import _quiet_vae
 
-    unet, vae, text = build_unet(TINY_UNET), _quiet_vae(build_vae(TINY_VAE)), build_text_encoder(TINY_CLIP)
+    unet, vae, text = build_unet(MICRO_UNET), _quiet_vae(build_vae(TINY_VAE)), build_text_encoder(TINY_CLIP)
     folder = save_folder(tmp_path_factory.mktemp("cn-model"), unet, vae, text, scheduler_from=SD15)
-    config = dict(_clean(TINY_UNET), conditioning_embedding_out_channels=[8, 8, 16, 16])
+    config = dict(_clean(MICRO_UNET), conditioning_embedding_out_channels=[8, 8, 16, 16])
     torch_nets, nets = [], []
     for seed in (3, 4):
         model = build_controlnet(config, seed=seed)

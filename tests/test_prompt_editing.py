@@ -8,7 +8,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from reference import SD15, TINY_CLIP, TINY_UNET, TINY_VAE, build_text_encoder, build_unet, build_vae, nchw, save_folder
+from reference import (
+    MICRO_UNET,
+    SD15,
+    TINY_CLIP,
+    TINY_VAE,
+    build_text_encoder,
+    build_unet,
+    build_vae,
+    nchw,
+    save_folder,
+)
 from test_generate import _quiet_vae, assert_close_images, diffusers_pipeline, diffusers_scheduler, noise_for, to_uint8
 from test_sdxl import diffusers_sdxl, make_tiny_sdxl
 
@@ -100,7 +110,7 @@ def test_steps_pick_texts_as_a1111():
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     """(folder, torch unet, vae, text encoder, sdjax pipeline): the tiny SD 1.5 of tests/test_generate.py."""
-    unet, vae, text = build_unet(TINY_UNET), _quiet_vae(build_vae(TINY_VAE)), build_text_encoder(TINY_CLIP)
+    unet, vae, text = build_unet(MICRO_UNET), _quiet_vae(build_vae(TINY_VAE)), build_text_encoder(TINY_CLIP)
     folder = save_folder(tmp_path_factory.mktemp("sd15"), unet, vae, text, scheduler_from=SD15)
     return folder, unet, vae, text, sdjax.load_pipeline(folder)
 

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from reference import (
+    MICRO_UNET,
     TINY_CLIP,
-    TINY_UNET,
     TINY_VAE,
     build_text_encoder,
     build_unet,
@@ -42,7 +42,7 @@ CLI = _load_cli()
 
 @pytest.fixture(scope="module")
 def torch_models():
-    return {"unet": build_unet(TINY_UNET), "vae": build_vae(TINY_VAE), "text_encoder": build_text_encoder(TINY_CLIP)}
+    return {"unet": build_unet(MICRO_UNET), "vae": build_vae(TINY_VAE), "text_encoder": build_text_encoder(TINY_CLIP)}
 
 
 @pytest.fixture(scope="module")

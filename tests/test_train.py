@@ -44,20 +44,8 @@ ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (230, 30, 30), "green": (30, 190, 60), "blue": (40, 60, 230), "yellow": (240, 210, 20)}
 
 
-# The smallest model of the SD architecture that exercises every part of training: a one-level UNet (a
-# cross-attention down block, the mid block, a cross-attention up block), a two-level VAE (8x8 latents of
-# 16x16 images) and a one-layer CLIP text encoder with the real tokenizer. Compile time (what dominates
-# these tests) grows with the number of layers, not their width.
-MICRO = {
-    "unet": dict(
-        testing.TINY_UNET,
-        block_out_channels=[32],
-        down_block_types=["CrossAttnDownBlock2D"],
-        up_block_types=["CrossAttnUpBlock2D"],
-    ),
-    "vae": dict(testing.SMALL_VAE, sample_size=16),
-    "text_encoder": dict(testing.TINY_CLIP, num_hidden_layers=1),
-}
+# The smallest model of the SD architecture that exercises every part of training (sdjax.testing.MICRO).
+MICRO = testing.MICRO
 
 
 @pytest.fixture(scope="module")
