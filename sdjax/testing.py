@@ -59,9 +59,9 @@ SMALL_VAE: Mapping[str, Any] = dict(
 SMALL_CLIP: Mapping[str, Any] = TINY_CLIP
 # The smallest SD 1.x structure: a one-level UNet (a cross-attention down block without downsampler, the
 # mid block, a cross-attention up block), for tests of what does not depend on the UNet's levels (the
-# sampling loop, guidance, the training step). XLA compile time, which dominates the test suite, grows with
-# the number of layers, not their width: a whole-image program of MICRO_UNET with TINY_VAE compiles in ~30%
-# less time than TINY_UNET's. MICRO adds a 2x VAE (8x8 latents of 16x16 images) and a one-layer encoder.
+# sampling loop, guidance, the training step): XLA compile time, which dominates the test suite, grows with
+# the number of layers, not their width (README "Tests"). MICRO adds a 2x VAE (8x8 latents of 16x16
+# images) and a one-layer text encoder.
 MICRO_UNET: Mapping[str, Any] = dict(
     TINY_UNET,
     block_out_channels=[32],
