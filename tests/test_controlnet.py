@@ -20,6 +20,7 @@ from reference import (
     randomize_,
     rel_l2,
 )
+from test_generate import torch_models  # noqa: F401 (a fixture: the tiny model's torch parts)
 
 import sdjax
 from sdjax import testing
@@ -277,14 +278,13 @@ def test_shapes_only_controlnets_read_no_tensor(controlled, tmp_path, monkeypatc
 
 
 @pytest.fixture(scope="module")
-def controlled(tmp_path_factory):
+def controlled(torch_models, tmp_path_factory):  # noqa: F811 (the imported fixture)
     """(folder, torch unet, vae, text encoder, sdjax pipeline, [torch ControlNets], [sdjax ControlNets]):
     the tiny model of test_generate and two ControlNets of its one-level UNet (condition at the VAE's 8x).
     These tests check the pipeline's use of ControlNets; CONFIGS' two-level ones check the residuals' wiring."""
-    from reference import MICRO_UNET, SD15, TINY_CLIP, TINY_VAE, build_text_encoder, build_vae, save_folder
-    from test_generate import _quiet_vae
+    from reference import MICRO_UNET, SD15, save_folder
 
-    unet, vae, text = build_unet(MICRO_UNET), _quiet_vae(build_vae(TINY_VAE)), build_text_encoder(TINY_CLIP)
+    unet, vae, text = torch_models
     folder = save_folder(tmp_path_factory.mktemp("cn-model"), unet, vae, text, scheduler_from=SD15)
     config = dict(_clean(MICRO_UNET), conditioning_embedding_out_channels=[8, 8, 16, 16])
     torch_nets, nets = [], []

@@ -8,18 +8,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from reference import (
-    MICRO_UNET,
-    SD15,
-    TINY_CLIP,
-    TINY_VAE,
-    build_text_encoder,
-    build_unet,
-    build_vae,
-    nchw,
-    save_folder,
+from reference import SD15, nchw, save_folder
+from test_generate import (  # noqa: F401 (torch_models: a fixture)
+    assert_close_images,
+    diffusers_pipeline,
+    diffusers_scheduler,
+    noise_for,
+    to_uint8,
+    torch_models,
 )
-from test_generate import _quiet_vae, assert_close_images, diffusers_pipeline, diffusers_scheduler, noise_for, to_uint8
 from test_sdxl import diffusers_sdxl, make_tiny_sdxl
 
 import sdjax
@@ -108,9 +105,9 @@ def test_steps_pick_texts_as_a1111():
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
+def model(torch_models, tmp_path_factory):  # noqa: F811 (the imported fixture)
     """(folder, torch unet, vae, text encoder, sdjax pipeline): the tiny SD 1.5 of tests/test_generate.py."""
-    unet, vae, text = build_unet(MICRO_UNET), _quiet_vae(build_vae(TINY_VAE)), build_text_encoder(TINY_CLIP)
+    unet, vae, text = torch_models
     folder = save_folder(tmp_path_factory.mktemp("sd15"), unet, vae, text, scheduler_from=SD15)
     return folder, unet, vae, text, sdjax.load_pipeline(folder)
 
