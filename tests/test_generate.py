@@ -498,12 +498,11 @@ def test_vae_tiling_matches_diffusers(model):
             theirs = nhwc(vae.decode(nchw(z)).sample)
     finally:
         vae.disable_tiling()
+    with torch.no_grad():
+        whole = nhwc(vae.decode(nchw(z)).sample)
+    assert rel_l2(whole, theirs) > 1e-3  # tiling really changes the result (seams blended, not identical)
     ours = np.asarray(jax.jit(decode_tiled, static_argnums=0)(pipe.vae, pipe.params["vae"], z))
     assert rel_l2(ours, theirs) <= 1e-5
-    whole = np.asarray(
-        jax.jit(pipe.vae.apply, static_argnames="method")({"params": pipe.params["vae"]}, z, method="decode")
-    )
-    assert rel_l2(whole, theirs) > 1e-3  # tiling really changes the result (seams blended, not identical)
     images = pipe.generate("a red apple", num_inference_steps=2, height=160, width=224, vae_tiling=True)
     assert images.shape == (1, 160, 224, 3)
 
