@@ -418,15 +418,19 @@ def test_float16_vae_overflow_is_decoded_in_float32(model):
     params["decoder"] = {**params["decoder"], "conv_in": {**conv_in, "kernel": conv_in["kernel"] * 2e4}}
     latents = noise_for(pipe16, 2, seed=5)
     sf = pipe16.vae.config.scaling_factor
-    raw16 = pipe16.vae.apply({"params": params}, (latents / sf).astype(jnp.float16), method="decode")
+    # jitted, each a program of its own (op by op, every layer's operations compiled one by one)
+    raw16 = jax.jit(pipe16.vae.apply, static_argnames="method")(
+        {"params": params}, (latents / sf).astype(jnp.float16), method="decode"
+    )
     assert not np.isfinite(np.asarray(raw16, np.float32)).all()  # the overflow really happens in fp16
 
-    images, finite = jax.jit(_decode, static_argnums=(0, 3))(pipe16.vae, params, latents, sf)
+    decode = jax.jit(_decode, static_argnums=(0, 3))
+    images, finite = decode(pipe16.vae, params, latents, sf)
     images = np.asarray(images)
     assert np.asarray(finite).all()  # the float32 re-decode is finite
     vae32 = pipe16.vae.clone(dtype=jnp.float32)
     params32 = jax.tree.map(lambda p: p.astype(jnp.float32), params)
-    expected = np.asarray(_decode(vae32, params32, jnp.asarray(latents), sf)[0])
+    expected = np.asarray(decode(vae32, params32, jnp.asarray(latents), sf)[0])
     np.testing.assert_array_equal(images, expected)
     assert images.std() > 5  # a real image, not a flat one
 

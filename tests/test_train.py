@@ -4,6 +4,7 @@ killed run resumes bit for bit, and every mode's export loads in sdjax and in di
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -90,7 +91,9 @@ def step_and_draws(setup, trainable, frozen, batch, key):
     # one compiled program (run op by op, the step compiled each operation on its own: ~2x the time)
     loss, grads = jax.jit(jax.value_and_grad(mean_loss))(trainable, frozen, batch, key)
     latent_keys, noise_keys, _, time_keys = split_rows(keys_for_rows(key, batch["row"]), 4)
-    mean, _ = setup.pipe.vae.apply({"params": frozen["vae"]}, batch["pixels"], method="encode")
+    mean, _ = jax.eval_shape(  # the latents' shape
+        functools.partial(setup.pipe.vae.apply, method="encode"), {"params": frozen["vae"]}, batch["pixels"]
+    )
     eps_posterior = normal_rows(latent_keys, mean.shape[1:])
     noise = np.asarray(normal_rows(noise_keys, mean.shape[1:]))
     steps = np.asarray(sample_timesteps(setup.config.objective, setup.schedule.num_train_timesteps, time_keys))
@@ -1049,7 +1052,6 @@ def test_gradient_accumulation_gives_the_large_batch_step(base):
     """One update of 4 images as 2 micro-batches of 2 equals the update of all 4 at once (loss, gradient
     norm and parameters to 1e-6 relative, fp32): each row draws its noise and timestep from the step and
     its row id, whatever micro-batch holds it."""
-    import functools
 
     from train import model
     from train.step import init_state, make_optimizer, train_step

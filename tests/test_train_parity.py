@@ -79,7 +79,9 @@ def _sdjax_step(setup, trainable, frozen, batch, run_key):
     new_state, metrics = step(state, frozen, micro)
     assert abs(float(metrics["loss"]) - float(loss)) <= 1e-6 * abs(float(loss))
     latent_keys, noise_keys, offset_keys, time_keys = split_rows(keys_for_rows(key, batch["row"]), 4)
-    mean, _ = setup.pipe.vae.apply({"params": frozen["vae"]}, batch["pixels"], method="encode")
+    mean, _ = jax.eval_shape(  # the latents' shape
+        functools.partial(setup.pipe.vae.apply, method="encode"), {"params": frozen["vae"]}, batch["pixels"]
+    )
     noise = normal_rows(noise_keys, mean.shape[1:])
     offset = setup.config.objective.noise_offset
     if offset:
@@ -225,8 +227,13 @@ def _check_update(module: torch.nn.Module, setup, grads: dict, params: dict, our
     after = {name: p.detach().numpy().copy() for name, p in trained.items()}
     _compare("parameters after one AdamW step", to_torch(our_params), after, 5e-5)
     optimizer = make_optimizer(setup.config.optim)
-    updates, _ = optimizer.update(grads, optimizer.init(params), params)
-    stepped = to_torch(jax.device_get(optax.apply_updates(params, updates)))
+
+    @jax.jit  # one program (op by op, the update of every tensor shape compiled its operations one by one)
+    def first_update(grads, params):
+        updates, _ = optimizer.update(grads, optimizer.init(params), params)
+        return optax.apply_updates(params, updates)
+
+    stepped = to_torch(jax.device_get(first_update(grads, params)))
     our_grads = to_torch(grads)
     with torch.no_grad():
         for name, p in trained.items():
