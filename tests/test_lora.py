@@ -9,6 +9,7 @@ compared with a direct numpy computation (diffusers 0.42 applies kohya alphas wr
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import jax
@@ -61,9 +62,16 @@ def model(tmp_path_factory):
     return dict(torch=torch_models, pipe=pipe, inputs=inputs, root=root, base=_sdjax_outputs(pipe.params, pipe, inputs))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _forward(unet, text_encoder, params, x, t, ctx, ids):
+    """UNet and text-encoder outputs of `params`: one program for every set of weights of these modules."""
+    out = unet.apply({"params": params["unet"]}, x, t, ctx)
+    return out, text_encoder.apply({"params": params["text_encoder"]}, ids).last_hidden_state
+
+
 def _sdjax_outputs(params, pipe, inputs):
-    unet = pipe.unet.apply({"params": params["unet"]}, inputs["x"], inputs["t"], inputs["ctx"])
-    text = pipe.text_encoder.apply({"params": params["text_encoder"]}, inputs["ids"]).last_hidden_state
+    parts = {"unet": params["unet"], "text_encoder": params["text_encoder"]}
+    unet, text = _forward(pipe.unet, pipe.text_encoder, parts, inputs["x"], inputs["t"], inputs["ctx"], inputs["ids"])
     return np.asarray(unet), np.asarray(text)
 
 
