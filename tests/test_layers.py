@@ -98,3 +98,21 @@ def test_half_precision_products_accumulate_in_float32():
     assert out.dtype == jnp.bfloat16
     assert abs(float(out[0, 0]) - exact) <= exact * 2**-8
     assert float(Dense(1, use_bias=False).apply({"params": params}, x)[0, 0]) == pytest.approx(409.6, rel=1e-5)
+
+
+def test_given_parameters_are_shape_checked_without_tracing_their_initialisers(monkeypatch):
+    """A parameter passed to `apply` is used as given when its shape is the layer's, and refused in one line
+    naming it otherwise; its initialiser runs only in `init` (Flax's own check traces it at every apply)."""
+    x = jnp.ones((2, 5, 5, 3))
+    conv = Conv2d(4, 3, padding=1)
+    params = conv.init(jax.random.key(0), x)["params"]
+    calls = []
+    initialiser = jax.nn.initializers.lecun_normal()
+    monkeypatch.setattr(jax.nn.initializers, "lecun_normal", lambda: lambda *a: (calls.append(1), initialiser(*a))[1])
+    monkeypatch.setattr("flax.linen.initializers.lecun_normal", jax.nn.initializers.lecun_normal)
+    np.testing.assert_array_equal(jax.jit(conv.apply)({"params": params}, x), conv.apply({"params": params}, x))
+    assert calls == []
+    wrong = {**params, "kernel": jnp.ones((3, 3, 2, 4))}
+    with pytest.raises(ValueError, match=r"kernel has shape \(3, 3, 2, 4\), but this architecture's is \(3, 3, 3, 4\)"):
+        conv.apply({"params": wrong}, x)
+    assert Dense(6).apply({"params": Dense(6).init(jax.random.key(1), x)["params"]}, x).shape == (2, 5, 5, 6)

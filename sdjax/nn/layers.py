@@ -32,12 +32,29 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     return _ACTIVATIONS[name]
 
 
+def _param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """`module.param(name, init, shape, dtype)`, without Flax's check of a given parameter by tracing `init`.
+
+    Flax runs `jax.eval_shape(init)` for every parameter at every trace of `apply`, to compare shapes: about
+    half of the UNet's tracing time (README "Tests"). A given parameter's shape is compared with `shape`
+    here instead; `init` runs only when the parameter is created (`module.init`)."""
+    if not module.has_variable("params", name):
+        return module.param(name, init, shape, dtype)
+    value = module.get_variable("params", name)
+    if tuple(np.shape(value)) != tuple(shape):
+        raise ValueError(
+            f"parameter {module.scope.path_text}/{name} has shape {tuple(np.shape(value))}, but this architecture's "
+            f"is {tuple(shape)}: the weights belong to another model configuration"
+        )
+    return value
+
+
 def _norm_params(module: nn.Module, channels: int) -> tuple[jax.Array, jax.Array]:
     """A GroupNorm's or LayerNorm's per-channel `scale` (ones) and `bias` (zeros), float32, declared on
     `module`."""
     return (
-        module.param("scale", nn.initializers.ones, (channels,), jnp.float32),
-        module.param("bias", nn.initializers.zeros, (channels,), jnp.float32),
+        _param(module, "scale", nn.initializers.ones, (channels,), jnp.float32),
+        _param(module, "bias", nn.initializers.zeros, (channels,), jnp.float32),
     )
 
 
@@ -95,8 +112,8 @@ class Conv2d(nn.Module):
 
 def _conv_params(module: nn.Module, in_channels: int, features: int, size: int) -> tuple[jax.Array, jax.Array]:
     """A convolution's `kernel` (size, size, in, out: HWIO) and `bias`, declared on `module`."""
-    kernel = module.param("kernel", nn.initializers.lecun_normal(), (size, size, in_channels, features))
-    return kernel, module.param("bias", nn.initializers.zeros, (features,))
+    kernel = _param(module, "kernel", nn.initializers.lecun_normal(), (size, size, in_channels, features))
+    return kernel, _param(module, "bias", nn.initializers.zeros, (features,))
 
 
 class ConvWeights(nn.Module):
@@ -128,8 +145,8 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        kernel = _param(self, "kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        bias = _param(self, "bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
         return _add_bias(kernels.matmul(x.astype(self.dtype), kernel.astype(self.dtype)), bias, self.dtype)
 
 
@@ -142,8 +159,8 @@ class LinearWeights(nn.Module):
 
     @nn.compact
     def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
-        kernel = self.param("kernel", nn.initializers.lecun_normal(), (in_features, self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        kernel = _param(self, "kernel", nn.initializers.lecun_normal(), (in_features, self.features))
+        bias = _param(self, "bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
         return kernel, bias
 
 
@@ -199,7 +216,7 @@ class AttentionPooling(nn.Module):
     @nn.compact
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         b, _, d = x_BLD.shape
-        position = self.param("positional_embedding", nn.initializers.normal(d**-0.5), (1, d))
+        position = _param(self, "positional_embedding", nn.initializers.normal(d**-0.5), (1, d))
         query_B1D = x_BLD.mean(axis=1, keepdims=True) + position.astype(x_BLD.dtype)
         tokens_BKD = jnp.concatenate([query_B1D, x_BLD], axis=1)
         heads = lambda y: y.reshape(y.shape[0], y.shape[1], self.num_heads, d // self.num_heads)
