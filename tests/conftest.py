@@ -49,11 +49,6 @@ from sdjax.targets import KERNEL_PLATFORMS_ENV  # noqa: E402
 _KERNEL_PLATFORMS = os.environ.setdefault(KERNEL_PLATFORMS_ENV, "cpu")
 
 enable_compilation_cache(os.environ["SDJAX_CACHE_DIR"])
-# Every program goes into the session's cache, however quick to compile (the library keeps those of 0.5 s
-# and more): the small programs of operations run outside jit recur from file to file (README "Tests").
-import jax  # noqa: E402
-
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 def pytest_collection_finish(session):
@@ -86,6 +81,8 @@ def _release_compiled_programs():
     """Drops JAX's compiled programs after each test module: a long session otherwise accumulates
     thousands of executables (and the memory of their code)."""
     yield
+    import jax
+
     jax.clear_caches()
     gc.collect()
 
