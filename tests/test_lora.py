@@ -157,9 +157,7 @@ def _jitted_forward(pipe):
     of the same shapes."""
 
     def forward(params, adapters, scales, x, t, ctx, ids):
-        p = apply_adapters(params, adapters, scales)
-        unet = pipe.unet.apply({"params": p["unet"]}, x, t, ctx)
-        return unet, pipe.text_encoder.apply({"params": p["text_encoder"]}, ids).last_hidden_state
+        return _forward(pipe.unet, pipe.text_encoder, apply_adapters(params, adapters, scales), x, t, ctx, ids)
 
     return jax.jit(forward)
 
