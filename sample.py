@@ -159,8 +159,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def check_inputs(args) -> None:
-    """Reads the --lora arguments into `args.loras` [(path, scale)] and checks that every input file exists,
-    before anything is loaded or compiled (a typo costs no compile)."""
+    """Reads the --lora arguments into `args.loras` [(path, scale)], checks that every input file exists and
+    that every safetensors LoRA file has a readable header, before anything is loaded or compiled (a typo or a
+    broken download costs no compile)."""
     args.loras = [parse_lora_arg(arg) for arg in args.lora]
     if args.preprocess:
         from sdjax.control_images import PREPROCESSORS
@@ -179,6 +180,11 @@ def check_inputs(args) -> None:
     for what, path in named:
         if not path.expanduser().exists():
             raise FileNotFoundError(f"{what} {path} does not exist")
+    from sdjax.convert.tensor_files import SafetensorsFile, is_torch_pickle
+
+    for path, _ in args.loras:  # a truncated or garbled file costs no compile either (its header is read)
+        if path.expanduser().is_file() and not is_torch_pickle(path.expanduser()):
+            SafetensorsFile(path.expanduser())
 
 
 def read_prompts(path: str) -> list[str]:

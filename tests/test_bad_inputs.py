@@ -119,6 +119,7 @@ SAMPLE_CASES = [
     ("lora-scale-nan", ["a cat", "--lora", "FILES/init.png:nan"], ["finite number"]),
     ("lora-missing", ["a cat", "--lora", "FILES/nope.safetensors"], ["nope.safetensors"]),
     ("lora-garbage", ["a cat", "--lora", "FILES/garbage.safetensors"], ["garbage.safetensors"]),
+    ("lora-empty", ["a cat", "--lora", "FILES/empty.safetensors"], ["empty.safetensors", "too short"]),
     ("lora-tag-without-dir", ["a cat <lora:style:0.5>"], ["--lora-dir"]),
     ("embedding-missing", ["a cat", "--embedding", "FILES/nope.safetensors"], ["nope.safetensors"]),
     ("out-is-a-file", ["a cat", "--out", "FILES/a_file"], ["is a file, not a folder"]),

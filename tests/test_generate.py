@@ -160,28 +160,33 @@ def _matrix(names_by_type, *more):
     return cases
 
 
-@pytest.mark.parametrize("model,name", _matrix(_TXT2IMG_DEFAULT, DETERMINISTIC), indirect=["model"])
-def test_txt2img_matches_diffusers(model, name):
+def diffusers_txt2img(folder, unet, vae, text, name, scheduler_config, noise, steps, guidance_scale=7.5):
+    """diffusers' StableDiffusionPipeline images of PROMPTS and NEGATIVES from the NHWC `noise` latents."""
     from diffusers import StableDiffusionPipeline
 
-    folder, unet, vae, text, pipe = model
-    noise = noise_for(pipe, 2)
-    steps = 7
-    ours = pipe.generate(PROMPTS, NEGATIVES, num_inference_steps=steps, scheduler=name, latents=noise)
-    theirs = run_diffusers(
+    scheduler = diffusers_scheduler(name, scheduler_config)
+    return run_diffusers(
         StableDiffusionPipeline,
         folder,
         unet,
         vae,
         text,
-        diffusers_scheduler(name, pipe.scheduler_config),
+        scheduler,
         prompt=PROMPTS,
         negative_prompt=NEGATIVES,
         num_inference_steps=steps,
-        guidance_scale=7.5,
+        guidance_scale=guidance_scale,
         latents=nchw(noise),
     )
-    assert_close_images(ours, theirs)
+
+
+@pytest.mark.parametrize("model,name", _matrix(_TXT2IMG_DEFAULT, DETERMINISTIC), indirect=["model"])
+def test_txt2img_matches_diffusers(model, name):
+    folder, unet, vae, text, pipe = model
+    noise = noise_for(pipe, 2)
+    steps = 7
+    ours = pipe.generate(PROMPTS, NEGATIVES, num_inference_steps=steps, scheduler=name, latents=noise)
+    assert_close_images(ours, diffusers_txt2img(folder, unet, vae, text, name, pipe.scheduler_config, noise, steps))
 
 
 def test_model_scheduler_guidance_rescale_and_clip_skip(model, monkeypatch):
@@ -325,8 +330,10 @@ def test_one_init_image_and_mask_per_prompt(model):
             prompts[k], image=images[k], mask_image=masks[k], num_images_per_prompt=2, **{**kwargs, "seed": 4 + 2 * k}
         )
         np.testing.assert_array_equal(both[2 * k : 2 * k + 2], alone)
-    stacked = pipe.generate(prompts, image=np.stack([np.asarray(im) for im in images]), **kwargs)
-    np.testing.assert_array_equal(stacked, pipe.generate(prompts, image=images, **kwargs))  # the same program
+    # the init images as one (B, H, W, 3) array are the list (the program of `both`: two programs here, not three)
+    stacked = np.stack([np.asarray(im) for im in images])
+    again = pipe.generate(prompts, image=stacked, mask_image=masks, num_images_per_prompt=2, **kwargs)
+    np.testing.assert_array_equal(again, both)
     with pytest.raises(ValueError, match="3 init images for 2 prompts"):
         pipe.generate(prompts, image=images + images[:1], **kwargs)
     with pytest.raises(ValueError, match="different sizes"):

@@ -559,7 +559,7 @@ def _kohya_sdxl_file(path, models, unet_config, seed: int):
 
 def test_kohya_lora_matches_diffusers(sdxl, tmp_path):
     """A kohya SDXL LoRA merged by sdjax and by diffusers (`load_lora_weights`, `fuse_lora`): the same UNet
-    output (with time ids) and the same states of both text encoders; unmerged inside the program too."""
+    output (with time ids) and the same states of both text encoders."""
     import copy
 
     from diffusers import StableDiffusionXLPipeline
@@ -604,10 +604,19 @@ def test_kohya_lora_matches_diffusers(sdxl, tmp_path):
     for part, theirs in zip(("text_encoder", "text_encoder_2"), theirs_text, strict=True):
         ours = jax.jit(getattr(merged, part).apply)({"params": merged.params[part]}, ids).hidden_states[-2]
         assert rel_l2(ours, theirs) <= 1e-5, part
-    noise = noise_for(pipe, 1, seed=13)
-    kwargs = dict(num_inference_steps=3, height=64, width=64, latents=noise)
+
+
+# Unmerged adapters go through the merge's own `sdjax.nn.lora.apply_adapters`, inside the program: the default
+# run checks that program with an SD LoRA (tests/test_generate.py, tests/test_lora.py), the merge of all three
+# SDXL parts above; this check compiles a whole-image program of its own (~25 s).
+@pytest.mark.slow
+def test_unmerged_kohya_lora_draws_the_merged_image(sdxl, tmp_path):
+    """The kohya SDXL LoRA above applied inside the whole-image program (`loras=`) draws the merged image."""
+    _, models, pipe = sdxl
+    path = _kohya_sdxl_file(tmp_path / "style.safetensors", models, pipe.unet.config, seed=11)
+    kwargs = dict(num_inference_steps=3, height=64, width=64, latents=noise_for(pipe, 1, seed=13))
     unmerged = pipe.generate("a lion", loras=[(path, 0.8)], **kwargs)
-    assert_close_images(unmerged, merged.generate("a lion", **kwargs))
+    assert_close_images(unmerged, pipe.load_lora(path, scale=0.8).generate("a lion", **kwargs))
 
 
 def test_lora_of_the_other_family_is_refused(sdxl, tmp_path):

@@ -335,7 +335,8 @@ def test_full_export_loads_in_diffusers_and_sdjax(full_run, base):
 # ---------------------------------------------------------------------------------------------- 8 devices, 2 hosts
 
 
-def _run_args(base, data, out, *extra):
+def _run_args(base, data, out, *extra, grad_accum: int = 2):
+    """4 steps of batch 8 (the 4 images twice), as `grad_accum` micro-batches."""
     return run_args(
         "sd15_full",
         base,
@@ -344,9 +345,9 @@ def _run_args(base, data, out, *extra):
         "--steps",
         "4",
         "--batch-size",
-        "4",
+        str(8 // grad_accum),
         "--grad-accum",
-        "2",
+        str(grad_accum),
         "--ema-decay",
         "0",
         "--checkpoint-every",
@@ -363,8 +364,10 @@ def eight_devices(tmp_path_factory, base, squares):
 
 
 def test_eight_devices_with_fsdp_match_one_device(tmp_path, base, squares, eight_devices):
+    """4 steps on 8 devices (data=2, fsdp=4), each update accumulated over 2 micro-batches of 4, give the losses
+    and weights of 4 steps on one device with the whole batch of 8 at once (1e-5 relative)."""
     one = tmp_path / "one"
-    run(parse(list(_run_args(base, squares, one))))
+    run(parse(list(_run_args(base, squares, one, grad_accum=1))))
     a, b = losses(one), losses(eight_devices)
     print("losses, 1 device:", a, "8 devices:", b)
     np.testing.assert_allclose(b, a, rtol=1e-5)
@@ -1048,6 +1051,9 @@ def _four_image_batch(base: Path):
     return config, pipe, batch
 
 
+# The default run checks accumulation over micro-batches against the whole batch through 8-device training
+# (test_eight_devices_with_fsdp_match_one_device: 4 steps, 1e-5); this one checks one update to 1e-6.
+@pytest.mark.slow
 def test_gradient_accumulation_gives_the_large_batch_step(base):
     """One update of 4 images as 2 micro-batches of 2 equals the update of all 4 at once (loss, gradient
     norm and parameters to 1e-6 relative, fp32): each row draws its noise and timestep from the step and
@@ -1117,7 +1123,7 @@ def test_remat_policy_gives_the_gradients_of_no_remat(remat, base):
 def test_cached_text_embeddings_give_the_step_of_token_ids(arch, squares):
     """cache_text_embeddings: the batches carry each row's encoded caption (its dropped-out empty caption,
     the DreamBooth class prompt) instead of token ids, the text encoders leave the frozen parameters, and
-    the step's loss and gradients are those of encoding in the step (fp32, the same rows and draws)."""
+    the step's loss is that of encoding in the step (fp32, the same rows and draws)."""
 
     from train import data, model
     from train.objective import diffusion_loss
@@ -1134,7 +1140,7 @@ def test_cached_text_embeddings_give_the_step_of_token_ids(arch, squares):
     examples = scan_folder(squares)
     key = jax.random.key(3)
 
-    def loss_and_grads(cfg):
+    def loss_of(cfg):
         setup = model.make_setup(cfg, pipe)
         trainable, frozen = model.split_params(setup, key)
         text_cache = None
@@ -1146,18 +1152,18 @@ def test_cached_text_embeddings_give_the_step_of_token_ids(arch, squares):
             total, count = diffusion_loss(setup, model.assemble(setup, t, frozen), batch, key)
             return total / count
 
-        loss, grads = jax.device_get(jax.jit(jax.value_and_grad(mean_loss))(trainable))
-        return frozen.keys(), batch, float(loss), grads
+        # the loss alone: with the text encoders frozen, the gradients are the same function of the same UNet
+        # inputs (a gradient program of each compiled for about twice the time)
+        return frozen.keys(), batch, float(jax.jit(mean_loss)(trainable))
 
-    parts, batch, loss, grads = loss_and_grads(config)
-    parts_cached, batch_cached, loss_cached, grads_cached = loss_and_grads(cached)
+    parts, batch, loss = loss_of(config)
+    parts_cached, batch_cached, loss_cached = loss_of(cached)
     texts = {"text_encoder", "text_encoder_2"}
     assert texts & set(parts) and not texts & set(parts_cached)
     assert "ids" in batch and "ids" not in batch_cached and batch_cached["context"].shape[:2] == (8, 77)
     assert ("text_embeds" in batch_cached) == (arch == "tiny-sdxl")
     assert np.array_equal(batch["time_ids"], batch_cached["time_ids"]) if "time_ids" in batch else True
-    worst = max(jax.tree.leaves(jax.tree.map(rel_l2, grads_cached, grads)))
-    print(f"{arch}: loss {loss:.7f} vs cached {loss_cached:.7f}; gradients worst relative L2 {worst:.2e}")
-    assert abs(loss - loss_cached) <= 1e-6 * abs(loss) and worst <= 1e-6
+    print(f"{arch}: loss {loss:.7f} vs cached {loss_cached:.7f}")
+    assert abs(loss - loss_cached) <= 1e-6 * abs(loss)
     with pytest.raises(ValueError, match="cache_text_embeddings needs frozen text encoders"):
         config.replace(mode="lora", lora_text_encoder=True, cache_text_embeddings=True)
