@@ -189,6 +189,9 @@ def test_txt2img_matches_diffusers(model, name):
     assert_close_images(ours, diffusers_txt2img(folder, unet, vae, text, name, pipe.scheduler_config, noise, steps))
 
 
+# SD 1.5's own scheduler (PNDM, what most users draw with) in the default run; SD 2.1's (DDIM, drawn in the
+# default run's img2img test) in the slow set.
+@pytest.mark.parametrize("model", ["epsilon", pytest.param("v_prediction", marks=pytest.mark.slow)], indirect=True)
 def test_model_scheduler_guidance_rescale_and_clip_skip(model, monkeypatch):
     """The model's own scheduler (PNDM / DDIM), guidance_rescale and clip_skip as diffusers."""
     from diffusers import StableDiffusionPipeline

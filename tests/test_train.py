@@ -1010,12 +1010,16 @@ def test_identity_init_starts_the_noise_prediction_at_its_input(base):
     mean, std = grouped.mean((1, 2, 4), keepdims=True), grouped.std((1, 2, 4), keepdims=True)
     normalised = ((grouped - mean) / std).reshape(x.shape)
     context = jax.random.normal(jax.random.key(2), (2, 77, 32))
+
+    @functools.partial(jax.jit, static_argnums=0)  # one compile for both inits (equal modules, t traced)
+    def apply(unet, params, t):
+        return unet.apply({"params": params}, x, jnp.full((2,), t), context)
+
     for init, close in (("identity", True), ("flax", False)):
         config = TrainConfig(architecture=str(base), scratch=("unet", "vae", "text_encoder"), unet_init=init)
         pipe = model.load_start(config)
-        apply = jax.jit(pipe.unet.apply)  # one compile for both inits (same module, t traced)
         for t in (999, 10):
-            eps = apply({"params": pipe.params["unet"]}, x, jnp.full((2,), t), context)
+            eps = apply(pipe.unet, pipe.params["unet"], t)
             error = float(jnp.abs(eps - normalised).max())
             assert (error < 0.2) == close, (init, t, error)
     with pytest.raises(ValueError, match="unet_init must be one of"):

@@ -16,6 +16,7 @@ files (`sdjax.convert.lora.lora_file_tensors`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,13 @@ class Setup:
         return self.config.images.resolution // self.pipe.vae_scale_factor
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _initial_params(module, key: jax.Array) -> dict:
+    """`module`'s parameters from its own initialisers, keyed by `key` (one compile per architecture: equal
+    modules share it)."""
+    return module.init(key, *module.dummy_inputs())["params"]
+
+
 def _fresh_components(folder: Path, components, seed: int, unet_init: str = "flax") -> tuple[dict, dict]:
     """(modules, params) for `components`, from the configs in `folder`, with the modules' own
     initialisers (Flax defaults: LeCun-normal kernels, zero biases, unit norm scales) keyed by `seed`; a
@@ -85,7 +93,7 @@ def _fresh_components(folder: Path, components, seed: int, unet_init: str = "fla
         raw = read_json(folder / spec.folder / "config.json")
         module = spec.module_cls(spec.config_cls.from_dict(raw, what=f"{folder / spec.folder}/config.json"))
         key = jax.random.fold_in(jax.random.key(seed), i)
-        params[spec.folder] = jax.jit(module.init)(key, *module.dummy_inputs())["params"]
+        params[spec.folder] = _initial_params(module, key)
         modules[spec.folder] = module
     if "unet" in params and unet_init == "identity":
         params["unet"] = identity_init(params["unet"], modules["unet"].config)
