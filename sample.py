@@ -182,9 +182,9 @@ def check_inputs(args) -> None:
             raise FileNotFoundError(f"{what} {path} does not exist")
     from sdjax.convert.tensor_files import SafetensorsFile, is_torch_pickle
 
-    for path, _ in args.loras:  # a truncated or garbled file costs no compile either (its header is read)
-        if path.expanduser().is_file() and not is_torch_pickle(path.expanduser()):
-            SafetensorsFile(path.expanduser())
+    for path in (p.expanduser() for p, _ in args.loras):  # a garbled file costs no compile either
+        if path.is_file() and not is_torch_pickle(path):  # pickles have no header: read at load
+            SafetensorsFile(path)  # reads and checks the header only
 
 
 def read_prompts(path: str) -> list[str]:
