@@ -27,7 +27,6 @@ from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 from sdjax import images
 
@@ -111,6 +110,8 @@ def _local_maxima(gx: np.ndarray, gy: np.ndarray, magnitude: np.ndarray) -> np.n
 
 def _hysteresis(candidates: np.ndarray, strong: np.ndarray) -> np.ndarray:
     """bool (H, W): the `candidates` pixels 8-connected (through candidates) to a `strong` one."""
+    from scipy import ndimage  # here: the import is slow, and most processes never draw an edge map
+
     labels, count = ndimage.label(candidates, structure=np.ones((3, 3), bool))
     keep = np.zeros(count + 1, bool)
     keep[labels[strong]] = True
