@@ -110,6 +110,7 @@ ARCHS = {
     "sd21": "stable-diffusion-2-1",
     "sd21-base": "stable-diffusion-2-1-base",
     "tiny": "stable-diffusion-v1-5",
+    "micro": "stable-diffusion-v1-5",
     "sdxl": "stable-diffusion-xl-base-1.0",
     "sdxl-refiner": "stable-diffusion-xl-refiner-1.0",
     "tiny-sdxl": "stable-diffusion-xl-base-1.0",
@@ -170,7 +171,7 @@ def abstract_pipeline(
         if arch not in ARCHS:
             raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
         folder = DATA / ARCHS[arch]
-        tiny = {"tiny": TINY, "tiny-sdxl": TINY_SDXL}.get(arch)
+        tiny = {"tiny": TINY, "micro": MICRO, "tiny-sdxl": TINY_SDXL}.get(arch)
         if tiny is not None:
             raw = {part: dict(config) for part, config in tiny.items()}
         else:

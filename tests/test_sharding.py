@@ -27,7 +27,7 @@ from reference import (
 )
 
 import sdjax
-from sdjax import sharding
+from sdjax import sharding, testing
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (3, 8)  # a batch padded to the mesh's 8 rows, and a whole one
@@ -47,6 +47,13 @@ def generate_all(pipe, mesh) -> dict[str, np.ndarray]:
 def folder(tmp_path_factory):
     models = build_unet(TINY_UNET), build_vae(TINY_VAE), build_text_encoder(TINY_CLIP)
     return save_folder(tmp_path_factory.mktemp("shard") / "tiny", *models)
+
+
+@pytest.fixture(scope="module")
+def micro_folder(tmp_path_factory):
+    """The one-level MICRO model with random weights: for the checks of how work is split across processes,
+    which do not depend on the model's depth (the FSDP split above needs the tiny model's larger tensors)."""
+    return testing.random_pipeline(testing.MICRO).save_pretrained(tmp_path_factory.mktemp("shard") / "micro")
 
 
 def _subprocess_env(devices: int) -> dict[str, str]:
@@ -96,12 +103,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_write_the_images_of_one(folder, tmp_path):
+def test_two_processes_write_the_images_of_one(micro_folder, tmp_path):
     """2 processes x 4 CPU devices running sample.py --prompts-file write exactly the files (names and
     pixels) of 1 process with 8 devices."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"{p}, number {i}" for i, p in enumerate(PROMPTS * 2)) + "\na lone last one\n")
-    common = [sys.executable, str(ROOT / "sample.py"), "--model", str(folder), "--prompts-file", str(prompts)]
+    common = [sys.executable, str(ROOT / "sample.py"), "--model", str(micro_folder), "--prompts-file", str(prompts)]
     common += ["--steps", "3", "-n", "4", "--seed", "50", "--scheduler", "dpmpp_2m_sde_karras", "--cache-dir", "off"]
     single = subprocess.run(
         common + ["--out", str(tmp_path / "one")], env=_subprocess_env(8), capture_output=True, text=True

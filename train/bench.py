@@ -71,10 +71,11 @@ def worker(arch: str, resolution: int, batch: int, steps: int, dtype: str, remat
         frozen = jax.tree.map(jax.device_put, frozen, frozen_shardings)
         # drop the host copy of the weights
         setup = dataclasses.replace(setup, pipe=dataclasses.replace(setup.pipe, params={}))
-        latent = resolution // 8
+        vae = setup.pipe.vae.config
+        latent, moments = resolution // vae.downscale, 2 * vae.latent_channels  # the VAE's mean and log-variance
         rng = np.random.default_rng(0)
         batch_arrays = {
-            "moments": rng.standard_normal((1, batch, latent, latent, 8)).astype(np.float32) * 0.5,
+            "moments": rng.standard_normal((1, batch, latent, latent, moments)).astype(np.float32) * 0.5,
             "ids": rng.integers(0, 49407, (1, batch, 77)).astype(np.int32),
             "row": np.arange(batch, dtype=np.int32)[None],
             "weight": np.ones((1, batch), np.float32),
@@ -213,7 +214,7 @@ def _ms(seconds: float) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default="sd15", help="sd15, sd21, sd21-base, sdxl, tiny or tiny-sdxl")
+    p.add_argument("--arch", default="sd15", help="sd15, sd21, sd21-base, sdxl, tiny, micro or tiny-sdxl")
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")

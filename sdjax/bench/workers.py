@@ -53,9 +53,13 @@ def peak_rss() -> int:
 
 
 def latents(job: Job) -> np.ndarray:
-    """The shared initial noise, NHWC float32 (B, H/8, W/8, 4)."""
-    rng = np.random.default_rng(1234)
-    return rng.standard_normal((job.batch, job.height // 8, job.width // 8, 4)).astype(np.float32)
+    """The shared initial noise, NHWC float32 (B, H/f, W/f, C): f and C are the model's VAE's downscale
+    factor (8 for every SD model) and latent channels."""
+    from sdjax.nn.vae import VAEConfig
+
+    vae = VAEConfig.from_dict(json.loads((Path(job.model) / "vae" / "config.json").read_text()))
+    shape = (job.batch, job.height // vae.downscale, job.width // vae.downscale, vae.latent_channels)
+    return np.random.default_rng(1234).standard_normal(shape).astype(np.float32)
 
 
 def _timed(fn, inner: int) -> float:
