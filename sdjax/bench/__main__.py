@@ -104,11 +104,11 @@ def _target(args) -> int:
         pipe = abstract_pipeline(args.arch or "sd15", dtype=args.dtype)
     controlnet = None
     if args.controlnet:
+        from sdjax.bench.models import controlnet_config
         from sdjax.bench.workers import abstract_controlnet
-        from sdjax.nn.controlnet import ControlNetConfig
 
         random = args.controlnet == "random"
-        source = ControlNetConfig.from_unet(pipe.unet.config) if random else _controlnet_folder(args)
+        source = controlnet_config(pipe) if random else _controlnet_folder(args)
         controlnet = abstract_controlnet(source, args.dtype)
     result = target.report(
         pipe,
