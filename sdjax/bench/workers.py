@@ -55,9 +55,10 @@ def peak_rss() -> int:
 def latents(job: Job) -> np.ndarray:
     """The shared initial noise, NHWC float32 (B, H/f, W/f, C): f and C are the model's VAE's downscale
     factor (8 for every SD model) and latent channels."""
+    from sdjax.nn.config_utils import read_json
     from sdjax.nn.vae import VAEConfig
 
-    vae = VAEConfig.from_dict(json.loads((Path(job.model) / "vae" / "config.json").read_text()))
+    vae = VAEConfig.from_dict(read_json(Path(job.model) / "vae" / "config.json"))
     shape = (job.batch, job.height // vae.downscale, job.width // vae.downscale, vae.latent_channels)
     return np.random.default_rng(1234).standard_normal(shape).astype(np.float32)
 
