@@ -392,6 +392,9 @@ def output_paths(out: Path, seeds: list[int], resume: bool) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_inputs(args)
+    from sdjax.process import tune_garbage_collector
+
+    tune_garbage_collector()
     import jax
     import numpy as np
 

@@ -41,6 +41,7 @@ if os.environ.get("SDJAX_TEST_XLA_OPT", "fast") != "full":
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sdjax.compile_cache import enable_compilation_cache  # noqa: E402
+from sdjax.process import tune_garbage_collector  # noqa: E402
 from sdjax.targets import KERNEL_PLATFORMS_ENV  # noqa: E402
 
 # Programs are traced with the CPU's kernels only (sdjax.nn.kernels.by_platform): tracing every TPU kernel
@@ -49,6 +50,7 @@ from sdjax.targets import KERNEL_PLATFORMS_ENV  # noqa: E402
 _KERNEL_PLATFORMS = os.environ.setdefault(KERNEL_PLATFORMS_ENV, "cpu")
 
 enable_compilation_cache(os.environ["SDJAX_CACHE_DIR"])
+tune_garbage_collector()  # as sample.py and python -m train do (the tests trace many programs)
 
 
 def pytest_collection_finish(session):

@@ -4,7 +4,8 @@ into another's private modules or names, and no two modules import each other in
 Layers, lowest first. A unit may import its own modules and any unit of a lower layer, never a peer of its
 own layer or anything above (imports inside functions and under TYPE_CHECKING count too):
 
-  0  sdjax.files (atomic writes, fresh names), sdjax.errors (one-line messages)
+  0  sdjax.files (atomic writes, fresh names), sdjax.errors (one-line messages), sdjax.process (the CLIs'
+     process-wide settings)
   1  sdjax.xla_options, sdjax.memory, sdjax.compile_cache, sdjax.keys, sdjax.images, sdjax.tokenizer,
      sdjax.targets, sdjax.options (the generation options, checked)
   2  sdjax.nn (modules, layers, LoRA math), sdjax.schedulers, sdjax.control_images (ControlNet condition
@@ -27,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = (
-    ("sdjax.files", "sdjax.errors"),
+    ("sdjax.files", "sdjax.errors", "sdjax.process"),
     (
         "sdjax.xla_options",
         "sdjax.memory",

@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python -m train: error: {one_line(err)}", file=sys.stderr)
         return 2
     from sdjax import sharding
+    from sdjax.process import tune_garbage_collector
 
+    tune_garbage_collector()
     try:
         hosts = config.parallel
         sharding.initialize_distributed(hosts.coordinator, hosts.num_processes, hosts.process_id)
