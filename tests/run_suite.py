@@ -1,13 +1,15 @@
-"""Runs the test suite one file per pytest process, `--jobs` files at a time (the Makefile's `make test`).
+"""Runs the test suite one file per pytest process, `--jobs` processes at a time (the Makefile's `make test`).
 
 A fresh process per file keeps a long run from accumulating compiled XLA programs (a single long-lived
 process crashed in XLA, see the README's "Tests"), and files run heaviest first so that two jobs end
-together. "Heaviest" is what the last run took: each run records its seconds per file in the git-ignored
-tests/.durations.json, one table per set of pytest arguments (so `-m slow` timings do not order the
-default run). Files without a recorded time run first, the largest first: file size stands in for time
-(a fresh clone has no timings). All processes share one persistent compilation cache
-(SDJAX_TEST_SESSION_CACHE), removed at the end. Each file's output is printed when it ends, then a table
-of files, outcomes and seconds; the exit status is non-zero if any file failed.
+together. The light files of each group in SHARED_PROCESSES share one process instead: a process spends
+seconds of CPU importing JAX, torch and diffusers before its first test. "Heaviest" is what the last run
+took: each run records its seconds per file in the git-ignored tests/.durations.json (a shared process's
+seconds split evenly among its files), one table per set of pytest arguments (so `-m slow` timings do not
+order the default run). Files without a recorded time run first, the largest first: file size stands in
+for time (a fresh clone has no timings). All processes share one persistent compilation cache
+(SDJAX_TEST_SESSION_CACHE), removed at the end. Each process's output is printed when it ends, then a
+table of files, outcomes and seconds; the exit status is non-zero if any process failed.
 
     python tests/run_suite.py [--jobs 2] [FILES ...] [-- PYTEST ARGS]
 """
@@ -27,6 +29,22 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parent
 DURATIONS = TESTS / ".durations.json"
+# Light files (each well under a minute of the default run) that share one pytest process per group: none
+# starts JAX with options of its own (XLA_OPTIMISATION, or environment read before JAX starts).
+SHARED_PROCESSES = (
+    (
+        "test_tokenizer.py",
+        "test_full_size.py",
+        "test_control_images.py",
+        "test_images.py",
+        "test_architecture.py",
+        "test_run_suite.py",
+        "test_attention.py",
+    ),
+    ("test_textual_inversion.py", "test_diffusers_scheduler_cases.py", "test_weight_files.py"),
+    ("test_prompts.py", "test_k_diffusion_samplers.py"),
+    ("test_lora.py", "test_layers.py"),
+)
 
 
 def _read_durations(path: Path) -> dict:
@@ -69,11 +87,32 @@ def order(files: list[Path], seconds: dict[str, float]) -> list[Path]:
     return sorted(files, key=key)
 
 
-def run_file(path: Path, pytest_args: list[str], env: dict) -> tuple[Path, int, float, str]:
+def processes(files: list[Path], groups=SHARED_PROCESSES) -> list[list[Path]]:
+    """`files` (in order) as the file lists of pytest processes: the files of one group of `groups` (file
+    names) together, where the first of them stands, every other file alone."""
+    group_of = {name: i for i, group in enumerate(groups) for name in group}
+    units, unit_of_group = [], {}
+    for f in files:
+        group = group_of.get(f.name)
+        if group is None:
+            units.append([f])
+        elif group in unit_of_group:
+            unit_of_group[group].append(f)
+        else:
+            unit_of_group[group] = [f]
+            units.append(unit_of_group[group])
+    return units
+
+
+def run_files(paths: list[Path], pytest_args: list[str], env: dict) -> tuple[list[Path], int, float, str]:
     started = time.perf_counter()
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path), *pytest_args]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *map(str, paths), *pytest_args]
     done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    return path, done.returncode, time.perf_counter() - started, done.stdout
+    return paths, done.returncode, time.perf_counter() - started, done.stdout
+
+
+def _name(paths: list[Path]) -> str:
+    return " + ".join(p.name for p in paths)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(ours)
     files = [Path(f).resolve() for f in args.files] or sorted(TESTS.glob("test_*.py"))
     key = " ".join(pytest_args)
-    files = order(files, last_seconds(DURATIONS, key))
+    units = processes(order(files, last_seconds(DURATIONS, key)))
 
     cache = tempfile.mkdtemp(prefix="sdjax-test-xla-")
     env = {**os.environ, "SDJAX_TEST_SESSION_CACHE": cache, "HF_HUB_OFFLINE": "1"}
@@ -94,21 +133,25 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         with ThreadPoolExecutor(args.jobs) as pool:
-            futures = [pool.submit(run_file, f, pytest_args, env) for f in files]
+            futures = [pool.submit(run_files, unit, pytest_args, env) for unit in units]
             for future in as_completed(futures):
-                path, code, seconds, output = future.result()
-                results.append((path, code, seconds))
-                print(f"==== {path.name} ({seconds:.0f} s) ====\n{output.rstrip()}", flush=True)
+                paths, code, seconds, output = future.result()
+                results.append((paths, code, seconds))
+                print(f"==== {_name(paths)} ({seconds:.0f} s) ====\n{output.rstrip()}", flush=True)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-        record_seconds(DURATIONS, key, {path.name: seconds for path, _, seconds in results})
+        record_seconds(DURATIONS, key, {p.name: s / len(paths) for paths, _, s in results for p in paths})
     # pytest exit code 5: nothing collected (e.g. every test of the file deselected by -m).
-    failed = [p.name for p, code, _ in results if code not in (0, 5)]
+    failed = [_name(paths) for paths, code, _ in results if code not in (0, 5)]
     print("\n==== summary ====")
-    for path, code, seconds in sorted(results, key=lambda r: -r[2]):
+    for paths, code, seconds in sorted(results, key=lambda r: -r[2]):
         outcome = "ok" if code in (0, 5) else f"FAILED (exit {code})"
-        print(f"{path.name:28s} {seconds:7.0f} s  {outcome}")
-    print(f"{len(results)} files in {time.perf_counter() - started:.0f} s; failed: {', '.join(failed) or 'none'}")
+        print(f"{_name(paths):28s} {seconds:7.0f} s  {outcome}")
+    files_run = sum(len(paths) for paths, _, _ in results)
+    print(
+        f"{files_run} files in {len(results)} processes in {time.perf_counter() - started:.0f} s; "
+        f"failed: {', '.join(failed) or 'none'}"
+    )
     return 1 if failed else 0
 
 

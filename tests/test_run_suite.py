@@ -1,11 +1,12 @@
-"""tests/run_suite.py's file order: the last run's seconds, untimed files first by size, and a missing or
-corrupt timings file read as no timings (no pytest processes are started here)."""
+"""tests/run_suite.py's file order: the last run's seconds, untimed files first by size, the light files'
+shared processes, and a missing or corrupt timings file read as no timings (no pytest processes are started
+here)."""
 
 from __future__ import annotations
 
 import json
 
-from run_suite import last_seconds, order, record_seconds
+from run_suite import SHARED_PROCESSES, TESTS, last_seconds, order, processes, record_seconds
 
 
 def _files(tmp_path, sizes: dict[str, int]):
@@ -22,6 +23,20 @@ def test_order_untimed_by_size_then_timed_by_seconds(tmp_path):
     names = [f.name for f in order(files, seconds)]
     assert names == ["test_b.py", "test_d.py", "test_c.py", "test_e.py", "test_a.py"]
     assert [f.name for f in order(files, {})] == ["test_b.py", "test_d.py", "test_c.py", "test_a.py", "test_e.py"]
+
+
+def test_grouped_files_share_a_process_where_the_first_of_them_stands(tmp_path):
+    files = [tmp_path / n for n in ["test_a.py", "test_b.py", "test_c.py", "test_d.py", "test_e.py"]]
+    groups = (("test_d.py", "test_b.py", "test_x.py"), ("test_e.py",))
+    units = [[f.name for f in unit] for unit in processes(files, groups)]
+    assert units == [["test_a.py"], ["test_b.py", "test_d.py"], ["test_c.py"], ["test_e.py"]]
+    assert [[f.name for f in u] for u in processes(files[2:], groups)] == [["test_c.py"], ["test_d.py"], ["test_e.py"]]
+
+
+def test_the_shared_processes_name_existing_files_once():
+    names = [name for group in SHARED_PROCESSES for name in group]
+    assert len(names) == len(set(names))
+    assert [n for n in names if not (TESTS / n).is_file()] == []
 
 
 def test_timings_round_trip_per_pytest_arguments_and_merge(tmp_path):
