@@ -164,7 +164,7 @@ def test_dpmpp_2s_a_images_match_k_diffusion_driving_the_torch_models(model):  #
             return eps_uncond + guidance * (eps_cond - eps_uncond)
 
     external = k_diffusion()
-    alphas = torch.from_numpy(schedulers.alphas_cumprod(sched.schedule))
+    alphas = torch.from_numpy(np.array(schedulers.alphas_cumprod(sched.schedule)))  # a writable copy
     denoiser = external.DiscreteEpsDDPMDenoiser(GuidedUNet(), alphas, quantize=False)
     levels = sched.tables(steps)["step_sigma"][::2]
     sigmas = torch.from_numpy(np.concatenate([levels, [0.0]]).astype(np.float32))
