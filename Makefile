@@ -49,9 +49,10 @@ lint: install-test
 	$(BIN)/ruff format --check .
 	$(BIN)/python tests/test_architecture.py
 
-# One pytest process per test file (the light files share a few: tests/run_suite.py), three at a time (two cores: a process waits on Python, files and
-# subprocesses part of the time; 1,332 s against 1,426 s with two), the slowest files of the last run first;
-# a summary table of seconds per file at the end. One file: $(BIN)/pytest tests/test_x.py
+# One pytest process per test file (the light files share a few: tests/run_suite.py), three at a time on two
+# cores (a process waits on Python, files and subprocesses part of the time; README.md "Tests"), the slowest
+# files of the last run first; a summary table of seconds per process at the end. One file:
+# $(BIN)/pytest tests/test_x.py
 test: lint
 	$(BIN)/python tests/run_suite.py --jobs 3 -- --durations=5
 
