@@ -202,18 +202,17 @@ class ControlNet:
         """A new float32 ControlNet of `pipe`'s UNet, to be trained (diffusers' `ControlNetModel.from_unet`):
         the UNet's encoder copied, the output convolutions zero (its residuals start at 0), the condition
         embedding drawn from `seed`. The embedding's 2^(len - 1) must be the VAE's downscale factor."""
-        factor = 2 ** (len(conditioning_embedding_out_channels) - 1)
-        if factor != pipe.vae_scale_factor:
-            raise ValueError(
-                f"conditioning_embedding_out_channels {tuple(conditioning_embedding_out_channels)} downscale "
-                f"condition images {factor}x but the VAE's factor is {pipe.vae_scale_factor}: give "
-                f"{int(np.log2(pipe.vae_scale_factor)) + 1} channel counts"
-            )
         config = ControlNetConfig.from_unet(
             pipe.unet.config,
             conditioning_channels=conditioning_channels,
             conditioning_embedding_out_channels=conditioning_embedding_out_channels,
         )
+        if config.condition_downscale != pipe.vae_scale_factor:
+            raise ValueError(
+                f"conditioning_embedding_out_channels {tuple(conditioning_embedding_out_channels)} downscale "
+                f"condition images {config.condition_downscale}x but the VAE's factor is {pipe.vae_scale_factor}: "
+                f"give {int(np.log2(pipe.vae_scale_factor)) + 1} channel counts"
+            )
         module = ControlNetModel(config)
         unet_params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), pipe.params["unet"])
         return cls(module, params_from_unet(module, unet_params, jax.random.key(seed)))

@@ -252,7 +252,7 @@ def check_controlnet(pipe, module, index: int) -> None:
             f"{what} has blocks {list(cfg.block_out_channels)} x {list(cfg.unet_config().layers())} layers but the "
             f"UNet has {list(unet.block_out_channels)} x {list(unet.layers())}: it is not a ControlNet of this model"
         )
-    factor = 2 ** (len(cfg.conditioning_embedding_out_channels) - 1)
+    factor = cfg.condition_downscale
     if factor != pipe.vae_scale_factor:
         raise ValueError(
             f"{what} reads condition images at {factor}x the latent size but the VAE's factor is "

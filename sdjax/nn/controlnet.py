@@ -114,6 +114,12 @@ class ControlNetConfig:
         )
 
     @property
+    def condition_downscale(self) -> int:
+        """How many times smaller the latents are than the condition image: the embedding halves it 2^(len - 1)
+        times (one per channel count after the first); a ControlNet fits a model whose VAE factor is this."""
+        return 2 ** (len(self.conditioning_embedding_out_channels) - 1)
+
+    @property
     def residual_count(self) -> int:
         """The number of down-block residuals: conv_in's output, every layer's, every downsampler's."""
         unet = self.unet_config()
@@ -199,7 +205,7 @@ class ControlNetModel(nn.Module):
         unet = cfg.unet_config()
         factor = 2 ** (unet.num_blocks - 1)
         h, w = max(height, factor), max(width, factor)
-        up = 2 ** (len(cfg.conditioning_embedding_out_channels) - 1)
+        up = cfg.condition_downscale
         return (
             jnp.zeros((1, h, w, cfg.in_channels), self.dtype),
             jnp.zeros((1,), jnp.float32),
