@@ -9,9 +9,14 @@ pass their own directory.
 
 XLA compile time dominates this suite (a tiny pipeline's program compiles for far longer than it runs, and
 much faster at LLVM optimisation level 0: README.md, "Tests"), so tests compile with XLA's backend
-optimisation level 0 (`--xla_backend_optimization_level=0`, which also reaches the subprocesses the tests
-start). Parity tolerances and bit-identity checks are unaffected: run with `SDJAX_TEST_XLA_OPT=full`
-to test under the default optimisation instead (as `make test-slow` does). A test module whose programs
+optimisation level 0 (`--xla_backend_optimization_level=0`) and with XLA:CPU's older fusion emitters
+(`--xla_cpu_use_fusion_emitters=false`: each fusion skips the MLIR pipeline, 23-27% less CPU for the whole
+suite; README.md, "Tests"); both flags also reach the subprocesses the tests start. Parity tolerances are
+unaffected. The older emitters round a few values of a program differently from another program of other
+batch shapes, so a test that compares two different programs bit for bit (an image drawn in a batch and
+alone) is marked `fusion_emitters`: sdjax's programs compile with XLA's default emitters, as users' do,
+for its duration (sdjax.xla_options). Run with `SDJAX_TEST_XLA_OPT=full` to test under XLA's defaults
+throughout instead (as `make test-slow` does). A test module whose programs
 run far longer than they compile says `XLA_OPTIMISATION = "full"`: a pytest process whose tests all come
 from such modules compiles with XLA's default optimisation (tests/test_demo.py: 114 s -> 77 s).
 """
@@ -36,13 +41,18 @@ if _OWNS_CACHE:
     os.environ["SDJAX_TEST_SESSION_CACHE"] = tempfile.mkdtemp(prefix="sdjax-test-xla-")
 os.environ["SDJAX_CACHE_DIR"] = os.environ["SDJAX_TEST_SESSION_CACHE"]
 _XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
-if os.environ.get("SDJAX_TEST_XLA_OPT", "fast") != "full":
-    os.environ["XLA_FLAGS"] = f"{_XLA_FLAGS} --xla_backend_optimization_level=0".strip()
+_FAST_COMPILES = os.environ.get("SDJAX_TEST_XLA_OPT", "fast") != "full"
+if _FAST_COMPILES:
+    _FAST_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+    os.environ["XLA_FLAGS"] = f"{_XLA_FLAGS} {_FAST_FLAGS}".strip()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sdjax.compile_cache import enable_compilation_cache  # noqa: E402
 from sdjax.process import tune_garbage_collector  # noqa: E402
 from sdjax.targets import KERNEL_PLATFORMS_ENV  # noqa: E402
+
+# The compiler option that gives one program XLA:CPU's default fusion emitters despite the session's flags.
+FUSION_EMITTERS = {"xla_cpu_use_fusion_emitters": True}
 
 # Programs are traced with the CPU's kernels only (sdjax.nn.kernels.by_platform): tracing every TPU kernel
 # into every CPU program cost 3-17% of a test's time (README "Tests"). A module that lowers for other
@@ -76,6 +86,22 @@ def _kernel_platforms(request):
         yield
     finally:
         os.environ[KERNEL_PLATFORMS_ENV] = _KERNEL_PLATFORMS
+
+
+@pytest.fixture(autouse=True)
+def _users_fusion_emitters(request, monkeypatch):
+    """For a test marked `fusion_emitters`: sdjax's programs (those built with `sdjax.xla_options`) compile
+    with XLA:CPU's default fusion emitters, which the session's XLA_FLAGS turn off. A per-program compiler
+    option overrides the flag; `generate.program` is rebuilt with it, and again after the test."""
+    if not _FAST_COMPILES or request.node.get_closest_marker("fusion_emitters") is None:
+        yield
+        return
+    from sdjax import generate, xla_options
+
+    monkeypatch.setitem(xla_options._OPTIONS, "cpu", {**xla_options._OPTIONS["cpu"], **FUSION_EMITTERS})
+    generate.program.cache_clear()
+    yield
+    generate.program.cache_clear()
 
 
 @pytest.fixture(autouse=True, scope="module")

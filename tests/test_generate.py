@@ -308,6 +308,7 @@ def test_inpainting_matches_diffusers(model, inpaint_model, channels, strength, 
     assert_close_images(ours, theirs)
 
 
+@pytest.mark.fusion_emitters
 @EPSILON
 def test_image_depends_on_its_seed_only(model):
     """Image k of a call with seed s equals the single image of seed s + k (stochastic sampler included)."""

@@ -362,9 +362,11 @@ def test_tpu_norm_silu_conv_equals_xla_on_the_activated_map(monkeypatch, shape, 
     weights = jax.random.normal(jax.random.key(46), ours.shape)
     loss = lambda conv: lambda *a: jnp.sum(conv(*a, **options).astype(jnp.float32) * weights)  # noqa: E731
     wrt = [i for i, a in enumerate(args) if a is not None]
+    # two programs compared bit for bit: both with XLA:CPU's default fusion emitters (tests/conftest.py)
+    exact = dict(compiler_options={"xla_cpu_use_fusion_emitters": True})
     with pltpu.force_tpu_interpret_mode():  # jitted: the kernel's unused forward output is dropped
-        grads = jax.jit(jax.grad(loss(tpu_conv.norm_silu_conv3x3), wrt))(*args)
-    expected = jax.jit(jax.grad(loss(tpu_conv._norm_silu_reference), wrt))(*args)
+        grads = jax.jit(jax.grad(loss(tpu_conv.norm_silu_conv3x3), wrt), **exact)(*args)
+    expected = jax.jit(jax.grad(loss(tpu_conv._norm_silu_reference), wrt), **exact)(*args)
     for a, r in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(a, r)
     with pytest.raises(ValueError, match="do not split into 7 groups"):

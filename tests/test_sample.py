@@ -70,6 +70,7 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+@pytest.mark.fusion_emitters  # sample.py's image 1 of 2 against the image drawn alone
 def test_writes_pngs_with_a1111_parameters(folder, pipe, tmp_path, capsys):
     out = tmp_path / "out"
     args = ["a red cube", "--model", folder, "--steps", 3, "-n", 2, "--seed", 5, "--scheduler", "EULER A"]
