@@ -9,16 +9,18 @@ pass their own directory.
 
 XLA compile time dominates this suite (a tiny pipeline's program compiles for far longer than it runs, and
 much faster at LLVM optimisation level 0: README.md, "Tests"), so tests compile with XLA's backend
-optimisation level 0 (`--xla_backend_optimization_level=0`) and with XLA:CPU's older fusion emitters
-(`--xla_cpu_use_fusion_emitters=false`: each fusion skips the MLIR pipeline, 23-27% less CPU for the whole
-suite; README.md, "Tests"); both flags also reach the subprocesses the tests start. Parity tolerances are
-unaffected. The older emitters round a few values of a program differently from another program of other
-batch shapes, so a test that compares two different programs bit for bit (an image drawn in a batch and
-alone) is marked `fusion_emitters`: sdjax's programs compile with XLA's default emitters, as users' do,
-for its duration (sdjax.xla_options). Run with `SDJAX_TEST_XLA_OPT=full` to test under XLA's defaults
-throughout instead (as `make test-slow` does). A test module whose programs
-run far longer than they compile says `XLA_OPTIMISATION = "full"`: a pytest process whose tests all come
-from such modules compiles with XLA's default optimisation (tests/test_demo.py: 114 s -> 77 s).
+optimisation level 0 (`--xla_backend_optimization_level=0`), with XLA:CPU's older fusion emitters
+(`--xla_cpu_use_fusion_emitters=false`: each fusion skips the MLIR pipeline) and with each program's LLVM
+module compiled whole (`--xla_cpu_parallel_codegen_split_count=1`: the suite keeps every core busy already,
+so splitting it for parallel code generation only adds work); README.md, "Tests". The flags also reach the
+subprocesses the tests start. Parity tolerances are unaffected. The older emitters round a few values of a
+program differently from another program of other batch shapes, so a test that compares two different
+programs bit for bit (an image drawn in a batch and alone) is marked `fusion_emitters`: sdjax's programs
+compile with XLA's default emitters, as users' do, for its duration (sdjax.xla_options). Run with
+`SDJAX_TEST_XLA_OPT=full` to test under XLA's defaults throughout instead (as `make test-slow` does). A
+test module whose programs run far longer than they compile says `XLA_OPTIMISATION = "full"`: a pytest
+process whose tests all come from such modules compiles with XLA's default optimisation
+(tests/test_demo.py: 114 s -> 77 s).
 """
 
 import gc
@@ -43,7 +45,10 @@ os.environ["SDJAX_CACHE_DIR"] = os.environ["SDJAX_TEST_SESSION_CACHE"]
 _XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
 _FAST_COMPILES = os.environ.get("SDJAX_TEST_XLA_OPT", "fast") != "full"
 if _FAST_COMPILES:
-    _FAST_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+    _FAST_FLAGS = (
+        "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+        " --xla_cpu_parallel_codegen_split_count=1"
+    )
     os.environ["XLA_FLAGS"] = f"{_XLA_FLAGS} {_FAST_FLAGS}".strip()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
