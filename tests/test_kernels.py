@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import tpu as pltpu
 
-from sdjax import targets
+from sdjax import targets, xla_options
 from sdjax.nn import kernels, norms, tpu_attention, tpu_conv, tpu_feed_forward
 from sdjax.nn.attention import dot_product_attention
 
@@ -319,6 +319,7 @@ def test_biased_conv_on_the_tpu_is_the_layers_convolution():
         pytest.param((1, 4, 8, 48), 40, False, (32, 16), marks=pytest.mark.slow),  # parts of 2 and 1 groups
     ],
 )
+@pytest.mark.fusion_emitters
 def test_tpu_norm_silu_conv_equals_xla_on_the_activated_map(monkeypatch, shape, out_channels, offset, widths):
     """norm_silu_conv3x3 (interpret mode): the GroupNorm's affine map made from the per-channel sums in the
     kernel and applied with the SiLU in its input copy, against `_norm_silu_reference` (the same map in
@@ -362,11 +363,10 @@ def test_tpu_norm_silu_conv_equals_xla_on_the_activated_map(monkeypatch, shape, 
     weights = jax.random.normal(jax.random.key(46), ours.shape)
     loss = lambda conv: lambda *a: jnp.sum(conv(*a, **options).astype(jnp.float32) * weights)  # noqa: E731
     wrt = [i for i, a in enumerate(args) if a is not None]
-    # two programs compared bit for bit: both with XLA:CPU's default fusion emitters (tests/conftest.py)
-    exact = dict(compiler_options={"xla_cpu_use_fusion_emitters": True})
+    # two programs compared bit for bit: sdjax's compiler options, with the default fusion emitters (the mark)
     with pltpu.force_tpu_interpret_mode():  # jitted: the kernel's unused forward output is dropped
-        grads = jax.jit(jax.grad(loss(tpu_conv.norm_silu_conv3x3), wrt), **exact)(*args)
-    expected = jax.jit(jax.grad(loss(tpu_conv._norm_silu_reference), wrt), **exact)(*args)
+        grads = xla_options.jit(jax.grad(loss(tpu_conv.norm_silu_conv3x3), wrt))(*args)
+    expected = xla_options.jit(jax.grad(loss(tpu_conv._norm_silu_reference), wrt))(*args)
     for a, r in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
         np.testing.assert_array_equal(a, r)
     with pytest.raises(ValueError, match="do not split into 7 groups"):
