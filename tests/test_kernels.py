@@ -115,12 +115,13 @@ def _attention_weights(channels, context_dim, heads, dim, dtype):
     "heads, dim, context_len", [(8, 40, 77), (5, 64, None), pytest.param(2, 80, 77, marks=pytest.mark.slow)]
 )
 def test_projected_attention_on_the_tpu_is_the_layers_attention(heads, dim, context_len):
-    """The TPU branch (weights regrouped, the packed kernel) against the other backends' (projections,
-    (B, N, H, D) attention, output projection), bfloat16; with a residual (to_out.0 and the addition inside
+    """The TPU branch (weights regrouped, the packed kernel; a self-attention's q, k and v from one product,
+    a cross-attention's k and v) against the other backends' (projections, (B, N, H, D) attention, output
+    projection), bfloat16; with a residual (to_out.0 and the addition inside
     the kernel) against the branch without plus the residual; and its gradients are the plain path's."""
     x = jax.random.normal(jax.random.key(22), (2, 72, 96), jnp.bfloat16)
-    context = x if context_len is None else jax.random.normal(jax.random.key(23), (2, context_len, 48), jnp.bfloat16)
-    weights = _attention_weights(96, context.shape[-1], heads, dim, jnp.bfloat16)
+    context = None if context_len is None else jax.random.normal(jax.random.key(23), (2, context_len, 48), jnp.bfloat16)
+    weights = _attention_weights(96, 96 if context is None else 48, heads, dim, jnp.bfloat16)
     residual = (3 * jax.random.normal(jax.random.key(25), x.shape)).astype(jnp.bfloat16)
     args = (x, context, *weights)
     plain = kernels.projected_attention(*args, heads=heads, head_dim=dim)
@@ -164,11 +165,15 @@ def test_projected_attention_lowers_to_the_packed_kernel_on_the_tpu():
     f = jax.jit(functools.partial(kernels.projected_attention, heads=8, head_dim=40))
     weights = _attention_weights(96, 96, 8, 40, jnp.bfloat16)
     fused = jax.export.export(f, platforms=("tpu",))(x, x, *weights, residual_BNC=x).mlir_module()
-    # one kernel, to_out.0's product inside it: the projections q, k, v are XLA's three dot_generals
+    # one kernel, to_out.0's product inside it: the projections are XLA's dot_generals, q and k + v two
     assert (
         fused.count("tpu_custom_call") == 1
         and fused.count("stablehlo.dot_general") == packed.count("stablehlo.dot_general") - 1
     )
+    # a self-attention (no context): q, k and v from one product
+    own = jax.export.export(f, platforms=("tpu",))(x, None, *weights, residual_BNC=x).mlir_module()
+    assert own.count("tpu_custom_call") == 1
+    assert own.count("stablehlo.dot_general") == fused.count("stablehlo.dot_general") - 1
     assert "flash" in lower("tpu", 2, 160, jnp.bfloat16) and "flash" in lower("tpu", 8, 40, jnp.float32)
     assert "tpu_custom_call" not in lower("cpu", 8, 40, jnp.bfloat16)
 

@@ -579,6 +579,7 @@ def _dense(x, w, b=None):
 
 
 def _projected_attention_plain(heads, head_dim, upcast, x, context, wq, wk, wv, wo, bo, residual=None):
+    context = x if context is None else context
     split = lambda t: t.reshape(t.shape[0], t.shape[1], heads, head_dim)  # noqa: E731
     q, k, v = split(_dense(x, wq)), split(_dense(context, wk)), split(_dense(context, wv))
     out = attention(q, k, v, upcast=upcast)
@@ -591,17 +592,26 @@ def _projected_attention_packed(heads, head_dim, upcast, x, context, wq, wk, wv,
     """The same through `tpu_attention.packed_attention` (`packed_attention_out` with a residual): the
     weights' columns regrouped into packed lane groups (to_out's rows likewise, zero rows for the padding
     lanes), so that no activation is re-laid out; queries padded to a multiple of 8 tokens, keys to a
-    multiple of 128 (masked)."""
+    multiple of 128 (masked). One product makes what the kernel reads from one input: q, k and v side by
+    side in a self-attention (context None; its queries padded as its keys), k and v in a cross-attention."""
     columns = lambda w: tpu_attention.pack(w.astype(x.dtype), head_dim)  # noqa: E731
-    q_len, k_len = x.shape[1], context.shape[1]
-    pad_queries = lambda t: jnp.pad(t, ((0, 0), (0, tpu_conv.round_up(q_len, 8) - q_len), (0, 0)))  # noqa: E731
-    x = pad_queries(x)
-    context = jnp.pad(context, ((0, 0), (0, tpu_conv.round_up(k_len, TPU_LANES) - k_len), (0, 0)))
-    q, k, v = _dense(x, columns(wq)), _dense(context, columns(wk)), _dense(context, columns(wv))
-    shape = dict(heads=heads, head_dim=head_dim, key_len=k_len)
+    q_len = x.shape[1]
+    k_len = q_len if context is None else context.shape[1]
+    pad = lambda t, n: jnp.pad(t, ((0, 0), (0, tpu_conv.round_up(t.shape[1], n) - t.shape[1]), (0, 0)))  # noqa: E731
+    g = tpu_attention.groups(heads, head_dim)
+    x = pad(x, TPU_LANES if context is None else 8)
+    if context is None:
+        q = k = v = _dense(x, jnp.concatenate([columns(wq), columns(wk), columns(wv)], axis=1))
+        offsets = (0, g, 2 * g)
+    else:
+        q = _dense(x, columns(wq))
+        k = v = _dense(pad(context, TPU_LANES), jnp.concatenate([columns(wk), columns(wv)], axis=1))
+        offsets = (0, 0, g)
+    shape = dict(heads=heads, head_dim=head_dim, key_len=k_len, offsets=offsets)
     wo_rows = columns(wo.T).T
     if residual is not None:
-        return tpu_attention.packed_attention_out(q, k, v, wo_rows, bo, pad_queries(residual), **shape)[:, :q_len]
+        residual = pad(residual, x.shape[1])
+        return tpu_attention.packed_attention_out(q, k, v, wo_rows, bo, residual, **shape)[:, :q_len]
     return _dense(tpu_attention.packed_attention(q, k, v, **shape)[:, :q_len], wo_rows, bo)
 
 
@@ -639,8 +649,9 @@ def projected_attention(
 ) -> jax.Array:
     """diffusers' `Attention` from its weights: to_q(x), to_k/to_v(context) (no bias), `attention` over
     `heads` heads of `head_dim`, to_out.0 (with bias); (B, N, C), (B, M, D) -> (B, N, C') in x's dtype, each
-    product accumulated in `accumulator` and rounded once; with `residual_BNC` (B, N, C'), the transformer
-    block's residual stream, residual + that output, as the block adds them.
+    product accumulated in `accumulator` and rounded once; `context_BMD` None: x itself (self-attention);
+    with `residual_BNC` (B, N, C'), the transformer block's residual stream, residual + that output, as the
+    block adds them.
 
     On the TPU, bfloat16 heads of at most 128 lanes skip the (B, N, H, D) layout altogether: the projection
     weights are regrouped so that q, k and v come out of their products already packed, `128 // D` heads to
@@ -648,16 +659,12 @@ def projected_attention(
     it when there is one (README "Accelerators: TPU and GPU" for the figures). `upcast` needs nothing more
     there: bfloat16 products summed in float32 are exact, as float32 operands would give. Differentiated,
     the plain path runs instead."""
-    args = (x_BNC, context_BMD, wq_CI, wk_DI, wv_DI, wo_IC, bo_C)
-    batched = (True, True, False, False, False, False, False)
-    if residual_BNC is not None:
-        args, batched = (*args, residual_BNC), (*batched, True)
+    args = (x_BNC, context_BMD, wq_CI, wk_DI, wv_DI, wo_IC, bo_C, residual_BNC)
     plain = functools.partial(_projected_attention_plain, heads, head_dim, upcast)
     if x_BNC.dtype != jnp.bfloat16 or head_dim > TPU_LANES:
         return plain(*args)
     tpu = functools.partial(_projected_attention_tpu, heads, head_dim, upcast)
-    per_device = _per_device(tpu, plain, batched=batched)
-    return by_platform(*args, default=plain, tpu=per_device)
+    return _by_platform_with_nones(args, plain, tpu, batched=(True, True, False, False, False, False, False, True))
 
 
 def _geglu(x, w, b):

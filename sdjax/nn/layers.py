@@ -345,16 +345,20 @@ class CrossAttention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x_BNC: jax.Array, context_BMD: jax.Array | None = None, residual_BNC: jax.Array | None = None
+        self,
+        x_BNC: jax.Array,
+        context_BMD: jax.Array | None = None,
+        residual_BNC: jax.Array | None = None,
     ) -> jax.Array:
         """The attention of x over the context (x itself when None), plus `residual_BNC` when given."""
-        context_BMD = x_BNC if context_BMD is None else context_BMD
         channels, inner = x_BNC.shape[-1], self.heads * self.head_dim
+        context_channels = channels if context_BMD is None else context_BMD.shape[-1]
         wq, _ = LinearWeights(inner, use_bias=False, name="to_q")(channels)
-        wk, _ = LinearWeights(inner, use_bias=False, name="to_k")(context_BMD.shape[-1])
-        wv, _ = LinearWeights(inner, use_bias=False, name="to_v")(context_BMD.shape[-1])
+        wk, _ = LinearWeights(inner, use_bias=False, name="to_k")(context_channels)
+        wv, _ = LinearWeights(inner, use_bias=False, name="to_v")(context_channels)
         wo, bo = LinearWeights(channels, name="to_out.0")(inner)
-        x, context = x_BNC.astype(self.dtype), context_BMD.astype(self.dtype)
+        x = x_BNC.astype(self.dtype)
+        context = None if context_BMD is None else context_BMD.astype(self.dtype)
         return kernels.projected_attention(
             x,
             context,

@@ -158,43 +158,64 @@ def _attention_out_kernel(
             o_ref[0] = (x_ref[0].astype(jnp.float32) + y.astype(jnp.float32)).astype(o_ref.dtype)
 
 
-def _blocks(q_BQL, k_BKL):
-    """(query block, key block) token counts of packed q (B, Tq, G * 128) and k (B, Tk, G * 128); a one-line
-    ValueError when they cannot be tiled."""
-    q_len, lanes = q_BQL.shape[1:]
-    k_len = k_BKL.shape[1]
-    if q_len % 8 or k_len % LANES or lanes % LANES:
-        raise ValueError(f"packed_attention: token counts {q_len}, {k_len} or lanes {lanes} not tileable")
+def groups(heads: int, head_dim: int) -> int:
+    """Lane groups of `heads` packed heads of `head_dim`: packed tensors are `groups * 128` lanes wide."""
+    return -(-heads // heads_per_group(head_dim))
+
+
+def _blocks(q_BQL, k_BKL, lanes: int, offsets: tuple[int, int, int]):
+    """(query block, key block) token counts of packed q (B, Tq, >= G * 128) and k (B, Tk, >= G * 128) whose
+    heads take `lanes` = G * 128 lanes from the lane groups `offsets` (q, k, v); a one-line ValueError when
+    they cannot be tiled."""
+    q_len, k_len = q_BQL.shape[1], k_BKL.shape[1]
+    widths = (q_BQL.shape[2], k_BKL.shape[2], k_BKL.shape[2])
+    if q_len % 8 or k_len % LANES or lanes % LANES or any(w % LANES for w in widths):
+        raise ValueError(f"packed_attention: token counts {q_len}, {k_len} or lanes {widths} not tileable")
+    if any(o * LANES + lanes > w for o, w in zip(offsets, widths, strict=True)):
+        raise ValueError(f"packed_attention: lane groups from {offsets} overrun the tensors' {widths} lanes")
     return tpu_conv.largest_divisor(q_len, BLOCK, 8), tpu_conv.largest_divisor(k_len, BLOCK, 8)
 
 
-def packed_attention(q_BQL, k_BKL, v_BKL, *, heads: int, head_dim: int, key_len: int | None = None) -> jax.Array:
+def packed_attention(
+    q_BQL,
+    k_BKL,
+    v_BKL,
+    *,
+    heads: int,
+    head_dim: int,
+    key_len: int | None = None,
+    offsets: tuple[int, int, int] = (0, 0, 0),
+) -> jax.Array:
     """softmax(q k^T / sqrt(D)) v per head on packed tensors (`pack`): (B, Tq, G * 128), (B, Tk, G * 128) x 2
     -> (B, Tq, G * 128) in q's dtype (packed the same way, zeros in the padding lanes), softmax in float32.
     Tq must be a multiple of 8 and Tk a multiple of 128 (pad the keys and pass the real count as `key_len`:
-    the padded keys are masked out)."""
-    b, q_len, lanes = q_BQL.shape
+    the padded keys are masked out). `offsets`: the lane groups at which q's, k's and v's heads start, so
+    that one tensor can hold several of them side by side (a self-attention's q, k and v as one product's
+    output, (B, T, 3 G * 128), offsets (0, G, 2 G)); the tensors are read nowhere else."""
+    b, q_len = q_BQL.shape[:2]
     k_len = k_BKL.shape[1]
     key_len = k_len if key_len is None else key_len
-    block_q, block_k = _blocks(q_BQL, k_BKL)
+    lanes = groups(heads, head_dim) * LANES
+    block_q, block_k = _blocks(q_BQL, k_BKL, lanes, offsets)
     p = heads_per_group(head_dim)
     itemsize = q_BQL.dtype.itemsize
     cost = pl.CostEstimate(
         flops=4 * b * heads * q_len * key_len * head_dim,
         transcendentals=b * heads * q_len * key_len,
-        bytes_accessed=(2 * q_BQL.size + k_BKL.size + v_BKL.size) * itemsize,
+        bytes_accessed=2 * b * (q_len + k_len) * lanes * itemsize,
     )
+    oq, ok, ov = offsets
     softmax = _softmax_args(head_dim, key_len, k_len, block_k)
     return pl.pallas_call(
         functools.partial(_attention_kernel, p=p, d=head_dim, **softmax),
         grid=(b, lanes // LANES, q_len // block_q, k_len // block_k),
         in_specs=[
-            pl.BlockSpec((1, block_q, LANES), lambda n, g, i, j: (n, i, g)),
-            pl.BlockSpec((1, block_k, LANES), lambda n, g, i, j: (n, j, g)),
-            pl.BlockSpec((1, block_k, LANES), lambda n, g, i, j: (n, j, g)),
+            pl.BlockSpec((1, block_q, LANES), lambda n, g, i, j: (n, i, g + oq)),
+            pl.BlockSpec((1, block_k, LANES), lambda n, g, i, j: (n, j, g + ok)),
+            pl.BlockSpec((1, block_k, LANES), lambda n, g, i, j: (n, j, g + ov)),
         ],
         out_specs=pl.BlockSpec((1, block_q, LANES), lambda n, g, i, j: (n, i, g)),
-        out_shape=jax.ShapeDtypeStruct(q_BQL.shape, q_BQL.dtype),
+        out_shape=jax.ShapeDtypeStruct((b, q_len, lanes), q_BQL.dtype),
         scratch_shapes=_softmax_scratch(p, block_q),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         cost_estimate=cost,
@@ -216,36 +237,48 @@ def _softmax_scratch(p: int, block_q: int) -> list:
 
 
 def packed_attention_out(
-    q_BQL, k_BKL, v_BKL, wo_LC, bo_C, x_BQC, *, heads: int, head_dim: int, key_len: int | None = None
+    q_BQL,
+    k_BKL,
+    v_BKL,
+    wo_LC,
+    bo_C,
+    x_BQC,
+    *,
+    heads: int,
+    head_dim: int,
+    key_len: int | None = None,
+    offsets: tuple[int, int, int] = (0, 0, 0),
 ) -> jax.Array:
     """x + (packed_attention(q, k, v) @ wo + bo): the attention sublayer's output projection (to_out.0, its
     rows packed as q's lanes: (G * 128, C), zero rows for the padding lanes) and its residual x (B, Tq, C),
     in one kernel: (B, Tq, C) in x's dtype. The attention output is rounded to q's dtype before the product
     (as `packed_attention` returns it), the product accumulated in float32, the bias added and the result
     rounded to q's dtype, then the residual added and rounded to x's, as the layers compute it. The
-    attention output is never written out. Same token rules as `packed_attention`."""
-    b, q_len, lanes = q_BQL.shape
+    attention output is never written out. Same token and `offsets` rules as `packed_attention`."""
+    b, q_len = q_BQL.shape[:2]
     k_len, channels = k_BKL.shape[1], wo_LC.shape[1]
     key_len = k_len if key_len is None else key_len
-    block_q, block_k = _blocks(q_BQL, k_BKL)
+    lanes = groups(heads, head_dim) * LANES
+    block_q, block_k = _blocks(q_BQL, k_BKL, lanes, offsets)
     p = heads_per_group(head_dim)
     itemsize = q_BQL.dtype.itemsize
     q_blocks = q_len // block_q
     cost = pl.CostEstimate(
         flops=4 * b * heads * q_len * key_len * head_dim + 2 * b * q_len * lanes * channels,
         transcendentals=b * heads * q_len * key_len,
-        bytes_accessed=(q_BQL.size + k_BKL.size + v_BKL.size + 2 * x_BQC.size + b * q_blocks * wo_LC.size) * itemsize
+        bytes_accessed=(b * (q_len + 2 * k_len) * lanes + 2 * x_BQC.size + b * q_blocks * wo_LC.size) * itemsize
         + 4 * channels,
     )
+    oq, ok, ov = offsets
     softmax = _softmax_args(head_dim, key_len, k_len, block_k)
     rows = pl.BlockSpec((1, block_q, channels), lambda n, i, g, j: (n, i, 0))
     return pl.pallas_call(
         functools.partial(_attention_out_kernel, p=p, d=head_dim, **softmax),
         grid=(b, q_blocks, lanes // LANES, k_len // block_k),
         in_specs=[
-            pl.BlockSpec((1, block_q, LANES), lambda n, i, g, j: (n, i, g)),
-            pl.BlockSpec((1, block_k, LANES), lambda n, i, g, j: (n, j, g)),
-            pl.BlockSpec((1, block_k, LANES), lambda n, i, g, j: (n, j, g)),
+            pl.BlockSpec((1, block_q, LANES), lambda n, i, g, j: (n, i, g + oq)),
+            pl.BlockSpec((1, block_k, LANES), lambda n, i, g, j: (n, j, g + ok)),
+            pl.BlockSpec((1, block_k, LANES), lambda n, i, g, j: (n, j, g + ov)),
             pl.BlockSpec((LANES, channels), lambda n, i, g, j: (g, 0)),
             pl.BlockSpec((1, channels), lambda n, i, g, j: (0, 0)),
             rows,
