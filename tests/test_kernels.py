@@ -262,11 +262,13 @@ def test_tpu_feed_forward_blocks():
         ((2, 8, 16, 24), 40, jnp.bfloat16),  # several row blocks, O not a multiple of 128
         ((1, 12, 32, 16), 256, jnp.bfloat16),  # row blocks that do not halve H, two output-channel blocks
         ((1, 4, 16, 8), 128, jnp.float32),  # the kernel's arithmetic; `fits` takes bfloat16 only
+        ((1, 4, 16, 128), 128, jnp.bfloat16),  # whole lane tiles: nine products, not packed
     ],
 )
 def test_tpu_conv_equals_xla_convolution(monkeypatch, shape, out_channels, dtype):
     """The Pallas 3x3 kernel in interpret mode, with small blocks so that row halos at the image's top and
-    bottom, the W shifts at its left and right edges and several output-channel blocks are all crossed."""
+    bottom, the W shifts at its left and right edges and several output-channel blocks are all crossed; the
+    taps as one packed product where that `packs` (all but the last case), else as nine."""
     c = shape[-1]
     monkeypatch.setattr(tpu_conv, "TARGET_ROWS", 3 * shape[2])
     monkeypatch.setattr(tpu_conv, "WEIGHT_BLOCK_BYTES", 9 * c * 128 * jnp.dtype(dtype).itemsize)
@@ -281,6 +283,18 @@ def test_tpu_conv_equals_xla_convolution(monkeypatch, shape, out_channels, dtype
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
     else:  # the same float32 sums, rounded once: at most one rounding step apart
         np.testing.assert_allclose(ours.astype(jnp.float32), reference.astype(jnp.float32), rtol=1e-2, atol=1e-2)
+
+
+def test_tpu_conv_packs_its_taps_where_the_matrix_unit_pads_less():
+    """One product of the three kernel rows' windows side by side (3 C lanes) against the three kernel
+    columns' weights side by side (3 O) wherever that pads less to 128-lane tiles than nine products: SD
+    1.5's 64x64 maps (320 channels, an up block's 640 and its 640 + 320 parts), the 4-channel conv_in and
+    conv_out; never whole lane tiles (1280, 640 -> 128-wide blocks), where it is the same work."""
+    assert tpu_conv.packs([320], 320) and tpu_conv.packs([640], 320) and tpu_conv.packs([640, 320], 320)
+    assert tpu_conv.packs([4], 320) and tpu_conv.packs([320], 4)
+    assert not tpu_conv.packs([1280], 1280) and not tpu_conv.packs([1280, 640], 128) and not tpu_conv.packs([128], 128)
+    assert tpu_conv._mxu_work([320], 320, True) == 1024 * 1024
+    assert tpu_conv._mxu_work([320], 320, False) == 9 * 384 * 384
 
 
 def test_tpu_conv_gradients_are_xlas():
@@ -321,6 +335,7 @@ def test_biased_conv_on_the_tpu_is_the_layers_convolution():
         # three images (the kernel picks its image's statistics), 10 per group
         pytest.param((3, 4, 8, 40), 128, True, None, marks=pytest.mark.slow),
         ((2, 6, 16, 24), 128, True, (16, 8)),  # two channel parts, group 2 (channels 12..17) straddling both
+        ((1, 4, 8, 256), 128, False, (128, 128)),  # whole lane tiles: nine products per part, not packed
         pytest.param((1, 4, 8, 48), 40, False, (32, 16), marks=pytest.mark.slow),  # parts of 2 and 1 groups
     ],
 )

@@ -18,7 +18,10 @@ choice are in the README ("Kernel choices on XLA:CPU" and "Accelerators: TPU and
 |                        |                                    | else as cpu                 |                         |
 | 3x3 conv, stride 1     | products over shifted copies on    | Pallas kernel (tpu_conv.py) | XLA convolution         |
 |                        | small maps, else XLA               | in bfloat16 where it fits   |                         |
-|                        |                                    | VMEM; else one product      |                         |
+|                        |                                    | VMEM (taps packed into one  |                         |
+|                        |                                    | product where channels are  |                         |
+|                        |                                    | not whole 128-lane tiles);  |                         |
+|                        |                                    | else one product            |                         |
 |                        |                                    | per tap up to 512 rows      |                         |
 |                        |                                    | (`_tpu_form`), else XLA     |                         |
 | GroupNorm, SiLU, 3x3   | norm, SiLU, then as 3x3 conv       | where the Pallas conv runs: | as cpu                  |
