@@ -274,7 +274,11 @@ def biased_conv(
     bias added inside and the output written in bfloat16. SD 1.5's UNet CFG step on one v5e chip (bf16,
     cost model; README "Accelerators"): 21.70 ms with XLA's convolutions and taps; 17.50 ms with the kernel
     on maps of widths 16 to 64; 16.34 ms also on the 8x8 maps (taps before); 16.06 ms with the bias added
-    and bfloat16 written inside the kernel (before: a float32 output that the next op read back).
+    and bfloat16 written inside the kernel (before: a float32 output that the next op read back). At
+    batches that are multiples of 8, where XLA's emitter fills its sublanes with the batch, XLA's took the
+    convolutions whose output channels are not whole 128-lane tiles until the kernel packed its taps
+    (`tpu_conv.packs`); since then the kernel wins there too: the step at batch 8 (4 images with CFG) 42.34
+    ms with XLA's on SD 1.5's 320-channel maps, 41.98 ms with the kernel everywhere.
 
     Upsampling ones whose repeated map the kernel would take run as `tpu_conv.upsample2x_conv3x3` where
     their output channels are whole 128-lane tiles: it never builds the repeated map (XLA wrote it in a
@@ -293,7 +297,7 @@ def biased_conv(
     out_channels = kernel_HWIO.shape[-1]
     is_3x3 = kernel_HWIO.shape[:2] == (3, 3) and stride == 1 and padding == 1
     conv_shape = (b, 2 * h, 2 * w, c) if upsample2x else (b, h, w, c)
-    if not (is_3x3 and tpu_conv.fits(conv_shape, out_channels, x_BHWC.dtype) and _tpu_pallas(b, out_channels)):
+    if not (is_3x3 and tpu_conv.fits(conv_shape, out_channels, x_BHWC.dtype)):
         return plain(x_BHWC, kernel_HWIO, bias_O)
     if not upsample2x:
         kernel = tpu_conv.conv3x3
@@ -344,7 +348,6 @@ def norm_act_conv(
     else:
         read = (x_BHWC,)
     widths = [p.shape[-1] for p in read]
-    b = x_BHWC.shape[0]
     out_channels = kernel_HWIO.shape[-1]
     split = read if len(read) == 2 else (None, None)
     args = (x_BHWC, *split, offset_BC, scale_C, bias_C, kernel_HWIO, bias_O)
@@ -354,7 +357,6 @@ def norm_act_conv(
         and jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16)
         and all(p.dtype == jnp.bfloat16 for p in read)
         and tpu_conv.fits(x_BHWC.shape, out_channels, jnp.bfloat16, normalized=True, widths=widths)
-        and _tpu_pallas(b, out_channels)
     ):
         return plain(*args)
 
@@ -393,17 +395,6 @@ def _by_platform_with_nones(args, plain, tpu, *, batched):
     flags = [bool(batched[k]) if k < len(batched) else False for k in present]
     per_device = _per_device(rebuild(tpu), rebuild(plain), batched=tuple(flags))
     return by_platform(*[args[k] for k in present], default=rebuild(plain), tpu=per_device)
-
-
-def _tpu_pallas(batch: int, out_channels: int) -> bool:
-    """Whether a 3x3 convolution that `tpu_conv.fits` runs as the Pallas kernel on a TPU rather than as
-    XLA's convolution. XLA's emitter keeps the batch in a vector register's 8 sublanes: at batches that are
-    multiples of 8 it wastes none of them, while the kernel pays for output channels that are not whole
-    128-wide MXU tiles (SD 1.5's 320). One v5e chip, bf16, with a SiLU after, cost model: 64x64x320 at batch
-    2 0.127 ms (kernel) against 0.213 (XLA), at batch 4 0.255 against 0.414, at batch 8 0.510 against
-    0.381; 64x64x960->320 at batch 8 1.263 against 1.001; but 32x32x640 at batch 8 0.335 against 0.363,
-    16x16x1280 0.321 against 0.456, 8x8x1280 0.080 against 0.228."""
-    return batch % 8 != 0 or out_channels % tpu_conv.MXU == 0
 
 
 def valid_conv(padded_BHWC: jax.Array, kernel_HWIO: jax.Array) -> jax.Array:
