@@ -43,6 +43,11 @@ MXU = 128  # the TPU matrix unit's width: operand dims are padded to multiples o
 TARGET_ROWS = 1024  # output positions per grid step (rows x W), the accumulator's height
 WEIGHT_BLOCK_BYTES = 8 * 2**20  # the largest weight block (3 x 3 x C x O_block) held in VMEM
 VMEM_LIMIT_BYTES = 96 * 2**20  # of a v5e's 128 MiB
+# A v5p has 64 MiB of VMEM, the least of the TPU generations compiled for (v5e, v6e: 128 MiB), and kernels are
+# chosen when a program is traced, before the chip is known. A kernel whose VMEM estimate (`_vmem_bytes`) with its
+# input image double-buffered is above this gets one buffer: SDXL's 64x64 up-block convolution at 1024x1024
+# (1280 + 640 channels) used 70.2 MB on a v5p with two, and no v5p compile of the SDXL UNet went through.
+DOUBLE_BUFFER_BYTES = 60 * 2**20
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -67,21 +72,38 @@ def fits(
     this input): bfloat16 (float32 keeps XLA's convolution at `Precision.HIGHEST`, the parity mode; Mosaic
     cannot load float16 vectors on a v5e), the width a multiple of 8 (row windows are reshaped to (rows * W,
     C): whole sublane tiles), output channels whole 128-lane tiles when upsampling (as every upsampler of
-    SD's UNets and VAEs has: the only ones compiled and measured for the TPU), and its VMEM blocks (one
-    whole input image, the weight block, the output block, each double-buffered, and the float32 partial
-    sums; with `normalized` (`norm_silu_conv3x3`) the scratch is the whole padded image, and two float32
-    temporaries of a block of its rows) within VMEM_LIMIT_BYTES. `widths`: the input's channel parts for
-    `norm_silu_conv3x3` (each part's channels take whole lane tiles), which must pass `parts_fit`."""
+    SD's UNets and VAEs has: the only ones compiled and measured for the TPU), and its VMEM (`_vmem_bytes`,
+    the input image single-buffered: `_image_buffers`) within 3/4 of VMEM_LIMIT_BYTES. `widths`: the input's
+    channel parts for `norm_silu_conv3x3` (each part's channels take whole lane tiles), which must pass
+    `parts_fit`."""
     _, h, w, c = x_BHWC_shape
     if jnp.dtype(dtype) != jnp.dtype(jnp.bfloat16) or w % 8 or (upsample2x and out_channels % MXU):
         return False
     if widths is not None and (sum(widths) != c or not parts_fit(widths)):
         return False
+    image, rest = _vmem_bytes(x_BHWC_shape, out_channels, dtype, upsample2x, normalized, widths)
+    return image + rest <= VMEM_LIMIT_BYTES * 3 // 4
+
+
+def _image_buffers(x_BHWC_shape, out_channels: int, dtype, upsample2x=False, normalized=False, widths=None) -> int:
+    """How many VMEM buffers the kernel's whole input image gets: two (the next image's copy overlaps this
+    one's steps) where that keeps its estimate within DOUBLE_BUFFER_BYTES, else one (SD 1.5's and SDXL's
+    widest 64x64 up-block maps, SD 2's 96x96 ones), so that it fits a v5p."""
+    image, rest = _vmem_bytes(x_BHWC_shape, out_channels, dtype, upsample2x, normalized, widths)
+    return 2 if 2 * image + rest <= DOUBLE_BUFFER_BYTES else 1
+
+
+def _vmem_bytes(x_BHWC_shape, out_channels: int, dtype, upsample2x, normalized, widths) -> tuple[int, int]:
+    """(one buffer of the whole input image, everything else) of a kernel's VMEM: the weight block and the
+    output block, double-buffered, the float32 partial sums; with `normalized` (`norm_silu_conv3x3`) the
+    scratch is the whole padded image, and two float32 temporaries of a block of its rows; with packed taps
+    their operands, product and weights."""
+    _, h, w, c = x_BHWC_shape
     itemsize = jnp.dtype(dtype).itemsize
     rows, o_block = _blocks(h, w, c, out_channels, itemsize, upsample2x)
     lanes_c = sum(round_up(width, MXU) for width in widths or [c])
     lanes_o = round_up(o_block, MXU)
-    image = 2 * h * w * lanes_c * itemsize
+    image = h * w * lanes_c * itemsize
     weights = 2 * 9 * lanes_c * lanes_o * itemsize
     scratch = ((h if normalized else rows) + 2) * w * lanes_c * itemsize
     if upsample2x:  # output block (double-buffered), three shared and three parity sums, four temporaries
@@ -92,7 +114,7 @@ def fits(
     if not upsample2x and packs(widths or [c], o_block):  # the side-by-side windows and the packed product
         sums += rows * w * (round_up(3 * c, MXU) * itemsize + round_up(3 * o_block, MXU) * 4)
         sums += round_up(3 * c, 16) * round_up(3 * o_block, MXU) * itemsize
-    return image + weights + scratch + sums + loaded <= VMEM_LIMIT_BYTES * 3 // 4
+    return image, weights + scratch + sums + loaded
 
 
 def _blocks(h: int, w: int, c: int, o: int, itemsize: int, upsample2x: bool = False) -> tuple[int, int]:
@@ -376,7 +398,19 @@ def _with_gradients_of(reference):
 
 
 def _pallas_conv(
-    kernel_fn, x_BHWC, kernel_HWIO, bias_O, *, rows, o_block, out_block, out_shape, flops, norm=(), packed=False
+    kernel_fn,
+    x_BHWC,
+    kernel_HWIO,
+    bias_O,
+    *,
+    rows,
+    o_block,
+    out_block,
+    out_shape,
+    flops,
+    norm=(),
+    packed=False,
+    image_buffers=2,
 ):
     """Runs a convolution kernel over the grid (image, output-channel block, row block of `rows` input
     rows): each step gets the whole input image, its (3, 3, C, o_block) weights and bias (in their own
@@ -385,8 +419,9 @@ def _pallas_conv(
     0..., channel block). With `norm` (per channel part of the input, the inputs of
     `_norm_silu_conv_kernel`'s GroupNorm, each passed whole) x may be a list of channel parts (`parts_fit`;
     each reads its rows of the weight block), each part's scratch holds its whole padded image, and the
-    steps of an image run in order. The declared cost is `flops`, the bytes read and written, and with
-    `norm` one transcendental (the SiLU's exp) per input element."""
+    steps of an image run in order. The whole input image gets `image_buffers` VMEM buffers (`_image_buffers`).
+    The declared cost is `flops`, the bytes read and written, and with `norm` one transcendental (the SiLU's
+    exp) per input element."""
     parts = as_parts(x_BHWC)
     b, h, w = parts[0].shape[:3]
     o = kernel_HWIO.shape[-1]
@@ -410,11 +445,12 @@ def _pallas_conv(
     kernel_args = {"rows": rows, **({"parts": len(parts)} if norm else {})}
     if packed:
         scratch.append(pltpu.VMEM((3 * c, 3 * o_block), kernel_HWIO.dtype))
+    single = {} if image_buffers == 2 else {"pipeline_mode": pl.Buffered(1)}
     return pl.pallas_call(
         functools.partial(kernel_fn, **kernel_args),
         grid=(b, o // o_block, h // rows),
         in_specs=[
-            *[pl.BlockSpec((1, h, w, x.shape[-1]), lambda n, k, r: (n, 0, 0, 0)) for x in parts],
+            *[pl.BlockSpec((1, h, w, x.shape[-1]), lambda n, k, r: (n, 0, 0, 0), **single) for x in parts],
             *[whole(a) for a in norm_arrays],
             pl.BlockSpec((3, 3, c, o_block), lambda n, k, r: (0, 0, 0, k)),
             pl.BlockSpec((1, o_block), lambda n, k, r: (0, k)),
@@ -448,6 +484,9 @@ def _conv3x3_grid(x_BHWC, kernel_HWIO, bias_O, kernel_fn=_conv_kernel, norm=()) 
         flops=2 * b * h * w * _mxu_work(widths, o_block, packed) * (o // o_block),
         norm=norm,
         packed=packed,
+        image_buffers=_image_buffers(
+            (b, h, w, sum(widths)), o, parts[0].dtype, normalized=bool(norm), widths=widths if norm else None
+        ),
     )
 
 
@@ -592,5 +631,6 @@ def upsample2x_conv3x3(x_BHWC: jax.Array, kernel_HWIO: jax.Array, bias_O: jax.Ar
         out_block=(1, rows, 2, 2 * w, o_block),
         out_shape=(b, h, 2, 2 * w, o),
         flops=2 * b * h * w * 15 * round_up(c, MXU) * o,
+        image_buffers=_image_buffers(x_BHWC.shape, o, x_BHWC.dtype, upsample2x=True),
     )
     return y.reshape(b, 2 * h, 2 * w, o)  # (H, 2) -> 2H: the tiled minor dims are unchanged, a bitcast
