@@ -163,17 +163,19 @@ def groups(heads: int, head_dim: int) -> int:
     return -(-heads // heads_per_group(head_dim))
 
 
-def _blocks(q_BQL, k_BKL, lanes: int, offsets: tuple[int, int, int]):
-    """(query block, key block) token counts of packed q (B, Tq, >= G * 128) and k (B, Tk, >= G * 128) whose
-    heads take `lanes` = G * 128 lanes from the lane groups `offsets` (q, k, v); a one-line ValueError when
-    they cannot be tiled."""
+def _tiling(q_BQL, k_BKL, heads: int, head_dim: int, key_len: int | None, offsets: tuple[int, int, int]):
+    """(real key count, lanes G * 128 of the packed heads, query block, key block) for packed q (B, Tq,
+    >= G * 128) and k (B, Tk, >= G * 128) whose heads start at the lane groups `offsets` (q, k, v); a one-line
+    ValueError when they cannot be tiled."""
     q_len, k_len = q_BQL.shape[1], k_BKL.shape[1]
+    lanes = groups(heads, head_dim) * LANES
     widths = (q_BQL.shape[2], k_BKL.shape[2], k_BKL.shape[2])
-    if q_len % 8 or k_len % LANES or lanes % LANES or any(w % LANES for w in widths):
+    if q_len % 8 or k_len % LANES or any(w % LANES for w in widths):
         raise ValueError(f"packed_attention: token counts {q_len}, {k_len} or lanes {widths} not tileable")
     if any(o * LANES + lanes > w for o, w in zip(offsets, widths, strict=True)):
         raise ValueError(f"packed_attention: lane groups from {offsets} overrun the tensors' {widths} lanes")
-    return tpu_conv.largest_divisor(q_len, BLOCK, 8), tpu_conv.largest_divisor(k_len, BLOCK, 8)
+    blocks = tpu_conv.largest_divisor(q_len, BLOCK, 8), tpu_conv.largest_divisor(k_len, BLOCK, 8)
+    return (k_len if key_len is None else key_len), lanes, *blocks
 
 
 def packed_attention(
@@ -194,9 +196,7 @@ def packed_attention(
     output, (B, T, 3 G * 128), offsets (0, G, 2 G)); the tensors are read nowhere else."""
     b, q_len = q_BQL.shape[:2]
     k_len = k_BKL.shape[1]
-    key_len = k_len if key_len is None else key_len
-    lanes = groups(heads, head_dim) * LANES
-    block_q, block_k = _blocks(q_BQL, k_BKL, lanes, offsets)
+    key_len, lanes, block_q, block_k = _tiling(q_BQL, k_BKL, heads, head_dim, key_len, offsets)
     p = heads_per_group(head_dim)
     itemsize = q_BQL.dtype.itemsize
     cost = pl.CostEstimate(
@@ -257,9 +257,7 @@ def packed_attention_out(
     attention output is never written out. Same token and `offsets` rules as `packed_attention`."""
     b, q_len = q_BQL.shape[:2]
     k_len, channels = k_BKL.shape[1], wo_LC.shape[1]
-    key_len = k_len if key_len is None else key_len
-    lanes = groups(heads, head_dim) * LANES
-    block_q, block_k = _blocks(q_BQL, k_BKL, lanes, offsets)
+    key_len, lanes, block_q, block_k = _tiling(q_BQL, k_BKL, heads, head_dim, key_len, offsets)
     p = heads_per_group(head_dim)
     itemsize = q_BQL.dtype.itemsize
     q_blocks = q_len // block_q

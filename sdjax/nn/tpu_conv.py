@@ -194,24 +194,21 @@ def _sum_taps(window, w_refs, bias_ref, out_ref, rows: int, width: int, packed_r
     out_ref[0] = y.reshape(rows, width, -1).astype(out_ref.dtype)
 
 
-def _conv_kernel(x_ref, w_ref, bias_ref, out_ref, rows_ref, *packed_ref, rows: int):
+def _conv_kernel(x_ref, w_ref, bias_ref, out_ref, rows_ref, *packed_ref, rows: int, packed: bool):
     """One grid step: output rows [r * rows, (r + 1) * rows) of one image, O_block channels, plus the bias,
     rounded once to the output dtype. The input rows it needs (one halo row above and below, zero outside
-    the image) are copied into `rows_ref` (rows + 2, W, C), kernel row i reading rows i..i + rows. With a
-    `packed_ref` scratch (3 C, 3 O_block) the taps are one product (`_sum_taps`)."""
+    the image) are copied into `rows_ref` (rows + 2, W, C), kernel row i reading rows i..i + rows. `packed`:
+    the taps as one product, with the weights regrouped in the scratch `packed_ref` (`_sum_taps`)."""
     width, channels = x_ref.shape[2:]
     _copy_rows_with_halo(x_ref, rows_ref, pl.program_id(2) * rows, rows)
     window = lambda i: [rows_ref[pl.ds(i, rows)].reshape(rows * width, channels)]  # noqa: E731
-    packed = _pack_weights(w_ref, *packed_ref)
-    _sum_taps(window, [w_ref], bias_ref, out_ref, rows, width, packed)
+    _sum_taps(window, [w_ref], bias_ref, out_ref, rows, width, _pack_weights(w_ref, *packed_ref) if packed else None)
 
 
-def _pack_weights(w_ref, packed_ref=None):
-    """With a `packed_ref` scratch (3 C, 3 O_block): at the first row block of an image and output-channel
-    block, the (3, 3, C, O_block) weights copied into it, row i * C + c and column j * O_block + o holding
-    w[i, j, c, o] (`_sum_taps`' packed product); returns it (None without)."""
-    if packed_ref is None:
-        return None
+def _pack_weights(w_ref, packed_ref):
+    """The (3, 3, C, O_block) weights regrouped into the scratch `packed_ref` (3 C, 3 O_block) at the first
+    row block of an image and output-channel block, row i * C + c and column j * O_block + o holding
+    w[i, j, c, o] (`_sum_taps`' packed product); returns the scratch."""
 
     @pl.when(pl.program_id(2) == 0)
     def _():
@@ -473,7 +470,7 @@ def _conv3x3_grid(x_BHWC, kernel_HWIO, bias_O, kernel_fn=_conv_kernel, norm=()) 
     rows, o_block = _blocks(h, w, sum(widths), o, parts[0].dtype.itemsize)
     packed = packs(widths, o_block)
     return _pallas_conv(
-        functools.partial(kernel_fn, packed=packed) if norm else kernel_fn,
+        functools.partial(kernel_fn, packed=packed),
         x_BHWC,
         kernel_HWIO,
         bias_O,
